@@ -1,0 +1,520 @@
+//! [`ShardEngine`]: one contiguous layer slice `[start, end)` of one model — forward with
+//! per-session KV caches, backward, and an AdamW step on the slice.
+//!
+//! The engine is `Sync`: sessions are locked individually, so a node can serve several clients
+//! from one engine. Everything a caller can get wrong (layer range, input kind, width, dtype,
+//! position, session) is checked before any state changes and reported as a typed [`Error`].
+
+mod optimizer;
+mod sessions;
+mod training;
+
+pub use optimizer::AdamWConfig;
+pub use sessions::SessionId;
+pub use training::{causal_lm_loss, BackwardOutput, OutputGrad};
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::layers::{ComputeMode, Pass};
+use crate::model::shard::{LogitsSelection, ShardInput, ShardModel, ShardOutput};
+use crate::model::weights::WeightFile;
+use candle_core::{DType, Tensor};
+use sessions::{SessionLimits, SessionTable};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How to load and run a shard.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// `Exact` (f32, reproduces references; required for training) or `Fast` (f16 weights).
+    pub mode: ComputeMode,
+    /// Most sessions open at once; opening one more fails with [`Error::SessionsFull`].
+    pub max_sessions: usize,
+    /// Most positions per session; defaults to the model's context length.
+    pub max_session_len: Option<usize>,
+    /// Sessions unused this long are dropped when the table needs room or on
+    /// [`ShardEngine::expire_idle_sessions`].
+    pub session_idle_timeout: Duration,
+    /// Compute threads for the process (see [`crate::runtime::init_threads`]).
+    pub threads: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            mode: ComputeMode::Exact,
+            max_sessions: 64,
+            max_session_len: None,
+            session_idle_timeout: Duration::from_secs(600),
+            threads: None,
+        }
+    }
+}
+
+/// Identifies exactly which weights produced an output: later protocols carry it in
+/// announcements, session-opens and receipts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct WeightVersion {
+    /// blake3 of the base model's header (see [`WeightFile::model_hash`]).
+    pub model_hash: [u8; 32],
+    /// The slice these weights belong to.
+    pub layers: Range<usize>,
+    /// Optimizer steps applied to the slice since loading.
+    pub updates: u64,
+}
+
+impl std::fmt::Display for WeightVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short: String = self.model_hash[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        write!(
+            f,
+            "{short}/{}..{}/u{}",
+            self.layers.start, self.layers.end, self.updates
+        )
+    }
+}
+
+/// Counters a caller (or a test) can read to see what the engine did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineStats {
+    /// Tensors read from the model file.
+    pub tensors_loaded: u64,
+    /// Bytes of tensor data read from the model file.
+    pub bytes_loaded: u64,
+    /// Bytes the loaded parameters occupy in memory.
+    pub parameter_bytes: u64,
+    /// Forward calls (inference and training).
+    pub forward_calls: u64,
+    /// Input positions processed (batch × sequence, summed over calls).
+    pub positions_processed: u64,
+    /// Layer × position evaluations: proves which layers actually ran.
+    pub layer_positions: u64,
+    /// Sessions currently open.
+    pub sessions_open: u64,
+    /// Bytes held by KV caches of open sessions.
+    pub kv_cache_bytes: u64,
+}
+
+/// One forward call: what to run, on what, for which session.
+#[derive(Debug, Clone)]
+pub struct ForwardRequest {
+    /// Tokens (first layer of the model) or hidden states.
+    pub input: ShardInput,
+    /// Absolute position of the input's first element.
+    pub start_pos: usize,
+    /// Session whose KV cache to use; `None` runs without a cache.
+    pub session: Option<SessionId>,
+    /// Sub-range of the slice to run; `None` runs the whole slice.
+    pub layers: Option<Range<usize>>,
+    /// LM head on every position or only the last.
+    pub logits: LogitsSelection,
+}
+
+impl ForwardRequest {
+    /// A stateless forward of the whole slice at position 0.
+    pub fn new(input: ShardInput) -> Self {
+        ForwardRequest {
+            input,
+            start_pos: 0,
+            session: None,
+            layers: None,
+            logits: LogitsSelection::All,
+        }
+    }
+
+    /// Uses `session`'s KV cache, writing at positions `start_pos..`.
+    pub fn session(mut self, session: SessionId, start_pos: usize) -> Self {
+        self.session = Some(session);
+        self.start_pos = start_pos;
+        self
+    }
+
+    /// Runs only `layers` (must lie within the slice).
+    pub fn layers(mut self, layers: Range<usize>) -> Self {
+        self.layers = Some(layers);
+        self
+    }
+
+    /// Applies the LM head to the last position only.
+    pub fn last_logits_only(mut self) -> Self {
+        self.logits = LogitsSelection::Last;
+        self
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    forward_calls: AtomicU64,
+    positions: AtomicU64,
+    layer_positions: AtomicU64,
+}
+
+/// One contiguous layer slice of one model, ready to serve and train.
+pub struct ShardEngine {
+    file: Arc<WeightFile>,
+    model: ShardModel,
+    options: EngineOptions,
+    sessions: SessionTable,
+    counters: Counters,
+    tensors_loaded: u64,
+    bytes_loaded: u64,
+    updates: AtomicU64,
+    training: Mutex<training::TrainState>,
+}
+
+impl std::fmt::Debug for ShardEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardEngine")
+            .field("model", &self.file.path())
+            .field("layers", &self.model.layers)
+            .field("mode", &self.options.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardEngine {
+    /// Loads layers `layers` of the model at `path`, reading only the tensors they need.
+    pub fn load(
+        path: impl AsRef<Path>,
+        layers: Range<usize>,
+        options: EngineOptions,
+    ) -> Result<Self> {
+        Self::load_with_progress(path, layers, options, |_, _| {})
+    }
+
+    /// Like [`ShardEngine::load`], calling `progress(blocks_done, blocks_total)` while loading.
+    pub fn load_with_progress(
+        path: impl AsRef<Path>,
+        layers: Range<usize>,
+        options: EngineOptions,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        crate::runtime::init_threads(options.threads);
+        let file = Arc::new(WeightFile::open(path)?);
+        Self::from_file(file, layers, options, &mut progress)
+    }
+
+    /// Loads a slice from an already opened model (several shards of one file share it).
+    pub fn from_file(
+        file: Arc<WeightFile>,
+        layers: Range<usize>,
+        options: EngineOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        crate::runtime::init_threads(options.threads);
+        let (tensors_before, bytes_before) = (file.tensors_loaded(), file.bytes_loaded());
+        let model = ShardModel::load(&file, layers.clone(), options.mode, progress)?;
+        let max_len = options
+            .max_session_len
+            .unwrap_or(model.config.max_positions)
+            .min(model.config.max_positions);
+        let sessions = SessionTable::new(
+            layers.len(),
+            SessionLimits {
+                max_sessions: options.max_sessions,
+                max_len,
+                idle_timeout: options.session_idle_timeout,
+            },
+        );
+        Ok(ShardEngine {
+            tensors_loaded: file.tensors_loaded() - tensors_before,
+            bytes_loaded: file.bytes_loaded() - bytes_before,
+            file,
+            model,
+            options,
+            sessions,
+            counters: Counters::default(),
+            updates: AtomicU64::new(0),
+            training: Mutex::new(training::TrainState::default()),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    /// The opened model file (tokenizer metadata, model hash).
+    pub fn weight_file(&self) -> &Arc<WeightFile> {
+        &self.file
+    }
+
+    /// The slice this engine holds.
+    pub fn layers(&self) -> Range<usize> {
+        self.model.layers.clone()
+    }
+
+    /// Whether the slice starts at layer 0 (takes token ids, holds the embeddings).
+    pub fn is_first(&self) -> bool {
+        self.model.layers.start == 0
+    }
+
+    /// Whether the slice ends at the last layer (returns logits, holds the LM head).
+    pub fn is_last(&self) -> bool {
+        self.model.layers.end == self.model.config.num_layers
+    }
+
+    /// The compute mode.
+    pub fn mode(&self) -> ComputeMode {
+        self.options.mode
+    }
+
+    /// Longest session this engine accepts.
+    pub fn max_session_len(&self) -> usize {
+        self.sessions.limits.max_len
+    }
+
+    /// The weights' identity: base model, slice, optimizer steps.
+    pub fn version(&self) -> WeightVersion {
+        WeightVersion {
+            model_hash: self.file.model_hash(),
+            layers: self.model.layers.clone(),
+            updates: self.updates.load(Ordering::SeqCst),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> EngineStats {
+        let parameter_bytes = self
+            .model
+            .params()
+            .iter()
+            .map(|p| (p.value.elem_count() * p.value.dtype().size_in_bytes()) as u64)
+            .sum();
+        EngineStats {
+            tensors_loaded: self.tensors_loaded,
+            bytes_loaded: self.bytes_loaded,
+            parameter_bytes,
+            forward_calls: self.counters.forward_calls.load(Ordering::Relaxed),
+            positions_processed: self.counters.positions.load(Ordering::Relaxed),
+            layer_positions: self.counters.layer_positions.load(Ordering::Relaxed),
+            sessions_open: self.sessions.count() as u64,
+            kv_cache_bytes: self.sessions.kv_bytes() as u64,
+        }
+    }
+
+    /// Opens session `id` with an empty cache.
+    pub fn open_session(&self, id: SessionId) -> Result<()> {
+        self.sessions.open(id)
+    }
+
+    /// Closes session `id`, freeing its cache.
+    pub fn close_session(&self, id: SessionId) -> Result<()> {
+        self.sessions.close(id)
+    }
+
+    /// Drops the cached positions `len..` of session `id`.
+    pub fn truncate_session(&self, id: SessionId, len: usize) -> Result<()> {
+        self.sessions.with(id, |s| {
+            for cache in &mut s.caches {
+                cache.truncate(len)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Positions cached by session `id` (in every layer of the slice).
+    pub fn session_len(&self, id: SessionId) -> Result<usize> {
+        let n = self.model.layers.len();
+        self.sessions.with(id, |s| Ok(s.cached_len(0..n)))
+    }
+
+    /// Drops sessions idle longer than the configured timeout; returns how many.
+    pub fn expire_idle_sessions(&self) -> Result<usize> {
+        self.sessions.expire_idle()
+    }
+
+    /// Checks the request against the slice and returns the absolute layer range to run and
+    /// the input converted to what the model consumes (u32 ids or f32 hidden states).
+    fn validate(&self, req: &ForwardRequest) -> Result<(Range<usize>, ShardInput, usize)> {
+        let cfg = &self.model.config;
+        let slice = self.model.layers.clone();
+        let range = req.layers.clone().unwrap_or(slice.clone());
+        if range.start >= range.end || range.start < slice.start || range.end > slice.end {
+            return Err(Error::SliceOutOfRange {
+                start: range.start,
+                end: range.end,
+                layers: cfg.num_layers,
+            });
+        }
+        let (input, seq) = match &req.input {
+            ShardInput::Tokens(ids) => {
+                if range.start != 0 {
+                    return Err(Error::BadInput(format!(
+                        "token ids given to layers {}..{}; only layer 0 takes tokens, later layers take hidden states",
+                        range.start, range.end
+                    )));
+                }
+                let (_, seq) = ids.dims2().map_err(|_| {
+                    Error::BadInput(format!(
+                        "token ids must be [batch, seq], got {:?}",
+                        ids.dims()
+                    ))
+                })?;
+                let ids = match ids.dtype() {
+                    DType::U32 => ids.clone(),
+                    DType::I64 => {
+                        let min = ids.flatten_all()?.min(0)?.to_scalar::<i64>().unwrap_or(0);
+                        if min < 0 {
+                            return Err(Error::BadInput(format!("negative token id {min}")));
+                        }
+                        ids.to_dtype(DType::U32)?
+                    }
+                    other => {
+                        return Err(Error::BadInput(format!(
+                            "token ids must be u32 or i64, got {other:?}"
+                        )))
+                    }
+                };
+                if ids.elem_count() > 0 {
+                    let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+                    if max as usize >= cfg.vocab_size {
+                        return Err(Error::TokenOutOfRange {
+                            id: max,
+                            vocab: cfg.vocab_size,
+                        });
+                    }
+                }
+                (ShardInput::Tokens(ids), seq)
+            }
+            ShardInput::Hidden(h) => {
+                if range.start == 0 {
+                    return Err(Error::BadInput(
+                        "hidden states given to layer 0, which takes token ids".into(),
+                    ));
+                }
+                if h.dtype() != DType::F32 {
+                    return Err(Error::HiddenDtype {
+                        expected: "f32".into(),
+                        actual: format!("{:?}", h.dtype()).to_lowercase(),
+                    });
+                }
+                let (_, seq, width) = h.dims3().map_err(|_| {
+                    Error::BadInput(format!(
+                        "hidden states must be [batch, seq, hidden], got {:?}",
+                        h.dims()
+                    ))
+                })?;
+                if width != cfg.hidden_size {
+                    return Err(Error::HiddenSize {
+                        expected: cfg.hidden_size,
+                        actual: width,
+                    });
+                }
+                (ShardInput::Hidden(h.clone()), seq)
+            }
+        };
+        if seq == 0 || input_batch(&input) == 0 {
+            return Err(Error::BadInput(
+                "empty input (batch or sequence is 0)".into(),
+            ));
+        }
+        let end = req.start_pos.saturating_add(seq);
+        match req.session {
+            Some(session) if end > self.sessions.limits.max_len => {
+                return Err(Error::SessionTooLong {
+                    session,
+                    requested: end,
+                    max: self.sessions.limits.max_len,
+                })
+            }
+            None if end > cfg.max_positions => {
+                return Err(Error::BadInput(format!(
+                    "positions up to {end} exceed the model's context of {}",
+                    cfg.max_positions
+                )))
+            }
+            _ => {}
+        }
+        Ok((range, input, seq))
+    }
+
+    fn count(&self, batch: usize, seq: usize, layers: usize) {
+        let positions = (batch * seq) as u64;
+        self.counters.forward_calls.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .positions
+            .fetch_add(positions, Ordering::Relaxed);
+        self.counters
+            .layer_positions
+            .fetch_add(positions * layers as u64, Ordering::Relaxed);
+    }
+
+    /// Runs the request: tokens or hidden states in, hidden states or logits out.
+    pub fn forward(&self, req: ForwardRequest) -> Result<ShardOutput> {
+        let (range, input, seq) = self.validate(&req)?;
+        let batch = input_batch(&input);
+        let pass = Pass { track: false };
+        let rel = (range.start - self.model.layers.start)..(range.end - self.model.layers.start);
+        let out = match req.session {
+            None => {
+                self.model
+                    .forward(&input, req.start_pos, range.clone(), None, req.logits, pass)?
+            }
+            Some(id) => self.sessions.with(id, |s| {
+                let cached = s.cached_len(rel.clone());
+                if req.start_pos > cached {
+                    return Err(Error::PositionGap {
+                        session: id,
+                        start: req.start_pos,
+                        cached,
+                    });
+                }
+                if req.start_pos > 0 {
+                    let cached_batch = s.caches[rel.clone()]
+                        .iter()
+                        .find_map(|c| c.tensors().map(|(k, _)| k.dim(0)))
+                        .transpose()?;
+                    if let Some(b) = cached_batch.filter(|&b| b != batch) {
+                        return Err(Error::BadInput(format!(
+                            "session {id} was opened with batch {b}, got batch {batch}"
+                        )));
+                    }
+                }
+                self.model.forward(
+                    &input,
+                    req.start_pos,
+                    range.clone(),
+                    Some(&mut s.caches),
+                    req.logits,
+                    pass,
+                )
+            })?,
+        };
+        self.count(batch, seq, range.len());
+        Ok(out)
+    }
+}
+
+fn input_batch(input: &ShardInput) -> usize {
+    match input {
+        ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dims().first().copied().unwrap_or(0),
+    }
+}
+
+/// Reads a parameter's current value by name (for tests, checkpoints and fingerprints).
+impl ShardEngine {
+    /// The current value of parameter `name` (Hugging Face naming), if this slice holds it.
+    pub fn parameter(&self, name: &str) -> Option<Tensor> {
+        self.model
+            .params()
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| p.value.clone())
+    }
+
+    /// Names of every parameter of the slice (a tied head appears under the embedding's name).
+    pub fn parameter_names(&self) -> Vec<String> {
+        self.model
+            .params()
+            .into_iter()
+            .map(|p| p.name.clone())
+            .collect()
+    }
+}

@@ -1,0 +1,71 @@
+//! AdamW with PyTorch semantics (decoupled weight decay, bias correction), applied to one
+//! shard's parameters from gradients the engine accumulated.
+
+use crate::error::Result;
+use candle_core::{Tensor, Var};
+use std::collections::HashMap;
+
+/// AdamW hyper-parameters (PyTorch defaults).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Exponential decay of the first moment.
+    pub beta1: f64,
+    /// Exponential decay of the second moment.
+    pub beta2: f64,
+    /// Added to the denominator for numerical stability.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// First and second moments of every parameter that has been stepped.
+#[derive(Debug, Default)]
+pub(crate) struct AdamW {
+    moments: HashMap<String, (Tensor, Tensor)>,
+    pub(crate) steps: u64,
+}
+
+impl AdamW {
+    /// One update of `var` with gradient `grad` (call [`AdamW::begin_step`] once per step first).
+    pub(crate) fn update(
+        &mut self,
+        name: &str,
+        var: &Var,
+        grad: &Tensor,
+        cfg: &AdamWConfig,
+    ) -> Result<()> {
+        let t = self.steps as i32;
+        let (m, v) = match self.moments.get(name) {
+            Some((m, v)) => (m.clone(), v.clone()),
+            None => (grad.zeros_like()?, grad.zeros_like()?),
+        };
+        let m = ((m * cfg.beta1)? + (grad * (1.0 - cfg.beta1))?)?;
+        let v = ((v * cfg.beta2)? + (grad.sqr()? * (1.0 - cfg.beta2))?)?;
+        let m_hat = (&m / (1.0 - cfg.beta1.powi(t)))?;
+        let v_hat = (&v / (1.0 - cfg.beta2.powi(t)))?;
+        // PyTorch: p *= 1 - lr * wd; p -= lr * m_hat / (sqrt(v_hat) + eps)
+        let decayed = (var.as_tensor() * (1.0 - cfg.lr * cfg.weight_decay))?;
+        let update = ((m_hat / (v_hat.sqrt()? + cfg.eps)?)? * cfg.lr)?;
+        var.set(&(decayed - update)?)?;
+        self.moments.insert(name.to_string(), (m, v));
+        Ok(())
+    }
+
+    pub(crate) fn begin_step(&mut self) {
+        self.steps += 1;
+    }
+}

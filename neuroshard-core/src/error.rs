@@ -1,0 +1,174 @@
+//! Error types: one `thiserror` enum for everything the engine can report.
+//!
+//! Every failure a caller can cause (bad file, bad slice, bad input, unknown session) has its own
+//! variant with a message that names the offending value, so a node can send it back to a peer
+//! and a user can act on it without reading the source.
+
+use std::path::PathBuf;
+
+/// Result alias used across `neuroshard-core`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the engine, the tokenizer and generation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The model file or directory does not exist or cannot be read.
+    #[error("cannot read model file {path}: {source}")]
+    ModelFile {
+        /// The path that was opened.
+        path: PathBuf,
+        /// The underlying IO error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The path exists but is neither a GGUF file nor a Hugging Face safetensors model.
+    #[error("unknown model format at {path}: {reason}")]
+    UnknownFormat {
+        /// The path that was inspected.
+        path: PathBuf,
+        /// What was found instead.
+        reason: String,
+    },
+
+    /// The file claims a known format but its contents are inconsistent (truncated, bad header).
+    #[error("corrupt model file {path}: {reason}")]
+    CorruptModel {
+        /// The path that was read.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The model's architecture is not one the engine implements.
+    #[error("unsupported architecture `{0}` (supported: llama, gpt2)")]
+    UnsupportedArchitecture(String),
+
+    /// A tensor is stored in a data type the engine cannot dequantise.
+    #[error("tensor `{tensor}` uses unsupported data type {dtype}")]
+    UnsupportedDtype {
+        /// The tensor's name in the file.
+        tensor: String,
+        /// The data type as the file names it.
+        dtype: String,
+    },
+
+    /// A configuration value is missing or out of range.
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+
+    /// A tensor the slice needs is not in the file.
+    #[error("tensor `{0}` not found in the model file")]
+    MissingTensor(String),
+
+    /// A tensor in the file has a shape other than the config implies.
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        /// The tensor's canonical name.
+        name: String,
+        /// Shape implied by the config.
+        expected: Vec<usize>,
+        /// Shape found in the file.
+        actual: Vec<usize>,
+    },
+
+    /// The requested layer range is empty or exceeds the model.
+    #[error("layer slice {start}..{end} is invalid for a model with {layers} layers")]
+    SliceOutOfRange {
+        /// First layer requested.
+        start: usize,
+        /// One past the last layer requested.
+        end: usize,
+        /// Number of layers in the model.
+        layers: usize,
+    },
+
+    /// The input given to a shard does not match what that shard consumes.
+    #[error("bad shard input: {0}")]
+    BadInput(String),
+
+    /// Hidden states of the wrong width were fed to a shard.
+    #[error("hidden state has width {actual}, this model's hidden size is {expected}")]
+    HiddenSize {
+        /// The model's hidden size.
+        expected: usize,
+        /// The width received.
+        actual: usize,
+    },
+
+    /// Hidden states of the wrong dtype were fed to a shard.
+    #[error("hidden state has dtype {actual}, expected {expected}")]
+    HiddenDtype {
+        /// The dtype the shard computes in.
+        expected: String,
+        /// The dtype received.
+        actual: String,
+    },
+
+    /// A token id is outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange {
+        /// The offending token id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+
+    /// The session id is not open on this shard (never opened, closed or expired).
+    #[error("unknown session {0}")]
+    UnknownSession(u64),
+
+    /// The shard already holds its maximum number of sessions.
+    #[error("session table full: {max} sessions open")]
+    SessionsFull {
+        /// The configured maximum.
+        max: usize,
+    },
+
+    /// A session with this id is already open.
+    #[error("session {0} already exists")]
+    SessionExists(u64),
+
+    /// Writing these positions would exceed the session's maximum length.
+    #[error("session {session}: positions up to {requested} exceed the maximum length {max}")]
+    SessionTooLong {
+        /// The session id.
+        session: u64,
+        /// One past the last position requested.
+        requested: usize,
+        /// The maximum length.
+        max: usize,
+    },
+
+    /// A forward pass started beyond the cached prefix, leaving a gap.
+    #[error("session {session}: input starts at position {start} but only {cached} positions are cached")]
+    PositionGap {
+        /// The session id.
+        session: u64,
+        /// First position of the input.
+        start: usize,
+        /// Number of positions in the cache.
+        cached: usize,
+    },
+
+    /// Training was asked for something the current state does not allow.
+    #[error("training: {0}")]
+    Training(String),
+
+    /// Tokenizer construction, encoding, decoding or chat templating failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// Sampling or generation parameters are invalid.
+    #[error("generation: {0}")]
+    Generation(String),
+
+    /// A tensor operation failed (a bug or an exhausted resource, not bad input).
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    /// An IO error outside model loading.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,23 @@
+//! NeuroShard core: run and train one language model whose transformer layers are split
+//! across many machines.
+//!
+//! [`ShardEngine`] holds one contiguous slice of layers and runs forward (with per-session KV
+//! caches), backward and an AdamW step on it. See `docs/ARCHITECTURE.md` for the map.
+
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
+
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod runtime;
+
+pub use engine::{
+    AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest, OutputGrad, SessionId,
+    ShardEngine, WeightVersion,
+};
+pub use error::{Error, Result};
+pub use model::config::{Architecture, ModelConfig};
+pub use model::layers::ComputeMode;
+pub use model::shard::{LogitsSelection, ShardInput, ShardOutput};
+pub use model::weights::{ModelFormat, WeightFile};

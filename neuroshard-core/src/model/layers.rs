@@ -1,0 +1,293 @@
+//! Building blocks shared by the model families: parameters, linear layers, norms, rotary
+//! embeddings and causal attention over a position-indexed KV cache.
+//!
+//! Every block has two forward flavours selected by [`Pass::track`]: inference uses candle's fused
+//! kernels (`softmax_last_dim`, `rms_norm`, `rope`), which have no backward; training uses the
+//! differentiable compositions (`softmax`, `rms_norm_slow`, `rope_slow`), because candle silently
+//! drops gradients through the fused ones (see DESIGN.md, "Verified facts and traps").
+
+use crate::error::Result;
+use crate::model::weights::{RawTensor, WeightFile};
+use candle_core::{DType, Device, Tensor, Var, D};
+
+/// How the engine stores weights and computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeMode {
+    /// f32 weights (dequantised once at load) and f32 compute: reproduces Hugging Face.
+    #[default]
+    Exact,
+    /// f16 weight matrices, f32 activations converted to f16 for each matmul: half the memory
+    /// traffic of `Exact`, which is what bounds decode speed on a CPU.
+    Fast,
+}
+
+impl std::str::FromStr for ComputeMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "exact" => Ok(ComputeMode::Exact),
+            "fast" => Ok(ComputeMode::Fast),
+            other => Err(format!("unknown mode `{other}` (expected exact or fast)")),
+        }
+    }
+}
+
+/// Per-call options threaded through every block's forward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pass {
+    /// Build the autograd graph through trainable variables (training forward).
+    pub(crate) track: bool,
+}
+
+/// One named model parameter.
+///
+/// `value` is what inference reads: in exact mode a detached view sharing storage with `var`
+/// (so optimizer updates are seen without copies), in fast mode an f16 copy. `var` exists only
+/// in exact mode and is what training differentiates through.
+#[derive(Debug, Clone)]
+pub(crate) struct Param {
+    pub(crate) name: String,
+    pub(crate) value: Tensor,
+    pub(crate) var: Option<Var>,
+}
+
+impl Param {
+    /// Builds a parameter from a raw tensor. 1-D tensors (norms, biases) always stay f32;
+    /// matrices are f16 in fast mode.
+    pub(crate) fn from_raw(name: &str, raw: &RawTensor, mode: ComputeMode) -> Result<Self> {
+        let matrix = raw.dims().len() >= 2;
+        if mode == ComputeMode::Fast && matrix {
+            return Ok(Param {
+                name: name.to_string(),
+                value: raw.to_dense(DType::F16)?,
+                var: None,
+            });
+        }
+        let var = Var::from_tensor(&raw.to_dense(DType::F32)?)?;
+        Ok(Param {
+            name: name.to_string(),
+            value: var.as_tensor().detach(),
+            var: Some(var),
+        })
+    }
+
+    /// Loads and wraps a tensor in one step.
+    pub(crate) fn load(
+        file: &WeightFile,
+        name: &str,
+        dims: &[usize],
+        mode: ComputeMode,
+    ) -> Result<Self> {
+        Self::from_raw(name, &file.load(name, dims)?, mode)
+    }
+
+    /// The tensor to compute with for this pass.
+    pub(crate) fn get(&self, pass: Pass) -> &Tensor {
+        match (&self.var, pass.track) {
+            (Some(var), true) => var.as_tensor(),
+            _ => &self.value,
+        }
+    }
+}
+
+/// Weight orientation in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightLayout {
+    /// PyTorch `nn.Linear`: `[out, in]`, y = x Wᵀ.
+    OutIn,
+    /// GPT-2 `Conv1D`: `[in, out]`, y = x W.
+    InOut,
+}
+
+/// A dense projection with optional bias.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    pub(crate) weight: Param,
+    pub(crate) bias: Option<Param>,
+    pub(crate) layout: WeightLayout,
+}
+
+impl Linear {
+    /// y = x W (+ b) for x of shape `[..., in]`.
+    pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let w = self.weight.get(pass);
+        let dims = x.dims().to_vec();
+        let last = dims.len() - 1;
+        let rows: usize = dims[..last].iter().product();
+        let x2 = x.reshape((rows, dims[last]))?;
+        let x2 = if w.dtype() == x2.dtype() {
+            x2
+        } else {
+            x2.to_dtype(w.dtype())?
+        };
+        let y = match self.layout {
+            WeightLayout::OutIn => x2.matmul(&w.t()?)?,
+            WeightLayout::InOut => x2.matmul(w)?,
+        };
+        let y = y.to_dtype(DType::F32)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b.get(pass))?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        out_dims[last] = y.dim(1)?;
+        Ok(y.reshape(out_dims)?)
+    }
+
+    pub(crate) fn params(&self) -> impl Iterator<Item = &Param> {
+        std::iter::once(&self.weight).chain(self.bias.iter())
+    }
+}
+
+/// RMSNorm (Llama): x / sqrt(mean(x²) + eps) * w, computed in f32.
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm {
+    pub(crate) weight: Param,
+    pub(crate) eps: f32,
+}
+
+impl RmsNorm {
+    pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let w = self.weight.get(pass);
+        Ok(if pass.track {
+            candle_nn::ops::rms_norm_slow(x, w, self.eps)?
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, w, self.eps)?
+        })
+    }
+}
+
+/// LayerNorm (GPT-2) with weight and bias.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    pub(crate) weight: Param,
+    pub(crate) bias: Param,
+    pub(crate) eps: f32,
+}
+
+impl LayerNorm {
+    pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let (w, b) = (self.weight.get(pass), self.bias.get(pass));
+        Ok(if pass.track {
+            candle_nn::ops::layer_norm_slow(x, w, b, self.eps)?
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, w, b, self.eps)?
+        })
+    }
+}
+
+/// Precomputed RoPE cos/sin tables, `[max_positions, head_dim / 2]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+}
+
+impl Rope {
+    pub(crate) fn new(
+        head_dim: usize,
+        theta: f64,
+        max_positions: usize,
+        interleaved: bool,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        // Same formula as transformers: inv_freq = 1 / theta^(2i / d), computed in f32 there too.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_positions, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), &Device::Cpu)?,
+            interleaved,
+        })
+    }
+
+    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` for positions `start..start+seq`.
+    pub(crate) fn apply(&self, x: &Tensor, start: usize, pass: Pass) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, seq)?;
+        let sin = self.sin.narrow(0, start, seq)?;
+        Ok(match (pass.track, self.interleaved) {
+            (true, false) => candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?,
+            (true, true) => candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin)?,
+            (false, false) => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?,
+            (false, true) => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)?,
+        })
+    }
+}
+
+/// Additive causal mask for `seq` queries at positions `start..start+seq` over `start+seq` keys,
+/// repeated for `groups` query heads that share a key/value head: `[groups * seq, start + seq]`.
+fn causal_mask(seq: usize, start: usize, groups: usize) -> Result<Tensor> {
+    let keys = start + seq;
+    let mut mask = Vec::with_capacity(groups * seq * keys);
+    for _ in 0..groups {
+        for i in 0..seq {
+            for j in 0..keys {
+                mask.push(if j <= start + i {
+                    0.0f32
+                } else {
+                    f32::NEG_INFINITY
+                });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(mask, (groups * seq, keys), &Device::Cpu)?)
+}
+
+/// Scaled dot-product causal attention with grouped-query heads.
+///
+/// `q`: `[b, heads, seq, d]`; `k`, `v`: `[b, kv_heads, keys, d]` where the last `seq` keys are
+/// the queries' own positions. Instead of repeating K/V per query head (a copy), the query heads
+/// of one group are folded into the row dimension: `[b, kv_heads, groups * seq, d]`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    pass: Pass,
+) -> Result<Tensor> {
+    let (b, heads, seq, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let groups = heads / kv_heads;
+    let q = q.reshape((b, kv_heads, groups * seq, d))?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = if seq > 1 {
+        scores.broadcast_add(&causal_mask(seq, start, groups)?)?
+    } else {
+        scores
+    };
+    let probs = if pass.track {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let out = probs.matmul(v)?; // [b, kv_heads, groups * seq, d]
+    Ok(out.reshape((b, heads, seq, d))?)
+}
+
+/// Splits `[b, seq, heads * d]` into `[b, heads, seq, d]`.
+pub(crate) fn split_heads(x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+    let (b, seq, _) = x.dims3()?;
+    Ok(x.reshape((b, seq, heads, d))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// Merges `[b, heads, seq, d]` back into `[b, seq, heads * d]`.
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, heads, seq, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, seq, heads * d))?)
+}

@@ -1,0 +1,291 @@
+//! The layers of one shard: embeddings (first shard), a contiguous run of decoder blocks, and
+//! the final norm + LM head (last shard).
+//!
+//! A tied LM head on the last shard is loaded from the embedding tensor and keeps the
+//! embedding's parameter name, so gradients of the two copies merge by name; on a shard that
+//! holds both ends the very same variable is used twice and autograd sums the two parts.
+
+use crate::error::{Error, Result};
+use crate::model::config::{Architecture, ModelConfig, RopeLayout};
+use crate::model::gpt2::{layer_norm, Gpt2Block};
+use crate::model::kv_cache::LayerKv;
+use crate::model::layers::{
+    ComputeMode, LayerNorm, Linear, Param, Pass, RmsNorm, Rope, WeightLayout,
+};
+use crate::model::llama::LlamaBlock;
+use crate::model::weights::WeightFile;
+use candle_core::{DType, Tensor};
+use std::ops::Range;
+
+#[derive(Debug, Clone)]
+enum Block {
+    Llama(LlamaBlock),
+    Gpt2(Gpt2Block),
+}
+
+#[derive(Debug, Clone)]
+struct Embeddings {
+    tokens: Param,
+    /// Learned absolute positions (GPT-2).
+    positions: Option<Param>,
+}
+
+#[derive(Debug, Clone)]
+enum FinalNorm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+#[derive(Debug, Clone)]
+struct Head {
+    norm: FinalNorm,
+    lm_head: Linear,
+}
+
+/// What a shard receives.
+#[derive(Debug, Clone)]
+pub enum ShardInput {
+    /// Token ids `[batch, seq]` (u32 or i64): only for a range starting at layer 0.
+    Tokens(Tensor),
+    /// Hidden states `[batch, seq, hidden]` in f32, from the previous shard.
+    Hidden(Tensor),
+}
+
+/// What a shard returns.
+#[derive(Debug, Clone)]
+pub enum ShardOutput {
+    /// Hidden states `[batch, seq, hidden]` for the next shard.
+    Hidden(Tensor),
+    /// Logits `[batch, seq', vocab]` (seq' = seq or 1, see [`LogitsSelection`]).
+    Logits(Tensor),
+}
+
+impl ShardOutput {
+    /// The tensor inside, whichever it is.
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            ShardOutput::Hidden(t) | ShardOutput::Logits(t) => t,
+        }
+    }
+
+    /// Turns the output into the next shard's input (logits cannot be fed on).
+    pub fn into_next_input(self) -> Result<ShardInput> {
+        match self {
+            ShardOutput::Hidden(t) => Ok(ShardInput::Hidden(t)),
+            ShardOutput::Logits(_) => Err(Error::BadInput(
+                "logits cannot be fed to another shard".into(),
+            )),
+        }
+    }
+}
+
+/// Which positions the LM head is applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogitsSelection {
+    /// Every position (training, scoring).
+    #[default]
+    All,
+    /// Only the last position (generation: saves a vocab-sized matmul per prompt token).
+    Last,
+}
+
+/// One shard's parameters and the code to run any sub-range of them.
+#[derive(Debug, Clone)]
+pub(crate) struct ShardModel {
+    pub(crate) config: ModelConfig,
+    pub(crate) layers: Range<usize>,
+    embed: Option<Embeddings>,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+    rope: Option<Rope>,
+}
+
+impl ShardModel {
+    /// Loads layers `layers` (plus embeddings / head at the ends) from `file`.
+    /// `progress(done, total)` is called after each loaded block.
+    pub(crate) fn load(
+        file: &WeightFile,
+        layers: Range<usize>,
+        mode: ComputeMode,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let cfg = file.config().clone();
+        if layers.start >= layers.end || layers.end > cfg.num_layers {
+            return Err(Error::SliceOutOfRange {
+                start: layers.start,
+                end: layers.end,
+                layers: cfg.num_layers,
+            });
+        }
+        let h = cfg.hidden_size;
+        let (embed_name, pos_name, norm_name) = match cfg.architecture {
+            Architecture::Llama => ("model.embed_tokens.weight", None, "model.norm"),
+            Architecture::Gpt2 => (
+                "transformer.wte.weight",
+                Some("transformer.wpe.weight"),
+                "transformer.ln_f",
+            ),
+        };
+        let first = layers.start == 0;
+        let last = layers.end == cfg.num_layers;
+        let embed = if first {
+            Some(Embeddings {
+                tokens: Param::load(file, embed_name, &[cfg.vocab_size, h], mode)?,
+                positions: match pos_name {
+                    Some(name) => Some(Param::load(file, name, &[cfg.max_positions, h], mode)?),
+                    None => None,
+                },
+            })
+        } else {
+            None
+        };
+        let total = layers.len();
+        let mut blocks = Vec::with_capacity(total);
+        for (i, layer) in layers.clone().enumerate() {
+            blocks.push(match cfg.architecture {
+                Architecture::Llama => Block::Llama(LlamaBlock::load(file, &cfg, layer, mode)?),
+                Architecture::Gpt2 => Block::Gpt2(Gpt2Block::load(file, &cfg, layer, mode)?),
+            });
+            progress(i + 1, total);
+        }
+        let head = if last {
+            let norm = match cfg.architecture {
+                Architecture::Llama => FinalNorm::Rms(RmsNorm {
+                    weight: Param::load(file, &format!("{norm_name}.weight"), &[h], mode)?,
+                    eps: cfg.norm_eps as f32,
+                }),
+                Architecture::Gpt2 => {
+                    FinalNorm::Layer(layer_norm(file, norm_name, h, cfg.norm_eps, mode)?)
+                }
+            };
+            let tied = cfg.tie_word_embeddings || !file.contains("lm_head.weight");
+            let weight = match (&embed, tied) {
+                // Same variable on a shard holding both ends: gradients add up by themselves.
+                (Some(e), true) => e.tokens.clone(),
+                (None, true) => Param::load(file, embed_name, &[cfg.vocab_size, h], mode)?,
+                (_, false) => Param::load(file, "lm_head.weight", &[cfg.vocab_size, h], mode)?,
+            };
+            Some(Head {
+                norm,
+                lm_head: Linear {
+                    weight,
+                    bias: None,
+                    layout: WeightLayout::OutIn,
+                },
+            })
+        } else {
+            None
+        };
+        let rope = match cfg.architecture {
+            Architecture::Llama => Some(Rope::new(
+                cfg.head_dim,
+                cfg.rope_theta,
+                cfg.max_positions,
+                cfg.rope_layout == RopeLayout::Interleaved,
+            )?),
+            Architecture::Gpt2 => None,
+        };
+        Ok(ShardModel {
+            config: cfg,
+            layers,
+            embed,
+            blocks,
+            head,
+            rope,
+        })
+    }
+
+    /// Every parameter once (a tied head shared with the embedding is listed once).
+    pub(crate) fn params(&self) -> Vec<&Param> {
+        let mut out: Vec<&Param> = Vec::new();
+        if let Some(e) = &self.embed {
+            out.push(&e.tokens);
+            out.extend(e.positions.iter());
+        }
+        for b in &self.blocks {
+            match b {
+                Block::Llama(b) => out.extend(b.params()),
+                Block::Gpt2(b) => out.extend(b.params()),
+            }
+        }
+        if let Some(h) = &self.head {
+            match &h.norm {
+                FinalNorm::Rms(n) => out.push(&n.weight),
+                FinalNorm::Layer(n) => out.extend([&n.weight, &n.bias]),
+            }
+            let shared = out.iter().any(|p| p.name == h.lm_head.weight.name);
+            if !shared {
+                out.push(&h.lm_head.weight);
+            }
+        }
+        out
+    }
+
+    /// Embeds token ids `[b, seq]` at positions `start..start+seq`.
+    fn embed(&self, ids: &Tensor, start: usize, pass: Pass) -> Result<Tensor> {
+        let embed = self.embed.as_ref().ok_or_else(|| {
+            Error::BadInput("token ids given to a shard without embeddings".into())
+        })?;
+        let (b, seq) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let x = embed
+            .tokens
+            .get(pass)
+            .index_select(&flat, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((b, seq, self.config.hidden_size))?;
+        match &embed.positions {
+            Some(pos) => {
+                let p = pos.get(pass).narrow(0, start, seq)?.to_dtype(DType::F32)?;
+                Ok(x.broadcast_add(&p)?)
+            }
+            None => Ok(x),
+        }
+    }
+
+    /// Runs absolute layers `range` (a sub-range of this shard's) on `input`.
+    ///
+    /// `caches` holds one entry per layer of the shard (indexed from `self.layers.start`); the
+    /// caller has already checked positions, shapes and cache continuity.
+    pub(crate) fn forward(
+        &self,
+        input: &ShardInput,
+        start: usize,
+        range: Range<usize>,
+        mut caches: Option<&mut [LayerKv]>,
+        logits: LogitsSelection,
+        pass: Pass,
+    ) -> Result<ShardOutput> {
+        let mut x = match input {
+            ShardInput::Tokens(ids) => self.embed(ids, start, pass)?,
+            ShardInput::Hidden(h) => h.clone(),
+        };
+        for layer in range.clone() {
+            let i = layer - self.layers.start;
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = match &self.blocks[i] {
+                Block::Llama(b) => {
+                    let rope = self.rope.as_ref().ok_or_else(|| {
+                        Error::InvalidConfig("Llama shard without RoPE tables".into())
+                    })?;
+                    b.forward(&x, start, rope, cache, pass)?
+                }
+                Block::Gpt2(b) => b.forward(&x, start, cache, pass)?,
+            };
+        }
+        match (&self.head, range.end == self.config.num_layers) {
+            (Some(head), true) => {
+                if logits == LogitsSelection::Last {
+                    let seq = x.dim(1)?;
+                    x = x.narrow(1, seq - 1, 1)?;
+                }
+                let x = match &head.norm {
+                    FinalNorm::Rms(n) => n.forward(&x, pass)?,
+                    FinalNorm::Layer(n) => n.forward(&x, pass)?,
+                };
+                Ok(ShardOutput::Logits(head.lm_head.forward(&x, pass)?))
+            }
+            _ => Ok(ShardOutput::Hidden(x)),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Tiny GPT-2 and Llama fixtures vs Hugging Face transformers: logits, greedy continuation,
+//! loss, every parameter gradient and the loss after one AdamW step, for 1, 2 and 4 shards.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use neuroshard_core::{
+    AdamWConfig, ComputeMode, EngineOptions, OutputGrad, ShardEngine, ShardInput, ShardOutput,
+};
+use std::collections::HashMap;
+
+const SPLITS: &[&[usize]] = &[&[], &[2], &[1, 2, 3]];
+
+fn exact() -> EngineOptions {
+    EngineOptions {
+        mode: ComputeMode::Exact,
+        ..EngineOptions::default()
+    }
+}
+
+/// Forward + backward of the whole batch through the chain; returns (loss, merged grads).
+fn train_pass(chain: &[ShardEngine], ids: &Tensor, batch: u64) -> (f32, HashMap<String, Tensor>) {
+    let mut input = ShardInput::Tokens(ids.clone());
+    for shard in chain {
+        if let ShardOutput::Hidden(h) = shard
+            .train_forward(batch, input.clone())
+            .expect("train fwd")
+        {
+            input = ShardInput::Hidden(h);
+        }
+    }
+    let mut grad = OutputGrad::CausalLmLabels(ids.clone());
+    let mut loss = None;
+    for shard in chain.iter().rev() {
+        let out = shard.backward(batch, grad.clone()).expect("backward");
+        loss = loss.or(out.loss);
+        if let Some(g) = out.grad_input {
+            grad = OutputGrad::Output(g);
+        }
+    }
+    let mut merged: HashMap<String, Tensor> = HashMap::new();
+    for shard in chain {
+        for (name, g) in shard.gradients().expect("grads") {
+            let total = match merged.remove(&name) {
+                Some(prev) => (prev + g).expect("add"),
+                None => g,
+            };
+            merged.insert(name, total);
+        }
+    }
+    (loss.expect("loss from last shard"), merged)
+}
+
+fn check_model(model: &str) {
+    let dir = fixtures().join(model);
+    let reference = reference_json(model);
+    let tensors = reference_tensors(model);
+    let ids = tensors["input_ids"].clone();
+    let (batch, seq) = ids.dims2().expect("ids");
+    let ref_logits = &tensors["logits"];
+    let adamw = &reference["adamw"];
+    let betas = adamw["betas"].as_array().expect("betas");
+    let cfg = AdamWConfig {
+        lr: adamw["lr"].as_f64().expect("lr"),
+        beta1: betas[0].as_f64().expect("b1"),
+        beta2: betas[1].as_f64().expect("b2"),
+        eps: adamw["eps"].as_f64().expect("eps"),
+        weight_decay: adamw["weight_decay"].as_f64().expect("wd"),
+    };
+
+    for cuts in SPLITS {
+        let what = format!("{model} split {cuts:?}");
+        let chain = load_chain(&dir, 4, cuts, &exact());
+
+        // Logits of the full batch.
+        let logits = run_chain(&chain, &ids, |r| r);
+        let diff = max_abs_diff(&logits, ref_logits);
+        assert!(diff < 1e-4, "{what}: logits max abs diff {diff}");
+
+        // The split really ran: every shard processed the batch on each of its layers.
+        for shard in &chain {
+            let s = shard.stats();
+            assert_eq!(s.forward_calls, 1, "{what}");
+            assert_eq!(s.positions_processed, (batch * seq) as u64, "{what}");
+            assert_eq!(
+                s.layer_positions,
+                (batch * seq * shard.layers().len()) as u64,
+                "{what}"
+            );
+            assert!(s.tensors_loaded > 0 && s.bytes_loaded > 0, "{what}");
+        }
+
+        // Greedy continuation with KV caches.
+        let prompt = ids_from_json(&reference["greedy_prompt"]);
+        let expected = ids_from_json(&reference["greedy_continuation"]);
+        assert_eq!(
+            greedy_chain(&chain, &prompt, expected.len(), 7),
+            expected,
+            "{what}: greedy"
+        );
+
+        // Loss and every parameter gradient.
+        let (loss, grads) = train_pass(&chain, &ids, 1);
+        let ref_loss = reference["loss"].as_f64().expect("loss") as f32;
+        assert!(
+            (loss - ref_loss).abs() < 1e-4,
+            "{what}: loss {loss} vs {ref_loss}"
+        );
+        let ref_grads: Vec<_> = tensors.keys().filter(|k| k.starts_with("grad.")).collect();
+        assert_eq!(grads.len(), ref_grads.len(), "{what}: gradient count");
+        for key in ref_grads {
+            let name = &key["grad.".len()..];
+            let g = grads
+                .get(name)
+                .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+            let err = rel_error(g, &tensors[key]);
+            assert!(err < 1e-3, "{what}: gradient {name} relative error {err}");
+        }
+
+        // One AdamW step: every copy of a tied matrix gets the summed gradient first.
+        for shard in &chain {
+            for name in shard.parameter_names() {
+                if let Some(g) = grads.get(&name) {
+                    shard.set_gradient(&name, g.clone()).expect("set grad");
+                }
+            }
+            let before = shard.version().updates;
+            let version = shard.step(&cfg).expect("step");
+            assert_eq!(version.updates, before + 1);
+        }
+        let (loss_after, _) = train_pass(&chain, &ids, 2);
+        let ref_after = reference["loss_after_one_adamw_step"]
+            .as_f64()
+            .expect("loss") as f32;
+        assert!(
+            (loss_after - ref_after).abs() < 1e-4,
+            "{what}: loss after AdamW {loss_after} vs {ref_after}"
+        );
+    }
+}
+
+#[test]
+fn tiny_gpt2_matches_transformers() {
+    check_model("tiny-gpt2");
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    check_model("tiny-llama");
+}
+
+#[test]
+fn sub_range_of_a_slice_equals_separate_shards() {
+    // A node holding 0..4 can serve 0..2 and 2..4 of a route separately (overlapping slices).
+    let dir = fixtures().join("tiny-llama");
+    let tensors = reference_tensors("tiny-llama");
+    let ids = tensors["input_ids"].clone();
+    let engine = ShardEngine::load(&dir, 0..4, exact()).expect("load");
+    let first = engine
+        .forward(neuroshard_core::ForwardRequest::new(ShardInput::Tokens(ids)).layers(0..2))
+        .expect("first half");
+    let hidden = match first {
+        ShardOutput::Hidden(h) => h,
+        ShardOutput::Logits(_) => panic!("0..2 must return hidden states"),
+    };
+    let logits = engine
+        .forward(neuroshard_core::ForwardRequest::new(ShardInput::Hidden(hidden)).layers(2..4))
+        .expect("second half");
+    assert!(max_abs_diff(logits.tensor(), &tensors["logits"]) < 1e-4);
+    assert_eq!(engine.stats().layer_positions, 2 * 12 * 4);
+    let _ = Device::Cpu;
+}
