@@ -281,12 +281,7 @@ impl ShardEngine {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> EngineStats {
-        let parameter_bytes = self
-            .model
-            .params()
-            .iter()
-            .map(|p| (p.value.elem_count() * p.value.dtype().size_in_bytes()) as u64)
-            .sum();
+        let parameter_bytes = self.model.params().iter().map(|p| p.bytes()).sum();
         EngineStats {
             tensors_loaded: self.tensors_loaded,
             bytes_loaded: self.bytes_loaded,
@@ -448,6 +443,12 @@ impl ShardEngine {
 
     /// Runs the request: tokens or hidden states in, hidden states or logits out.
     pub fn forward(&self, req: ForwardRequest) -> Result<ShardOutput> {
+        // Run on a rayon worker: the kernels' parallel loops then include the calling thread
+        // instead of parking it on a latch and waking it once per matmul (hundreds per token).
+        rayon::scope(|_| self.forward_in_pool(req))
+    }
+
+    fn forward_in_pool(&self, req: ForwardRequest) -> Result<ShardOutput> {
         let (range, input, seq) = self.validate(&req)?;
         let batch = input_batch(&input);
         let pass = Pass { track: false };
@@ -506,7 +507,7 @@ impl ShardEngine {
             .params()
             .into_iter()
             .find(|p| p.name == name)
-            .map(|p| p.value.clone())
+            .and_then(|p| p.value().ok())
     }
 
     /// Names of every parameter of the slice (a tied head appears under the embedding's name).

@@ -9,6 +9,8 @@
 
 pub mod engine;
 pub mod error;
+pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod runtime;
 
@@ -17,7 +19,12 @@ pub use engine::{
     ShardEngine, WeightVersion,
 };
 pub use error::{Error, Result};
+pub use generate::{
+    generate, FinishReason, GenerationConfig, GenerationOutput, LocalPipeline, LogitsBackend,
+};
 pub use model::config::{Architecture, ModelConfig};
 pub use model::layers::ComputeMode;
+pub use model::sampling::SamplingParams;
 pub use model::shard::{LogitsSelection, ShardInput, ShardOutput};
+pub use model::tokenizer::{ChatMessage, Tokenizer};
 pub use model::weights::{ModelFormat, WeightFile};

@@ -5,5 +5,7 @@ pub(crate) mod gpt2;
 pub mod kv_cache;
 pub mod layers;
 pub(crate) mod llama;
+pub mod sampling;
 pub mod shard;
+pub mod tokenizer;
 pub mod weights;

@@ -1,1 +1,437 @@
-fn main() {}
+//! `neuroshard` command line: generate text with a (locally split) model, inspect what a shard
+//! costs, and benchmark decode/prefill speed.
+//!
+//! Generated text goes to stdout, everything else (progress, timings) to stderr, so the output
+//! can be piped.
+
+use clap::{Parser, Subcommand};
+use neuroshard_core::generate::{split_ranges, LocalPipeline};
+use neuroshard_core::{
+    generate, runtime, ChatMessage, ComputeMode, EngineOptions, Error, ForwardRequest,
+    GenerationConfig, SamplingParams, ShardEngine, ShardInput,
+};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "neuroshard",
+    version,
+    about = "Run one language model split across many machines"
+)]
+struct Cli {
+    /// Compute threads (default: RAYON_NUM_THREADS or the number of cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 = greedy (the default, reproducible).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Penalty for tokens already in the context (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Seed of the sampler (draws depend only on seed and position).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt; prints only the generated text to stdout.
+    Generate {
+        /// Model: a .gguf file or a Hugging Face directory (config.json + safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt text.
+        #[arg(long)]
+        prompt: String,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Run as in-process shards cut at these layers, e.g. `10,20`.
+        #[arg(long, value_delimiter = ',')]
+        split: Vec<usize>,
+        /// exact (f32, reproduces references) or fast (f16 weights).
+        #[arg(long, default_value = "exact")]
+        mode: ComputeMode,
+        /// Wrap the prompt in the model's chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat (default: the template's own).
+        #[arg(long)]
+        system: Option<String>,
+        /// Do not stop at end-of-sequence tokens.
+        #[arg(long)]
+        ignore_eos: bool,
+    },
+    /// Load one slice, run one forward, and report what it read and holds (JSON).
+    ShardInfo {
+        /// Model path.
+        #[arg(long)]
+        model: PathBuf,
+        /// First layer of the slice.
+        #[arg(long)]
+        start: usize,
+        /// One past the last layer of the slice.
+        #[arg(long)]
+        end: usize,
+        /// Compute mode.
+        #[arg(long, default_value = "exact")]
+        mode: ComputeMode,
+    },
+    /// Measure prefill and decode tokens/s in one process and write JSON.
+    Bench {
+        /// Model path.
+        #[arg(long)]
+        model: PathBuf,
+        /// Modes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "exact,fast")]
+        modes: Vec<ComputeMode>,
+        /// Prompt length for the prefill measurement.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+        /// Repetitions (best is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Write results here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Must happen before any tensor work (see runtime::init_threads).
+    let threads = runtime::init_threads(cli.threads);
+    let result = match cli.command {
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            sampling,
+            split,
+            mode,
+            chat,
+            system,
+            ignore_eos,
+        } => cmd_generate(GenerateArgs {
+            model,
+            prompt,
+            max_tokens,
+            sampling,
+            split,
+            mode,
+            chat,
+            system,
+            ignore_eos,
+            threads,
+        }),
+        Command::ShardInfo {
+            model,
+            start,
+            end,
+            mode,
+        } => cmd_shard_info(model, start, end, mode),
+        Command::Bench {
+            model,
+            modes,
+            prompt_tokens,
+            decode_tokens,
+            reps,
+            json,
+        } => cmd_bench(
+            model,
+            modes,
+            prompt_tokens,
+            decode_tokens,
+            reps,
+            json,
+            threads,
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct GenerateArgs {
+    model: PathBuf,
+    prompt: String,
+    max_tokens: usize,
+    sampling: SamplingArgs,
+    split: Vec<usize>,
+    mode: ComputeMode,
+    chat: bool,
+    system: Option<String>,
+    ignore_eos: bool,
+    threads: usize,
+}
+
+fn load_pipeline(
+    model: &PathBuf,
+    split: &[usize],
+    mode: ComputeMode,
+) -> Result<LocalPipeline, Error> {
+    let t0 = Instant::now();
+    let pipeline = LocalPipeline::load_with_progress(
+        model,
+        split,
+        EngineOptions {
+            mode,
+            ..EngineOptions::default()
+        },
+        &mut |shard, done, total| {
+            eprint!("\rloading shard {shard}: {done}/{total} layers   ");
+            if done == total {
+                eprintln!();
+            }
+        },
+    )?;
+    let ranges: Vec<String> = pipeline
+        .shards()
+        .iter()
+        .map(|s| format!("{}..{}", s.layers().start, s.layers().end))
+        .collect();
+    let bytes: u64 = pipeline
+        .shards()
+        .iter()
+        .map(|s| s.stats().bytes_loaded)
+        .sum();
+    eprintln!(
+        "loaded {} as shards [{}] in {:.2}s ({:.1} MB read, mode {:?})",
+        model.display(),
+        ranges.join(", "),
+        t0.elapsed().as_secs_f64(),
+        bytes as f64 / 1e6,
+        mode
+    );
+    Ok(pipeline)
+}
+
+fn cmd_generate(args: GenerateArgs) -> Result<(), Error> {
+    let mut pipeline = load_pipeline(&args.model, &args.split, args.mode)?;
+    let tokenizer = pipeline.tokenizer()?;
+    let text = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", &args.prompt));
+        tokenizer.apply_chat_template(&messages, true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&text)?;
+    let config = GenerationConfig {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.sampling.temperature,
+            top_k: args.sampling.top_k,
+            top_p: args.sampling.top_p,
+            repetition_penalty: args.sampling.repeat_penalty,
+            seed: args.sampling.seed,
+        },
+        stop_tokens: Vec::new(),
+        ignore_eos: args.ignore_eos,
+    };
+    let mut stdout = std::io::stdout();
+    let out = generate(
+        &mut pipeline,
+        Some(&tokenizer),
+        &prompt,
+        &config,
+        &mut |piece| {
+            // A closed pipe (e.g. `| head`) is not an error worth aborting generation for.
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        },
+    )?;
+    println!();
+    eprintln!(
+        "{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s, {} threads",
+        out.prompt_tokens,
+        out.tokens.len(),
+        out.finish,
+        out.prefill_tokens_per_sec(),
+        out.decode_tokens_per_sec(),
+        args.threads
+    );
+    Ok(())
+}
+
+fn cmd_shard_info(
+    model: PathBuf,
+    start: usize,
+    end: usize,
+    mode: ComputeMode,
+) -> Result<(), Error> {
+    let t0 = Instant::now();
+    let engine = ShardEngine::load(
+        &model,
+        start..end,
+        EngineOptions {
+            mode,
+            ..EngineOptions::default()
+        },
+    )?;
+    let load_secs = t0.elapsed().as_secs_f64();
+    let cfg = engine.config().clone();
+    // One forward of 8 positions proves the slice runs.
+    let input = if engine.is_first() {
+        let ids: Vec<u32> = (0..8)
+            .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
+            .collect();
+        ShardInput::Tokens(candle_core::Tensor::from_slice(
+            &ids,
+            (1, 8),
+            &candle_core::Device::Cpu,
+        )?)
+    } else {
+        ShardInput::Hidden(candle_core::Tensor::ones(
+            (1, 8, cfg.hidden_size),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )?)
+    };
+    let out = engine.forward(ForwardRequest::new(input))?;
+    let file_bytes = std::fs::metadata(&model).map(|m| m.len()).unwrap_or(0);
+    let report = serde_json::json!({
+        "model": model.display().to_string(),
+        "layers": [start, end],
+        "model_layers": cfg.num_layers,
+        "mode": mode,
+        "version": engine.version().to_string(),
+        "file_bytes": file_bytes,
+        "stats": engine.stats(),
+        "output_shape": out.tensor().dims(),
+        "peak_rss_bytes": runtime::peak_rss_bytes(),
+        "load_secs": load_secs,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn machine_name() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    format!("{cpu} ({cores} cores)")
+}
+
+fn cmd_bench(
+    model: PathBuf,
+    modes: Vec<ComputeMode>,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    reps: usize,
+    json: Option<PathBuf>,
+    threads: usize,
+) -> Result<(), Error> {
+    let machine = machine_name();
+    let mut results = Vec::new();
+    for mode in modes {
+        let mut pipeline = load_pipeline(&model, &[], mode)?;
+        let tokenizer = pipeline.tokenizer()?;
+        // A realistic prompt: English text repeated to the requested length.
+        let base = tokenizer.encode(
+            "The history of computing is a story of machines that learned to share work. \
+             Early computers filled rooms; later, networks of small machines cooperated. ",
+        )?;
+        let prompt: Vec<u32> = base
+            .iter()
+            .cycle()
+            .take(prompt_tokens.max(1))
+            .copied()
+            .collect();
+        let short: Vec<u32> = prompt.iter().take(8).copied().collect();
+        let (mut best_prefill, mut best_decode) = (0f64, 0f64);
+        for rep in 0..reps.max(1) {
+            pipeline.reset()?;
+            let t0 = Instant::now();
+            use neuroshard_core::LogitsBackend;
+            pipeline.next_logits(&prompt, 0)?;
+            let prefill = prompt.len() as f64 / t0.elapsed().as_secs_f64();
+            pipeline.reset()?;
+            let config = GenerationConfig {
+                max_tokens: decode_tokens,
+                ignore_eos: true,
+                ..GenerationConfig::default()
+            };
+            let out = generate(
+                &mut pipeline,
+                Some(&tokenizer),
+                &short,
+                &config,
+                &mut |_| {},
+            )?;
+            let decode = out.decode_tokens_per_sec();
+            eprintln!(
+                "{mode:?} rep {}: prefill {prefill:.1} tok/s ({} tokens), decode {decode:.1} tok/s ({} tokens)",
+                rep + 1,
+                prompt.len(),
+                out.tokens.len()
+            );
+            best_prefill = best_prefill.max(prefill);
+            best_decode = best_decode.max(decode);
+        }
+        let name = format!("{mode:?}").to_lowercase();
+        for (metric, value) in [("prefill", best_prefill), ("decode", best_decode)] {
+            results.push(serde_json::json!({
+                "name": format!("smollm2_single_process_{metric}_{name}"),
+                "unit": "tokens/s",
+                "value": (value * 10.0).round() / 10.0,
+                "machine": machine,
+                "threads": threads,
+                "prompt_tokens": prompt.len(),
+                "decode_tokens": decode_tokens,
+            }));
+        }
+        println!("{name}: prefill {best_prefill:.1} tok/s, decode {best_decode:.1} tok/s (best of {reps})");
+    }
+    if let Some(path) = json {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&results).unwrap_or_default(),
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    let _ = split_ranges;
+    Ok(())
+}

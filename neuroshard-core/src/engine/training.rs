@@ -199,11 +199,11 @@ impl ShardEngine {
             .into_iter()
             .find(|p| p.name == name)
             .ok_or_else(|| Error::Training(format!("this shard has no parameter `{name}`")))?;
-        if param.value.dims() != grad.dims() {
+        if param.dims() != grad.dims() {
             return Err(Error::Training(format!(
                 "gradient for `{name}` has shape {:?}, parameter is {:?}",
                 grad.dims(),
-                param.value.dims()
+                param.dims()
             )));
         }
         self.train_state()?

@@ -46,10 +46,23 @@ fn conv1d(
     out: usize,
     mode: ComputeMode,
 ) -> Result<Linear> {
+    let name = format!("{prefix}.weight");
+    // Exact mode keeps the file's [in, out] layout (gradients then match Hugging Face's);
+    // fast mode stores every matrix as [out, in] rows of blocks for the kernels.
+    let (weight, layout) = match mode {
+        ComputeMode::Exact => (
+            Param::load(file, &name, &[inp, out], mode)?,
+            WeightLayout::InOut,
+        ),
+        ComputeMode::Fast => (
+            Param::load_transposed(file, &name, &[inp, out], mode)?,
+            WeightLayout::OutIn,
+        ),
+    };
     Ok(Linear {
-        weight: Param::load(file, &format!("{prefix}.weight"), &[inp, out], mode)?,
+        weight,
         bias: Some(Param::load(file, &format!("{prefix}.bias"), &[out], mode)?),
-        layout: WeightLayout::InOut,
+        layout,
     })
 }
 

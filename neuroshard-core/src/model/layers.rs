@@ -6,9 +6,12 @@
 //! differentiable compositions (`softmax`, `rms_norm_slow`, `rope_slow`), because candle silently
 //! drops gradients through the fused ones (see DESIGN.md, "Verified facts and traps").
 
+use crate::error::Error;
 use crate::error::Result;
+use crate::kernels::QuantMatrix;
 use crate::model::weights::{RawTensor, WeightFile};
 use candle_core::{DType, Device, Tensor, Var, D};
+use std::sync::Arc;
 
 /// How the engine stores weights and computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -17,8 +20,10 @@ pub enum ComputeMode {
     /// f32 weights (dequantised once at load) and f32 compute: reproduces Hugging Face.
     #[default]
     Exact,
-    /// f16 weight matrices, f32 activations converted to f16 for each matmul: half the memory
-    /// traffic of `Exact`, which is what bounds decode speed on a CPU.
+    /// Weight matrices kept as quantised blocks (the GGUF's own Q4_0/Q4_1/Q8_0 blocks, other
+    /// weights re-quantised to Q8_0) and multiplied by f32 activations with SIMD kernels
+    /// ([`crate::kernels`]): a fraction of the memory traffic of `Exact`, which is what bounds
+    /// decode speed on a CPU. Inference only.
     Fast,
 }
 
@@ -42,33 +47,47 @@ pub(crate) struct Pass {
 
 /// One named model parameter.
 ///
-/// `value` is what inference reads: in exact mode a detached view sharing storage with `var`
-/// (so optimizer updates are seen without copies), in fast mode an f16 copy. `var` exists only
-/// in exact mode and is what training differentiates through.
+/// Exact mode: `dense` is a detached view sharing storage with `var` (so optimizer updates are
+/// seen without copies) and `var` is what training differentiates through. Fast mode: matrices
+/// are kept as quantised blocks in `quant` (the GGUF blocks themselves when the kernels support
+/// the format, otherwise Q8_0), vectors stay dense f32.
 #[derive(Debug, Clone)]
 pub(crate) struct Param {
     pub(crate) name: String,
-    pub(crate) value: Tensor,
+    dense: Option<Tensor>,
     pub(crate) var: Option<Var>,
+    pub(crate) quant: Option<Arc<QuantMatrix>>,
 }
 
 impl Param {
-    /// Builds a parameter from a raw tensor. 1-D tensors (norms, biases) always stay f32;
-    /// matrices are f16 in fast mode.
+    /// Builds a parameter from a raw tensor; `transpose` turns a GPT-2 `[in, out]` matrix into
+    /// `[out, in]` (fast mode only, where every matrix is stored that way).
     pub(crate) fn from_raw(name: &str, raw: &RawTensor, mode: ComputeMode) -> Result<Self> {
-        let matrix = raw.dims().len() >= 2;
+        let matrix = raw.dims().len() == 2;
         if mode == ComputeMode::Fast && matrix {
-            return Ok(Param {
-                name: name.to_string(),
-                value: raw.to_dense(DType::F16)?,
-                var: None,
-            });
+            let quant = match raw {
+                RawTensor::Quantized(q) => QuantMatrix::from_qtensor(q)?,
+                RawTensor::Dense(_) => None,
+            };
+            let quant = match quant {
+                Some(q) => Some(q),
+                None => QuantMatrix::quantize_q8_0(&raw.to_dense(DType::F32)?)?,
+            };
+            if let Some(q) = quant {
+                return Ok(Param {
+                    name: name.to_string(),
+                    dense: None,
+                    var: None,
+                    quant: Some(Arc::new(q)),
+                });
+            }
         }
         let var = Var::from_tensor(&raw.to_dense(DType::F32)?)?;
         Ok(Param {
             name: name.to_string(),
-            value: var.as_tensor().detach(),
-            var: Some(var),
+            dense: Some(var.as_tensor().detach()),
+            var: (mode == ComputeMode::Exact).then_some(var),
+            quant: None,
         })
     }
 
@@ -82,12 +101,75 @@ impl Param {
         Self::from_raw(name, &file.load(name, dims)?, mode)
     }
 
-    /// The tensor to compute with for this pass.
-    pub(crate) fn get(&self, pass: Pass) -> &Tensor {
-        match (&self.var, pass.track) {
-            (Some(var), true) => var.as_tensor(),
-            _ => &self.value,
+    /// Loads an `[in, out]` matrix and stores it as `[out, in]` (GPT-2 `Conv1D` in fast mode).
+    pub(crate) fn load_transposed(
+        file: &WeightFile,
+        name: &str,
+        dims: &[usize],
+        mode: ComputeMode,
+    ) -> Result<Self> {
+        let dense = file
+            .load(name, dims)?
+            .to_dense(DType::F32)?
+            .t()?
+            .contiguous()?;
+        Self::from_raw(name, &RawTensor::Dense(dense), mode)
+    }
+
+    /// The dense tensor to compute with for this pass.
+    pub(crate) fn get(&self, pass: Pass) -> Result<&Tensor> {
+        match (&self.var, pass.track, &self.dense) {
+            (Some(var), true, _) => Ok(var.as_tensor()),
+            (_, _, Some(dense)) => Ok(dense),
+            _ => Err(Error::BadInput(format!(
+                "parameter `{}` is only held quantised",
+                self.name
+            ))),
         }
+    }
+
+    /// The current value as a dense f32 tensor.
+    pub(crate) fn value(&self) -> Result<Tensor> {
+        match (&self.dense, &self.quant) {
+            (Some(d), _) => Ok(d.clone()),
+            (None, Some(q)) => q.dequantize(),
+            (None, None) => Err(Error::BadInput(format!(
+                "parameter `{}` has no value",
+                self.name
+            ))),
+        }
+    }
+
+    /// Shape of the parameter.
+    pub(crate) fn dims(&self) -> Vec<usize> {
+        match (&self.dense, &self.quant) {
+            (Some(d), _) => d.dims().to_vec(),
+            (None, Some(q)) => vec![q.rows(), q.cols()],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// Bytes held in memory.
+    pub(crate) fn bytes(&self) -> u64 {
+        let dense = self
+            .dense
+            .as_ref()
+            .map_or(0, |d| d.elem_count() * d.dtype().size_in_bytes());
+        (dense + self.quant.as_ref().map_or(0, |q| q.bytes())) as u64
+    }
+
+    /// Rows `ids` of a `[n, width]` matrix as `[ids.len(), width]` f32 (embedding lookup).
+    pub(crate) fn rows(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
+        if let (Some(q), false) = (&self.quant, pass.track) {
+            let ids: Vec<u32> = ids.to_vec1()?;
+            let width = q.cols();
+            let mut out = vec![0f32; ids.len() * width];
+            for (id, row) in ids.iter().zip(out.chunks_exact_mut(width)) {
+                q.dequantize_row(*id as usize, row);
+            }
+            return Ok(Tensor::from_vec(out, (ids.len(), width), &Device::Cpu)?);
+        }
+        Ok(self.get(pass)?.index_select(ids, 0)?)
     }
 }
 
@@ -111,23 +193,25 @@ pub(crate) struct Linear {
 impl Linear {
     /// y = x W (+ b) for x of shape `[..., in]`.
     pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let w = self.weight.get(pass);
         let dims = x.dims().to_vec();
         let last = dims.len() - 1;
         let rows: usize = dims[..last].iter().product();
         let x2 = x.reshape((rows, dims[last]))?;
-        let x2 = if w.dtype() == x2.dtype() {
-            x2
-        } else {
-            x2.to_dtype(w.dtype())?
+        let y = match (&self.weight.quant, pass.track) {
+            (Some(q), false) => {
+                let flat: Vec<f32> = x2.flatten_all()?.to_vec1()?;
+                Tensor::from_vec(q.matmul(&flat, rows)?, (rows, q.rows()), &Device::Cpu)?
+            }
+            _ => {
+                let w = self.weight.get(pass)?;
+                match self.layout {
+                    WeightLayout::OutIn => x2.matmul(&w.t()?)?,
+                    WeightLayout::InOut => x2.matmul(w)?,
+                }
+            }
         };
-        let y = match self.layout {
-            WeightLayout::OutIn => x2.matmul(&w.t()?)?,
-            WeightLayout::InOut => x2.matmul(w)?,
-        };
-        let y = y.to_dtype(DType::F32)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b.get(pass))?,
+            Some(b) => y.broadcast_add(b.get(pass)?)?,
             None => y,
         };
         let mut out_dims = dims;
@@ -149,7 +233,7 @@ pub(crate) struct RmsNorm {
 
 impl RmsNorm {
     pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let w = self.weight.get(pass);
+        let w = self.weight.get(pass)?;
         Ok(if pass.track {
             candle_nn::ops::rms_norm_slow(x, w, self.eps)?
         } else {
@@ -168,7 +252,7 @@ pub(crate) struct LayerNorm {
 
 impl LayerNorm {
     pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let (w, b) = (self.weight.get(pass), self.bias.get(pass));
+        let (w, b) = (self.weight.get(pass)?, self.bias.get(pass)?);
         Ok(if pass.track {
             candle_nn::ops::layer_norm_slow(x, w, b, self.eps)?
         } else {

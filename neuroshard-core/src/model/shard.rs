@@ -14,7 +14,7 @@ use crate::model::layers::{
 };
 use crate::model::llama::LlamaBlock;
 use crate::model::weights::WeightFile;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::ops::Range;
 
 #[derive(Debug, Clone)]
@@ -230,14 +230,13 @@ impl ShardModel {
         let flat = ids.flatten_all()?;
         let x = embed
             .tokens
-            .get(pass)
-            .index_select(&flat, 0)?
-            .to_dtype(DType::F32)?
+            .rows(&flat, pass)?
             .reshape((b, seq, self.config.hidden_size))?;
         match &embed.positions {
             Some(pos) => {
-                let p = pos.get(pass).narrow(0, start, seq)?.to_dtype(DType::F32)?;
-                Ok(x.broadcast_add(&p)?)
+                let ids: Vec<u32> = (start as u32..(start + seq) as u32).collect();
+                let ids = Tensor::from_vec(ids, seq, &candle_core::Device::Cpu)?;
+                Ok(x.broadcast_add(&pos.rows(&ids, pass)?)?)
             }
             None => Ok(x),
         }

@@ -1,0 +1,295 @@
+//! Text generation over any backend that turns tokens at positions into next-token logits:
+//! in-process shard chains today ([`LocalPipeline`]), swarm routes later.
+//!
+//! The loop prefills the prompt in one call, then feeds one token per step; only the newest
+//! position is computed thanks to the KV caches. Text is streamed as it becomes printable.
+
+use crate::engine::{EngineOptions, ForwardRequest, SessionId, ShardEngine};
+use crate::error::{Error, Result};
+use crate::model::sampling::{sample, SamplingParams};
+use crate::model::shard::{ShardInput, ShardOutput};
+use crate::model::tokenizer::{TextStream, Tokenizer};
+use crate::model::weights::WeightFile;
+use candle_core::{Device, Tensor};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Produces next-token logits for tokens written at positions `start_pos..`.
+pub trait LogitsBackend {
+    /// Runs `tokens` at positions `start_pos..start_pos + tokens.len()` (overwriting anything
+    /// cached from `start_pos` on) and returns the logits of the last position.
+    fn next_logits(&mut self, tokens: &[u32], start_pos: usize) -> Result<Vec<f32>>;
+    /// Longest sequence (prompt + generated) the backend accepts.
+    fn max_len(&self) -> usize;
+}
+
+/// What to generate and when to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling parameters (greedy by default).
+    pub sampling: SamplingParams,
+    /// Extra token ids that end generation.
+    pub stop_tokens: Vec<u32>,
+    /// Keep going through end-of-sequence tokens (benchmarks generate a fixed count).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_tokens: 128,
+            sampling: SamplingParams::greedy(),
+            stop_tokens: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence or stop token was generated (not included in the output).
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The context is full.
+    ContextFull,
+}
+
+/// The result of [`generate`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerationOutput {
+    /// Generated token ids (without the stop token).
+    pub tokens: Vec<u32>,
+    /// Their text.
+    pub text: String,
+    /// Why generation ended.
+    pub finish: FinishReason,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Time to process the prompt and pick the first token.
+    pub prefill_time: Duration,
+    /// Time spent on the remaining tokens.
+    pub decode_time: Duration,
+}
+
+impl GenerationOutput {
+    /// Prompt tokens per second.
+    pub fn prefill_tokens_per_sec(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Generated tokens per second after the first.
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        // The first token comes out of the prefill call.
+        let steps =
+            self.tokens.len().saturating_sub(1) + usize::from(self.finish == FinishReason::Stop);
+        steps as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Generates from `prompt` (token ids), calling `on_text` with each printable piece.
+pub fn generate(
+    backend: &mut dyn LogitsBackend,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerationOutput> {
+    config.sampling.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::Generation("the prompt is empty".into()));
+    }
+    let max_len = backend.max_len();
+    if prompt.len() >= max_len {
+        return Err(Error::Generation(format!(
+            "prompt of {} tokens leaves no room in a context of {max_len}",
+            prompt.len()
+        )));
+    }
+    let mut stops = config.stop_tokens.clone();
+    if !config.ignore_eos {
+        stops.extend(
+            tokenizer
+                .map(|t| t.eos_token_ids().to_vec())
+                .unwrap_or_default(),
+        );
+    }
+    let mut context = prompt.to_vec();
+    let mut generated = Vec::new();
+    let mut stream = TextStream::default();
+    let start = Instant::now();
+    let mut prefill_time = None;
+    let mut feed: Vec<u32> = prompt.to_vec();
+    let mut pos = 0;
+    let finish = loop {
+        if generated.len() >= config.max_tokens {
+            break FinishReason::Length;
+        }
+        if pos + feed.len() > max_len {
+            break FinishReason::ContextFull;
+        }
+        let logits = backend.next_logits(&feed, pos)?;
+        pos += feed.len();
+        let next = sample(&logits, &config.sampling, pos, &context)?;
+        if prefill_time.is_none() {
+            prefill_time = Some(start.elapsed());
+        }
+        if stops.contains(&next) {
+            break FinishReason::Stop;
+        }
+        generated.push(next);
+        context.push(next);
+        if let Some(tok) = tokenizer {
+            let piece = stream.push(tok, next)?;
+            if !piece.is_empty() {
+                on_text(&piece);
+            }
+        }
+        feed = vec![next];
+    };
+    let prefill_time = prefill_time.unwrap_or_else(|| start.elapsed());
+    let text = match tokenizer {
+        Some(t) => t.decode(&generated)?,
+        None => String::new(),
+    };
+    Ok(GenerationOutput {
+        tokens: generated,
+        text,
+        finish,
+        prompt_tokens: prompt.len(),
+        prefill_time,
+        decode_time: start.elapsed().saturating_sub(prefill_time),
+    })
+}
+
+/// A model run as consecutive in-process shards, passing hidden states from one to the next.
+#[derive(Debug)]
+pub struct LocalPipeline {
+    shards: Vec<ShardEngine>,
+    session: SessionId,
+    open: bool,
+}
+
+/// Turns cut points into consecutive ranges: `cuts = [10, 20]` over 30 layers gives
+/// `0..10, 10..20, 20..30`.
+pub fn split_ranges(layers: usize, cuts: &[usize]) -> Result<Vec<Range<usize>>> {
+    let mut bounds = vec![0];
+    for &c in cuts {
+        let prev = bounds[bounds.len() - 1];
+        if c <= prev || c >= layers {
+            return Err(Error::SliceOutOfRange {
+                start: prev,
+                end: c,
+                layers,
+            });
+        }
+        bounds.push(c);
+    }
+    bounds.push(layers);
+    Ok(bounds.windows(2).map(|w| w[0]..w[1]).collect())
+}
+
+impl LocalPipeline {
+    /// Loads the model at `path` as shards cut at `cuts` (empty: one shard).
+    pub fn load(path: impl AsRef<Path>, cuts: &[usize], options: EngineOptions) -> Result<Self> {
+        Self::load_with_progress(path, cuts, options, &mut |_, _, _| {})
+    }
+
+    /// Like [`LocalPipeline::load`]; `progress(shard, blocks_done, blocks_total)`.
+    pub fn load_with_progress(
+        path: impl AsRef<Path>,
+        cuts: &[usize],
+        options: EngineOptions,
+        progress: &mut dyn FnMut(usize, usize, usize),
+    ) -> Result<Self> {
+        crate::runtime::init_threads(options.threads);
+        let file = Arc::new(WeightFile::open(path)?);
+        let ranges = split_ranges(file.config().num_layers, cuts)?;
+        let mut shards = Vec::with_capacity(ranges.len());
+        for (i, range) in ranges.into_iter().enumerate() {
+            shards.push(ShardEngine::from_file(
+                file.clone(),
+                range,
+                options.clone(),
+                &mut |done, total| progress(i, done, total),
+            )?);
+        }
+        Ok(LocalPipeline {
+            shards,
+            session: 1,
+            open: false,
+        })
+    }
+
+    /// The shards, first to last.
+    pub fn shards(&self) -> &[ShardEngine] {
+        &self.shards
+    }
+
+    /// The tokenizer stored with the model.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let first = self
+            .shards
+            .first()
+            .ok_or_else(|| Error::Generation("pipeline has no shards".into()))?;
+        Tokenizer::for_model(first.weight_file())
+    }
+
+    /// Starts a fresh session (drops the previous one's caches).
+    pub fn reset(&mut self) -> Result<()> {
+        if self.open {
+            for s in &self.shards {
+                s.close_session(self.session)?;
+            }
+            self.open = false;
+        }
+        self.session += 1;
+        Ok(())
+    }
+}
+
+impl LogitsBackend for LocalPipeline {
+    fn next_logits(&mut self, tokens: &[u32], start_pos: usize) -> Result<Vec<f32>> {
+        if !self.open {
+            for s in &self.shards {
+                s.open_session(self.session)?;
+            }
+            self.open = true;
+        }
+        let ids = Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu)?;
+        let mut input = ShardInput::Tokens(ids);
+        for shard in &self.shards {
+            let req = ForwardRequest::new(input)
+                .session(self.session, start_pos)
+                .last_logits_only();
+            match shard.forward(req)? {
+                ShardOutput::Hidden(h) => input = ShardInput::Hidden(h),
+                ShardOutput::Logits(l) => return Ok(l.flatten_all()?.to_vec1()?),
+            }
+        }
+        Err(Error::Generation(
+            "the last shard did not return logits".into(),
+        ))
+    }
+
+    fn max_len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.max_session_len())
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for LocalPipeline {
+    fn drop(&mut self) {
+        // Nothing to report from a destructor; the engines are dropped right after anyway.
+        let _ = self.reset();
+    }
+}
