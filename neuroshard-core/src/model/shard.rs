@@ -17,6 +17,8 @@ use crate::model::weights::WeightFile;
 use candle_core::Tensor;
 use std::ops::Range;
 
+// One value per layer, built once at load: the size difference between variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Block {
     Llama(LlamaBlock),
