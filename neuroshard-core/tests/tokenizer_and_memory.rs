@@ -98,3 +98,145 @@ fn a_middle_shard_reads_and_keeps_only_its_slice() {
     assert!(bytes(&middle) * 2 < bytes(&full), "loaded bytes");
     assert!(rss(&middle) * 2 < rss(&full), "peak RSS");
 }
+
+#[test]
+fn tokenizer_json_round_trip_encodes_identically() {
+    let tok = smollm2_tokenizer();
+    let dir = std::env::temp_dir().join(format!("neuroshard-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("tokenizer.json");
+    tok.save_json(&path).expect("save");
+    let loaded = Tokenizer::from_file(&path).expect("load tokenizer.json");
+    for text in [
+        "The future of AI is",
+        "Numbers 12345 and  spaces\n\ttabs",
+        "<|im_start|>user\nhé ☃<|im_end|>",
+    ] {
+        assert_eq!(
+            loaded.encode(text).expect("enc"),
+            tok.encode(text).expect("enc"),
+            "{text:?}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn cli_generate_prints_only_the_continuation() {
+    let reference = reference_json("smollm2");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_neuroshard"))
+        .args(["generate", "--model"])
+        .arg(smollm2())
+        .args(["--prompt", reference["prompt"].as_str().expect("prompt")])
+        .args(["--max-tokens", "24", "--split", "10,20", "--mode", "exact"])
+        .output()
+        .expect("run neuroshard generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf8");
+    assert_eq!(
+        stdout.trim_end_matches('\n'),
+        reference["greedy_text"].as_str().expect("text")
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("shards [0..10, 10..20, 20..30]"),
+        "{stderr}"
+    );
+
+    // Bad input is a clean error with a non-zero exit, not a panic.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_neuroshard"))
+        .args(["generate", "--model", "/nonexistent.gguf", "--prompt", "x"])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.starts_with("error: cannot read model file"), "{msg}");
+    let split = std::process::Command::new(env!("CARGO_BIN_EXE_neuroshard"))
+        .args(["generate", "--model"])
+        .arg(smollm2())
+        .args(["--prompt", "x", "--split", "20,10"])
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&split.stderr).contains("layer slice 20..10 is invalid"));
+}
+
+#[test]
+fn gguf_weights_train_in_f32() {
+    use candle_core::{Device, Tensor};
+    use neuroshard_core::{
+        AdamWConfig, EngineOptions, OutputGrad, ShardEngine, ShardInput, ShardOutput,
+    };
+    // Two shards of the real Q4_1 model: gradients flow across the cut and one AdamW step on
+    // the dequantised f32 weights lowers the loss on the batch.
+    let path = smollm2();
+    let chain: Vec<ShardEngine> = [0..15, 15..30]
+        .into_iter()
+        .map(|r| ShardEngine::load(&path, r, EngineOptions::default()).expect("load"))
+        .collect();
+    let tok = smollm2_tokenizer();
+    let ids = tok
+        .encode("The quick brown fox jumps over the lazy dog.")
+        .expect("enc");
+    let ids = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).expect("ids");
+    let mut losses = Vec::new();
+    for batch in 0..2u64 {
+        let hidden = match chain[0]
+            .train_forward(batch, ShardInput::Tokens(ids.clone()))
+            .expect("fwd")
+        {
+            ShardOutput::Hidden(h) => h,
+            ShardOutput::Logits(_) => panic!("first shard returns hidden states"),
+        };
+        chain[1]
+            .train_forward(batch, ShardInput::Hidden(hidden))
+            .expect("fwd");
+        let back = chain[1]
+            .backward(batch, OutputGrad::CausalLmLabels(ids.clone()))
+            .expect("bwd");
+        losses.push(back.loss.expect("loss"));
+        let grad = back.grad_input.expect("grad wrt hidden input");
+        chain[0]
+            .backward(batch, OutputGrad::Output(grad))
+            .expect("bwd");
+        // Tied embedding: both copies get the sum of both parts.
+        let name = "model.embed_tokens.weight";
+        let g0 = chain[0]
+            .gradients()
+            .expect("g")
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .expect("embed grad")
+            .1;
+        let g1 = chain[1]
+            .gradients()
+            .expect("g")
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .expect("head grad")
+            .1;
+        let total = (g0 + g1).expect("sum");
+        for shard in &chain {
+            shard.set_gradient(name, total.clone()).expect("set");
+            shard
+                .step(&AdamWConfig {
+                    lr: 1e-4,
+                    ..AdamWConfig::default()
+                })
+                .expect("step");
+        }
+    }
+    assert!(losses[1] < losses[0], "loss did not fall: {losses:?}");
+    assert_eq!(chain[0].version().updates, 2);
+    // The two copies of the tied matrix stayed identical.
+    let a = chain[0]
+        .parameter("model.embed_tokens.weight")
+        .expect("embed");
+    let b = chain[1]
+        .parameter("model.embed_tokens.weight")
+        .expect("head");
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}

@@ -251,6 +251,12 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json` (e.g. to serve it to clients
+    /// that have no model file).
+    pub fn save_json(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(tok_err)
+    }
+
     /// The text of one token id, if it exists.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
