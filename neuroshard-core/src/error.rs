@@ -164,11 +164,26 @@ pub enum Error {
     #[error("generation: {0}")]
     Generation(String),
 
+    /// Internal state is unusable (a lock poisoned by an earlier panic): a bug, not bad input.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     /// A tensor operation failed (a bug or an exhausted resource, not bad input).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 
+    /// A malformed or unacceptable wire frame.
+    #[error("wire: {0}")]
+    Wire(#[from] crate::wire::WireError),
+
     /// An IO error outside model loading.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Maps a poisoned-lock error on `what` to [`Error::Internal`].
+    pub(crate) fn poisoned<T>(what: &'static str) -> impl FnOnce(T) -> Error {
+        move |_| Error::Internal(format!("{what} poisoned by an earlier panic"))
+    }
 }

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod runtime;
+pub mod wire;
 
 pub use engine::{
     AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest, OutputGrad, SessionId,

@@ -50,10 +50,6 @@ pub(crate) struct SessionTable {
     layers: usize,
 }
 
-fn poisoned<T>(_: T) -> Error {
-    Error::BadInput("session state poisoned by an earlier panic".into())
-}
-
 impl SessionTable {
     pub(crate) fn new(layers: usize, limits: SessionLimits) -> Self {
         SessionTable {
@@ -64,7 +60,9 @@ impl SessionTable {
     }
 
     fn table(&self) -> Result<MutexGuard<'_, HashMap<SessionId, Arc<Mutex<Session>>>>> {
-        self.sessions.lock().map_err(poisoned)
+        self.sessions
+            .lock()
+            .map_err(Error::poisoned("session state"))
     }
 
     /// Opens a session; expires idle ones first if the table is full.
@@ -112,7 +110,7 @@ impl SessionTable {
         f: impl FnOnce(&mut Session) -> Result<T>,
     ) -> Result<T> {
         let session = self.get(id)?;
-        let mut guard = session.lock().map_err(poisoned)?;
+        let mut guard = session.lock().map_err(Error::poisoned("session state"))?;
         guard.last_used = Instant::now();
         f(&mut guard)
     }

@@ -49,10 +49,6 @@ pub(crate) struct TrainState {
     optimizer: AdamW,
 }
 
-fn poisoned<T>(_: T) -> Error {
-    Error::Training("training state poisoned by an earlier panic".into())
-}
-
 /// Mean next-token cross-entropy with labels shifted by one (Hugging Face convention).
 pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, seq, vocab) = logits.dims3()?;
@@ -82,7 +78,9 @@ pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 impl ShardEngine {
     fn train_state(&self) -> Result<std::sync::MutexGuard<'_, TrainState>> {
-        self.training.lock().map_err(poisoned)
+        self.training
+            .lock()
+            .map_err(Error::poisoned("training state"))
     }
 
     /// Forward for training micro-batch `batch` (positions from 0, no KV cache); the graph is

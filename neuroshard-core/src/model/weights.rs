@@ -385,9 +385,7 @@ impl WeightFile {
         };
         let (raw, bytes) = match &self.backend {
             Backend::Gguf { content, file } => {
-                let mut reader = file
-                    .lock()
-                    .map_err(|_| Error::Training("weight file lock poisoned".into()))?;
+                let mut reader = file.lock().map_err(Error::poisoned("weight file reader"))?;
                 let q = content
                     .tensor(&mut *reader, &stored, &Device::Cpu)
                     .map_err(corrupt)?;
