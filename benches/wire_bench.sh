@@ -30,6 +30,9 @@ for shape in ["1x128x576", "1x1x576"]:
     memcpy_alloc = by.get(f"wire/{shape}/memcpy_alloc/f16_payload")
     if memcpy and f16:
         results.append({"name": f"wire/{shape}/f16_decode_over_memcpy", "unit": "ratio", "value": round(f16 / memcpy, 3), "machine": machine})
+    floor = by.get(f"wire/{shape}/candle_from_slice/f16")
+    if floor and f16:
+        results.append({"name": f"wire/{shape}/f16_decode_over_candle_from_slice", "unit": "ratio", "value": round(f16 / floor, 3), "machine": machine})
     if memcpy_alloc and f16:
         results.append({"name": f"wire/{shape}/f16_decode_over_memcpy_alloc", "unit": "ratio", "value": round(f16 / memcpy_alloc, 3), "machine": machine})
 # Frame sizes for a decode step and a prefill chunk (header + payload).

@@ -67,6 +67,14 @@ fn bench(c: &mut Criterion) {
         group.bench_function("memcpy_alloc/f16_payload", |b| {
             b.iter(|| black_box(&payload).to_vec())
         });
+        // The floor for "into a candle Tensor": candle building a tensor from the same f16
+        // elements already in memory (allocation, copy, shape and layout bookkeeping).
+        let elems: Vec<half::f16> = bytemuck::pod_collect_to_vec(&payload);
+        group.bench_function("candle_from_slice/f16", |b| {
+            b.iter(|| {
+                Tensor::from_slice(black_box(&elems), &dims[..], &Device::Cpu).expect("tensor")
+            })
+        });
         group.finish();
     }
 }
