@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod net;
 pub mod runtime;
 pub mod wire;
 

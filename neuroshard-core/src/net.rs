@@ -1,0 +1,96 @@
+//! Networking: signed announcements, the live view of the swarm ([`PeerSet`]) and route
+//! planning.
+//!
+//! Following iroh-gossip's `proto/` pattern, everything here is an IO-less state machine: time is
+//! passed in as milliseconds and no function touches a socket, so the logic is tested
+//! deterministically (no sleeps) and the iroh layer stays a thin shell around it.
+//!
+//! - [`announce`]: what a node says about itself, signed with its iroh key;
+//! - [`peers`]: the PeerSet: accepts/rejects announcements, expiry, bans, latency;
+//! - [`route`]: plans the lowest-latency chain of hops covering every layer;
+//! - [`endpoint`]: the iroh endpoint (offline by default) and the node's persistent key.
+
+pub mod announce;
+pub mod endpoint;
+pub mod peers;
+pub mod route;
+
+pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
+pub use peers::{PeerEntry, PeerSet};
+pub use route::{Hop, Route, RouteOptions};
+
+/// Node identity: the node's iroh public key.
+pub type NodeId = iroh::PublicKey;
+
+/// Errors of the networking layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// A control message could not be decoded.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The signature does not match the claimed node id.
+    #[error("bad signature from {0}")]
+    BadSignature(String),
+    /// The announcement's expiry has passed.
+    #[error("announcement from {node} expired at {expires_ms} (now {now_ms})")]
+    Expired {
+        /// Short node id.
+        node: String,
+        /// When it expired (ms since the Unix epoch).
+        expires_ms: u64,
+        /// Current time (ms).
+        now_ms: u64,
+    },
+    /// An announcement not newer than one already accepted from the same node.
+    #[error("replayed announcement from {node}: timestamp {timestamp_ms} <= {last_ms}")]
+    Replayed {
+        /// Short node id.
+        node: String,
+        /// The announcement's timestamp.
+        timestamp_ms: u64,
+        /// The newest timestamp seen from that node.
+        last_ms: u64,
+    },
+    /// Timestamped too far in the future (clock skew beyond tolerance, or forged).
+    #[error("announcement from {node} is dated {ahead_ms} ms in the future")]
+    FromTheFuture {
+        /// Short node id.
+        node: String,
+        /// How far ahead of our clock.
+        ahead_ms: u64,
+    },
+    /// Another protocol version.
+    #[error("node {node} speaks protocol {theirs}, we speak {ours}")]
+    WrongProtocol {
+        /// Short node id.
+        node: String,
+        /// Their version.
+        theirs: u16,
+        /// Our version.
+        ours: u16,
+    },
+    /// Another model.
+    #[error("node {node} serves model {theirs}, this swarm runs {ours}")]
+    WrongModel {
+        /// Short node id.
+        node: String,
+        /// Their model id.
+        theirs: String,
+        /// Ours.
+        ours: String,
+    },
+    /// Binding, dialing or a local file failed.
+    #[error("io: {0}")]
+    Io(String),
+    /// No chain of usable hops covers every layer.
+    #[error("no route covers layers {from}..{to}: {reason}")]
+    NoRoute {
+        /// First uncovered layer.
+        from: usize,
+        /// One past the last layer needed.
+        to: usize,
+        /// What is missing.
+        reason: String,
+    },
+}

@@ -1,0 +1,121 @@
+//! The iroh endpoint of a node or client, and the node's persistent key.
+//!
+//! Offline by default, as local swarms and tests need (see DESIGN.md, "Verified facts and
+//! traps"): relays, port mapping and the net-report probes are off and the endpoint binds one
+//! explicit address. Real deployments turn relays (NAT traversal) and port mapping on.
+
+use super::NetError;
+use iroh::endpoint::{presets, PortmapperConfig};
+use iroh::{Endpoint, EndpointAddr, NetReportConfig, RelayMode, SecretKey};
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// How to bind an endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    /// Address to bind (default `127.0.0.1:0`: loopback, any free port).
+    pub bind: SocketAddr,
+    /// Use n0's public relay servers (NAT traversal). Off by default.
+    pub relays: bool,
+    /// Ask the router for a port mapping (UPnP/NAT-PMP/PCP). Off by default.
+    pub portmapper: bool,
+    /// ALPN protocols this endpoint accepts.
+    pub alpns: Vec<Vec<u8>>,
+}
+
+impl Default for EndpointOptions {
+    fn default() -> Self {
+        EndpointOptions {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            relays: false,
+            portmapper: false,
+            alpns: Vec::new(),
+        }
+    }
+}
+
+/// Binds an endpoint with `key` as its identity.
+pub async fn bind(key: SecretKey, options: &EndpointOptions) -> Result<Endpoint, NetError> {
+    let mut builder = Endpoint::builder(presets::Minimal)
+        .secret_key(key)
+        .alpns(options.alpns.clone());
+    if options.relays {
+        builder = builder.relay_mode(RelayMode::Default);
+    } else {
+        builder = builder
+            .relay_mode(RelayMode::Disabled)
+            .net_report_config(NetReportConfig::minimal());
+    }
+    if !options.portmapper {
+        builder = builder.portmapper_config(PortmapperConfig::Disabled);
+    }
+    let builder = builder
+        .clear_ip_transports()
+        .bind_addr(options.bind)
+        .map_err(|e| NetError::Io(format!("bind address {}: {e}", options.bind)))?;
+    builder
+        .bind()
+        .await
+        .map_err(|e| NetError::Io(format!("binding endpoint on {}: {e}", options.bind)))
+}
+
+/// The address others dial this endpoint at: its id plus its bound sockets.
+pub fn dial_addr(endpoint: &Endpoint) -> EndpointAddr {
+    endpoint
+        .bound_sockets()
+        .into_iter()
+        .fold(EndpointAddr::new(endpoint.id()), |addr, s| {
+            addr.with_ip_addr(s)
+        })
+}
+
+/// Loads the node key from `path`, or creates one there (mode 0600) if the file is missing,
+/// so a node keeps its identity across restarts.
+pub fn load_or_create_key(path: &Path) -> Result<SecretKey, NetError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = decode_hex32(text.trim()).ok_or_else(|| {
+                NetError::Malformed(format!("{} is not a 64-hex-digit node key", path.display()))
+            })?;
+            Ok(SecretKey::from_bytes(&bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SecretKey::generate();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| NetError::Io(format!("{}: {e}", dir.display())))?;
+            }
+            let hex: String = key.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            write_private(path, &hex)
+                .map_err(|e| NetError::Io(format!("{}: {e}", path.display())))?;
+            Ok(key)
+        }
+        Err(e) => Err(NetError::Io(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}

@@ -1,0 +1,171 @@
+//! Route planning: the chain of hops that covers layers `from..to` with the lowest expected
+//! latency.
+//!
+//! A hop may run any sub-range of its slice, so overlapping slices combine (0-12, 8-20, 18-30
+//! cover 0-30 as 0-12, 12-20, 20-30). The plan is a shortest path over layer boundaries
+//! `0..=L`: an edge `p -> q` exists when a usable node holds `[p, q)`, and costs the node's
+//! network latency plus its compute time for `q - p` layers scaled by its load. Banned,
+//! expired, overloaded and excluded nodes are skipped; replicas are simply other edges, so
+//! re-planning with the failed node excluded finds the replacement.
+
+use super::peers::{PeerEntry, PeerSet};
+use super::{NetError, NodeId};
+use std::net::SocketAddr;
+use std::ops::Range;
+
+/// One hop of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// The node that runs this hop.
+    pub node: NodeId,
+    /// The layers it runs (a sub-range of its slice).
+    pub layers: Range<usize>,
+    /// Where to dial it.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// A planned chain of hops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Hops in order; their layer ranges are contiguous.
+    pub hops: Vec<Hop>,
+    /// Expected time for one decode step through the route (ms).
+    pub expected_ms: f64,
+}
+
+/// Knobs of the planner.
+#[derive(Debug, Clone)]
+pub struct RouteOptions {
+    /// Nodes not to use (failed hops being replaced).
+    pub exclude: Vec<NodeId>,
+    /// Latency assumed for a node never measured (ms).
+    pub default_latency_ms: f64,
+    /// Compute time per layer of an idle node (ms).
+    pub per_layer_ms: f64,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        RouteOptions {
+            exclude: Vec::new(),
+            default_latency_ms: 2.0,
+            per_layer_ms: 0.4,
+        }
+    }
+}
+
+fn hop_cost(e: &PeerEntry, layers: usize, opts: &RouteOptions) -> f64 {
+    let a = &e.announcement;
+    let load = a.load as f64 / a.capacity.max(1) as f64;
+    e.latency_ms.unwrap_or(opts.default_latency_ms)
+        + opts.per_layer_ms * layers as f64 * (1.0 + load)
+}
+
+impl PeerSet {
+    /// Nodes usable for a new session now, minus `exclude`.
+    fn candidates<'a>(
+        &'a self,
+        now_ms: u64,
+        opts: &'a RouteOptions,
+    ) -> Vec<(&'a NodeId, &'a PeerEntry)> {
+        let mut v: Vec<_> = self
+            .iter()
+            .filter(|(id, e)| e.usable(now_ms) && !opts.exclude.contains(id))
+            .collect();
+        // Deterministic order: equal-cost plans always pick the same nodes.
+        v.sort_by_key(|(id, _)| *id.as_bytes());
+        v
+    }
+
+    /// Plans the cheapest chain covering layers `from..to`.
+    pub fn plan_range(
+        &self,
+        from: usize,
+        to: usize,
+        now_ms: u64,
+        opts: &RouteOptions,
+    ) -> Result<Route, NetError> {
+        if from >= to {
+            return Err(NetError::NoRoute {
+                from,
+                to,
+                reason: "empty layer range".into(),
+            });
+        }
+        let nodes = self.candidates(now_ms, opts);
+        // best[p - from] = (cost, previous boundary, node index) of the cheapest way to reach p.
+        let n = to - from;
+        let mut best: Vec<Option<(f64, usize, usize)>> = vec![None; n + 1];
+        best[0] = Some((0.0, from, usize::MAX));
+        for p in from..to {
+            let Some((base, _, _)) = best[p - from] else {
+                continue;
+            };
+            for (i, (_, e)) in nodes.iter().enumerate() {
+                let r = &e.announcement.layers;
+                let (s, end) = (r.start as usize, (r.end as usize).min(to));
+                if s > p || end <= p {
+                    continue;
+                }
+                for q in p + 1..=end {
+                    let cost = base + hop_cost(e, q - p, opts);
+                    let slot = &mut best[q - from];
+                    if slot.is_none_or(|(c, _, _)| cost < c) {
+                        *slot = Some((cost, p, i));
+                    }
+                }
+            }
+        }
+        let Some((total, _, _)) = best[n] else {
+            let reached = (0..=n).rev().find(|&k| best[k].is_some()).unwrap_or(0) + from;
+            return Err(NetError::NoRoute {
+                from: reached,
+                to,
+                reason: format!(
+                    "no usable node holds layer {reached} ({} usable nodes)",
+                    nodes.len()
+                ),
+            });
+        };
+        let mut hops = Vec::new();
+        let mut q = to;
+        while q > from {
+            let Some((_, p, i)) = best[q - from] else {
+                break;
+            };
+            let (id, e) = nodes[i];
+            hops.push(Hop {
+                node: *id,
+                layers: p..q,
+                addrs: e.announcement.addrs.clone(),
+            });
+            q = p;
+        }
+        hops.reverse();
+        Ok(Route {
+            hops,
+            expected_ms: total,
+        })
+    }
+
+    /// Plans the cheapest chain covering every layer of a `layers`-layer model.
+    pub fn plan_route(
+        &self,
+        layers: usize,
+        now_ms: u64,
+        opts: &RouteOptions,
+    ) -> Result<Route, NetError> {
+        self.plan_range(0, layers, now_ms, opts)
+    }
+
+    /// Usable nodes that can run all of `layers` (replicas of that hop).
+    pub fn replicas(&self, layers: &Range<usize>, now_ms: u64) -> Vec<NodeId> {
+        self.iter()
+            .filter(|(_, e)| {
+                let r = &e.announcement.layers;
+                e.usable(now_ms) && r.start as usize <= layers.start && layers.end <= r.end as usize
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}

@@ -1,0 +1,263 @@
+//! PeerSet and route planning with a simulated clock: signed announcements accepted, forged,
+//! expired, replayed, future-dated and foreign ones refused; expiry; routes over disjoint,
+//! overlapping and replicated slices; banned/overloaded/excluded nodes skipped.
+
+use neuroshard_core::net::{
+    Announcement, NetError, PeerSet, RouteOptions, SignedAnnouncement, PROTOCOL_VERSION,
+};
+
+const MODEL: &str = "smollm2-test";
+const T0: u64 = 1_800_000_000_000;
+
+fn key(seed: u8) -> iroh::SecretKey {
+    iroh::SecretKey::from_bytes(&[seed; 32])
+}
+
+fn announce(k: &iroh::SecretKey, layers: std::ops::Range<u32>, ts: u64) -> Announcement {
+    Announcement {
+        protocol_version: PROTOCOL_VERSION,
+        node: k.public(),
+        model_id: MODEL.into(),
+        weight_updates: 0,
+        layers,
+        capacity: 8,
+        load: 0,
+        addrs: vec!["127.0.0.1:4000".parse().expect("addr")],
+        entry: false,
+        timestamp_ms: ts,
+        expires_ms: ts + 10_000,
+    }
+}
+
+fn signed(k: &iroh::SecretKey, layers: std::ops::Range<u32>, ts: u64) -> SignedAnnouncement {
+    SignedAnnouncement::sign(&announce(k, layers, ts), k).expect("sign")
+}
+
+#[test]
+fn accepts_valid_and_refuses_forged_expired_replayed_foreign() {
+    let mut peers = PeerSet::new(MODEL);
+    let (a, b) = (key(1), key(2));
+    assert_eq!(
+        peers.insert(&signed(&a, 0..10, T0), T0).expect("valid"),
+        a.public()
+    );
+    // Survives the wire encoding.
+    let wire = signed(&b, 10..20, T0).to_bytes().expect("bytes");
+    peers
+        .insert(&SignedAnnouncement::from_bytes(&wire).expect("decode"), T0)
+        .expect("valid");
+    assert_eq!(peers.len(), 2);
+
+    // Forged: B's key signs an announcement naming A.
+    let forged = SignedAnnouncement::sign(&announce(&a, 0..30, T0 + 1), &b);
+    assert!(matches!(forged, Err(NetError::BadSignature(_))));
+    // Forged: a valid signature with a tampered body.
+    let mut tampered = signed(&a, 0..10, T0 + 1);
+    let last = tampered.body.len() - 1;
+    tampered.body[last] ^= 1;
+    assert!(matches!(
+        peers.insert(&tampered, T0),
+        Err(NetError::BadSignature(_) | NetError::Malformed(_))
+    ));
+    // Forged: signature bytes from another message.
+    let mut swapped = signed(&a, 0..10, T0 + 2);
+    swapped.signature = signed(&a, 0..10, T0 + 3).signature;
+    assert!(matches!(
+        peers.insert(&swapped, T0),
+        Err(NetError::BadSignature(_))
+    ));
+    // Replayed: the same announcement again, and an older one.
+    assert!(matches!(
+        peers.insert(&signed(&a, 0..10, T0), T0 + 5),
+        Err(NetError::Replayed { .. })
+    ));
+    assert!(matches!(
+        peers.insert(&signed(&a, 0..10, T0 - 1), T0 + 5),
+        Err(NetError::Replayed { .. })
+    ));
+    // Expired and future-dated.
+    assert!(matches!(
+        peers.insert(&signed(&key(3), 0..10, T0), T0 + 20_000),
+        Err(NetError::Expired { .. })
+    ));
+    assert!(matches!(
+        peers.insert(&signed(&key(3), 0..10, T0 + 60_000), T0),
+        Err(NetError::FromTheFuture { .. })
+    ));
+    // Other model, other protocol.
+    let mut other = announce(&key(4), 0..10, T0);
+    other.model_id = "another-model".into();
+    assert!(matches!(
+        peers.insert(
+            &SignedAnnouncement::sign(&other, &key(4)).expect("sign"),
+            T0
+        ),
+        Err(NetError::WrongModel { .. })
+    ));
+    let mut old = announce(&key(5), 0..10, T0);
+    old.protocol_version = PROTOCOL_VERSION + 1;
+    assert!(matches!(
+        peers.insert(&SignedAnnouncement::sign(&old, &key(5)).expect("sign"), T0),
+        Err(NetError::WrongProtocol { .. })
+    ));
+    // Garbage bytes.
+    assert!(matches!(
+        SignedAnnouncement::from_bytes(&[0xff; 7]),
+        Err(NetError::Malformed(_))
+    ));
+    assert_eq!(peers.len(), 2);
+    // A newer announcement replaces the old one.
+    peers
+        .insert(&signed(&a, 0..15, T0 + 100), T0 + 100)
+        .expect("newer");
+    assert_eq!(
+        peers.get(&a.public()).expect("a").announcement.layers,
+        0..15
+    );
+}
+
+#[test]
+fn silent_nodes_expire_and_replays_stay_refused() {
+    let mut peers = PeerSet::new(MODEL);
+    let a = key(1);
+    peers.insert(&signed(&a, 0..10, T0), T0).expect("valid");
+    assert!(peers.expire(T0 + 9_999).is_empty());
+    assert_eq!(peers.expire(T0 + 10_000), vec![a.public()]);
+    assert!(peers.is_empty());
+    // Its old announcement replayed after expiry (still unexpired itself is impossible, so
+    // replay one with a later expiry but the same timestamp).
+    let mut ann = announce(&a, 0..10, T0);
+    ann.expires_ms = T0 + 100_000;
+    let replay = SignedAnnouncement::sign(&ann, &a).expect("sign");
+    assert!(matches!(
+        peers.insert(&replay, T0 + 20_000),
+        Err(NetError::Replayed { .. })
+    ));
+}
+
+#[test]
+fn routes_cover_all_layers_cheaply() {
+    let mut peers = PeerSet::new(MODEL);
+    let (a, b, c) = (key(1), key(2), key(3));
+    for (k, r) in [(&a, 0..10), (&b, 10..20), (&c, 20..30)] {
+        peers.insert(&signed(k, r, T0), T0).expect("insert");
+    }
+    let opts = RouteOptions::default();
+    let route = peers.plan_route(30, T0, &opts).expect("route");
+    let hops: Vec<_> = route
+        .hops
+        .iter()
+        .map(|h| (h.node, h.layers.clone()))
+        .collect();
+    assert_eq!(
+        hops,
+        vec![
+            (a.public(), 0..10),
+            (b.public(), 10..20),
+            (c.public(), 20..30)
+        ]
+    );
+
+    // A node holding everything is one hop: cheaper than three network hops.
+    let whole = key(9);
+    peers
+        .insert(&signed(&whole, 0..30, T0), T0)
+        .expect("insert");
+    let route = peers.plan_route(30, T0, &opts).expect("route");
+    assert_eq!(route.hops.len(), 1);
+    assert_eq!(route.hops[0].node, whole.public());
+    // Excluding it (failover) falls back to the three slices.
+    let route = peers
+        .plan_route(
+            30,
+            T0,
+            &RouteOptions {
+                exclude: vec![whole.public()],
+                ..opts.clone()
+            },
+        )
+        .expect("route");
+    assert_eq!(route.hops.len(), 3);
+    // Banned and overloaded nodes are skipped too.
+    peers.ban(&whole.public(), T0 + 1000);
+    assert_eq!(
+        peers.plan_route(30, T0, &opts).expect("route").hops.len(),
+        3
+    );
+    assert_eq!(
+        peers
+            .plan_route(30, T0 + 1000, &opts)
+            .expect("route")
+            .hops
+            .len(),
+        1,
+        "ban lifted"
+    );
+    let mut busy = announce(&whole, 0..30, T0 + 1);
+    busy.load = busy.capacity;
+    peers
+        .insert(
+            &SignedAnnouncement::sign(&busy, &whole).expect("sign"),
+            T0 + 1,
+        )
+        .expect("insert");
+    assert_eq!(
+        peers
+            .plan_route(30, T0 + 1000, &opts)
+            .expect("route")
+            .hops
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn overlapping_slices_and_replicas() {
+    let mut peers = PeerSet::new(MODEL);
+    let (a, b, c) = (key(1), key(2), key(3));
+    for (k, r) in [(&a, 0..12), (&b, 8..20), (&c, 18..30)] {
+        peers.insert(&signed(k, r, T0), T0).expect("insert");
+    }
+    let route = peers
+        .plan_route(30, T0, &RouteOptions::default())
+        .expect("route");
+    let ranges: Vec<_> = route.hops.iter().map(|h| h.layers.clone()).collect();
+    assert_eq!(ranges.len(), 3);
+    assert_eq!(ranges[0].start, 0);
+    assert_eq!(ranges[2].end, 30);
+    assert!(
+        ranges.windows(2).all(|w| w[0].end == w[1].start),
+        "{ranges:?}"
+    );
+    // A replica of the middle slice.
+    let b2 = key(4);
+    peers.insert(&signed(&b2, 8..20, T0), T0).expect("insert");
+    let mut replicas = peers.replicas(&(12..20), T0);
+    replicas.sort_by_key(|k| *k.as_bytes());
+    let mut want = vec![b.public(), b2.public()];
+    want.sort_by_key(|k| *k.as_bytes());
+    assert_eq!(replicas, want);
+    // A measured slow replica loses to the fast one.
+    peers.record_latency(&b.public(), 50.0);
+    let route = peers
+        .plan_route(30, T0, &RouteOptions::default())
+        .expect("route");
+    assert!(route.hops.iter().any(|h| h.node == b2.public()));
+    assert!(route.hops.iter().all(|h| h.node != b.public()));
+    // Missing layers are reported.
+    peers.remove(&c.public());
+    let err = peers
+        .plan_route(30, T0, &RouteOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NetError::NoRoute {
+                from: 20,
+                to: 30,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
