@@ -176,6 +176,10 @@ pub enum Error {
     #[error("wire: {0}")]
     Wire(#[from] crate::wire::WireError),
 
+    /// A network or protocol failure.
+    #[error("network: {0}")]
+    Net(#[from] crate::net::NetError),
+
     /// An IO error outside model loading.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -25,6 +25,40 @@ pub trait LogitsBackend {
     fn max_len(&self) -> usize;
 }
 
+/// Produces the next token for tokens written at positions `start_pos..`: sampling happens
+/// inside the backend (locally for [`LogitsBackend`]s, on the route's last hop for a swarm
+/// session), with the draw for position `p` depending only on `(seed, p)`.
+pub trait TokenBackend {
+    /// Runs `tokens` at `start_pos..` and returns the token at `start_pos + tokens.len()`.
+    /// `context` holds every token at positions `0..start_pos + tokens.len()`.
+    fn next_token(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+        context: &[u32],
+        sampling: &SamplingParams,
+    ) -> Result<u32>;
+    /// Longest sequence the backend accepts.
+    fn context_len(&self) -> usize;
+}
+
+impl<T: LogitsBackend> TokenBackend for T {
+    fn next_token(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+        context: &[u32],
+        sampling: &SamplingParams,
+    ) -> Result<u32> {
+        let logits = self.next_logits(tokens, start_pos)?;
+        sample(&logits, sampling, start_pos + tokens.len(), context)
+    }
+
+    fn context_len(&self) -> usize {
+        self.max_len()
+    }
+}
+
 /// What to generate and when to stop.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
@@ -95,7 +129,7 @@ impl GenerationOutput {
 
 /// Generates from `prompt` (token ids), calling `on_text` with each printable piece.
 pub fn generate(
-    backend: &mut dyn LogitsBackend,
+    backend: &mut dyn TokenBackend,
     tokenizer: Option<&Tokenizer>,
     prompt: &[u32],
     config: &GenerationConfig,
@@ -105,7 +139,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::Generation("the prompt is empty".into()));
     }
-    let max_len = backend.max_len();
+    let max_len = backend.context_len();
     if prompt.len() >= max_len {
         return Err(Error::Generation(format!(
             "prompt of {} tokens leaves no room in a context of {max_len}",
@@ -134,9 +168,8 @@ pub fn generate(
         if pos + feed.len() > max_len {
             break FinishReason::ContextFull;
         }
-        let logits = backend.next_logits(&feed, pos)?;
+        let next = backend.next_token(&feed, pos, &context, &config.sampling)?;
         pos += feed.len();
-        let next = sample(&logits, &config.sampling, pos, &context)?;
         if prefill_time.is_none() {
             prefill_time = Some(start.elapsed());
         }

@@ -7,12 +7,14 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+pub mod client;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod net;
+pub mod node;
 pub mod runtime;
 pub mod wire;
 

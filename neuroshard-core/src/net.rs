@@ -8,11 +8,13 @@
 //! - [`announce`]: what a node says about itself, signed with its iroh key;
 //! - [`peers`]: the PeerSet: accepts/rejects announcements, expiry, bans, latency;
 //! - [`route`]: plans the lowest-latency chain of hops covering every layer;
-//! - [`endpoint`]: the iroh endpoint (offline by default) and the node's persistent key.
+//! - [`endpoint`]: the iroh endpoint (offline by default) and the node's persistent key;
+//! - [`proto`]: messages of the inference protocol.
 
 pub mod announce;
 pub mod endpoint;
 pub mod peers;
+pub mod proto;
 pub mod route;
 
 pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
@@ -83,6 +85,22 @@ pub enum NetError {
     /// Binding, dialing or a local file failed.
     #[error("io: {0}")]
     Io(String),
+    /// A hop refused a request or failed a step.
+    #[error("hop {hop} failed: {message}")]
+    HopFailed {
+        /// Short id of the failing hop.
+        hop: String,
+        /// Its message.
+        message: String,
+    },
+    /// No answer within the deadline.
+    #[error("timed out after {ms} ms waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// The deadline.
+        ms: u64,
+    },
     /// No chain of usable hops covers every layer.
     #[error("no route covers layers {from}..{to}: {reason}")]
     NoRoute {

@@ -1,0 +1,321 @@
+//! [`Client`]: opens inference sessions on a route of nodes and drives them step by step.
+//!
+//! The client signs a session-open and sends it to every hop, then per step sends token ids to
+//! the first hop and waits (with a deadline) for the last hop's token or any hop's error.
+//! [`BlockingSession`] adapts a session to [`crate::generate`]'s synchronous loop.
+
+use crate::generate::TokenBackend;
+use crate::model::sampling::SamplingParams;
+use crate::net::endpoint::{bind, EndpointOptions};
+use crate::net::proto::{
+    read_message, write_message, Message, RouteHop, SessionOpen, SignedOpen, INFER_ALPN,
+};
+use crate::net::{NetError, NodeId};
+use crate::wire::Codec;
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr, SecretKey};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+type Inbox = mpsc::UnboundedSender<Message>;
+
+struct Inner {
+    endpoint: Endpoint,
+    key: SecretKey,
+    conns: Mutex<HashMap<NodeId, Connection>>,
+    sessions: Mutex<HashMap<u64, Inbox>>,
+}
+
+/// A client endpoint that can run sessions on any route.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.inner.endpoint.id().fmt_short().to_string())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Client {
+    /// Binds a client endpoint (offline loopback by default).
+    pub async fn new(key: SecretKey, options: EndpointOptions) -> Result<Client, NetError> {
+        let endpoint = bind(key.clone(), &options).await?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                key,
+                conns: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The client's node id.
+    pub fn id(&self) -> NodeId {
+        self.inner.endpoint.id()
+    }
+
+    /// Signs and sends a session-open to every hop of `route`; fails (naming the hop) if any
+    /// hop refuses, closing the session on the hops that accepted.
+    pub async fn open_session(
+        &self,
+        route: Vec<RouteHop>,
+        model_id: &str,
+        codec: Codec,
+        sampling: SamplingParams,
+        prompt: Vec<u32>,
+    ) -> Result<RemoteSession, NetError> {
+        let session = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let open = SessionOpen {
+            session,
+            client: self.id(),
+            model_id: model_id.to_string(),
+            route,
+            codec: codec as u8,
+            sampling,
+            prompt,
+            timestamp_ms: now_ms(),
+        };
+        self.open_signed(open, &self.inner.key).await
+    }
+
+    /// Sends an already built open, signed with `signer` (tests use a wrong signer).
+    pub async fn open_signed(
+        &self,
+        open: SessionOpen,
+        signer: &SecretKey,
+    ) -> Result<RemoteSession, NetError> {
+        let signed = SignedOpen::sign(&open, signer)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.inner.sessions).insert(open.session, tx);
+        let mut session = RemoteSession {
+            client: self.clone(),
+            open,
+            rx,
+            step_timeout: Duration::from_secs(30),
+            opened: Vec::new(),
+        };
+        for hop in session.open.route.clone() {
+            let reply = self.request(&hop, &Message::Open(signed.clone())).await;
+            match reply {
+                Ok(Message::Ok) => session.opened.push(hop),
+                Ok(Message::Error { message, .. }) => {
+                    session.close().await;
+                    return Err(NetError::HopFailed {
+                        hop: hop.node.fmt_short().to_string(),
+                        message,
+                    });
+                }
+                Ok(other) => {
+                    session.close().await;
+                    return Err(NetError::Malformed(format!("unexpected reply {other:?}")));
+                }
+                Err(e) => {
+                    session.close().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(session)
+    }
+
+    /// One request/response on a bi stream.
+    async fn request(&self, hop: &RouteHop, msg: &Message) -> Result<Message, NetError> {
+        let conn = self.connection(hop.node, &hop.addrs).await?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        write_message(&mut send, msg).await?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))?;
+        read_message(&mut recv).await
+    }
+
+    /// A live connection to `node`, dialed at `addrs` if needed. Each new connection gets a
+    /// task that routes the tokens and errors hops send back to their sessions.
+    async fn connection(
+        &self,
+        node: NodeId,
+        addrs: &[std::net::SocketAddr],
+    ) -> Result<Connection, NetError> {
+        if let Some(c) = lock(&self.inner.conns).get(&node) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = addrs
+            .iter()
+            .fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
+        let conn = self
+            .inner
+            .endpoint
+            .connect(addr, INFER_ALPN)
+            .await
+            .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
+        lock(&self.inner.conns).insert(node, conn.clone());
+        let inner = self.inner.clone();
+        let incoming = conn.clone();
+        tokio::spawn(async move {
+            while let Ok(mut recv) = incoming.accept_uni().await {
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    if let Ok(msg) = read_message(&mut recv).await {
+                        let session = match &msg {
+                            Message::Token { session, .. } | Message::Error { session, .. } => {
+                                *session
+                            }
+                            _ => return,
+                        };
+                        if let Some(tx) = lock(&inner.sessions).get(&session) {
+                            let _ = tx.send(msg);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(conn)
+    }
+
+    /// Closes the endpoint.
+    pub async fn shutdown(&self) {
+        self.inner.endpoint.close().await;
+    }
+}
+
+/// An open session on a route.
+pub struct RemoteSession {
+    client: Client,
+    open: SessionOpen,
+    rx: mpsc::UnboundedReceiver<Message>,
+    /// Deadline for one step (prefill included).
+    pub step_timeout: Duration,
+    opened: Vec<RouteHop>,
+}
+
+impl std::fmt::Debug for RemoteSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSession")
+            .field("session", &self.open.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteSession {
+    /// The session id.
+    pub fn id(&self) -> u64 {
+        self.open.session
+    }
+
+    /// Sends `tokens` at positions `start_pos..` to the first hop and waits for the token at
+    /// `start_pos + tokens.len()`.
+    pub async fn step(&mut self, tokens: &[u32], start_pos: usize) -> Result<u32, NetError> {
+        let first = self
+            .open
+            .route
+            .first()
+            .cloned()
+            .ok_or_else(|| NetError::Malformed("empty route".into()))?;
+        let conn = self.client.connection(first.node, &first.addrs).await?;
+        let mut send = conn
+            .open_uni()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        let msg = Message::Step {
+            session: self.open.session,
+            start_pos: start_pos as u32,
+            tokens: tokens.to_vec(),
+        };
+        write_message(&mut send, &msg).await?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))?;
+        let want = (start_pos + tokens.len()) as u32;
+        let deadline = tokio::time::Instant::now() + self.step_timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .map_err(|_| NetError::Timeout {
+                    what: format!("the token at position {want}"),
+                    ms: self.step_timeout.as_millis() as u64,
+                })?;
+            match msg {
+                Some(Message::Token {
+                    position, token, ..
+                }) if position == want => return Ok(token),
+                // A token of an earlier, retried step: stale.
+                Some(Message::Token { .. }) => continue,
+                Some(Message::Error { hop, message, .. }) => {
+                    return Err(NetError::HopFailed {
+                        hop: hop.fmt_short().to_string(),
+                        message,
+                    })
+                }
+                Some(_) => continue,
+                None => return Err(NetError::Io("client shut down".into())),
+            }
+        }
+    }
+
+    /// Closes the session on every hop that opened it (best effort: a dead hop is skipped).
+    pub async fn close(&mut self) {
+        lock(&self.client.inner.sessions).remove(&self.open.session);
+        for hop in std::mem::take(&mut self.opened) {
+            let _ = self
+                .client
+                .request(
+                    &hop,
+                    &Message::Close {
+                        session: self.open.session,
+                    },
+                )
+                .await;
+        }
+    }
+}
+
+/// Runs a [`RemoteSession`] from synchronous code (e.g. [`crate::generate`] on a blocking
+/// thread) through a tokio runtime handle. Do not use it on a runtime worker thread.
+#[derive(Debug)]
+pub struct BlockingSession {
+    /// The session.
+    pub session: RemoteSession,
+    /// Runtime the session's IO runs on.
+    pub handle: tokio::runtime::Handle,
+    /// Context length of the model.
+    pub context_len: usize,
+}
+
+impl TokenBackend for BlockingSession {
+    fn next_token(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+        _context: &[u32],
+        _sampling: &SamplingParams,
+    ) -> crate::Result<u32> {
+        // The last hop samples with the parameters of the session-open and keeps the context.
+        Ok(self.handle.block_on(self.session.step(tokens, start_pos))?)
+    }
+
+    fn context_len(&self) -> usize {
+        self.context_len
+    }
+}

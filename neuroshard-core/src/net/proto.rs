@@ -1,0 +1,169 @@
+//! Messages of the inference protocol (`neuroshard/infer/1`), postcard-encoded.
+//!
+//! Control requests (open, close) use a bi-directional stream: one request, one reply. The data
+//! plane uses one uni-directional stream per message: `Step` (client to first hop), `Hidden`
+//! followed by a wire frame (hop to next hop), `Token` (last hop to client), `Error` (any hop
+//! to the client, naming itself). Streams are cheap in QUIC, and a message per stream keeps
+//! framing trivial and failures isolated.
+
+use super::{NetError, NodeId};
+use crate::model::sampling::SamplingParams;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::ops::Range;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// ALPN of the inference protocol.
+pub const INFER_ALPN: &[u8] = b"neuroshard/infer/1";
+/// Largest control message accepted (the prompt travels in `SessionOpen`).
+pub const MAX_CONTROL: usize = 1 << 20;
+
+/// One hop of a session's route, as the client planned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteHop {
+    /// The node running the hop.
+    pub node: NodeId,
+    /// Layers it runs.
+    pub layers: Range<u32>,
+    /// Where to dial it.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// What the client asks every hop to set up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionOpen {
+    /// Session id (chosen by the client, random).
+    pub session: u64,
+    /// The client: the only node allowed to send steps, and where tokens go.
+    pub client: NodeId,
+    /// Model the session runs.
+    pub model_id: String,
+    /// The route, first hop first.
+    pub route: Vec<RouteHop>,
+    /// Wire codec byte for hidden states between hops (see [`crate::wire::Codec`]).
+    pub codec: u8,
+    /// Sampling, applied by the last hop.
+    pub sampling: SamplingParams,
+    /// Prompt ids (the last hop needs the context for the repetition penalty).
+    pub prompt: Vec<u32>,
+    /// When the client made the request (ms since the Unix epoch).
+    pub timestamp_ms: u64,
+}
+
+/// A [`SessionOpen`] signed by the client's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedOpen {
+    /// postcard-encoded [`SessionOpen`].
+    pub body: Vec<u8>,
+    /// ed25519 signature of `body` by the client.
+    pub signature: Vec<u8>,
+}
+
+impl SignedOpen {
+    /// Signs `open` with the client's key.
+    pub fn sign(open: &SessionOpen, key: &iroh::SecretKey) -> Result<Self, NetError> {
+        let body = postcard::to_allocvec(open).map_err(|e| NetError::Malformed(e.to_string()))?;
+        Ok(SignedOpen {
+            signature: key.sign(&body).to_bytes().to_vec(),
+            body,
+        })
+    }
+
+    /// Decodes and checks that the named client signed it.
+    pub fn verify(&self) -> Result<SessionOpen, NetError> {
+        let open: SessionOpen =
+            postcard::from_bytes(&self.body).map_err(|e| NetError::Malformed(e.to_string()))?;
+        let sig: [u8; 64] = self
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| NetError::BadSignature(open.client.fmt_short().to_string()))?;
+        open.client
+            .verify(&self.body, &iroh::Signature::from_bytes(&sig))
+            .map_err(|_| NetError::BadSignature(open.client.fmt_short().to_string()))?;
+        Ok(open)
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Request (bi stream): set up a session on this hop.
+    Open(SignedOpen),
+    /// Request (bi stream): drop a session.
+    Close {
+        /// The session.
+        session: u64,
+    },
+    /// Reply to a request.
+    Ok,
+    /// Reply to a request, or an error report to the client (uni stream).
+    Error {
+        /// The session concerned (0 if none).
+        session: u64,
+        /// The node reporting it.
+        hop: NodeId,
+        /// What went wrong.
+        message: String,
+    },
+    /// Client to first hop: token ids at positions `start_pos..`.
+    Step {
+        /// The session.
+        session: u64,
+        /// Position of the first token.
+        start_pos: u32,
+        /// The tokens.
+        tokens: Vec<u32>,
+    },
+    /// Hop to next hop: hidden states at positions `start_pos..`; a wire frame follows.
+    Hidden {
+        /// The session.
+        session: u64,
+        /// Position of the first row.
+        start_pos: u32,
+    },
+    /// Last hop to client: the sampled token at `position`.
+    Token {
+        /// The session.
+        session: u64,
+        /// Position of the token.
+        position: u32,
+        /// The token id.
+        token: u32,
+    },
+}
+
+/// Writes a length-prefixed message.
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &Message,
+) -> Result<(), NetError> {
+    let body = postcard::to_allocvec(msg).map_err(|e| NetError::Malformed(e.to_string()))?;
+    let len =
+        u32::try_from(body.len()).map_err(|_| NetError::Malformed("message too large".into()))?;
+    w.write_all(&len.to_le_bytes())
+        .await
+        .map_err(|e| NetError::Io(e.to_string()))?;
+    w.write_all(&body)
+        .await
+        .map_err(|e| NetError::Io(e.to_string()))
+}
+
+/// Reads a length-prefixed message (at most [`MAX_CONTROL`] bytes).
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, NetError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)
+        .await
+        .map_err(|e| NetError::Io(e.to_string()))?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_CONTROL {
+        return Err(NetError::Malformed(format!(
+            "control message of {len} bytes exceeds {MAX_CONTROL}"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .await
+        .map_err(|e| NetError::Io(e.to_string()))?;
+    postcard::from_bytes(&body).map_err(|e| NetError::Malformed(e.to_string()))
+}

@@ -1,0 +1,443 @@
+//! [`Node`]: a [`ShardEngine`] slice served over iroh with the inference protocol.
+//!
+//! A hop accepts a signed session-open from a client, then `Step`s from that client (first hop)
+//! or `Hidden` frames from its predecessor in the route (iroh authenticates the sender's id),
+//! runs its layers with the session's KV cache, and forwards the new hidden state to its
+//! successor, or, on the last hop, samples the next token and sends it to the client. Errors go
+//! to the client naming this hop. Compute runs on tokio's blocking pool.
+
+use crate::engine::{ForwardRequest, ShardEngine};
+use crate::model::sampling::sample;
+use crate::model::shard::{ShardInput, ShardOutput};
+use crate::net::endpoint::{bind, EndpointOptions};
+use crate::net::proto::{
+    read_message, write_message, Message, SessionOpen, SignedOpen, INFER_ALPN,
+};
+use crate::net::{NetError, NodeId};
+use crate::wire::{read_frame, write_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
+use candle_core::{Device, Tensor};
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr, SecretKey};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters of what a node did (tests read them to see who served which step).
+#[derive(Debug, Default)]
+pub struct NodeCounters {
+    /// Steps this node computed (one per `Step`/`Hidden` message processed).
+    pub steps: AtomicU64,
+    /// Messages refused (wrong sender, unknown session, malformed).
+    pub rejected: AtomicU64,
+    /// Sessions opened.
+    pub sessions_opened: AtomicU64,
+}
+
+struct HopSession {
+    open: SessionOpen,
+    index: usize,
+    codec: Codec,
+    /// Last hop only: prompt + sampled tokens, for the repetition penalty.
+    context: Mutex<Vec<u32>>,
+}
+
+struct Inner {
+    engine: Arc<ShardEngine>,
+    endpoint: Endpoint,
+    model_id: String,
+    sessions: Mutex<HashMap<u64, Arc<HopSession>>>,
+    conns: Mutex<HashMap<NodeId, Connection>>,
+    counters: NodeCounters,
+}
+
+/// A running node: one slice, one endpoint, the inference protocol.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.inner.endpoint.id().fmt_short().to_string())
+            .field("layers", &self.inner.engine.layers())
+            .finish()
+    }
+}
+
+/// The model id nodes and clients agree on: hex of the model hash.
+pub fn model_id(engine: &ShardEngine) -> String {
+    engine.weight_file().model_hash()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Node {
+    /// Binds an endpoint with `key` and serves `engine` until [`Node::shutdown`].
+    pub async fn spawn(
+        engine: Arc<ShardEngine>,
+        key: SecretKey,
+        options: EndpointOptions,
+    ) -> Result<Node, NetError> {
+        let mut options = options;
+        options.alpns = vec![INFER_ALPN.to_vec()];
+        let endpoint = bind(key, &options).await?;
+        let inner = Arc::new(Inner {
+            model_id: model_id(&engine),
+            engine,
+            endpoint,
+            sessions: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            counters: NodeCounters::default(),
+        });
+        let accept = inner.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.endpoint.accept().await {
+                let inner = accept.clone();
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        inner.serve_connection(conn).await;
+                    }
+                });
+            }
+        });
+        Ok(Node { inner })
+    }
+
+    /// The node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.endpoint.id()
+    }
+
+    /// Where to dial the node.
+    pub fn addr(&self) -> EndpointAddr {
+        crate::net::endpoint::dial_addr(&self.inner.endpoint)
+    }
+
+    /// The served slice.
+    pub fn engine(&self) -> &Arc<ShardEngine> {
+        &self.inner.engine
+    }
+
+    /// The model id this node serves.
+    pub fn model_id(&self) -> &str {
+        &self.inner.model_id
+    }
+
+    /// What the node did so far.
+    pub fn counters(&self) -> &NodeCounters {
+        &self.inner.counters
+    }
+
+    /// Closes the endpoint (open connections are closed, peers see the node gone).
+    pub async fn shutdown(&self) {
+        self.inner.endpoint.close().await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned map is still consistent (inserts/removes are single operations).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    async fn serve_connection(self: Arc<Self>, conn: Connection) {
+        let remote = conn.remote_id();
+        lock(&self.conns).insert(remote, conn.clone());
+        loop {
+            tokio::select! {
+                bi = conn.accept_bi() => match bi {
+                    Ok((mut send, mut recv)) => {
+                        let inner = self.clone();
+                        tokio::spawn(async move {
+                            let reply = match read_message(&mut recv).await {
+                                Ok(msg) => inner.handle_request(remote, msg).await,
+                                Err(e) => inner.error_msg(0, e.to_string()),
+                            };
+                            let _ = write_message(&mut send, &reply).await;
+                            let _ = send.finish();
+                        });
+                    }
+                    Err(_) => break,
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(recv) => {
+                        let inner = self.clone();
+                        tokio::spawn(async move { inner.handle_data(remote, recv).await });
+                    }
+                    Err(_) => break,
+                },
+            }
+        }
+        let mut conns = lock(&self.conns);
+        if conns
+            .get(&remote)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            conns.remove(&remote);
+        }
+    }
+
+    fn error_msg(&self, session: u64, message: String) -> Message {
+        Message::Error {
+            session,
+            hop: self.endpoint.id(),
+            message,
+        }
+    }
+
+    async fn handle_request(&self, remote: NodeId, msg: Message) -> Message {
+        match msg {
+            Message::Open(signed) => match self.open(remote, &signed) {
+                Ok(()) => Message::Ok,
+                Err(e) => {
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.error_msg(0, e)
+                }
+            },
+            Message::Close { session } => {
+                let owned = lock(&self.sessions)
+                    .get(&session)
+                    .map(|s| s.open.client == remote);
+                match owned {
+                    Some(true) => {
+                        lock(&self.sessions).remove(&session);
+                        let _ = self.engine.close_session(session);
+                        Message::Ok
+                    }
+                    _ => self.error_msg(session, format!("unknown session {session}")),
+                }
+            }
+            other => self.error_msg(0, format!("unexpected request {other:?}")),
+        }
+    }
+
+    fn open(&self, remote: NodeId, signed: &SignedOpen) -> Result<(), String> {
+        let open = signed.verify().map_err(|e| e.to_string())?;
+        if open.client != remote {
+            return Err("a session-open must be sent by the client that signed it".into());
+        }
+        if open.model_id != self.model_id {
+            return Err(format!(
+                "model {} requested, this node serves {}",
+                open.model_id, self.model_id
+            ));
+        }
+        let me = self.endpoint.id();
+        let index = open
+            .route
+            .iter()
+            .position(|h| h.node == me)
+            .ok_or("this node is not on the session's route")?;
+        let layers = &open.route[index].layers;
+        let slice = self.engine.layers();
+        if (layers.start as usize) < slice.start
+            || layers.end as usize > slice.end
+            || layers.start >= layers.end
+        {
+            return Err(format!(
+                "route asks layers {layers:?}, this node holds {slice:?}"
+            ));
+        }
+        let codec = Codec::from_u8(open.codec).map_err(|e| e.to_string())?;
+        self.engine
+            .open_session(open.session)
+            .map_err(|e| e.to_string())?;
+        self.counters
+            .sessions_opened
+            .fetch_add(1, Ordering::Relaxed);
+        let session = open.session;
+        let context = Mutex::new(open.prompt.clone());
+        lock(&self.sessions).insert(
+            session,
+            Arc::new(HopSession {
+                open,
+                index,
+                codec,
+                context,
+            }),
+        );
+        Ok(())
+    }
+
+    async fn handle_data(self: Arc<Self>, remote: NodeId, mut recv: iroh::endpoint::RecvStream) {
+        let msg = match read_message(&mut recv).await {
+            Ok(m) => m,
+            Err(_) => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let (session_id, start_pos) = match &msg {
+            Message::Step {
+                session, start_pos, ..
+            }
+            | Message::Hidden { session, start_pos } => (*session, *start_pos),
+            _ => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let Some(hop) = lock(&self.sessions).get(&session_id).cloned() else {
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        // Only the session's client may start a step, only the predecessor may send hidden
+        // states: iroh has authenticated `remote`.
+        let expected = if hop.index == 0 {
+            hop.open.client
+        } else {
+            hop.open.route[hop.index - 1].node
+        };
+        let input = match msg {
+            Message::Step { tokens, .. } if hop.index == 0 && remote == expected => {
+                Tensor::from_slice(&tokens, (1, tokens.len()), &Device::Cpu).map(ShardInput::Tokens)
+            }
+            Message::Hidden { .. } if hop.index > 0 && remote == expected => {
+                match read_frame(&mut recv, DEFAULT_MAX_FRAME).await {
+                    Ok(frame) => match frame.as_frame().to_tensor() {
+                        Ok(t) => Ok(ShardInput::Hidden(t)),
+                        Err(e) => return self.report(&hop, e.to_string()).await,
+                    },
+                    Err(e) => return self.report(&hop, e.to_string()).await,
+                }
+            }
+            _ => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let input = match input {
+            Ok(i) => i,
+            Err(e) => return self.report(&hop, e.to_string()).await,
+        };
+        let fed = match &input {
+            ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
+        };
+        let layers = hop.open.route[hop.index].layers.clone();
+        let engine = self.engine.clone();
+        let req = ForwardRequest::new(input)
+            .session(session_id, start_pos as usize)
+            .layers(layers.start as usize..layers.end as usize)
+            .last_logits_only();
+        let out = tokio::task::spawn_blocking(move || engine.forward(req)).await;
+        let out = match out {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return self.report(&hop, e.to_string()).await,
+            Err(e) => return self.report(&hop, format!("compute task failed: {e}")).await,
+        };
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        let result = match out {
+            ShardOutput::Hidden(h) => self.forward_hidden(&hop, start_pos, &h).await,
+            ShardOutput::Logits(l) => self.send_token(&hop, start_pos as usize + fed, &l).await,
+        };
+        if let Err(e) = result {
+            self.report(&hop, e.to_string()).await;
+        }
+    }
+
+    async fn forward_hidden(
+        &self,
+        hop: &HopSession,
+        start_pos: u32,
+        hidden: &Tensor,
+    ) -> Result<(), NetError> {
+        let next =
+            hop.open.route.get(hop.index + 1).ok_or_else(|| {
+                NetError::Malformed("hidden state produced by the last hop".into())
+            })?;
+        let conn = self.connection(next.node, &next.addrs).await?;
+        let mut send = conn
+            .open_uni()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        let session = hop.open.session;
+        write_message(&mut send, &Message::Hidden { session, start_pos }).await?;
+        write_frame(
+            &mut send,
+            hidden,
+            hop.codec,
+            FrameMeta {
+                session,
+                position: start_pos,
+            },
+            false,
+        )
+        .await
+        .map_err(|e| NetError::Io(e.to_string()))?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))
+    }
+
+    /// Samples the token at `position` (one past the last input position) and sends it to the
+    /// client. The draw depends only on (seed, position), like local generation.
+    async fn send_token(
+        &self,
+        hop: &HopSession,
+        position: usize,
+        logits: &Tensor,
+    ) -> Result<(), NetError> {
+        let row: Vec<f32> = logits
+            .flatten_all()
+            .and_then(|l| l.to_vec1())
+            .map_err(|e| NetError::Malformed(e.to_string()))?;
+        let token = {
+            let mut context = lock(&hop.context);
+            // Positions 0..position are the tokens fed so far; a retried step overwrites.
+            context.truncate(position);
+            let t = sample(&row, &hop.open.sampling, position, &context)
+                .map_err(|e| NetError::Malformed(e.to_string()))?;
+            context.push(t);
+            t
+        };
+        let conn = self.connection(hop.open.client, &[]).await?;
+        let mut send = conn
+            .open_uni()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        write_message(
+            &mut send,
+            &Message::Token {
+                session: hop.open.session,
+                position: position as u32,
+                token,
+            },
+        )
+        .await?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))
+    }
+
+    /// Tells the client this hop failed on its session.
+    async fn report(&self, hop: &HopSession, message: String) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        if let Ok(conn) = self.connection(hop.open.client, &[]).await {
+            if let Ok(mut send) = conn.open_uni().await {
+                let _ = write_message(&mut send, &self.error_msg(hop.open.session, message)).await;
+                let _ = send.finish();
+            }
+        }
+    }
+
+    /// A live connection to `node`: cached (either direction), or dialed at `addrs`.
+    async fn connection(
+        &self,
+        node: NodeId,
+        addrs: &[std::net::SocketAddr],
+    ) -> Result<Connection, NetError> {
+        if let Some(c) = lock(&self.conns).get(&node) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = addrs
+            .iter()
+            .fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
+        let conn = self
+            .endpoint
+            .connect(addr, INFER_ALPN)
+            .await
+            .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
+        lock(&self.conns).insert(node, conn.clone());
+        Ok(conn)
+    }
+}
