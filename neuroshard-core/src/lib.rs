@@ -16,6 +16,7 @@ pub mod model;
 pub mod net;
 pub mod node;
 pub mod runtime;
+pub mod swarm;
 pub mod wire;
 
 pub use engine::{

@@ -115,6 +115,11 @@ impl Node {
         crate::net::endpoint::dial_addr(&self.inner.endpoint)
     }
 
+    /// The node's secret key (signs its announcements).
+    pub fn secret_key(&self) -> &SecretKey {
+        self.inner.endpoint.secret_key()
+    }
+
     /// The served slice.
     pub fn engine(&self) -> &Arc<ShardEngine> {
         &self.inner.engine

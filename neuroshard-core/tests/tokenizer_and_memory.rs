@@ -240,3 +240,23 @@ fn gguf_weights_train_in_f32() {
         .expect("head");
     assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
+
+#[test]
+fn cli_swarm_generates_the_reference_through_three_nodes() {
+    let reference = reference_json("smollm2");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_neuroshard"))
+        .args(["swarm", "--model"])
+        .arg(smollm2())
+        .args(["--nodes", "3", "--replicas", "2", "--max-tokens", "24"])
+        .args(["--prompt", reference["prompt"].as_str().expect("prompt")])
+        .output()
+        .expect("run neuroshard swarm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'),
+        reference["greedy_text"].as_str().expect("text")
+    );
+    assert!(stderr.contains("swarm of 6 nodes"), "{stderr}");
+    assert!(stderr.contains("through 3 hops"), "{stderr}");
+}

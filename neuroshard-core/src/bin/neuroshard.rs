@@ -5,10 +5,14 @@
 //! can be piped.
 
 use clap::{Parser, Subcommand};
-use neuroshard_core::generate::{split_ranges, LocalPipeline};
+use neuroshard_core::client::Client;
+use neuroshard_core::generate::LocalPipeline;
+use neuroshard_core::net::endpoint::EndpointOptions;
+use neuroshard_core::swarm::LocalSwarm;
+use neuroshard_core::wire::Codec;
 use neuroshard_core::{
     generate, runtime, ChatMessage, ComputeMode, EngineOptions, Error, ForwardRequest,
-    GenerationConfig, SamplingParams, ShardEngine, ShardInput,
+    GenerationConfig, SamplingParams, ShardEngine, ShardInput, Tokenizer,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -78,6 +82,42 @@ enum Command {
         /// Do not stop at end-of-sequence tokens.
         #[arg(long)]
         ignore_eos: bool,
+    },
+    /// Start a whole swarm on 127.0.0.1 in this process (each node its own iroh endpoint) and
+    /// generate through it: client -> node -> node -> ... -> client.
+    Swarm {
+        /// Model path.
+        #[arg(long)]
+        model: PathBuf,
+        /// Number of slices the layers are cut into (one node each).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Nodes per slice (the route planner picks among replicas).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        /// The prompt text.
+        #[arg(long)]
+        prompt: String,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Compute mode of every node.
+        #[arg(long, default_value = "exact")]
+        mode: ComputeMode,
+        /// Codec of hidden states between nodes: f32, f16, bf16, q8, q4.
+        #[arg(long, default_value = "f16")]
+        codec: Codec,
+        /// Wrap the prompt in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Do not stop at end-of-sequence tokens.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Also write the run's timings as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Load one slice, run one forward, and report what it read and holds (JSON).
     ShardInfo {
@@ -150,6 +190,31 @@ fn main() -> ExitCode {
             end,
             mode,
         } => cmd_shard_info(model, start, end, mode),
+        Command::Swarm {
+            model,
+            nodes,
+            replicas,
+            prompt,
+            max_tokens,
+            sampling,
+            mode,
+            codec,
+            chat,
+            ignore_eos,
+            json,
+        } => cmd_swarm(SwarmArgs {
+            model,
+            nodes,
+            replicas,
+            prompt,
+            max_tokens,
+            sampling,
+            mode,
+            codec,
+            chat,
+            ignore_eos,
+            json,
+        }),
         Command::Bench {
             model,
             modes,
@@ -233,26 +298,11 @@ fn load_pipeline(
 fn cmd_generate(args: GenerateArgs) -> Result<(), Error> {
     let mut pipeline = load_pipeline(&args.model, &args.split, args.mode)?;
     let tokenizer = pipeline.tokenizer()?;
-    let text = if args.chat {
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(ChatMessage::new("system", system));
-        }
-        messages.push(ChatMessage::new("user", &args.prompt));
-        tokenizer.apply_chat_template(&messages, true)?
-    } else {
-        args.prompt.clone()
-    };
+    let text = chat_or_plain(&tokenizer, &args.prompt, args.chat, args.system.as_deref())?;
     let prompt = tokenizer.encode(&text)?;
     let config = GenerationConfig {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.sampling.temperature,
-            top_k: args.sampling.top_k,
-            top_p: args.sampling.top_p,
-            repetition_penalty: args.sampling.repeat_penalty,
-            seed: args.sampling.seed,
-        },
+        sampling: args.sampling.params(),
         stop_tokens: Vec::new(),
         ignore_eos: args.ignore_eos,
     };
@@ -279,6 +329,124 @@ fn cmd_generate(args: GenerateArgs) -> Result<(), Error> {
         args.threads
     );
     Ok(())
+}
+
+struct SwarmArgs {
+    model: PathBuf,
+    nodes: usize,
+    replicas: usize,
+    prompt: String,
+    max_tokens: usize,
+    sampling: SamplingArgs,
+    mode: ComputeMode,
+    codec: Codec,
+    chat: bool,
+    ignore_eos: bool,
+    json: Option<PathBuf>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repeat_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+fn chat_or_plain(
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<String, Error> {
+    if !chat {
+        return Ok(prompt.to_string());
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(ChatMessage::new("system", system));
+    }
+    messages.push(ChatMessage::new("user", prompt));
+    tokenizer.apply_chat_template(&messages, true)
+}
+
+fn cmd_swarm(args: SwarmArgs) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let t0 = Instant::now();
+        let options = EngineOptions {
+            mode: args.mode,
+            ..EngineOptions::default()
+        };
+        let swarm = LocalSwarm::start(&args.model, args.nodes, args.replicas, options, &mut |line| eprintln!("{line}")).await?;
+        let route = swarm.plan()?;
+        eprintln!(
+            "swarm of {} nodes up in {:.2}s; route: {}",
+            swarm.nodes.len(),
+            t0.elapsed().as_secs_f64(),
+            route
+                .iter()
+                .map(|h| format!("{}[{}..{}]", h.node.fmt_short(), h.layers.start, h.layers.end))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        );
+        let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default()).await?;
+        let text = chat_or_plain(swarm.tokenizer(), &args.prompt, args.chat, None)?;
+        let prompt = swarm.tokenizer().encode(&text)?;
+        let config = GenerationConfig {
+            max_tokens: args.max_tokens,
+            sampling: args.sampling.params(),
+            stop_tokens: Vec::new(),
+            ignore_eos: args.ignore_eos,
+        };
+        let out = swarm
+            .generate(
+                &client,
+                prompt,
+                config,
+                args.codec,
+                Box::new(|piece: &str| {
+                    let mut stdout = std::io::stdout();
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                }),
+            )
+            .await?;
+        println!();
+        eprintln!(
+            "{} prompt tokens, {} generated ({:?}) through {} hops; prefill {:.1} tok/s, decode {:.1} tok/s",
+            out.prompt_tokens,
+            out.tokens.len(),
+            out.finish,
+            route.len(),
+            out.prefill_tokens_per_sec(),
+            out.decode_tokens_per_sec()
+        );
+        if let Some(path) = args.json {
+            let report = serde_json::json!({
+                "hops": route.len(),
+                "nodes": swarm.nodes.len(),
+                "codec": format!("{:?}", args.codec).to_lowercase(),
+                "mode": args.mode,
+                "prompt_tokens": out.prompt_tokens,
+                "generated": out.tokens.len(),
+                "prefill_tokens_per_sec": out.prefill_tokens_per_sec(),
+                "decode_tokens_per_sec": out.decode_tokens_per_sec(),
+                "machine": machine_name(),
+            });
+            std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default())?;
+        }
+        client.shutdown().await;
+        swarm.shutdown().await;
+        Ok(())
+    })
 }
 
 fn cmd_shard_info(
@@ -432,6 +600,5 @@ fn cmd_bench(
         )?;
         eprintln!("wrote {}", path.display());
     }
-    let _ = split_ranges;
     Ok(())
 }
