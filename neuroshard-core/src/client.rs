@@ -8,7 +8,8 @@ use crate::generate::TokenBackend;
 use crate::model::sampling::SamplingParams;
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::proto::{
-    read_message, write_message, Message, RouteHop, SessionOpen, SignedOpen, INFER_ALPN,
+    read_message, write_message, Message, RouteHop, SessionOpen, SignedOpen, DIAL_TIMEOUT,
+    INFER_ALPN,
 };
 use crate::net::{NetError, NodeId};
 use crate::wire::Codec;
@@ -122,6 +123,7 @@ impl Client {
                 Ok(Message::Error { message, .. }) => {
                     session.close().await;
                     return Err(NetError::HopFailed {
+                        node: Some(hop.node),
                         hop: hop.node.fmt_short().to_string(),
                         message,
                     });
@@ -163,15 +165,18 @@ impl Client {
                 return Ok(c.clone());
             }
         }
+        lock(&self.inner.conns).remove(&node);
         let addr = addrs
             .iter()
             .fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
-        let conn = self
-            .inner
-            .endpoint
-            .connect(addr, INFER_ALPN)
-            .await
-            .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
+        let conn =
+            tokio::time::timeout(DIAL_TIMEOUT, self.inner.endpoint.connect(addr, INFER_ALPN))
+                .await
+                .map_err(|_| NetError::Timeout {
+                    what: format!("dialing {}", node.fmt_short()),
+                    ms: DIAL_TIMEOUT.as_millis() as u64,
+                })?
+                .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
         lock(&self.inner.conns).insert(node, conn.clone());
         let inner = self.inner.clone();
         let incoming = conn.clone();
@@ -235,6 +240,8 @@ impl RemoteSession {
             .first()
             .cloned()
             .ok_or_else(|| NetError::Malformed("empty route".into()))?;
+        // Reports of an earlier, failed attempt must not be mistaken for this step's.
+        while self.rx.try_recv().is_ok() {}
         let conn = self.client.connection(first.node, &first.addrs).await?;
         let mut send = conn
             .open_uni()
@@ -264,6 +271,7 @@ impl RemoteSession {
                 Some(Message::Token { .. }) => continue,
                 Some(Message::Error { hop, message, .. }) => {
                     return Err(NetError::HopFailed {
+                        node: Some(hop),
                         hop: hop.fmt_short().to_string(),
                         message,
                     })
@@ -274,26 +282,97 @@ impl RemoteSession {
         }
     }
 
+    /// The current route.
+    pub fn route(&self) -> &[RouteHop] {
+        &self.open.route
+    }
+
+    /// Asks every hop of the route whether it is alive (each within `deadline`); returns the
+    /// ones that did not answer.
+    pub async fn probe(&self, deadline: Duration) -> Vec<NodeId> {
+        let mut dead = Vec::new();
+        for hop in &self.open.route {
+            let alive =
+                tokio::time::timeout(deadline, self.client.request(hop, &Message::Ping)).await;
+            if !matches!(alive, Ok(Ok(Message::Ok))) {
+                dead.push(hop.node);
+            }
+        }
+        dead
+    }
+
+    /// Moves the session to `route` (same session id): hops that already hold it keep their
+    /// KV cache and adopt the new route; new hops open it. The caller then replays from the
+    /// first position any hop may lack.
+    pub async fn reroute(&mut self, route: Vec<RouteHop>) -> Result<(), NetError> {
+        self.open.route = route;
+        self.open.timestamp_ms = now_ms();
+        let signed = SignedOpen::sign(&self.open, &self.client.inner.key)?;
+        let mut opened = Vec::new();
+        for hop in self.open.route.clone() {
+            match self
+                .client
+                .request(&hop, &Message::Open(signed.clone()))
+                .await?
+            {
+                Message::Ok => opened.push(hop),
+                Message::Error { message, .. } => {
+                    return Err(NetError::HopFailed {
+                        node: Some(hop.node),
+                        hop: hop.node.fmt_short().to_string(),
+                        message,
+                    })
+                }
+                other => return Err(NetError::Malformed(format!("unexpected reply {other:?}"))),
+            }
+        }
+        // Hops dropped from the route are told to free the session (best effort).
+        for old in std::mem::replace(&mut self.opened, opened) {
+            if !self.opened.iter().any(|h| h.node == old.node) {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    self.client.request(
+                        &old,
+                        &Message::Close {
+                            session: self.open.session,
+                        },
+                    ),
+                )
+                .await;
+            }
+        }
+        Ok(())
+    }
+
     /// Closes the session on every hop that opened it (best effort: a dead hop is skipped).
     pub async fn close(&mut self) {
         lock(&self.client.inner.sessions).remove(&self.open.session);
         for hop in std::mem::take(&mut self.opened) {
-            let _ = self
-                .client
-                .request(
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.client.request(
                     &hop,
                     &Message::Close {
                         session: self.open.session,
                     },
-                )
-                .await;
+                ),
+            )
+            .await;
         }
     }
 }
 
+/// Re-plans a route avoiding the given nodes (failover).
+pub type Replanner = Box<dyn FnMut(&[NodeId]) -> Result<Vec<RouteHop>, NetError> + Send>;
+
 /// Runs a [`RemoteSession`] from synchronous code (e.g. [`crate::generate`] on a blocking
 /// thread) through a tokio runtime handle. Do not use it on a runtime worker thread.
-#[derive(Debug)]
+///
+/// With a `replanner`, a failed step fails over: the failed hop is identified (named by the
+/// error, or found by probing every hop), the route is re-planned without it, the session is
+/// moved to the new route and the whole context is replayed from position 0. KV caches are
+/// position-indexed and draws depend only on (seed, position), so the text continues exactly
+/// as it would have without the failure.
 pub struct BlockingSession {
     /// The session.
     pub session: RemoteSession,
@@ -301,6 +380,73 @@ pub struct BlockingSession {
     pub handle: tokio::runtime::Handle,
     /// Context length of the model.
     pub context_len: usize,
+    /// Re-plans around failed nodes; `None` disables failover.
+    pub replanner: Option<Replanner>,
+    /// Nodes given up on so far.
+    pub failed: Vec<NodeId>,
+    /// Most failovers for one step.
+    pub max_failovers: usize,
+}
+
+impl std::fmt::Debug for BlockingSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockingSession")
+            .field("session", &self.session)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlockingSession {
+    /// A session without failover.
+    pub fn new(session: RemoteSession, handle: tokio::runtime::Handle, context_len: usize) -> Self {
+        BlockingSession {
+            session,
+            handle,
+            context_len,
+            replanner: None,
+            failed: Vec::new(),
+            max_failovers: 3,
+        }
+    }
+
+    /// Enables failover with `replanner`.
+    pub fn with_failover(mut self, replanner: Replanner) -> Self {
+        self.replanner = Some(replanner);
+        self
+    }
+
+    /// Finds the failed hops after `error`, re-plans and moves the session.
+    fn fail_over(&mut self, error: &NetError) -> Result<(), NetError> {
+        let mut failed: Vec<NodeId> = match error {
+            NetError::HopFailed { node: Some(n), .. } => vec![*n],
+            _ => Vec::new(),
+        };
+        let probed = self
+            .handle
+            .block_on(self.session.probe(Duration::from_secs(2)));
+        for n in probed {
+            if !failed.contains(&n) {
+                failed.push(n);
+            }
+        }
+        if failed.is_empty() {
+            return Err(NetError::Io(format!(
+                "step failed but every hop answers: {error}"
+            )));
+        }
+        for n in failed {
+            if !self.failed.contains(&n) {
+                self.failed.push(n);
+            }
+        }
+        let replanner = self
+            .replanner
+            .as_mut()
+            .ok_or_else(|| NetError::Io("failover disabled".into()))?;
+        let route = replanner(&self.failed)?;
+        self.handle.block_on(self.session.reroute(route))
+    }
 }
 
 impl TokenBackend for BlockingSession {
@@ -308,11 +454,23 @@ impl TokenBackend for BlockingSession {
         &mut self,
         tokens: &[u32],
         start_pos: usize,
-        _context: &[u32],
+        context: &[u32],
         _sampling: &SamplingParams,
     ) -> crate::Result<u32> {
         // The last hop samples with the parameters of the session-open and keeps the context.
-        Ok(self.handle.block_on(self.session.step(tokens, start_pos))?)
+        let mut result = self.handle.block_on(self.session.step(tokens, start_pos));
+        let mut tries = 0;
+        while let Err(error) = &result {
+            if self.replanner.is_none() || tries >= self.max_failovers {
+                break;
+            }
+            tries += 1;
+            self.fail_over(error)?;
+            // Replay everything: hops that kept their cache overwrite it with the same values.
+            let end = (start_pos + tokens.len()).min(context.len());
+            result = self.handle.block_on(self.session.step(&context[..end], 0));
+        }
+        Ok(result?)
     }
 
     fn context_len(&self) -> usize {

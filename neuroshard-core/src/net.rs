@@ -88,6 +88,8 @@ pub enum NetError {
     /// A hop refused a request or failed a step.
     #[error("hop {hop} failed: {message}")]
     HopFailed {
+        /// The failing node, when known.
+        node: Option<NodeId>,
         /// Short id of the failing hop.
         hop: String,
         /// Its message.

@@ -11,7 +11,7 @@ use crate::model::sampling::sample;
 use crate::model::shard::{ShardInput, ShardOutput};
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::proto::{
-    read_message, write_message, Message, SessionOpen, SignedOpen, INFER_ALPN,
+    read_message, write_message, Message, SessionOpen, SignedOpen, DIAL_TIMEOUT, INFER_ALPN,
 };
 use crate::net::{NetError, NodeId};
 use crate::wire::{read_frame, write_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
@@ -201,6 +201,7 @@ impl Inner {
                     self.error_msg(0, e)
                 }
             },
+            Message::Ping => Message::Ok,
             Message::Close { session } => {
                 let owned = lock(&self.sessions)
                     .get(&session)
@@ -246,9 +247,24 @@ impl Inner {
             ));
         }
         let codec = Codec::from_u8(open.codec).map_err(|e| e.to_string())?;
-        self.engine
-            .open_session(open.session)
-            .map_err(|e| e.to_string())?;
+        // The same client re-opening a session it holds here is a re-route after a failure:
+        // adopt the new route and keep the KV cache (replayed positions overwrite it).
+        let existing = lock(&self.sessions)
+            .get(&open.session)
+            .map(|s| s.open.client);
+        match existing {
+            Some(client) if client == remote => {}
+            Some(_) => {
+                return Err(format!(
+                    "session {} belongs to another client",
+                    open.session
+                ))
+            }
+            None => self
+                .engine
+                .open_session(open.session)
+                .map_err(|e| e.to_string())?,
+        }
         self.counters
             .sessions_opened
             .fetch_add(1, Ordering::Relaxed);
@@ -337,28 +353,41 @@ impl Inner {
             ShardOutput::Hidden(h) => self.forward_hidden(&hop, start_pos, &h).await,
             ShardOutput::Logits(l) => self.send_token(&hop, start_pos as usize + fed, &l).await,
         };
-        if let Err(e) = result {
-            self.report(&hop, e.to_string()).await;
+        if let Err((failed, e)) = result {
+            self.report_node(&hop, failed, e.to_string()).await;
         }
     }
 
+    /// Sends the hidden state to the successor. A failure to reach it blames the successor,
+    /// so the client replaces that node, not this one.
     async fn forward_hidden(
         &self,
         hop: &HopSession,
         start_pos: u32,
         hidden: &Tensor,
-    ) -> Result<(), NetError> {
-        let next =
-            hop.open.route.get(hop.index + 1).ok_or_else(|| {
-                NetError::Malformed("hidden state produced by the last hop".into())
-            })?;
-        let conn = self.connection(next.node, &next.addrs).await?;
-        let mut send = conn
-            .open_uni()
+    ) -> Result<(), (NodeId, NetError)> {
+        let me = self.endpoint.id();
+        let next = hop.open.route.get(hop.index + 1).ok_or_else(|| {
+            (
+                me,
+                NetError::Malformed("hidden state produced by the last hop".into()),
+            )
+        })?;
+        let blame = |e: String| {
+            (
+                next.node,
+                NetError::Io(format!("successor unreachable: {e}")),
+            )
+        };
+        let conn = self
+            .connection(next.node, &next.addrs)
             .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
+            .map_err(|e| blame(e.to_string()))?;
+        let mut send = conn.open_uni().await.map_err(|e| blame(e.to_string()))?;
         let session = hop.open.session;
-        write_message(&mut send, &Message::Hidden { session, start_pos }).await?;
+        write_message(&mut send, &Message::Hidden { session, start_pos })
+            .await
+            .map_err(|e| blame(e.to_string()))?;
         write_frame(
             &mut send,
             hidden,
@@ -370,13 +399,25 @@ impl Inner {
             false,
         )
         .await
-        .map_err(|e| NetError::Io(e.to_string()))?;
-        send.finish().map_err(|e| NetError::Io(e.to_string()))
+        .map_err(|e| blame(e.to_string()))?;
+        send.finish().map_err(|e| blame(e.to_string()))
     }
 
     /// Samples the token at `position` (one past the last input position) and sends it to the
     /// client. The draw depends only on (seed, position), like local generation.
     async fn send_token(
+        &self,
+        hop: &HopSession,
+        position: usize,
+        logits: &Tensor,
+    ) -> Result<(), (NodeId, NetError)> {
+        let me = self.endpoint.id();
+        self.send_token_inner(hop, position, logits)
+            .await
+            .map_err(|e| (me, e))
+    }
+
+    async fn send_token_inner(
         &self,
         hop: &HopSession,
         position: usize,
@@ -414,10 +455,20 @@ impl Inner {
 
     /// Tells the client this hop failed on its session.
     async fn report(&self, hop: &HopSession, message: String) {
+        self.report_node(hop, self.endpoint.id(), message).await
+    }
+
+    /// Tells the client that `failed` (this hop or its successor) failed on its session.
+    async fn report_node(&self, hop: &HopSession, failed: NodeId, message: String) {
         self.counters.rejected.fetch_add(1, Ordering::Relaxed);
         if let Ok(conn) = self.connection(hop.open.client, &[]).await {
             if let Ok(mut send) = conn.open_uni().await {
-                let _ = write_message(&mut send, &self.error_msg(hop.open.session, message)).await;
+                let msg = Message::Error {
+                    session: hop.open.session,
+                    hop: failed,
+                    message,
+                };
+                let _ = write_message(&mut send, &msg).await;
                 let _ = send.finish();
             }
         }
@@ -434,13 +485,16 @@ impl Inner {
                 return Ok(c.clone());
             }
         }
+        lock(&self.conns).remove(&node);
         let addr = addrs
             .iter()
             .fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
-        let conn = self
-            .endpoint
-            .connect(addr, INFER_ALPN)
+        let conn = tokio::time::timeout(DIAL_TIMEOUT, self.endpoint.connect(addr, INFER_ALPN))
             .await
+            .map_err(|_| NetError::Timeout {
+                what: format!("dialing {}", node.fmt_short()),
+                ms: DIAL_TIMEOUT.as_millis() as u64,
+            })?
             .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
         lock(&self.conns).insert(node, conn.clone());
         Ok(conn)

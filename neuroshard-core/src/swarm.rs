@@ -181,12 +181,34 @@ impl LocalSwarm {
             .min()
             .unwrap_or(0);
         let mut on_text = on_text;
+        let announcements = self.announcements()?;
+        let (model_id, layers) = (self.model_id.clone(), self.layers);
+        // Failover re-plans from the same announcements with the failed nodes excluded.
+        let replanner: crate::client::Replanner =
+            Box::new(move |failed: &[crate::net::NodeId]| {
+                let mut peers = PeerSet::new(model_id.clone());
+                let now = now_ms();
+                for ann in &announcements {
+                    peers.insert(ann, now)?;
+                }
+                let opts = RouteOptions {
+                    exclude: failed.to_vec(),
+                    ..RouteOptions::default()
+                };
+                Ok(peers
+                    .plan_route(layers, now, &opts)?
+                    .hops
+                    .into_iter()
+                    .map(|h| RouteHop {
+                        node: h.node,
+                        layers: h.layers.start as u32..h.layers.end as u32,
+                        addrs: h.addrs,
+                    })
+                    .collect())
+            });
         let (out, mut session) = tokio::task::spawn_blocking(move || {
-            let mut backend = BlockingSession {
-                session,
-                handle,
-                context_len,
-            };
+            let mut backend =
+                BlockingSession::new(session, handle, context_len).with_failover(replanner);
             let out = generate(
                 &mut backend,
                 Some(&tokenizer),

@@ -75,11 +75,7 @@ async fn three_nodes_generate_the_reference_text() {
     let handle = tokio::runtime::Handle::current();
     let max_tokens = expected.len();
     let (out, mut session) = tokio::task::spawn_blocking(move || {
-        let mut backend = BlockingSession {
-            session,
-            handle,
-            context_len: 8192,
-        };
+        let mut backend = BlockingSession::new(session, handle, 8192);
         let config = GenerationConfig {
             max_tokens,
             ignore_eos: true,

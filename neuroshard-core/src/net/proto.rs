@@ -17,6 +17,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const INFER_ALPN: &[u8] = b"neuroshard/infer/1";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
 pub const MAX_CONTROL: usize = 1 << 20;
+/// How long dialing a peer may take before it counts as unreachable.
+pub const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One hop of a session's route, as the client planned it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +92,8 @@ impl SignedOpen {
 pub enum Message {
     /// Request (bi stream): set up a session on this hop.
     Open(SignedOpen),
+    /// Request (bi stream): are you alive? Replied with `Ok`.
+    Ping,
     /// Request (bi stream): drop a session.
     Close {
         /// The session.
@@ -101,7 +105,8 @@ pub enum Message {
     Error {
         /// The session concerned (0 if none).
         session: u64,
-        /// The node reporting it.
+        /// The node that failed: the reporter itself, or its successor when that is
+        /// unreachable.
         hop: NodeId,
         /// What went wrong.
         message: String,

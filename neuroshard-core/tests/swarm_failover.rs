@@ -1,0 +1,95 @@
+//! Failover in a 3-slice x 2-replica swarm on 127.0.0.1: the first, a middle and the last hop
+//! are killed mid-generation (their endpoint closes between two steps). The client re-plans
+//! around the dead node, moves the session and replays the context; the text must equal the
+//! undisturbed reference, the killed node must have served steps before the fault and its
+//! replica after it.
+
+mod common;
+
+use common::*;
+use neuroshard_core::client::Client;
+use neuroshard_core::net::endpoint::EndpointOptions;
+use neuroshard_core::swarm::LocalSwarm;
+use neuroshard_core::wire::Codec;
+use neuroshard_core::{EngineOptions, GenerationConfig};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_any_hop_mid_generation_keeps_the_text() {
+    let mut swarm = LocalSwarm::start(&smollm2(), 3, 2, EngineOptions::default(), &mut |_| {})
+        .await
+        .expect("swarm");
+    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
+        .await
+        .expect("client");
+    let reference = reference_json("smollm2");
+    let prompt = ids_from_json(&reference["input_ids"]);
+    let expected = ids_from_json(&reference["greedy_ids"]);
+    for victim_hop in 0..3 {
+        let route = swarm.plan().expect("plan");
+        let victim = swarm
+            .nodes
+            .iter()
+            .find(|n| n.id() == route[victim_hop].node)
+            .cloned()
+            .expect("victim");
+        let layers = victim.engine().layers();
+        let replica = swarm
+            .nodes
+            .iter()
+            .find(|n| n.id() != victim.id() && n.engine().layers() == layers)
+            .cloned()
+            .expect("replica");
+        let replica_before = replica.counters().steps.load(Ordering::Relaxed);
+        let victim_steps_at_kill = Arc::new(Mutex::new(None));
+        let (seen, handle) = (
+            victim_steps_at_kill.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let killer = victim.clone();
+        let mut pieces = 0;
+        let on_text = Box::new(move |_: &str| {
+            pieces += 1;
+            if pieces == 8 {
+                // Runs on the generation thread, between two steps.
+                *seen.lock().expect("lock") = Some(killer.counters().steps.load(Ordering::Relaxed));
+                handle.block_on(killer.shutdown());
+            }
+        });
+        let config = GenerationConfig {
+            max_tokens: expected.len(),
+            ignore_eos: true,
+            ..GenerationConfig::default()
+        };
+        let out = swarm
+            .generate(&client, prompt.clone(), config, Codec::F16, on_text)
+            .await
+            .expect("generate");
+        assert_eq!(
+            out.tokens, expected,
+            "hop {victim_hop} killed: text changed"
+        );
+        let at_kill = victim_steps_at_kill
+            .lock()
+            .expect("lock")
+            .expect("victim was killed");
+        assert!(
+            at_kill >= 8,
+            "hop {victim_hop}: victim served {at_kill} steps before the fault"
+        );
+        assert_eq!(
+            victim.counters().steps.load(Ordering::Relaxed),
+            at_kill,
+            "victim served nothing after death"
+        );
+        let replica_after = replica.counters().steps.load(Ordering::Relaxed);
+        assert!(
+            replica_after > replica_before,
+            "hop {victim_hop}: replica never served"
+        );
+        swarm.nodes.retain(|n| n.id() != victim.id());
+    }
+    client.shutdown().await;
+    swarm.shutdown().await;
+}
