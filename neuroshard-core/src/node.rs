@@ -9,18 +9,29 @@
 use crate::engine::{ForwardRequest, ShardEngine};
 use crate::model::sampling::sample;
 use crate::model::shard::{ShardInput, ShardOutput};
+use crate::model::tokenizer::Tokenizer;
+use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::endpoint::{bind, EndpointOptions};
+use crate::net::peers::PeerSet;
+use crate::net::proto::ModelInfo;
 use crate::net::proto::{
     read_message, write_message, Message, SessionOpen, SignedOpen, DIAL_TIMEOUT, INFER_ALPN,
 };
 use crate::net::{NetError, NodeId};
 use crate::wire::{read_frame, write_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
 use candle_core::{Device, Tensor};
+use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::Connection;
+use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, SecretKey};
+use iroh_gossip::api::Event;
+use iroh_gossip::{Gossip, TopicId};
+use n0_future::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Counters of what a node did (tests read them to see who served which step).
 #[derive(Debug, Default)]
@@ -48,12 +59,65 @@ struct Inner {
     sessions: Mutex<HashMap<u64, Arc<HopSession>>>,
     conns: Mutex<HashMap<NodeId, Connection>>,
     counters: NodeCounters,
+    /// The swarm as gossip has shown it (this node's own announcement included).
+    peers: Mutex<PeerSet>,
+    /// Addresses learned from announcements, for gossip and for dialing by id.
+    lookup: MemoryLookup,
+    /// Built on first request (a tokenizer export is a few MB).
+    model_info: OnceLock<Result<ModelInfo, String>>,
 }
 
-/// A running node: one slice, one endpoint, the inference protocol.
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("id", &self.endpoint.id().fmt_short().to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The inference protocol as an iroh [`ProtocolHandler`].
+#[derive(Debug, Clone)]
+struct InferProtocol(Arc<Inner>);
+
+impl ProtocolHandler for InferProtocol {
+    async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
+        self.0.clone().serve_connection(connection).await;
+        Ok(())
+    }
+}
+
+/// How a node joins and announces itself.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Endpoint binding (loopback, any port, offline by default).
+    pub endpoint: EndpointOptions,
+    /// Peers to join the swarm through (any node of the swarm will do).
+    pub bootstrap: Vec<EndpointAddr>,
+    /// How often the node re-announces itself.
+    pub announce_every: Duration,
+    /// How long an announcement stays valid: peers forget a node that stops announcing.
+    pub announce_ttl: Duration,
+    /// Sessions the node accepts at once (announced as its capacity).
+    pub capacity: u32,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            endpoint: EndpointOptions::default(),
+            bootstrap: Vec::new(),
+            announce_every: Duration::from_secs(2),
+            announce_ttl: Duration::from_secs(10),
+            capacity: 64,
+        }
+    }
+}
+
+/// A running node: one slice, one endpoint, the inference protocol and gossip discovery.
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<Inner>,
+    router: Router,
 }
 
 impl std::fmt::Debug for Node {
@@ -73,36 +137,111 @@ pub fn model_id(engine: &ShardEngine) -> String {
         .collect()
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Node {
-    /// Binds an endpoint with `key` and serves `engine` until [`Node::shutdown`].
+    /// Binds an endpoint with `key` and serves `engine` (no bootstrap peers) until
+    /// [`Node::shutdown`].
     pub async fn spawn(
         engine: Arc<ShardEngine>,
         key: SecretKey,
-        options: EndpointOptions,
+        endpoint: EndpointOptions,
     ) -> Result<Node, NetError> {
-        let mut options = options;
-        options.alpns = vec![INFER_ALPN.to_vec()];
-        let endpoint = bind(key, &options).await?;
-        let inner = Arc::new(Inner {
-            model_id: model_id(&engine),
+        Self::spawn_with(
             engine,
-            endpoint,
+            key,
+            NodeOptions {
+                endpoint,
+                ..NodeOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Binds, serves, joins the swarm's gossip topic through `options.bootstrap` and announces
+    /// itself every `options.announce_every`.
+    pub async fn spawn_with(
+        engine: Arc<ShardEngine>,
+        key: SecretKey,
+        options: NodeOptions,
+    ) -> Result<Node, NetError> {
+        let lookup = MemoryLookup::new();
+        for addr in &options.bootstrap {
+            lookup.add_endpoint_info(addr.clone());
+        }
+        let mut endpoint_options = options.endpoint.clone();
+        endpoint_options.alpns = vec![INFER_ALPN.to_vec(), iroh_gossip::ALPN.to_vec()];
+        endpoint_options.lookup = Some(lookup.clone());
+        let endpoint = bind(key, &endpoint_options).await?;
+        let model_id = model_id(&engine);
+        let inner = Arc::new(Inner {
+            peers: Mutex::new(PeerSet::new(model_id.clone())),
+            model_id,
+            engine,
+            endpoint: endpoint.clone(),
             sessions: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             counters: NodeCounters::default(),
+            lookup,
+            model_info: OnceLock::new(),
         });
-        let accept = inner.clone();
+        let gossip = Gossip::builder().spawn(endpoint.clone());
+        let router = Router::builder(endpoint)
+            .accept(INFER_ALPN, InferProtocol(inner.clone()))
+            .accept(iroh_gossip::ALPN, gossip.clone())
+            .spawn();
+        let topic = TopicId::from_bytes(*blake3::hash(inner.model_id.as_bytes()).as_bytes());
+        let bootstrap = options.bootstrap.iter().map(|a| a.id).collect();
+        let (sender, mut receiver) = gossip
+            .subscribe(topic, bootstrap)
+            .await
+            .map_err(|e| NetError::Io(format!("joining gossip: {e}")))?
+            .split();
+        // Announce now and periodically; forget peers whose announcements expired.
+        let announcer = inner.clone();
         tokio::spawn(async move {
-            while let Some(incoming) = accept.endpoint.accept().await {
-                let inner = accept.clone();
-                tokio::spawn(async move {
-                    if let Ok(conn) = incoming.await {
-                        inner.serve_connection(conn).await;
+            loop {
+                if let Ok(signed) = announcer.announcement(&options) {
+                    let now = now_ms();
+                    let _ = lock(&announcer.peers).insert(&signed, now);
+                    lock(&announcer.peers).expire(now);
+                    if let Ok(bytes) = signed.to_bytes() {
+                        if sender.broadcast(bytes.into()).await.is_err() {
+                            break;
+                        }
                     }
-                });
+                }
+                tokio::time::sleep(options.announce_every).await;
             }
         });
-        Ok(Node { inner })
+        // Verify what gossip delivers into the PeerSet; invalid announcements are dropped.
+        let listener = inner.clone();
+        tokio::spawn(async move {
+            while let Some(event) = receiver.next().await {
+                let Ok(Event::Received(msg)) = event else {
+                    continue;
+                };
+                let Ok(signed) = SignedAnnouncement::from_bytes(&msg.content) else {
+                    continue;
+                };
+                let accepted = lock(&listener.peers).insert(&signed, now_ms());
+                if accepted.is_ok() {
+                    if let Ok(ann) = signed.verify() {
+                        let addr = ann
+                            .addrs
+                            .iter()
+                            .fold(EndpointAddr::new(ann.node), |a, s| a.with_ip_addr(*s));
+                        listener.lookup.add_endpoint_info(addr);
+                    }
+                }
+            }
+        });
+        Ok(Node { inner, router })
     }
 
     /// The node's id.
@@ -135,9 +274,14 @@ impl Node {
         &self.inner.counters
     }
 
-    /// Closes the endpoint (open connections are closed, peers see the node gone).
+    /// A snapshot of the swarm as this node sees it.
+    pub fn peers(&self) -> PeerSet {
+        lock(&self.inner.peers).clone()
+    }
+
+    /// Stops accepting, closes the endpoint (peers see the node gone).
     pub async fn shutdown(&self) {
-        self.inner.endpoint.close().await;
+        let _ = self.router.shutdown().await;
     }
 }
 
@@ -147,6 +291,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// This node's current signed announcement.
+    fn announcement(&self, options: &NodeOptions) -> Result<SignedAnnouncement, NetError> {
+        let now = now_ms();
+        let layers = self.engine.layers();
+        let ann = Announcement {
+            protocol_version: PROTOCOL_VERSION,
+            node: self.endpoint.id(),
+            model_id: self.model_id.clone(),
+            weight_updates: self.engine.version().updates,
+            layers: layers.start as u32..layers.end as u32,
+            capacity: options.capacity,
+            load: lock(&self.sessions).len() as u32,
+            addrs: self.endpoint.bound_sockets(),
+            entry: true,
+            timestamp_ms: now,
+            expires_ms: now + options.announce_ttl.as_millis() as u64,
+        };
+        SignedAnnouncement::sign(&ann, self.endpoint.secret_key())
+    }
+
+    fn model_info(&self) -> Result<ModelInfo, String> {
+        self.model_info
+            .get_or_init(|| {
+                let tokenizer = Tokenizer::for_model(self.engine.weight_file())
+                    .and_then(|t| t.export())
+                    .map_err(|e| e.to_string())?;
+                Ok(ModelInfo {
+                    model_id: self.model_id.clone(),
+                    layers: self.engine.config().num_layers as u32,
+                    context_len: self.engine.max_session_len() as u32,
+                    tokenizer,
+                })
+            })
+            .clone()
+    }
+
     async fn serve_connection(self: Arc<Self>, conn: Connection) {
         let remote = conn.remote_id();
         lock(&self.conns).insert(remote, conn.clone());
@@ -202,6 +382,20 @@ impl Inner {
                 }
             },
             Message::Ping => Message::Ok,
+            Message::GetPeers => {
+                let me = self.endpoint.id();
+                let peers = lock(&self.peers);
+                let mut list: Vec<_> = peers
+                    .iter()
+                    .map(|(id, e)| (*id == me, e.signed.clone()))
+                    .collect();
+                list.sort_by_key(|(mine, _)| !*mine);
+                Message::Peers(list.into_iter().map(|(_, s)| s).collect())
+            }
+            Message::GetModelInfo => match self.model_info() {
+                Ok(info) => Message::ModelInfo(info),
+                Err(e) => self.error_msg(0, e),
+            },
             Message::Close { session } => {
                 let owned = lock(&self.sessions)
                     .get(&session)

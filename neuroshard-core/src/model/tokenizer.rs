@@ -46,6 +46,21 @@ impl ChatMessage {
     }
 }
 
+/// A tokenizer in transferable form (served by entry nodes as part of the model info).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenizerInfo {
+    /// The Hugging Face `tokenizer.json` text.
+    pub json: String,
+    /// The chat template (Jinja), if any.
+    pub chat_template: Option<String>,
+    /// Token ids that end generation.
+    pub eos_ids: Vec<u32>,
+    /// Beginning-of-sequence id and text.
+    pub bos: Option<(u32, String)>,
+    /// Whether encoding prepends BOS.
+    pub add_bos: bool,
+}
+
 /// Text <-> token ids for one model, with its chat template and stop tokens.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -249,6 +264,29 @@ impl Tokenizer {
     /// Decodes ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// Everything a client needs to rebuild this tokenizer without the model file.
+    pub fn export(&self) -> Result<TokenizerInfo> {
+        Ok(TokenizerInfo {
+            json: self.inner.to_string(false).map_err(tok_err)?,
+            chat_template: self.chat_template.clone(),
+            eos_ids: self.eos_ids.clone(),
+            bos: self.bos.clone(),
+            add_bos: self.add_bos,
+        })
+    }
+
+    /// Rebuilds a tokenizer exported by [`Tokenizer::export`].
+    pub fn import(info: &TokenizerInfo) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = info.json.parse().map_err(tok_err)?;
+        Ok(Tokenizer {
+            inner,
+            chat_template: info.chat_template.clone(),
+            eos_ids: info.eos_ids.clone(),
+            bos: info.bos.clone(),
+            add_bos: info.add_bos,
+        })
     }
 
     /// Writes the tokenizer as a Hugging Face `tokenizer.json` (e.g. to serve it to clients

@@ -5,6 +5,7 @@
 //! explicit address. Real deployments turn relays (NAT traversal) and port mapping on.
 
 use super::NetError;
+use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::{presets, PortmapperConfig};
 use iroh::{Endpoint, EndpointAddr, NetReportConfig, RelayMode, SecretKey};
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ pub struct EndpointOptions {
     pub portmapper: bool,
     /// ALPN protocols this endpoint accepts.
     pub alpns: Vec<Vec<u8>>,
+    /// In-memory address book (gossip dials peers by id through it).
+    pub lookup: Option<MemoryLookup>,
 }
 
 impl Default for EndpointOptions {
@@ -30,6 +33,7 @@ impl Default for EndpointOptions {
             relays: false,
             portmapper: false,
             alpns: Vec::new(),
+            lookup: None,
         }
     }
 }
@@ -45,6 +49,9 @@ pub async fn bind(key: SecretKey, options: &EndpointOptions) -> Result<Endpoint,
         builder = builder
             .relay_mode(RelayMode::Disabled)
             .net_report_config(NetReportConfig::minimal());
+    }
+    if let Some(lookup) = &options.lookup {
+        builder = builder.address_lookup(lookup.clone());
     }
     if !options.portmapper {
         builder = builder.portmapper_config(PortmapperConfig::Disabled);
@@ -67,6 +74,30 @@ pub fn dial_addr(endpoint: &Endpoint) -> EndpointAddr {
         .fold(EndpointAddr::new(endpoint.id()), |addr, s| {
             addr.with_ip_addr(s)
         })
+}
+
+/// Parses a peer address: `<node id>@<ip:port>[,<ip:port>...]` (the line a node prints).
+pub fn parse_peer_addr(s: &str) -> Result<EndpointAddr, NetError> {
+    let (id, addrs) = s.trim().split_once('@').ok_or_else(|| {
+        NetError::Malformed(format!(
+            "peer address `{s}`: expected <node id>@<ip:port> as printed by `neuroshard node`"
+        ))
+    })?;
+    let id: iroh::PublicKey = id
+        .parse()
+        .map_err(|e| NetError::Malformed(format!("peer id `{id}`: {e}")))?;
+    addrs.split(',').try_fold(EndpointAddr::new(id), |addr, a| {
+        let sock: SocketAddr = a
+            .parse()
+            .map_err(|e| NetError::Malformed(format!("peer socket address `{a}`: {e}")))?;
+        Ok(addr.with_ip_addr(sock))
+    })
+}
+
+/// Formats an endpoint's address as `<node id>@<ip:port>,...` (what [`parse_peer_addr`] reads).
+pub fn format_peer_addr(addr: &EndpointAddr) -> String {
+    let socks: Vec<String> = addr.ip_addrs().map(|a| a.to_string()).collect();
+    format!("{}@{}", addr.id, socks.join(","))
 }
 
 /// Loads the node key from `path`, or creates one there (mode 0600) if the file is missing,

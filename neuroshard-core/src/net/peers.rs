@@ -15,6 +15,8 @@ pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
 pub struct PeerEntry {
     /// The node's newest accepted announcement.
     pub announcement: Announcement,
+    /// The same, as signed by the node (forwarded to clients that ask for peers).
+    pub signed: SignedAnnouncement,
     /// Smoothed measured round-trip latency to the node, if measured.
     pub latency_ms: Option<f64>,
     /// Banned until this time (ms), if banned.
@@ -99,12 +101,16 @@ impl PeerSet {
         }
         self.newest.insert(node, ann.timestamp_ms);
         match self.peers.get_mut(&node) {
-            Some(entry) => entry.announcement = ann,
+            Some(entry) => {
+                entry.announcement = ann;
+                entry.signed = signed.clone();
+            }
             None => {
                 self.peers.insert(
                     node,
                     PeerEntry {
                         announcement: ann,
+                        signed: signed.clone(),
                         latency_ms: None,
                         banned_until_ms: None,
                     },

@@ -20,6 +20,22 @@ pub const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
 pub const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// What an entry node tells clients about the model, so they need no model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Model id (routes and announcements must match it).
+    pub model_id: String,
+    /// Transformer layers in the model.
+    pub layers: u32,
+    /// Longest session.
+    pub context_len: u32,
+    /// Tokenizer, chat template, EOS ids.
+    pub tokenizer: crate::model::tokenizer::TokenizerInfo,
+}
+
+/// Largest reply a client accepts for model info (a tokenizer with its merges is a few MB).
+pub const MAX_MODEL_INFO: usize = 64 << 20;
+
 /// One hop of a session's route, as the client planned it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteHop {
@@ -94,6 +110,14 @@ pub enum Message {
     Open(SignedOpen),
     /// Request (bi stream): are you alive? Replied with `Ok`.
     Ping,
+    /// Request (bi stream): the signed announcements this node knows (replied with `Peers`).
+    GetPeers,
+    /// Reply: signed announcements, the node's own first.
+    Peers(Vec<super::SignedAnnouncement>),
+    /// Request (bi stream): what a client needs to run the model (replied with `ModelInfo`).
+    GetModelInfo,
+    /// Reply: model id, layer count, context length, tokenizer.
+    ModelInfo(ModelInfo),
     /// Request (bi stream): drop a session.
     Close {
         /// The session.
@@ -156,14 +180,22 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
 
 /// Reads a length-prefixed message (at most [`MAX_CONTROL`] bytes).
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, NetError> {
+    read_message_limited(r, MAX_CONTROL).await
+}
+
+/// Reads a length-prefixed message of at most `max` bytes (checked before allocating).
+pub async fn read_message_limited<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Message, NetError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)
         .await
         .map_err(|e| NetError::Io(e.to_string()))?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_CONTROL {
+    if len > max {
         return Err(NetError::Malformed(format!(
-            "control message of {len} bytes exceeds {MAX_CONTROL}"
+            "control message of {len} bytes exceeds {max}"
         )));
     }
     let mut body = vec![0u8; len];
