@@ -7,10 +7,12 @@
 use crate::generate::TokenBackend;
 use crate::model::sampling::SamplingParams;
 use crate::net::endpoint::{bind, EndpointOptions};
+use crate::net::peers::PeerSet;
 use crate::net::proto::{
     read_message, write_message, Message, RouteHop, SessionOpen, SignedOpen, DIAL_TIMEOUT,
     INFER_ALPN,
 };
+use crate::net::proto::{read_message_limited, ModelInfo, MAX_MODEL_INFO};
 use crate::net::{NetError, NodeId};
 use crate::wire::Codec;
 use iroh::endpoint::Connection;
@@ -199,6 +201,66 @@ impl Client {
             }
         });
         Ok(conn)
+    }
+
+    /// One request/response with any node by address (`limit`: largest reply accepted).
+    async fn request_addr(
+        &self,
+        addr: &EndpointAddr,
+        msg: &Message,
+        limit: usize,
+    ) -> Result<Message, NetError> {
+        let addrs: Vec<std::net::SocketAddr> = addr.ip_addrs().copied().collect();
+        let conn = self.connection(addr.id, &addrs).await?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        write_message(&mut send, msg).await?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))?;
+        read_message_limited(&mut recv, limit).await
+    }
+
+    /// The swarm as `entry` sees it: its signed announcements, verified into a fresh PeerSet
+    /// for `model_id` (a lying entry cannot forge other nodes' announcements).
+    pub async fn fetch_peers(
+        &self,
+        entry: &EndpointAddr,
+        model_id: &str,
+    ) -> Result<PeerSet, NetError> {
+        let reply = self
+            .request_addr(entry, &Message::GetPeers, MAX_MODEL_INFO)
+            .await?;
+        let Message::Peers(list) = reply else {
+            return Err(NetError::Malformed(format!(
+                "expected peers, got {reply:?}"
+            )));
+        };
+        let mut peers = PeerSet::new(model_id);
+        let now = now_ms();
+        for signed in &list {
+            // Invalid or foreign announcements are skipped, not fatal.
+            let _ = peers.insert(signed, now);
+        }
+        Ok(peers)
+    }
+
+    /// Model id, layer count and tokenizer from an entry node: no model file needed.
+    pub async fn fetch_model_info(&self, entry: &EndpointAddr) -> Result<ModelInfo, NetError> {
+        match self
+            .request_addr(entry, &Message::GetModelInfo, MAX_MODEL_INFO)
+            .await?
+        {
+            Message::ModelInfo(info) => Ok(info),
+            Message::Error { hop, message, .. } => Err(NetError::HopFailed {
+                node: Some(hop),
+                hop: hop.fmt_short().to_string(),
+                message,
+            }),
+            other => Err(NetError::Malformed(format!(
+                "expected model info, got {other:?}"
+            ))),
+        }
     }
 
     /// Closes the endpoint.
