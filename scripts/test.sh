@@ -25,4 +25,6 @@ echo "== cargo clippy"
 cargo clippy --release --workspace --all-targets -- -D warnings
 
 echo "== cargo test (release)"
-cargo test --release --workspace
+# One test at a time: network tests must not compete for the 2 cores (timeouts), and the
+# heavy model tests already use every core.
+cargo test --release --workspace -- --test-threads=1

@@ -13,6 +13,7 @@ use crate::net::proto::{
     INFER_ALPN,
 };
 use crate::net::proto::{read_message_limited, ModelInfo, MAX_MODEL_INFO};
+use crate::net::route::RouteOptions;
 use crate::net::{NetError, NodeId};
 use crate::wire::Codec;
 use iroh::endpoint::Connection;
@@ -136,11 +137,69 @@ impl Client {
                 }
                 Err(e) => {
                     session.close().await;
-                    return Err(e);
+                    // Name the unreachable hop so a caller can plan around it.
+                    return Err(NetError::HopFailed {
+                        node: Some(hop.node),
+                        hop: hop.node.fmt_short().to_string(),
+                        message: e.to_string(),
+                    });
                 }
             }
         }
         Ok(session)
+    }
+
+    /// Plans a route for a `layers`-layer model from `peers` and opens a session on it; a hop
+    /// that refuses or cannot be reached is excluded and the route re-planned (at most 3
+    /// times). Returns the session and the nodes given up on.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_on_swarm(
+        &self,
+        peers: &PeerSet,
+        layers: usize,
+        model_id: &str,
+        codec: Codec,
+        sampling: SamplingParams,
+        prompt: Vec<u32>,
+        mut exclude: Vec<NodeId>,
+    ) -> Result<(RemoteSession, Vec<NodeId>), NetError> {
+        let mut last = None;
+        for _ in 0..4 {
+            let opts = RouteOptions {
+                exclude: exclude.clone(),
+                ..RouteOptions::default()
+            };
+            let route: Vec<RouteHop> = peers
+                .plan_route(layers, now_ms(), &opts)?
+                .hops
+                .into_iter()
+                .map(|h| RouteHop {
+                    node: h.node,
+                    layers: h.layers.start as u32..h.layers.end as u32,
+                    addrs: h.addrs,
+                })
+                .collect();
+            match self
+                .open_session(route, model_id, codec, sampling, prompt.clone())
+                .await
+            {
+                Ok(session) => return Ok((session, exclude)),
+                Err(NetError::HopFailed {
+                    node: Some(n),
+                    hop,
+                    message,
+                }) => {
+                    exclude.push(n);
+                    last = Some(NetError::HopFailed {
+                        node: Some(n),
+                        hop,
+                        message,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| NetError::Io("could not open a session".into())))
     }
 
     /// One request/response on a bi stream.

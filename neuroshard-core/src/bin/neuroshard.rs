@@ -5,9 +5,15 @@
 //! can be piped.
 
 use clap::{Parser, Subcommand};
+use neuroshard_core::client::BlockingSession;
 use neuroshard_core::client::Client;
 use neuroshard_core::generate::LocalPipeline;
-use neuroshard_core::net::endpoint::EndpointOptions;
+use neuroshard_core::net::endpoint::{
+    format_peer_addr, load_or_create_key, parse_peer_addr, EndpointOptions,
+};
+use neuroshard_core::net::proto::RouteHop;
+use neuroshard_core::net::RouteOptions;
+use neuroshard_core::node::{Node, NodeOptions};
 use neuroshard_core::swarm::LocalSwarm;
 use neuroshard_core::wire::Codec;
 use neuroshard_core::{
@@ -57,8 +63,16 @@ enum Command {
     /// Generate a continuation of a prompt; prints only the generated text to stdout.
     Generate {
         /// Model: a .gguf file or a Hugging Face directory (config.json + safetensors).
-        #[arg(long)]
-        model: PathBuf,
+        /// Not needed with --peers.
+        #[arg(long, required_unless_present = "peers")]
+        model: Option<PathBuf>,
+        /// Generate through a swarm: address of any node (`<id>@<ip:port>`, as printed by
+        /// `neuroshard node`). The tokenizer and route come from the swarm.
+        #[arg(long, num_args = 1..)]
+        peers: Vec<String>,
+        /// Codec of hidden states between nodes (with --peers): f32, f16, bf16, q8, q4.
+        #[arg(long, default_value = "f16")]
+        codec: Codec,
         /// The prompt text.
         #[arg(long)]
         prompt: String,
@@ -119,6 +133,50 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Serve a slice of layers to the swarm. Prints this node's address (`<id>@<ip:port>`) as
+    /// the first line on stdout; others pass it to --peers. Stops cleanly on Ctrl-C / SIGTERM.
+    Node {
+        /// Model path.
+        #[arg(long)]
+        model: PathBuf,
+        /// First layer of the slice.
+        #[arg(long)]
+        start: usize,
+        /// One past the last layer of the slice.
+        #[arg(long)]
+        end: usize,
+        /// UDP port to listen on (0: any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// IP address to bind (127.0.0.1 keeps the node local; 0.0.0.0 for a LAN).
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// Nodes to join the swarm through.
+        #[arg(long, num_args = 1..)]
+        peers: Vec<String>,
+        /// Key file holding the node identity (created if missing). Default: a file per
+        /// slice and port in the data directory.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Compute mode.
+        #[arg(long, default_value = "exact")]
+        mode: ComputeMode,
+        /// Accepted for compatibility with the seed's CLI: every node serves model info.
+        #[arg(long)]
+        entry: bool,
+        /// Use n0's public relays for NAT traversal (off: direct addresses only).
+        #[arg(long)]
+        relays: bool,
+        /// Ask the router for a port mapping (UPnP / NAT-PMP / PCP).
+        #[arg(long)]
+        portmapper: bool,
+    },
+    /// Print the swarm as a node sees it.
+    Peers {
+        /// Address of any node.
+        #[arg(long, num_args = 1..)]
+        peers: Vec<String>,
+    },
     /// Load one slice, run one forward, and report what it read and holds (JSON).
     ShardInfo {
         /// Model path.
@@ -164,6 +222,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate {
             model,
+            peers,
+            codec,
             prompt,
             max_tokens,
             sampling,
@@ -172,18 +232,61 @@ fn main() -> ExitCode {
             chat,
             system,
             ignore_eos,
-        } => cmd_generate(GenerateArgs {
+        } => {
+            if peers.is_empty() {
+                match model {
+                    Some(model) => cmd_generate(GenerateArgs {
+                        model,
+                        prompt,
+                        max_tokens,
+                        sampling,
+                        split,
+                        mode,
+                        chat,
+                        system,
+                        ignore_eos,
+                        threads,
+                    }),
+                    None => Err(Error::Generation("pass --model or --peers".into())),
+                }
+            } else {
+                cmd_generate_remote(RemoteArgs {
+                    peers,
+                    codec,
+                    prompt,
+                    max_tokens,
+                    sampling,
+                    chat,
+                    system,
+                    ignore_eos,
+                })
+            }
+        }
+        Command::Node {
             model,
-            prompt,
-            max_tokens,
-            sampling,
-            split,
+            start,
+            end,
+            port,
+            bind,
+            peers,
+            key_file,
             mode,
-            chat,
-            system,
-            ignore_eos,
-            threads,
+            entry: _,
+            relays,
+            portmapper,
+        } => cmd_node(NodeArgs {
+            model,
+            start,
+            end,
+            port,
+            bind,
+            peers,
+            key_file,
+            mode,
+            relays,
+            portmapper,
         }),
+        Command::Peers { peers } => cmd_peers(peers),
         Command::ShardInfo {
             model,
             start,
@@ -375,10 +478,7 @@ fn chat_or_plain(
 }
 
 fn cmd_swarm(args: SwarmArgs) -> Result<(), Error> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio_runtime()?;
     runtime.block_on(async move {
         let t0 = Instant::now();
         let options = EngineOptions {
@@ -445,6 +545,283 @@ fn cmd_swarm(args: SwarmArgs) -> Result<(), Error> {
         }
         client.shutdown().await;
         swarm.shutdown().await;
+        Ok(())
+    })
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime, Error> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn parse_peers(peers: &[String]) -> Result<Vec<iroh::EndpointAddr>, Error> {
+    peers
+        .iter()
+        .map(|p| parse_peer_addr(p).map_err(Error::from))
+        .collect()
+}
+
+struct NodeArgs {
+    model: PathBuf,
+    start: usize,
+    end: usize,
+    port: u16,
+    bind: std::net::IpAddr,
+    peers: Vec<String>,
+    key_file: Option<PathBuf>,
+    mode: ComputeMode,
+    relays: bool,
+    portmapper: bool,
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("NEUROSHARD_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_DATA_HOME").map(|d| PathBuf::from(d).join("neuroshard")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/neuroshard"))
+        })
+        .unwrap_or_else(|| PathBuf::from(".neuroshard"))
+}
+
+fn cmd_node(args: NodeArgs) -> Result<(), Error> {
+    let bootstrap = parse_peers(&args.peers)?;
+    let key_path = args.key_file.clone().unwrap_or_else(|| {
+        data_dir().join(format!(
+            "node-{}-{}-{}.key",
+            args.start, args.end, args.port
+        ))
+    });
+    let key = load_or_create_key(&key_path)?;
+    let t0 = Instant::now();
+    let engine = ShardEngine::load_with_progress(
+        &args.model,
+        args.start..args.end,
+        EngineOptions {
+            mode: args.mode,
+            ..EngineOptions::default()
+        },
+        |done, total| {
+            eprint!("\rloading layers: {done}/{total}   ");
+            if done == total {
+                eprintln!();
+            }
+        },
+    )?;
+    eprintln!(
+        "loaded layers {}..{} of {} in {:.2}s ({:.1} MB read)",
+        args.start,
+        args.end,
+        args.model.display(),
+        t0.elapsed().as_secs_f64(),
+        engine.stats().bytes_loaded as f64 / 1e6
+    );
+    tokio_runtime()?.block_on(async move {
+        let options = NodeOptions {
+            endpoint: EndpointOptions {
+                bind: std::net::SocketAddr::new(args.bind, args.port),
+                relays: args.relays,
+                portmapper: args.portmapper,
+                ..EndpointOptions::default()
+            },
+            bootstrap,
+            ..NodeOptions::default()
+        };
+        let node = Node::spawn_with(std::sync::Arc::new(engine), key, options).await?;
+        // First stdout line: the address to pass to --peers.
+        println!("{}", format_peer_addr(&node.addr()));
+        let _ = std::io::stdout().flush();
+        eprintln!(
+            "node {} serving layers {}..{} (key {}); Ctrl-C to stop",
+            node.id().fmt_short(),
+            args.start,
+            args.end,
+            key_path.display()
+        );
+        wait_for_shutdown_signal().await;
+        eprintln!("shutting down");
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+struct RemoteArgs {
+    peers: Vec<String>,
+    codec: Codec,
+    prompt: String,
+    max_tokens: usize,
+    sampling: SamplingArgs,
+    chat: bool,
+    system: Option<String>,
+    ignore_eos: bool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn route_hops(route: neuroshard_core::net::Route) -> Vec<RouteHop> {
+    route
+        .hops
+        .into_iter()
+        .map(|h| RouteHop {
+            node: h.node,
+            layers: h.layers.start as u32..h.layers.end as u32,
+            addrs: h.addrs,
+        })
+        .collect()
+}
+
+fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
+    let entries = parse_peers(&args.peers)?;
+    let runtime = tokio_runtime()?;
+    let handle = runtime.handle().clone();
+    runtime.block_on(async move {
+        let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default()).await?;
+        let entry = entries[0].clone();
+        let info = client.fetch_model_info(&entry).await?;
+        let tokenizer = Tokenizer::import(&info.tokenizer)?;
+        let peers = client.fetch_peers(&entry, &info.model_id).await?;
+        let text = chat_or_plain(&tokenizer, &args.prompt, args.chat, args.system.as_deref())?;
+        let prompt = tokenizer.encode(&text)?;
+        let sampling = args.sampling.params();
+        // Nodes that refuse or cannot be reached (e.g. dead but not yet expired) are planned around.
+        let (session, failed) = client
+            .open_on_swarm(
+                &peers,
+                info.layers as usize,
+                &info.model_id,
+                args.codec,
+                sampling,
+                prompt.clone(),
+                Vec::new(),
+            )
+            .await?;
+        eprintln!(
+            "model {} ({} layers) via {}; route: {}",
+            info.model_id,
+            info.layers,
+            entry.id.fmt_short(),
+            session
+                .route()
+                .iter()
+                .map(|h| format!(
+                    "{}[{}..{}]",
+                    h.node.fmt_short(),
+                    h.layers.start,
+                    h.layers.end
+                ))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        );
+        let (replan_client, model_id, layers) =
+            (client.clone(), info.model_id.clone(), info.layers as usize);
+        let replan_handle = handle.clone();
+        // Failover: ask the entry for the current swarm and plan around the failed nodes.
+        let replanner: neuroshard_core::client::Replanner = Box::new(move |failed| {
+            let peers = replan_handle.block_on(replan_client.fetch_peers(&entry, &model_id))?;
+            let opts = RouteOptions {
+                exclude: failed.to_vec(),
+                ..RouteOptions::default()
+            };
+            Ok(route_hops(peers.plan_route(layers, now_ms(), &opts)?))
+        });
+        let config = GenerationConfig {
+            max_tokens: args.max_tokens,
+            sampling,
+            stop_tokens: Vec::new(),
+            ignore_eos: args.ignore_eos,
+        };
+        let context_len = info.context_len as usize;
+        let (out, mut session) = tokio::task::spawn_blocking(move || {
+            let mut backend =
+                BlockingSession::new(session, handle, context_len).with_failover(replanner);
+            backend.failed = failed;
+            let mut stdout = std::io::stdout();
+            let out = generate(
+                &mut backend,
+                Some(&tokenizer),
+                &prompt,
+                &config,
+                &mut |piece| {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                },
+            );
+            (out, backend.session)
+        })
+        .await
+        .map_err(|e| Error::Generation(format!("generation task failed: {e}")))?;
+        session.close().await;
+        let out = out?;
+        println!();
+        eprintln!(
+            "{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s",
+            out.prompt_tokens,
+            out.tokens.len(),
+            out.finish,
+            out.prefill_tokens_per_sec(),
+            out.decode_tokens_per_sec()
+        );
+        client.shutdown().await;
+        Ok(())
+    })
+}
+
+fn cmd_peers(peers: Vec<String>) -> Result<(), Error> {
+    let entries = parse_peers(&peers)?;
+    tokio_runtime()?.block_on(async move {
+        let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default()).await?;
+        let entry = &entries[0];
+        let info = client.fetch_model_info(entry).await?;
+        let set = client.fetch_peers(entry, &info.model_id).await?;
+        let now = now_ms();
+        let mut rows: Vec<_> = set.iter().collect();
+        rows.sort_by_key(|(_, e)| (e.announcement.layers.start, e.announcement.layers.end));
+        println!(
+            "model {} ({} layers), {} nodes",
+            info.model_id,
+            info.layers,
+            rows.len()
+        );
+        println!(
+            "{:<12} {:>9} {:>9} {:>10} ADDRESSES",
+            "NODE", "LAYERS", "LOAD", "EXPIRES"
+        );
+        for (id, e) in rows {
+            let a = &e.announcement;
+            let addrs: Vec<String> = a.addrs.iter().map(|s| s.to_string()).collect();
+            println!(
+                "{:<12} {:>9} {:>9} {:>9.1}s {}",
+                id.fmt_short().to_string(),
+                format!("{}..{}", a.layers.start, a.layers.end),
+                format!("{}/{}", a.load, a.capacity),
+                a.expires_ms.saturating_sub(now) as f64 / 1000.0,
+                addrs.join(",")
+            );
+        }
+        client.shutdown().await;
         Ok(())
     })
 }
