@@ -14,7 +14,7 @@ use crate::net::proto::{
 };
 use crate::net::proto::{read_message_limited, ModelInfo, MAX_MODEL_INFO};
 use crate::net::route::RouteOptions;
-use crate::net::{NetError, NodeId};
+use crate::net::{lock, now_ms, NetError, NodeId};
 use crate::wire::Codec;
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, SecretKey};
@@ -45,17 +45,6 @@ impl std::fmt::Debug for Client {
             .field("id", &self.inner.endpoint.id().fmt_short().to_string())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Client {
@@ -169,16 +158,7 @@ impl Client {
                 exclude: exclude.clone(),
                 ..RouteOptions::default()
             };
-            let route: Vec<RouteHop> = peers
-                .plan_route(layers, now_ms(), &opts)?
-                .hops
-                .into_iter()
-                .map(|h| RouteHop {
-                    node: h.node,
-                    layers: h.layers.start as u32..h.layers.end as u32,
-                    addrs: h.addrs,
-                })
-                .collect();
+            let route: Vec<RouteHop> = peers.plan_route(layers, now_ms(), &opts)?.to_hops();
             match self
                 .open_session(route, model_id, codec, sampling, prompt.clone())
                 .await

@@ -21,6 +21,20 @@ pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 pub use peers::{PeerEntry, PeerSet};
 pub use route::{Hop, Route, RouteOptions};
 
+/// Current time in ms since the Unix epoch (announcements, expiry and session-opens use it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (single inserts and
+/// removes), so a poisoned lock is recovered instead of propagated.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Node identity: the node's iroh public key.
 pub type NodeId = iroh::PublicKey;
 

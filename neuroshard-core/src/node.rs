@@ -17,7 +17,7 @@ use crate::net::proto::ModelInfo;
 use crate::net::proto::{
     read_message, write_message, Message, SessionOpen, SignedOpen, DIAL_TIMEOUT, INFER_ALPN,
 };
-use crate::net::{NetError, NodeId};
+use crate::net::{lock, now_ms, NetError, NodeId};
 use crate::wire::{read_frame, write_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
 use candle_core::{Device, Tensor};
 use iroh::address_lookup::MemoryLookup;
@@ -135,13 +135,6 @@ pub fn model_id(engine: &ShardEngine) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Node {
@@ -283,11 +276,6 @@ impl Node {
     pub async fn shutdown(&self) {
         let _ = self.router.shutdown().await;
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned map is still consistent (inserts/removes are single operations).
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Inner {

@@ -11,6 +11,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::WeightFile;
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::endpoint::EndpointOptions;
+use crate::net::now_ms;
 use crate::net::peers::PeerSet;
 use crate::net::proto::RouteHop;
 use crate::net::route::RouteOptions;
@@ -38,13 +39,6 @@ pub fn even_slices(layers: usize, nodes: usize) -> Vec<Range<usize>> {
     (0..n)
         .map(|i| (i * layers / n)..((i + 1) * layers / n))
         .collect()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl LocalSwarm {
@@ -141,15 +135,7 @@ impl LocalSwarm {
             peers.insert(&ann, now)?;
         }
         let route = peers.plan_route(self.layers, now, &RouteOptions::default())?;
-        Ok(route
-            .hops
-            .into_iter()
-            .map(|h| RouteHop {
-                node: h.node,
-                layers: h.layers.start as u32..h.layers.end as u32,
-                addrs: h.addrs,
-            })
-            .collect())
+        Ok(route.to_hops())
     }
 
     /// Generates from `prompt` through a planned route. Must be called from a tokio runtime;
@@ -195,16 +181,7 @@ impl LocalSwarm {
                     exclude: failed.to_vec(),
                     ..RouteOptions::default()
                 };
-                Ok(peers
-                    .plan_route(layers, now, &opts)?
-                    .hops
-                    .into_iter()
-                    .map(|h| RouteHop {
-                        node: h.node,
-                        layers: h.layers.start as u32..h.layers.end as u32,
-                        addrs: h.addrs,
-                    })
-                    .collect())
+                Ok(peers.plan_route(layers, now, &opts)?.to_hops())
             });
         let (out, mut session) = tokio::task::spawn_blocking(move || {
             let mut backend =

@@ -94,14 +94,7 @@ async fn nodes_find_each_other_and_forget_the_dead() {
     let route: Vec<RouteHop> = peers
         .plan_route(30, now_ms(), &RouteOptions::default())
         .expect("route")
-        .hops
-        .into_iter()
-        .map(|h| RouteHop {
-            node: h.node,
-            layers: h.layers.start as u32..h.layers.end as u32,
-            addrs: h.addrs,
-        })
-        .collect();
+        .to_hops();
     assert_eq!(route.len(), 3);
     let session = client
         .open_session(

@@ -11,8 +11,7 @@ use neuroshard_core::generate::LocalPipeline;
 use neuroshard_core::net::endpoint::{
     format_peer_addr, load_or_create_key, parse_peer_addr, EndpointOptions,
 };
-use neuroshard_core::net::proto::RouteHop;
-use neuroshard_core::net::RouteOptions;
+use neuroshard_core::net::{now_ms, RouteOptions};
 use neuroshard_core::node::{Node, NodeOptions};
 use neuroshard_core::swarm::LocalSwarm;
 use neuroshard_core::wire::Codec;
@@ -674,25 +673,6 @@ struct RemoteArgs {
     ignore_eos: bool,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn route_hops(route: neuroshard_core::net::Route) -> Vec<RouteHop> {
-    route
-        .hops
-        .into_iter()
-        .map(|h| RouteHop {
-            node: h.node,
-            layers: h.layers.start as u32..h.layers.end as u32,
-            addrs: h.addrs,
-        })
-        .collect()
-}
-
 fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
     let entries = parse_peers(&args.peers)?;
     let runtime = tokio_runtime()?;
@@ -745,7 +725,7 @@ fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
                 exclude: failed.to_vec(),
                 ..RouteOptions::default()
             };
-            Ok(route_hops(peers.plan_route(layers, now_ms(), &opts)?))
+            Ok(peers.plan_route(layers, now_ms(), &opts)?.to_hops())
         });
         let config = GenerationConfig {
             max_tokens: args.max_tokens,

@@ -33,6 +33,20 @@ pub struct Route {
     pub expected_ms: f64,
 }
 
+impl Route {
+    /// The hops as a session-open names them.
+    pub fn to_hops(&self) -> Vec<super::proto::RouteHop> {
+        self.hops
+            .iter()
+            .map(|h| super::proto::RouteHop {
+                node: h.node,
+                layers: h.layers.start as u32..h.layers.end as u32,
+                addrs: h.addrs.clone(),
+            })
+            .collect()
+    }
+}
+
 /// Knobs of the planner.
 #[derive(Debug, Clone)]
 pub struct RouteOptions {
