@@ -12,7 +12,7 @@ use crate::net::proto::{
     read_message, write_message, Message, RouteHop, SessionOpen, SignedOpen, DIAL_TIMEOUT,
     INFER_ALPN,
 };
-use crate::net::proto::{read_message_limited, ModelInfo, MAX_MODEL_INFO};
+use crate::net::proto::{read_message_limited, ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO};
 use crate::net::route::RouteOptions;
 use crate::net::{lock, now_ms, NetError, NodeId};
 use crate::wire::Codec;
@@ -88,6 +88,7 @@ impl Client {
             sampling,
             prompt,
             timestamp_ms: now_ms(),
+            handover: None,
         };
         self.open_signed(open, &self.inner.key).await
     }
@@ -103,10 +104,13 @@ impl Client {
         lock(&self.inner.sessions).insert(open.session, tx);
         let mut session = RemoteSession {
             client: self.clone(),
+            fed: open.prompt.clone(),
             open,
             rx,
             step_timeout: Duration::from_secs(30),
             opened: Vec::new(),
+            leaving: Vec::new(),
+            stats: SessionStats::default(),
         };
         for hop in session.open.route.clone() {
             let reply = self.request(&hop, &Message::Open(signed.clone())).await;
@@ -219,6 +223,7 @@ impl Client {
                 })?
                 .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
         lock(&self.inner.conns).insert(node, conn.clone());
+        let node_id = node;
         let inner = self.inner.clone();
         let incoming = conn.clone();
         tokio::spawn(async move {
@@ -230,6 +235,8 @@ impl Client {
                             Message::Token { session, .. } | Message::Error { session, .. } => {
                                 *session
                             }
+                            // Only a node may say that it itself is leaving.
+                            Message::Leaving { session, node, .. } if *node == node_id => *session,
                             _ => return,
                         };
                         if let Some(tx) = lock(&inner.sessions).get(&session) {
@@ -284,6 +291,19 @@ impl Client {
         Ok(peers)
     }
 
+    /// A node's counters (what it computed, replayed, handed over).
+    pub async fn fetch_stats(&self, node: &EndpointAddr) -> Result<NodeStats, NetError> {
+        match self
+            .request_addr(node, &Message::GetStats, MAX_CONTROL)
+            .await?
+        {
+            Message::Stats(stats) => Ok(stats),
+            other => Err(NetError::Malformed(format!(
+                "expected stats, got {other:?}"
+            ))),
+        }
+    }
+
     /// Model id, layer count and tokenizer from an entry node: no model file needed.
     pub async fn fetch_model_info(&self, entry: &EndpointAddr) -> Result<ModelInfo, NetError> {
         match self
@@ -316,6 +336,26 @@ pub struct RemoteSession {
     /// Deadline for one step (prefill included).
     pub step_timeout: Duration,
     opened: Vec<RouteHop>,
+    /// Token ids fed so far, by position (the context a replacement hop needs).
+    fed: Vec<u32>,
+    /// Hops that announced they are leaving, with the replica they proposed.
+    leaving: Vec<(NodeId, Option<RouteHop>)>,
+    /// How the session recovered from failures and moves.
+    pub stats: SessionStats,
+}
+
+/// How a session recovered so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Routes re-planned after a failure.
+    pub failovers: u64,
+    /// New hops refilled from their predecessor's sent hidden states (or, for a new first
+    /// hop, from the client's token ids) without recomputing the hops before them.
+    pub refills: u64,
+    /// Failures recovered by recomputing the whole context from position 0.
+    pub full_replays: u64,
+    /// Hops moved to a replica with their KV cache (a node left gracefully).
+    pub handovers: u64,
 }
 
 impl std::fmt::Debug for RemoteSession {
@@ -335,14 +375,25 @@ impl RemoteSession {
     /// Sends `tokens` at positions `start_pos..` to the first hop and waits for the token at
     /// `start_pos + tokens.len()`.
     pub async fn step(&mut self, tokens: &[u32], start_pos: usize) -> Result<u32, NetError> {
+        // Reports of an earlier, failed attempt must not be mistaken for this step's; notices
+        // of leaving hops are kept.
+        while let Ok(msg) = self.rx.try_recv() {
+            self.note(msg);
+        }
+        self.fed.truncate(start_pos);
+        self.fed.extend_from_slice(tokens);
+        // A step boundary: nothing is in flight, so leaving hops can hand their cache over.
+        for (node, replacement) in std::mem::take(&mut self.leaving) {
+            if let Some(replica) = replacement {
+                self.hand_over(node, replica, start_pos).await?;
+            }
+        }
         let first = self
             .open
             .route
             .first()
             .cloned()
             .ok_or_else(|| NetError::Malformed("empty route".into()))?;
-        // Reports of an earlier, failed attempt must not be mistaken for this step's.
-        while self.rx.try_recv().is_ok() {}
         let conn = self.client.connection(first.node, &first.addrs).await?;
         let mut send = conn
             .open_uni()
@@ -370,6 +421,7 @@ impl RemoteSession {
                 }) if position == want => return Ok(token),
                 // A token of an earlier, retried step: stale.
                 Some(Message::Token { .. }) => continue,
+                Some(msg @ Message::Leaving { .. }) => self.note(msg),
                 Some(Message::Error { hop, message, .. }) => {
                     return Err(NetError::HopFailed {
                         node: Some(hop),
@@ -402,46 +454,174 @@ impl RemoteSession {
         dead
     }
 
+    /// Keeps what a hop sent the session that matters later: leaving notices.
+    fn note(&mut self, msg: Message) {
+        if let Message::Leaving {
+            node, replacement, ..
+        } = msg
+        {
+            self.leaving.push((node, replacement));
+        }
+    }
+
     /// Moves the session to `route` (same session id): hops that already hold it keep their
-    /// KV cache and adopt the new route; new hops open it. The caller then replays from the
-    /// first position any hop may lack.
+    /// KV cache and adopt the new route; new hops open it; hops no longer on the route are
+    /// told to close it. The caller then refills the new hops ([`RemoteSession::refill`]) or
+    /// replays from position 0.
     pub async fn reroute(&mut self, route: Vec<RouteHop>) -> Result<(), NetError> {
+        self.open_route(route, None).await?;
+        self.close_dropped().await;
+        Ok(())
+    }
+
+    /// Signs an open for `route` (the context so far as its prompt, so a new last hop applies
+    /// the repetition penalty to the same tokens) and sends it to every hop. Hops that had
+    /// the session stay listed as opened until [`Self::close_dropped`].
+    async fn open_route(
+        &mut self,
+        route: Vec<RouteHop>,
+        handover: Option<(NodeId, NodeId)>,
+    ) -> Result<(), NetError> {
         self.open.route = route;
+        self.open.prompt = self.fed.clone();
+        self.open.handover = handover;
         self.open.timestamp_ms = now_ms();
         let signed = SignedOpen::sign(&self.open, &self.client.inner.key)?;
         let mut opened = Vec::new();
         for hop in self.open.route.clone() {
-            match self
-                .client
-                .request(&hop, &Message::Open(signed.clone()))
-                .await?
-            {
-                Message::Ok => opened.push(hop),
-                Message::Error { message, .. } => {
-                    return Err(NetError::HopFailed {
-                        node: Some(hop.node),
-                        hop: hop.node.fmt_short().to_string(),
-                        message,
-                    })
-                }
-                other => return Err(NetError::Malformed(format!("unexpected reply {other:?}"))),
+            let reply = tokio::time::timeout(
+                self.step_timeout,
+                self.client.request(&hop, &Message::Open(signed.clone())),
+            )
+            .await
+            .unwrap_or_else(|_| Err(NetError::Io("no reply to the session-open".into())));
+            match reply {
+                Ok(Message::Ok) => opened.push(hop),
+                Ok(Message::Error { message, .. }) => return Err(hop_failed(&hop, message)),
+                Ok(other) => return Err(hop_failed(&hop, format!("unexpected reply {other:?}"))),
+                Err(e) => return Err(hop_failed(&hop, e.to_string())),
             }
         }
-        // Hops dropped from the route are told to free the session (best effort).
-        for old in std::mem::replace(&mut self.opened, opened) {
-            if !self.opened.iter().any(|h| h.node == old.node) {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    self.client.request(
-                        &old,
-                        &Message::Close {
-                            session: self.open.session,
-                        },
-                    ),
-                )
-                .await;
+        for hop in &self.opened {
+            if !opened.iter().any(|h| h.node == hop.node) {
+                opened.push(hop.clone());
             }
         }
+        self.opened = opened;
+        Ok(())
+    }
+
+    /// Tells hops no longer on the route to free the session (best effort).
+    async fn close_dropped(&mut self) {
+        let session = self.open.session;
+        let route = self.open.route.clone();
+        let (keep, drop): (Vec<RouteHop>, Vec<RouteHop>) = std::mem::take(&mut self.opened)
+            .into_iter()
+            .partition(|h| route.iter().any(|r| r.node == h.node));
+        self.opened = keep;
+        for old in drop {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.client.request(&old, &Message::Close { session }),
+            )
+            .await;
+        }
+    }
+
+    /// After the route changed from `old`, fills the KV cache of the hops that are new
+    /// (another node, or other layers) with positions `0..done`: the hop before the first new
+    /// one replays the hidden states it sent (the client feeds the token ids when the first
+    /// hop is new), and the fill runs through the last new hop. Nothing before the first new
+    /// hop is recomputed.
+    pub async fn refill(&mut self, old: &[RouteHop], done: usize) -> Result<(), NetError> {
+        let route = &self.open.route;
+        let new: Vec<usize> = (0..route.len())
+            .filter(|&i| {
+                !old.iter()
+                    .any(|h| h.node == route[i].node && h.layers == route[i].layers)
+            })
+            .collect();
+        let (Some(&first), Some(&last)) = (new.first(), new.last()) else {
+            return Ok(());
+        };
+        if done == 0 {
+            return Ok(());
+        }
+        let session = self.open.session;
+        let (target, msg) = if first == 0 {
+            let tokens = self
+                .fed
+                .get(..done)
+                .ok_or_else(|| NetError::Malformed(format!("{done} positions not fed yet")))?
+                .to_vec();
+            let msg = Message::Fill {
+                session,
+                start_pos: 0,
+                through: last as u32,
+                tokens,
+            };
+            (route[0].clone(), msg)
+        } else {
+            let msg = Message::Replay {
+                session,
+                upto: done as u32,
+                through: last as u32,
+            };
+            (route[first - 1].clone(), msg)
+        };
+        let reply = tokio::time::timeout(
+            self.step_timeout.max(Duration::from_secs(120)),
+            self.client.request(&target, &msg),
+        )
+        .await
+        .unwrap_or_else(|_| Err(NetError::Io("no reply to the refill".into())));
+        match reply {
+            Ok(Message::Ok) => {
+                self.stats.refills += 1;
+                Ok(())
+            }
+            Ok(Message::Error { hop, message, .. }) => Err(NetError::HopFailed {
+                node: Some(hop),
+                hop: hop.fmt_short().to_string(),
+                message,
+            }),
+            Ok(other) => Err(hop_failed(&target, format!("unexpected reply {other:?}"))),
+            Err(e) => Err(hop_failed(&target, e.to_string())),
+        }
+    }
+
+    /// Moves the hop run by `leaving` to `replica` with its KV cache (`done` positions). An
+    /// unusable proposal is ignored (the node's exit is then handled as a failure); a failed
+    /// hand-over falls back to refilling the replica.
+    async fn hand_over(
+        &mut self,
+        leaving: NodeId,
+        replica: RouteHop,
+        done: usize,
+    ) -> Result<(), NetError> {
+        let Some(i) = self.open.route.iter().position(|h| h.node == leaving) else {
+            return Ok(());
+        };
+        let old = self.open.route.clone();
+        if replica.layers != old[i].layers || old.iter().any(|h| h.node == replica.node) {
+            return Ok(());
+        }
+        let mut route = old.clone();
+        route[i] = replica.clone();
+        self.open_route(route, Some((leaving, replica.node)))
+            .await?;
+        let msg = Message::Handover {
+            session: self.open.session,
+            to: replica,
+        };
+        let moved =
+            tokio::time::timeout(self.step_timeout, self.client.request(&old[i], &msg)).await;
+        if matches!(moved, Ok(Ok(Message::Ok))) {
+            self.stats.handovers += 1;
+        } else {
+            self.refill(&old, done).await?;
+        }
+        self.close_dropped().await;
         Ok(())
     }
 
@@ -463,6 +643,15 @@ impl RemoteSession {
     }
 }
 
+/// A hop refused or could not be reached.
+fn hop_failed(hop: &RouteHop, message: String) -> NetError {
+    NetError::HopFailed {
+        node: Some(hop.node),
+        hop: hop.node.fmt_short().to_string(),
+        message,
+    }
+}
+
 /// Re-plans a route avoiding the given nodes (failover).
 pub type Replanner = Box<dyn FnMut(&[NodeId]) -> Result<Vec<RouteHop>, NetError> + Send>;
 
@@ -471,7 +660,9 @@ pub type Replanner = Box<dyn FnMut(&[NodeId]) -> Result<Vec<RouteHop>, NetError>
 ///
 /// With a `replanner`, a failed step fails over: the failed hop is identified (named by the
 /// error, or found by probing every hop), the route is re-planned without it, the session is
-/// moved to the new route and the whole context is replayed from position 0. KV caches are
+/// moved to the new route, the new hops are refilled from their predecessor's sent hidden
+/// states ([`RemoteSession::refill`]) and the step is retried; if the refill fails, the whole
+/// context is replayed from position 0. KV caches are
 /// position-indexed and draws depend only on (seed, position), so the text continues exactly
 /// as it would have without the failure.
 pub struct BlockingSession {
@@ -566,10 +757,20 @@ impl TokenBackend for BlockingSession {
                 break;
             }
             tries += 1;
+            let old = self.session.route().to_vec();
             self.fail_over(error)?;
-            // Replay everything: hops that kept their cache overwrite it with the same values.
-            let end = (start_pos + tokens.len()).min(context.len());
-            result = self.handle.block_on(self.session.step(&context[..end], 0));
+            self.session.stats.failovers += 1;
+            // Refill only the new hops from their predecessor, then retry the step; if that
+            // fails, recompute everything (hops that kept their cache overwrite it with the
+            // same values).
+            let refilled = self.handle.block_on(self.session.refill(&old, start_pos));
+            result = if refilled.is_ok() {
+                self.handle.block_on(self.session.step(tokens, start_pos))
+            } else {
+                self.session.stats.full_replays += 1;
+                let end = (start_pos + tokens.len()).min(context.len());
+                self.handle.block_on(self.session.step(&context[..end], 0))
+            };
         }
         Ok(result?)
     }

@@ -320,6 +320,85 @@ impl ShardEngine {
         self.sessions.with(id, |s| Ok(s.cached_len(0..n)))
     }
 
+    /// The KV cache of session `id` for the absolute layers `layers` (a sub-range of the
+    /// slice), one `(k, v)` pair per layer, each `[1, kv_heads, len, head_dim]`: what a node
+    /// hands to a replica when it leaves. Layers with nothing cached are refused.
+    pub fn export_session(
+        &self,
+        id: SessionId,
+        layers: Range<usize>,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let rel = self.relative(&layers)?;
+        self.sessions.with(id, |s| {
+            s.caches[rel]
+                .iter()
+                .map(|c| {
+                    c.tensors()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .ok_or_else(|| Error::BadInput(format!("session {id} has nothing cached")))
+                })
+                .collect()
+        })
+    }
+
+    /// Installs a KV cache received from another node into session `id` (opened already) for
+    /// the absolute layers `layers`. Every tensor must be `[1, kv_heads, len, head_dim]` in
+    /// f32 with the same `len` (at most the session limit); on any mismatch nothing changes.
+    pub fn import_session(
+        &self,
+        id: SessionId,
+        layers: Range<usize>,
+        kv: Vec<(Tensor, Tensor)>,
+    ) -> Result<usize> {
+        let rel = self.relative(&layers)?;
+        if kv.len() != rel.len() {
+            return Err(Error::BadInput(format!(
+                "{} layers of KV cache for layers {layers:?}",
+                kv.len()
+            )));
+        }
+        let cfg = &self.model.config;
+        let len = kv.first().map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0);
+        let want = |len: usize| [1, cfg.num_kv_heads, len, cfg.head_dim];
+        for (k, v) in &kv {
+            for t in [k, v] {
+                if t.dims() != want(len) || t.dtype() != DType::F32 {
+                    return Err(Error::BadInput(format!(
+                        "KV tensor {:?} {:?}, expected {:?} f32",
+                        t.dims(),
+                        t.dtype(),
+                        want(len)
+                    )));
+                }
+            }
+        }
+        if len == 0 || len > self.sessions.limits.max_len {
+            return Err(Error::BadInput(format!(
+                "KV cache of {len} positions (limit {})",
+                self.sessions.limits.max_len
+            )));
+        }
+        self.sessions.with(id, |s| {
+            for (cache, (k, v)) in s.caches[rel].iter_mut().zip(kv) {
+                cache.set(k, v);
+            }
+            Ok(len)
+        })
+    }
+
+    /// `layers` (absolute) as indices into the slice's caches, if the slice holds them.
+    fn relative(&self, layers: &Range<usize>) -> Result<Range<usize>> {
+        let slice = &self.model.layers;
+        if layers.start >= layers.end || layers.start < slice.start || layers.end > slice.end {
+            return Err(Error::SliceOutOfRange {
+                start: layers.start,
+                end: layers.end,
+                layers: self.model.config.num_layers,
+            });
+        }
+        Ok(layers.start - slice.start..layers.end - slice.start)
+    }
+
     /// Drops sessions idle longer than the configured timeout; returns how many.
     pub fn expire_idle_sessions(&self) -> Result<usize> {
         self.sessions.expire_idle()

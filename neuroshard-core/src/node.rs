@@ -5,21 +5,26 @@
 //! runs its layers with the session's KV cache, and forwards the new hidden state to its
 //! successor, or, on the last hop, samples the next token and sends it to the client. Errors go
 //! to the client naming this hop. Compute runs on tokio's blocking pool.
+//!
+//! Submodules: [`relay`] (the data path: steps, fills, replays), [`handover`] (leaving the
+//! swarm and moving KV caches), `sent` (the hidden states a hop sent, for replays).
 
-use crate::engine::{ForwardRequest, ShardEngine};
-use crate::model::sampling::sample;
-use crate::model::shard::{ShardInput, ShardOutput};
+mod handover;
+mod relay;
+mod sent;
+
+pub use handover::{LeaveHandle, LeaveReport};
+
+use crate::engine::ShardEngine;
 use crate::model::tokenizer::Tokenizer;
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::peers::PeerSet;
-use crate::net::proto::ModelInfo;
 use crate::net::proto::{
-    read_message, write_message, Message, SessionOpen, SignedOpen, DIAL_TIMEOUT, INFER_ALPN,
+    read_message, write_message, Message, ModelInfo, NodeStats, SessionOpen, SignedOpen, INFER_ALPN,
 };
 use crate::net::{lock, now_ms, NetError, NodeId};
-use crate::wire::{read_frame, write_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
-use candle_core::{Device, Tensor};
+use crate::wire::Codec;
 use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
@@ -27,8 +32,9 @@ use iroh::{Endpoint, EndpointAddr, SecretKey};
 use iroh_gossip::api::Event;
 use iroh_gossip::{Gossip, TopicId};
 use n0_future::StreamExt;
+use sent::SentStates;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +48,31 @@ pub struct NodeCounters {
     pub rejected: AtomicU64,
     /// Sessions opened.
     pub sessions_opened: AtomicU64,
+    /// Fill requests computed (KV cache refilled after a failover).
+    pub fills: AtomicU64,
+    /// Replay requests served (sent hidden states re-sent to a new successor).
+    pub replays: AtomicU64,
+    /// Sessions handed to a replica when leaving.
+    pub handovers_out: AtomicU64,
+    /// Sessions received from a leaving node.
+    pub handovers_in: AtomicU64,
+}
+
+impl NodeCounters {
+    /// A snapshot (`sessions_open` is filled in by the node).
+    pub fn snapshot(&self) -> NodeStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NodeStats {
+            steps: get(&self.steps),
+            fills: get(&self.fills),
+            replays: get(&self.replays),
+            handovers_out: get(&self.handovers_out),
+            handovers_in: get(&self.handovers_in),
+            rejected: get(&self.rejected),
+            sessions_opened: get(&self.sessions_opened),
+            sessions_open: 0,
+        }
+    }
 }
 
 struct HopSession {
@@ -50,6 +81,25 @@ struct HopSession {
     codec: Codec,
     /// Last hop only: prompt + sampled tokens, for the repetition penalty.
     context: Mutex<Vec<u32>>,
+    /// Hidden states sent to the successor, by position (kept across re-opens that keep the
+    /// hop's layers, so a replacement successor can be refilled from here).
+    sent: Arc<Mutex<SentStates>>,
+}
+
+impl HopSession {
+    /// Layers this hop runs for the session.
+    fn layers(&self) -> std::ops::Range<usize> {
+        let l = &self.open.route[self.index].layers;
+        l.start as usize..l.end as usize
+    }
+
+    /// The only node allowed to feed this hop: the client (first hop) or the predecessor.
+    fn feeder(&self) -> NodeId {
+        match self.index {
+            0 => self.open.client,
+            i => self.open.route[i - 1].node,
+        }
+    }
 }
 
 struct Inner {
@@ -65,6 +115,10 @@ struct Inner {
     lookup: MemoryLookup,
     /// Built on first request (a tokenizer export is a few MB).
     model_info: OnceLock<Result<ModelInfo, String>>,
+    /// Set when the node leaves: no more announcements or new sessions.
+    leaving: AtomicBool,
+    /// Signalled whenever a session is removed (a leaving node waits for its sessions).
+    sessions_changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Inner {
@@ -182,6 +236,8 @@ impl Node {
             counters: NodeCounters::default(),
             lookup,
             model_info: OnceLock::new(),
+            leaving: AtomicBool::new(false),
+            sessions_changed: tokio::sync::Notify::new(),
         });
         let gossip = Gossip::builder().spawn(endpoint.clone());
         let router = Router::builder(endpoint)
@@ -199,6 +255,9 @@ impl Node {
         let announcer = inner.clone();
         tokio::spawn(async move {
             loop {
+                if announcer.leaving.load(Ordering::Relaxed) {
+                    break;
+                }
                 if let Ok(signed) = announcer.announcement(&options) {
                     let now = now_ms();
                     let _ = lock(&announcer.peers).insert(&signed, now);
@@ -219,18 +278,9 @@ impl Node {
                 let Ok(Event::Received(msg)) = event else {
                     continue;
                 };
-                let Ok(signed) = SignedAnnouncement::from_bytes(&msg.content) else {
-                    continue;
-                };
-                let accepted = lock(&listener.peers).insert(&signed, now_ms());
-                if accepted.is_ok() {
-                    if let Ok(ann) = signed.verify() {
-                        let addr = ann
-                            .addrs
-                            .iter()
-                            .fold(EndpointAddr::new(ann.node), |a, s| a.with_ip_addr(*s));
-                        listener.lookup.add_endpoint_info(addr);
-                    }
+                if let Ok(signed) = SignedAnnouncement::from_bytes(&msg.content) {
+                    // Invalid announcements are dropped.
+                    let _ = listener.learn(&signed);
                 }
             }
         });
@@ -267,6 +317,17 @@ impl Node {
         &self.inner.counters
     }
 
+    /// A snapshot of the counters with the number of open sessions.
+    pub fn stats(&self) -> NodeStats {
+        self.inner.stats()
+    }
+
+    /// Verifies `signed` into the node's PeerSet and address book, as if gossip had delivered
+    /// it (an in-process swarm introduces its nodes this way).
+    pub fn learn(&self, signed: &SignedAnnouncement) -> Result<NodeId, NetError> {
+        self.inner.learn(signed)
+    }
+
     /// A snapshot of the swarm as this node sees it.
     pub fn peers(&self) -> PeerSet {
         lock(&self.inner.peers).clone()
@@ -299,6 +360,18 @@ impl Inner {
         SignedAnnouncement::sign(&ann, self.endpoint.secret_key())
     }
 
+    /// Verifies an announcement into the PeerSet and adds its addresses to the address book.
+    fn learn(&self, signed: &SignedAnnouncement) -> Result<NodeId, NetError> {
+        let node = lock(&self.peers).insert(signed, now_ms())?;
+        let ann = signed.verify()?;
+        let addr = ann
+            .addrs
+            .iter()
+            .fold(EndpointAddr::new(ann.node), |a, s| a.with_ip_addr(*s));
+        self.lookup.add_endpoint_info(addr);
+        Ok(node)
+    }
+
     fn model_info(&self) -> Result<ModelInfo, String> {
         self.model_info
             .get_or_init(|| {
@@ -325,7 +398,7 @@ impl Inner {
                         let inner = self.clone();
                         tokio::spawn(async move {
                             let reply = match read_message(&mut recv).await {
-                                Ok(msg) => inner.handle_request(remote, msg).await,
+                                Ok(msg) => inner.handle_request(remote, msg, &mut recv).await,
                                 Err(e) => inner.error_msg(0, e.to_string()),
                             };
                             let _ = write_message(&mut send, &reply).await;
@@ -360,7 +433,26 @@ impl Inner {
         }
     }
 
-    async fn handle_request(&self, remote: NodeId, msg: Message) -> Message {
+    fn stats(&self) -> NodeStats {
+        NodeStats {
+            sessions_open: lock(&self.sessions).len() as u64,
+            ..self.counters.snapshot()
+        }
+    }
+
+    /// Removes a session from this hop (and its KV cache).
+    fn drop_session(&self, session: u64) {
+        lock(&self.sessions).remove(&session);
+        let _ = self.engine.close_session(session);
+        self.sessions_changed.notify_waiters();
+    }
+
+    async fn handle_request(
+        self: &Arc<Self>,
+        remote: NodeId,
+        msg: Message,
+        recv: &mut iroh::endpoint::RecvStream,
+    ) -> Message {
         match msg {
             Message::Open(signed) => match self.open(remote, &signed) {
                 Ok(()) => Message::Ok,
@@ -390,12 +482,36 @@ impl Inner {
                     .map(|s| s.open.client == remote);
                 match owned {
                     Some(true) => {
-                        lock(&self.sessions).remove(&session);
-                        let _ = self.engine.close_session(session);
+                        self.drop_session(session);
                         Message::Ok
                     }
                     _ => self.error_msg(session, format!("unknown session {session}")),
                 }
+            }
+            Message::GetStats => Message::Stats(self.stats()),
+            Message::Replay {
+                session,
+                upto,
+                through,
+            } => self.replay(remote, session, upto, through).await,
+            Message::Fill {
+                session,
+                start_pos,
+                through,
+                tokens,
+            } => {
+                self.fill(remote, session, start_pos, through, tokens, recv)
+                    .await
+            }
+            Message::Handover { session, to } => self.hand_over(remote, session, to).await,
+            Message::Import {
+                session,
+                layers,
+                positions,
+                sent_rows,
+            } => {
+                self.import(remote, session, layers, positions, sent_rows, recv)
+                    .await
             }
             other => self.error_msg(0, format!("unexpected request {other:?}")),
         }
@@ -429,6 +545,10 @@ impl Inner {
             ));
         }
         let codec = Codec::from_u8(open.codec).map_err(|e| e.to_string())?;
+        let existing_hop = lock(&self.sessions).get(&open.session).cloned();
+        if existing_hop.is_none() && self.leaving.load(Ordering::Relaxed) {
+            return Err("this node is leaving the swarm".into());
+        }
         // The same client re-opening a session it holds here is a re-route after a failure:
         // adopt the new route and keep the KV cache (replayed positions overwrite it).
         let existing = lock(&self.sessions)
@@ -452,6 +572,13 @@ impl Inner {
             .fetch_add(1, Ordering::Relaxed);
         let session = open.session;
         let context = Mutex::new(open.prompt.clone());
+        // What this hop sent stays valid while its layers stay the same.
+        let sent = match existing_hop {
+            Some(old) if old.layers() == (layers.start as usize..layers.end as usize) => {
+                old.sent.clone()
+            }
+            _ => Arc::default(),
+        };
         lock(&self.sessions).insert(
             session,
             Arc::new(HopSession {
@@ -459,226 +586,9 @@ impl Inner {
                 index,
                 codec,
                 context,
+                sent,
             }),
         );
         Ok(())
-    }
-
-    async fn handle_data(self: Arc<Self>, remote: NodeId, mut recv: iroh::endpoint::RecvStream) {
-        let msg = match read_message(&mut recv).await {
-            Ok(m) => m,
-            Err(_) => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        let (session_id, start_pos) = match &msg {
-            Message::Step {
-                session, start_pos, ..
-            }
-            | Message::Hidden { session, start_pos } => (*session, *start_pos),
-            _ => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        let Some(hop) = lock(&self.sessions).get(&session_id).cloned() else {
-            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        // Only the session's client may start a step, only the predecessor may send hidden
-        // states: iroh has authenticated `remote`.
-        let expected = if hop.index == 0 {
-            hop.open.client
-        } else {
-            hop.open.route[hop.index - 1].node
-        };
-        let input = match msg {
-            Message::Step { tokens, .. } if hop.index == 0 && remote == expected => {
-                Tensor::from_slice(&tokens, (1, tokens.len()), &Device::Cpu).map(ShardInput::Tokens)
-            }
-            Message::Hidden { .. } if hop.index > 0 && remote == expected => {
-                match read_frame(&mut recv, DEFAULT_MAX_FRAME).await {
-                    Ok(frame) => match frame.as_frame().to_tensor() {
-                        Ok(t) => Ok(ShardInput::Hidden(t)),
-                        Err(e) => return self.report(&hop, e.to_string()).await,
-                    },
-                    Err(e) => return self.report(&hop, e.to_string()).await,
-                }
-            }
-            _ => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        let input = match input {
-            Ok(i) => i,
-            Err(e) => return self.report(&hop, e.to_string()).await,
-        };
-        let fed = match &input {
-            ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
-        };
-        let layers = hop.open.route[hop.index].layers.clone();
-        let engine = self.engine.clone();
-        let req = ForwardRequest::new(input)
-            .session(session_id, start_pos as usize)
-            .layers(layers.start as usize..layers.end as usize)
-            .last_logits_only();
-        let out = tokio::task::spawn_blocking(move || engine.forward(req)).await;
-        let out = match out {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => return self.report(&hop, e.to_string()).await,
-            Err(e) => return self.report(&hop, format!("compute task failed: {e}")).await,
-        };
-        self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        let result = match out {
-            ShardOutput::Hidden(h) => self.forward_hidden(&hop, start_pos, &h).await,
-            ShardOutput::Logits(l) => self.send_token(&hop, start_pos as usize + fed, &l).await,
-        };
-        if let Err((failed, e)) = result {
-            self.report_node(&hop, failed, e.to_string()).await;
-        }
-    }
-
-    /// Sends the hidden state to the successor. A failure to reach it blames the successor,
-    /// so the client replaces that node, not this one.
-    async fn forward_hidden(
-        &self,
-        hop: &HopSession,
-        start_pos: u32,
-        hidden: &Tensor,
-    ) -> Result<(), (NodeId, NetError)> {
-        let me = self.endpoint.id();
-        let next = hop.open.route.get(hop.index + 1).ok_or_else(|| {
-            (
-                me,
-                NetError::Malformed("hidden state produced by the last hop".into()),
-            )
-        })?;
-        let blame = |e: String| {
-            (
-                next.node,
-                NetError::Io(format!("successor unreachable: {e}")),
-            )
-        };
-        let conn = self
-            .connection(next.node, &next.addrs)
-            .await
-            .map_err(|e| blame(e.to_string()))?;
-        let mut send = conn.open_uni().await.map_err(|e| blame(e.to_string()))?;
-        let session = hop.open.session;
-        write_message(&mut send, &Message::Hidden { session, start_pos })
-            .await
-            .map_err(|e| blame(e.to_string()))?;
-        write_frame(
-            &mut send,
-            hidden,
-            hop.codec,
-            FrameMeta {
-                session,
-                position: start_pos,
-            },
-            false,
-        )
-        .await
-        .map_err(|e| blame(e.to_string()))?;
-        send.finish().map_err(|e| blame(e.to_string()))
-    }
-
-    /// Samples the token at `position` (one past the last input position) and sends it to the
-    /// client. The draw depends only on (seed, position), like local generation.
-    async fn send_token(
-        &self,
-        hop: &HopSession,
-        position: usize,
-        logits: &Tensor,
-    ) -> Result<(), (NodeId, NetError)> {
-        let me = self.endpoint.id();
-        self.send_token_inner(hop, position, logits)
-            .await
-            .map_err(|e| (me, e))
-    }
-
-    async fn send_token_inner(
-        &self,
-        hop: &HopSession,
-        position: usize,
-        logits: &Tensor,
-    ) -> Result<(), NetError> {
-        let row: Vec<f32> = logits
-            .flatten_all()
-            .and_then(|l| l.to_vec1())
-            .map_err(|e| NetError::Malformed(e.to_string()))?;
-        let token = {
-            let mut context = lock(&hop.context);
-            // Positions 0..position are the tokens fed so far; a retried step overwrites.
-            context.truncate(position);
-            let t = sample(&row, &hop.open.sampling, position, &context)
-                .map_err(|e| NetError::Malformed(e.to_string()))?;
-            context.push(t);
-            t
-        };
-        let conn = self.connection(hop.open.client, &[]).await?;
-        let mut send = conn
-            .open_uni()
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        write_message(
-            &mut send,
-            &Message::Token {
-                session: hop.open.session,
-                position: position as u32,
-                token,
-            },
-        )
-        .await?;
-        send.finish().map_err(|e| NetError::Io(e.to_string()))
-    }
-
-    /// Tells the client this hop failed on its session.
-    async fn report(&self, hop: &HopSession, message: String) {
-        self.report_node(hop, self.endpoint.id(), message).await
-    }
-
-    /// Tells the client that `failed` (this hop or its successor) failed on its session.
-    async fn report_node(&self, hop: &HopSession, failed: NodeId, message: String) {
-        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-        if let Ok(conn) = self.connection(hop.open.client, &[]).await {
-            if let Ok(mut send) = conn.open_uni().await {
-                let msg = Message::Error {
-                    session: hop.open.session,
-                    hop: failed,
-                    message,
-                };
-                let _ = write_message(&mut send, &msg).await;
-                let _ = send.finish();
-            }
-        }
-    }
-
-    /// A live connection to `node`: cached (either direction), or dialed at `addrs`.
-    async fn connection(
-        &self,
-        node: NodeId,
-        addrs: &[std::net::SocketAddr],
-    ) -> Result<Connection, NetError> {
-        if let Some(c) = lock(&self.conns).get(&node) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        lock(&self.conns).remove(&node);
-        let addr = addrs
-            .iter()
-            .fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
-        let conn = tokio::time::timeout(DIAL_TIMEOUT, self.endpoint.connect(addr, INFER_ALPN))
-            .await
-            .map_err(|_| NetError::Timeout {
-                what: format!("dialing {}", node.fmt_short()),
-                ms: DIAL_TIMEOUT.as_millis() as u64,
-            })?
-            .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
-        lock(&self.conns).insert(node, conn.clone());
-        Ok(conn)
     }
 }

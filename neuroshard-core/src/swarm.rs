@@ -3,7 +3,7 @@
 //! the announcements and generates through the chained relay. Used by `neuroshard swarm`, the
 //! demo and tests.
 
-use crate::client::{BlockingSession, Client};
+use crate::client::{BlockingSession, Client, SessionStats};
 use crate::engine::{EngineOptions, ShardEngine};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig, GenerationOutput};
@@ -88,12 +88,24 @@ impl LocalSwarm {
             .first()
             .map(|n| model_id(n.engine()))
             .ok_or_else(|| Error::Generation("a swarm needs at least one node".into()))?;
-        Ok(LocalSwarm {
+        let swarm = LocalSwarm {
             nodes: started,
             model_id,
             layers,
             tokenizer,
-        })
+        };
+        // Every node knows every other (a leaving node finds its replicas this way).
+        let announcements = swarm.announcements()?;
+        for node in &swarm.nodes {
+            for ann in &announcements {
+                match node.learn(ann) {
+                    // A node's own announcer may already have inserted a newer one.
+                    Ok(_) | Err(crate::net::NetError::Replayed { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(swarm)
     }
 
     /// The model's tokenizer.
@@ -148,6 +160,22 @@ impl LocalSwarm {
         codec: Codec,
         on_text: Box<dyn FnMut(&str) + Send>,
     ) -> Result<GenerationOutput> {
+        Ok(self
+            .generate_with_stats(client, prompt, config, codec, on_text)
+            .await?
+            .0)
+    }
+
+    /// [`LocalSwarm::generate`], also returning how the session recovered from failures and
+    /// moves (failovers, refills, hand-overs).
+    pub async fn generate_with_stats(
+        &self,
+        client: &Client,
+        prompt: Vec<u32>,
+        config: GenerationConfig,
+        codec: Codec,
+        on_text: Box<dyn FnMut(&str) + Send>,
+    ) -> Result<(GenerationOutput, SessionStats)> {
         let route = self.plan()?;
         let session = client
             .open_session(
@@ -198,7 +226,7 @@ impl LocalSwarm {
         .await
         .map_err(|e| Error::Generation(format!("generation task failed: {e}")))?;
         session.close().await;
-        out
+        Ok((out?, session.stats))
     }
 
     /// Stops every node.

@@ -1,8 +1,9 @@
 //! Failover in a 3-slice x 2-replica swarm on 127.0.0.1: the first, a middle and the last hop
 //! are killed mid-generation (their endpoint closes between two steps). The client re-plans
-//! around the dead node, moves the session and replays the context; the text must equal the
-//! undisturbed reference, the killed node must have served steps before the fault and its
-//! replica after it.
+//! around the dead node, moves the session and refills the replica: from the dead node's
+//! predecessor's sent hidden states (the client's token ids when the first hop died), without
+//! recomputing the hops before it. The text must equal the undisturbed reference, the killed
+//! node must have served steps before the fault and its replica after it.
 
 mod common;
 
@@ -42,6 +43,16 @@ async fn killing_any_hop_mid_generation_keeps_the_text() {
             .cloned()
             .expect("replica");
         let replica_before = replica.counters().steps.load(Ordering::Relaxed);
+        let predecessor = (victim_hop > 0).then(|| {
+            swarm
+                .nodes
+                .iter()
+                .find(|n| n.id() == route[victim_hop - 1].node)
+                .cloned()
+                .expect("predecessor")
+        });
+        let replays_before = predecessor.as_ref().map(|p| p.stats().replays);
+        let fills_before = replica.stats().fills;
         let victim_steps_at_kill = Arc::new(Mutex::new(None));
         let (seen, handle) = (
             victim_steps_at_kill.clone(),
@@ -62,10 +73,25 @@ async fn killing_any_hop_mid_generation_keeps_the_text() {
             ignore_eos: true,
             ..GenerationConfig::default()
         };
-        let out = swarm
-            .generate(&client, prompt.clone(), config, Codec::F16, on_text)
+        let (out, stats) = swarm
+            .generate_with_stats(&client, prompt.clone(), config, Codec::F16, on_text)
             .await
             .expect("generate");
+        assert_eq!(stats.failovers, 1, "hop {victim_hop}: {stats:?}");
+        assert_eq!(stats.refills, 1, "hop {victim_hop}: {stats:?}");
+        assert_eq!(stats.full_replays, 0, "hop {victim_hop}: {stats:?}");
+        assert_eq!(
+            replica.stats().fills,
+            fills_before + 1,
+            "hop {victim_hop}: replica refilled once"
+        );
+        if let (Some(p), Some(before)) = (&predecessor, replays_before) {
+            assert_eq!(
+                p.stats().replays,
+                before + 1,
+                "hop {victim_hop}: the predecessor replayed its sent states"
+            );
+        }
         assert_eq!(
             out.tokens, expected,
             "hop {victim_hop} killed: text changed"

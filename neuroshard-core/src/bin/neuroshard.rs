@@ -95,6 +95,10 @@ enum Command {
         /// Do not stop at end-of-sequence tokens.
         #[arg(long)]
         ignore_eos: bool,
+        /// With --peers: how long one step may take before the client probes the route and
+        /// fails over (a stalled node).
+        #[arg(long, default_value_t = 30_000)]
+        step_timeout_ms: u64,
     },
     /// Start a whole swarm on 127.0.0.1 in this process (each node its own iroh endpoint) and
     /// generate through it: client -> node -> node -> ... -> client.
@@ -169,6 +173,10 @@ enum Command {
         /// Ask the router for a port mapping (UPnP / NAT-PMP / PCP).
         #[arg(long)]
         portmapper: bool,
+        /// On Ctrl-C / SIGTERM: how long to wait for live sessions to move to replicas (KV
+        /// hand-over) before stopping.
+        #[arg(long, default_value_t = 10)]
+        grace_secs: u64,
     },
     /// Print the swarm as a node sees it.
     Peers {
@@ -231,6 +239,7 @@ fn main() -> ExitCode {
             chat,
             system,
             ignore_eos,
+            step_timeout_ms,
         } => {
             if peers.is_empty() {
                 match model {
@@ -258,6 +267,7 @@ fn main() -> ExitCode {
                     chat,
                     system,
                     ignore_eos,
+                    step_timeout: std::time::Duration::from_millis(step_timeout_ms),
                 })
             }
         }
@@ -273,6 +283,7 @@ fn main() -> ExitCode {
             entry: _,
             relays,
             portmapper,
+            grace_secs,
         } => cmd_node(NodeArgs {
             model,
             start,
@@ -284,6 +295,7 @@ fn main() -> ExitCode {
             mode,
             relays,
             portmapper,
+            grace: std::time::Duration::from_secs(grace_secs),
         }),
         Command::Peers { peers } => cmd_peers(peers),
         Command::ShardInfo {
@@ -573,6 +585,7 @@ struct NodeArgs {
     mode: ComputeMode,
     relays: bool,
     portmapper: bool,
+    grace: std::time::Duration,
 }
 
 fn data_dir() -> PathBuf {
@@ -640,8 +653,19 @@ fn cmd_node(args: NodeArgs) -> Result<(), Error> {
             key_path.display()
         );
         wait_for_shutdown_signal().await;
-        eprintln!("shutting down");
-        node.shutdown().await;
+        // Graceful: stop announcing, move live sessions (with their KV caches) to replicas.
+        let leave = node.begin_leave().await;
+        eprintln!(
+            "leaving: {} session(s) told to move ({} without a known replica); waiting up to {}s",
+            leave.notified,
+            leave.without_replica,
+            args.grace.as_secs()
+        );
+        let report = leave.finish(args.grace).await;
+        eprintln!(
+            "stopped: {} session(s) handed over, {} left to fail over",
+            report.handed_over, report.left_behind
+        );
         Ok(())
     })
 }
@@ -671,6 +695,7 @@ struct RemoteArgs {
     chat: bool,
     system: Option<String>,
     ignore_eos: bool,
+    step_timeout: std::time::Duration,
 }
 
 fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
@@ -734,6 +759,8 @@ fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
             ignore_eos: args.ignore_eos,
         };
         let context_len = info.context_len as usize;
+        let mut session = session;
+        session.step_timeout = args.step_timeout;
         let (out, mut session) = tokio::task::spawn_blocking(move || {
             let mut backend =
                 BlockingSession::new(session, handle, context_len).with_failover(replanner);
@@ -754,8 +781,13 @@ fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
         .await
         .map_err(|e| Error::Generation(format!("generation task failed: {e}")))?;
         session.close().await;
+        let recovery = session.stats;
         let out = out?;
         println!();
+        eprintln!(
+            "recovery: {} failovers, {} refills, {} full replays, {} hand-overs",
+            recovery.failovers, recovery.refills, recovery.full_replays, recovery.handovers
+        );
         eprintln!(
             "{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s",
             out.prompt_tokens,

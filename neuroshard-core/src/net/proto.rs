@@ -36,6 +36,27 @@ pub struct ModelInfo {
 /// Largest reply a client accepts for model info (a tokenizer with its merges is a few MB).
 pub const MAX_MODEL_INFO: usize = 64 << 20;
 
+/// A snapshot of a node's counters (operators and tests read them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// Steps computed (`Step` or `Hidden` messages processed).
+    pub steps: u64,
+    /// Fill requests computed (replays after a failover).
+    pub fills: u64,
+    /// Replay requests served (hidden states re-sent to a new successor).
+    pub replays: u64,
+    /// Sessions whose KV cache this node handed to a replica.
+    pub handovers_out: u64,
+    /// Sessions whose KV cache this node received from a leaving node.
+    pub handovers_in: u64,
+    /// Messages refused.
+    pub rejected: u64,
+    /// Sessions opened (re-opens included).
+    pub sessions_opened: u64,
+    /// Sessions open now.
+    pub sessions_open: u64,
+}
+
 /// One hop of a session's route, as the client planned it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteHop {
@@ -66,6 +87,9 @@ pub struct SessionOpen {
     pub prompt: Vec<u32>,
     /// When the client made the request (ms since the Unix epoch).
     pub timestamp_ms: u64,
+    /// KV hand-over this open authorises: `(from, to)` lets node `to` import the session's
+    /// cache from node `from` (a node that is leaving the swarm).
+    pub handover: Option<(NodeId, NodeId)>,
 }
 
 /// A [`SessionOpen`] signed by the client's key.
@@ -151,6 +175,65 @@ pub enum Message {
         /// Position of the first row.
         start_pos: u32,
     },
+    /// Request (bi stream), client to hop `i`: send the hidden states you sent for positions
+    /// `0..upto` again, as a `Fill`, to your current successor (it replaced a failed node).
+    Replay {
+        /// The session.
+        session: u64,
+        /// Positions to replay.
+        upto: u32,
+        /// Index of the last hop that needs the fill.
+        through: u32,
+    },
+    /// Request (bi stream): compute positions `start_pos..` into the KV cache without sampling,
+    /// and pass the result on while this hop's index is below `through`. To the first hop
+    /// (from the client) `tokens` holds the input; to any other hop (from its predecessor)
+    /// `tokens` is empty and a wire frame follows. Replied after the whole fill is done.
+    Fill {
+        /// The session.
+        session: u64,
+        /// Position of the first row.
+        start_pos: u32,
+        /// Index of the last hop to fill.
+        through: u32,
+        /// Input ids (first hop only).
+        tokens: Vec<u32>,
+    },
+    /// Hop to client (uni stream): this node is leaving the swarm; `replacement` holds the
+    /// same layers and can take the session's KV cache.
+    Leaving {
+        /// The session.
+        session: u64,
+        /// The leaving node (checked against the connection's authenticated id).
+        node: NodeId,
+        /// A replica of the hop's layers, if the node knows one.
+        replacement: Option<RouteHop>,
+    },
+    /// Request (bi stream), client to a leaving hop: hand the session's KV cache to `to`
+    /// (already opened there by a session-open naming this hand-over).
+    Handover {
+        /// The session.
+        session: u64,
+        /// The replica taking over.
+        to: RouteHop,
+    },
+    /// Request (bi stream), leaving hop to its replica: the session's cache for `layers`,
+    /// `positions` long. `2 x layers` wire frames follow (K then V per layer, f32), then one
+    /// frame of the hidden states the hop had sent, if `sent_rows > 0`.
+    Import {
+        /// The session.
+        session: u64,
+        /// Layers of the cache.
+        layers: Range<u32>,
+        /// Positions cached.
+        positions: u32,
+        /// Rows of sent hidden states that follow.
+        sent_rows: u32,
+    },
+    /// Request (bi stream): the node's counters (replied with `Stats`).
+    GetStats,
+    /// Reply: what the node did so far.
+    Stats(NodeStats),
     /// Last hop to client: the sampled token at `position`.
     Token {
         /// The session.

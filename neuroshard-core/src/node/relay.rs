@@ -1,0 +1,426 @@
+//! The data path of a hop: live steps relayed hop to hop, and fills / replays that rebuild the
+//! KV cache of a node that replaced a failed one.
+//!
+//! A step (`Step` from the client, `Hidden` from the predecessor, one uni stream each) is
+//! computed, recorded in the hop's [`super::SentStates`] and passed on; the last hop samples and
+//! sends the token to the client. A fill (`Fill`, a bi request) is computed into the KV cache
+//! and passed on as a fill while the hop's index is below `through`; its reply travels back
+//! only once the whole chain is filled, so the client's retried step cannot overtake it.
+
+use super::{HopSession, Inner};
+use crate::engine::ForwardRequest;
+use crate::model::sampling::sample;
+use crate::model::shard::{ShardInput, ShardOutput};
+use crate::net::proto::{read_message, write_message, Message, RouteHop, DIAL_TIMEOUT, INFER_ALPN};
+use crate::net::{lock, NetError, NodeId};
+use crate::wire::{decode_frame, encode_frame, read_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
+use candle_core::{Device, Tensor};
+use iroh::endpoint::{Connection, RecvStream};
+use iroh::EndpointAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest a fill (a whole prefix through several hops) may take before the sender gives up.
+pub(super) const FILL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a hop computes.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Purpose {
+    /// A live step: relay the hidden state, or sample on the last hop.
+    Step,
+    /// Rebuild the KV cache: pass on while this hop's index is below `through`, never sample.
+    Fill {
+        /// Index of the last hop to fill.
+        through: u32,
+    },
+}
+
+/// A failure: the node to blame and what happened.
+type Blame = (NodeId, String);
+
+impl Inner {
+    pub(super) async fn handle_data(self: Arc<Self>, remote: NodeId, mut recv: RecvStream) {
+        let msg = match read_message(&mut recv).await {
+            Ok(m) => m,
+            Err(_) => return self.reject(),
+        };
+        let (session, start_pos) = match &msg {
+            Message::Step {
+                session, start_pos, ..
+            }
+            | Message::Hidden { session, start_pos } => (*session, *start_pos),
+            _ => return self.reject(),
+        };
+        let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
+            return self.reject();
+        };
+        // Only the session's client may start a step, only the predecessor may send hidden
+        // states: iroh has authenticated `remote`.
+        if remote != hop.feeder() {
+            return self.reject();
+        }
+        let input = match msg {
+            Message::Step { tokens, .. } if hop.index == 0 => tokens_input(&tokens),
+            Message::Hidden { .. } if hop.index > 0 => hidden_input(&mut recv).await,
+            _ => return self.reject(),
+        };
+        let result = match input {
+            Ok(input) => self.run(&hop, input, start_pos, Purpose::Step).await,
+            Err(e) => Err((self.endpoint.id(), e)),
+        };
+        if let Err((failed, message)) = result {
+            self.report_node(&hop, failed, message).await;
+        }
+    }
+
+    fn reject(&self) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `Fill` request: checks the sender like a step, computes, passes on; the reply says
+    /// whether the whole chain up to `through` was filled.
+    pub(super) async fn fill(
+        self: &Arc<Self>,
+        remote: NodeId,
+        session: u64,
+        start_pos: u32,
+        through: u32,
+        tokens: Vec<u32>,
+        recv: &mut RecvStream,
+    ) -> Message {
+        let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
+            self.reject();
+            return self.error_msg(session, format!("unknown session {session}"));
+        };
+        if remote != hop.feeder() || (hop.index == 0) == tokens.is_empty() {
+            self.reject();
+            return self.error_msg(
+                session,
+                "fill from a node that does not feed this hop".into(),
+            );
+        }
+        let input = if hop.index == 0 {
+            tokens_input(&tokens)
+        } else {
+            hidden_input(recv).await
+        };
+        let result = match input {
+            Ok(input) => {
+                self.run(&hop, input, start_pos, Purpose::Fill { through })
+                    .await
+            }
+            Err(e) => Err((self.endpoint.id(), e)),
+        };
+        match result {
+            Ok(()) => Message::Ok,
+            Err((failed, message)) => Message::Error {
+                session,
+                hop: failed,
+                message,
+            },
+        }
+    }
+
+    /// `Replay` request from the session's client: re-sends the hidden states this hop sent
+    /// for positions `0..upto` to its (new) successor as a fill.
+    pub(super) async fn replay(
+        self: &Arc<Self>,
+        remote: NodeId,
+        session: u64,
+        upto: u32,
+        through: u32,
+    ) -> Message {
+        let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
+            self.reject();
+            return self.error_msg(session, format!("unknown session {session}"));
+        };
+        if remote != hop.open.client {
+            self.reject();
+            return self.error_msg(session, "only the session's client may ask a replay".into());
+        }
+        let rows = {
+            let sent = lock(&hop.sent);
+            match sent.prefix(upto as usize) {
+                Some(rows) => Ok((rows.to_vec(), sent.width())),
+                None => Err(format!(
+                    "asked to replay {upto} positions, {} recorded",
+                    sent.positions()
+                )),
+            }
+        };
+        let (rows, width) = match rows {
+            Ok(r) => r,
+            Err(e) => return self.error_msg(session, e),
+        };
+        if upto == 0 {
+            return Message::Ok;
+        }
+        let Some(next) = hop.open.route.get(hop.index + 1) else {
+            return self.error_msg(
+                session,
+                "the last hop has no successor to replay into".into(),
+            );
+        };
+        // The rows are what the successor decoded originally: resend them losslessly.
+        let frame = encode_frame(
+            &match Tensor::from_vec(rows, (1, upto as usize, width), &Device::Cpu) {
+                Ok(t) => t,
+                Err(e) => return self.error_msg(session, e.to_string()),
+            },
+            Codec::F32,
+            FrameMeta {
+                session,
+                position: 0,
+            },
+            false,
+        );
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => return self.error_msg(session, e.to_string()),
+        };
+        let msg = Message::Fill {
+            session,
+            start_pos: 0,
+            through,
+            tokens: Vec::new(),
+        };
+        self.counters.replays.fetch_add(1, Ordering::Relaxed);
+        match self.send_fill(next, &msg, &frame).await {
+            Ok(()) => Message::Ok,
+            Err((failed, message)) => Message::Error {
+                session,
+                hop: failed,
+                message,
+            },
+        }
+    }
+
+    /// Computes `input` at `start_pos` on the hop's layers and passes the result on.
+    pub(super) async fn run(
+        &self,
+        hop: &Arc<HopSession>,
+        input: ShardInput,
+        start_pos: u32,
+        purpose: Purpose,
+    ) -> Result<(), Blame> {
+        let me = self.endpoint.id();
+        let fed = match &input {
+            ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
+        };
+        let engine = self.engine.clone();
+        let req = ForwardRequest::new(input)
+            .session(hop.open.session, start_pos as usize)
+            .layers(hop.layers())
+            .last_logits_only();
+        let out = match tokio::task::spawn_blocking(move || engine.forward(req)).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err((me, e.to_string())),
+            Err(e) => return Err((me, format!("compute task failed: {e}"))),
+        };
+        let counter = match purpose {
+            Purpose::Step => &self.counters.steps,
+            Purpose::Fill { .. } => &self.counters.fills,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match (out, purpose) {
+            (ShardOutput::Hidden(h), purpose) => {
+                let next = hop
+                    .open
+                    .route
+                    .get(hop.index + 1)
+                    .ok_or_else(|| (me, "hidden state produced by the last hop".to_string()))?;
+                let frame = self
+                    .encode_and_record(hop, start_pos, &h)
+                    .map_err(|e| (me, e))?;
+                let session = hop.open.session;
+                match purpose {
+                    Purpose::Step => {
+                        let msg = Message::Hidden { session, start_pos };
+                        self.send_hidden(next, &msg, &frame).await
+                    }
+                    Purpose::Fill { through } if (hop.index as u32) < through => {
+                        let msg = Message::Fill {
+                            session,
+                            start_pos,
+                            through,
+                            tokens: Vec::new(),
+                        };
+                        self.send_fill(next, &msg, &frame).await
+                    }
+                    Purpose::Fill { .. } => Ok(()),
+                }
+            }
+            (ShardOutput::Logits(l), Purpose::Step) => self
+                .send_token(hop, start_pos as usize + fed, &l)
+                .await
+                .map_err(|e| (me, e.to_string())),
+            (ShardOutput::Logits(_), Purpose::Fill { .. }) => Ok(()),
+        }
+    }
+
+    /// Encodes the hidden state with the session's codec and records what the successor will
+    /// decode (so a later replay is bit-identical).
+    fn encode_and_record(
+        &self,
+        hop: &HopSession,
+        start_pos: u32,
+        hidden: &Tensor,
+    ) -> Result<Vec<u8>, String> {
+        let meta = FrameMeta {
+            session: hop.open.session,
+            position: start_pos,
+        };
+        let frame = encode_frame(hidden, hop.codec, meta, false).map_err(|e| e.to_string())?;
+        let (decoded, _) = decode_frame(&frame, frame.len()).map_err(|e| e.to_string())?;
+        let width = hidden.dims().last().copied().unwrap_or(0);
+        let values = decoded.to_f32().map_err(|e| e.to_string())?;
+        lock(&hop.sent).record(start_pos as usize, width, &values);
+        Ok(frame)
+    }
+
+    /// Sends a step's hidden state to the successor (uni stream). A failure to reach it
+    /// blames the successor, so the client replaces that node, not this one.
+    async fn send_hidden(&self, next: &RouteHop, msg: &Message, frame: &[u8]) -> Result<(), Blame> {
+        let blame = |e: String| (next.node, format!("successor unreachable: {e}"));
+        let conn = self
+            .connection(next.node, &next.addrs)
+            .await
+            .map_err(|e| blame(e.to_string()))?;
+        let mut send = conn.open_uni().await.map_err(|e| blame(e.to_string()))?;
+        write_message(&mut send, msg)
+            .await
+            .map_err(|e| blame(e.to_string()))?;
+        send.write_all(frame)
+            .await
+            .map_err(|e| blame(e.to_string()))?;
+        send.finish().map_err(|e| blame(e.to_string()))
+    }
+
+    /// Sends a fill to the successor (bi stream) and waits until the chain behind it is filled.
+    async fn send_fill(&self, next: &RouteHop, msg: &Message, frame: &[u8]) -> Result<(), Blame> {
+        let blame = |e: String| (next.node, format!("successor unreachable: {e}"));
+        let conn = self
+            .connection(next.node, &next.addrs)
+            .await
+            .map_err(|e| blame(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| blame(e.to_string()))?;
+        write_message(&mut send, msg)
+            .await
+            .map_err(|e| blame(e.to_string()))?;
+        send.write_all(frame)
+            .await
+            .map_err(|e| blame(e.to_string()))?;
+        send.finish().map_err(|e| blame(e.to_string()))?;
+        match tokio::time::timeout(FILL_TIMEOUT, read_message(&mut recv)).await {
+            Ok(Ok(Message::Ok)) => Ok(()),
+            Ok(Ok(Message::Error { hop, message, .. })) => Err((hop, message)),
+            Ok(Ok(other)) => Err(blame(format!("unexpected reply {other:?}"))),
+            Ok(Err(e)) => Err(blame(e.to_string())),
+            Err(_) => Err(blame(format!(
+                "no fill reply within {} s",
+                FILL_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Samples the token at `position` (one past the last input position) and sends it to the
+    /// client. The draw depends only on (seed, position), like local generation.
+    async fn send_token(
+        &self,
+        hop: &HopSession,
+        position: usize,
+        logits: &Tensor,
+    ) -> Result<(), NetError> {
+        let row: Vec<f32> = logits
+            .flatten_all()
+            .and_then(|l| l.to_vec1())
+            .map_err(|e| NetError::Malformed(e.to_string()))?;
+        let token = {
+            let mut context = lock(&hop.context);
+            // Positions 0..position are the tokens fed so far; a retried step overwrites.
+            context.truncate(position);
+            let t = sample(&row, &hop.open.sampling, position, &context)
+                .map_err(|e| NetError::Malformed(e.to_string()))?;
+            context.push(t);
+            t
+        };
+        let msg = Message::Token {
+            session: hop.open.session,
+            position: position as u32,
+            token,
+        };
+        self.notify_client(hop, &msg).await
+    }
+
+    /// Sends `msg` to the session's client on a uni stream.
+    pub(super) async fn notify_client(
+        &self,
+        hop: &HopSession,
+        msg: &Message,
+    ) -> Result<(), NetError> {
+        let conn = self.connection(hop.open.client, &[]).await?;
+        let mut send = conn
+            .open_uni()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        write_message(&mut send, msg).await?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))
+    }
+
+    /// Tells the client that `failed` (this hop or its successor) failed on its session.
+    async fn report_node(&self, hop: &HopSession, failed: NodeId, message: String) {
+        self.reject();
+        let msg = Message::Error {
+            session: hop.open.session,
+            hop: failed,
+            message,
+        };
+        let _ = self.notify_client(hop, &msg).await;
+    }
+
+    /// A live connection to `node`: cached (either direction), or dialed at `addrs`.
+    pub(super) async fn connection(
+        &self,
+        node: NodeId,
+        addrs: &[std::net::SocketAddr],
+    ) -> Result<Connection, NetError> {
+        if let Some(c) = lock(&self.conns).get(&node) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        lock(&self.conns).remove(&node);
+        let addr = addrs
+            .iter()
+            .fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
+        let conn = tokio::time::timeout(DIAL_TIMEOUT, self.endpoint.connect(addr, INFER_ALPN))
+            .await
+            .map_err(|_| NetError::Timeout {
+                what: format!("dialing {}", node.fmt_short()),
+                ms: DIAL_TIMEOUT.as_millis() as u64,
+            })?
+            .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
+        lock(&self.conns).insert(node, conn.clone());
+        Ok(conn)
+    }
+}
+
+/// Token ids as the first hop's input.
+fn tokens_input(tokens: &[u32]) -> Result<ShardInput, String> {
+    Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu)
+        .map(ShardInput::Tokens)
+        .map_err(|e| e.to_string())
+}
+
+/// A hidden-state frame read from `recv` as a hop's input.
+async fn hidden_input(recv: &mut RecvStream) -> Result<ShardInput, String> {
+    let frame = read_frame(recv, DEFAULT_MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    frame
+        .as_frame()
+        .to_tensor()
+        .map(ShardInput::Hidden)
+        .map_err(|e| e.to_string())
+}

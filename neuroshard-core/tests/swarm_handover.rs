@@ -1,0 +1,110 @@
+//! Graceful leave with KV-cache hand-over in a 3-slice x 2-replica swarm on 127.0.0.1: the
+//! first, a middle and the last hop leave mid-generation. Each tells the client which replica
+//! can take the session; at the next step boundary the client moves the hop and the leaving
+//! node sends its KV cache. The text must equal the undisturbed reference with no failover,
+//! no refill and no replay anywhere, the leaving node must have served steps before and the
+//! replica after.
+
+mod common;
+
+use common::*;
+use neuroshard_core::client::{Client, SessionStats};
+use neuroshard_core::net::endpoint::EndpointOptions;
+use neuroshard_core::node::LeaveReport;
+use neuroshard_core::swarm::LocalSwarm;
+use neuroshard_core::wire::Codec;
+use neuroshard_core::{EngineOptions, GenerationConfig};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_hops_hand_their_kv_cache_over() {
+    let mut swarm = LocalSwarm::start(&smollm2(), 3, 2, EngineOptions::default(), &mut |_| {})
+        .await
+        .expect("swarm");
+    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
+        .await
+        .expect("client");
+    let reference = reference_json("smollm2");
+    let prompt = ids_from_json(&reference["input_ids"]);
+    let expected = ids_from_json(&reference["greedy_ids"]);
+    for leaving_hop in 0..3 {
+        let route = swarm.plan().expect("plan");
+        let victim = swarm
+            .nodes
+            .iter()
+            .find(|n| n.id() == route[leaving_hop].node)
+            .cloned()
+            .expect("victim");
+        let replica = swarm
+            .nodes
+            .iter()
+            .find(|n| n.id() != victim.id() && n.engine().layers() == victim.engine().layers())
+            .cloned()
+            .expect("replica");
+        let before: Vec<_> = swarm.nodes.iter().map(|n| n.stats()).collect();
+        let replica_before = replica.stats();
+        let steps_at_leave = Arc::new(Mutex::new(None));
+        let leave_task = Arc::new(Mutex::new(None));
+        let (seen, task, handle, leaver) = (
+            steps_at_leave.clone(),
+            leave_task.clone(),
+            tokio::runtime::Handle::current(),
+            victim.clone(),
+        );
+        let mut pieces = 0;
+        let on_text = Box::new(move |_: &str| {
+            pieces += 1;
+            if pieces == 8 {
+                // Between two steps: the node announces it is leaving, then waits for the
+                // hand-over while the generation goes on.
+                *seen.lock().expect("lock") = Some(leaver.stats().steps);
+                let leave = handle.block_on(leaver.begin_leave());
+                assert_eq!(leave.notified, 1, "one live session to move");
+                assert_eq!(leave.without_replica, 0);
+                *task.lock().expect("lock") =
+                    Some(handle.spawn(leave.finish(Duration::from_secs(30))));
+            }
+        });
+        let config = GenerationConfig {
+            max_tokens: expected.len(),
+            ignore_eos: true,
+            ..GenerationConfig::default()
+        };
+        let (out, stats) = swarm
+            .generate_with_stats(&client, prompt.clone(), config, Codec::F16, on_text)
+            .await
+            .expect("generate");
+        assert_eq!(out.tokens, expected, "hop {leaving_hop} left: text changed");
+        assert_eq!(
+            stats,
+            SessionStats {
+                handovers: 1,
+                ..SessionStats::default()
+            },
+            "hop {leaving_hop}: moved by hand-over only"
+        );
+        let join = leave_task.lock().expect("lock").take().expect("left");
+        let report: LeaveReport = join.await.expect("leave task");
+        assert_eq!(report.handed_over, 1);
+        assert_eq!(report.left_behind, 0);
+        let at_leave = steps_at_leave.lock().expect("lock").expect("left");
+        assert!(at_leave >= 8, "leaving node served {at_leave} steps before");
+        let after: Vec<_> = swarm.nodes.iter().map(|n| n.stats()).collect();
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            assert_eq!(a.fills, b.fills, "node {i} was refilled: a replay happened");
+            assert_eq!(a.replays, b.replays, "node {i} replayed");
+        }
+        let replica_after = replica.stats();
+        assert_eq!(replica_after.handovers_in, 1, "replica imported the cache");
+        assert!(
+            replica_after.steps > replica_before.steps,
+            "hop {leaving_hop}: replica never served"
+        );
+        assert_eq!(victim.stats().handovers_out, 1);
+        assert_eq!(victim.stats().sessions_open, 0);
+        swarm.nodes.retain(|n| n.id() != victim.id());
+    }
+    client.shutdown().await;
+    swarm.shutdown().await;
+}
