@@ -1,142 +1,368 @@
-//! Separate `neuroshard node` processes on 127.0.0.1 (layers 0-10, 10-20 twice, 20-30) joined
-//! by gossip through the first; `neuroshard generate --peers` (no model file) reproduces the
-//! reference. Then the middle hop of that route is killed with SIGKILL and a new generation
-//! fails over to its replica with the same text. Every process is killed when the test ends.
+//! Separate `neuroshard node` processes on 127.0.0.1 (exact mode): layers 0-10, 10-20 and
+//! 20-30, two replicas each, joined by gossip. `neuroshard generate --peers` (no model file,
+//! f16 frames) reproduces the reference; then, mid-generation, the first, a middle and the last
+//! hop are killed with SIGKILL, a middle hop is stalled with SIGSTOP and one leaves with
+//! SIGTERM. Each time the text must equal the reference; node counters (read over the
+//! protocol) show the victim served steps before the fault and its replica after it; the
+//! client's recovery summary shows a refill from the predecessor (no full replay), or for
+//! SIGTERM a KV hand-over and nothing refilled at all. Every process is killed when the test
+//! ends, stalled ones included.
 
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
+use neuroshard_core::client::Client;
+use neuroshard_core::net::endpoint::{parse_peer_addr, EndpointOptions};
+use neuroshard_core::net::now_ms;
+use neuroshard_core::net::proto::NodeStats;
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-/// Kills the node processes however the test ends.
-struct Nodes(Vec<(Child, String)>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for (child, _) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_neuroshard")
 }
 
-/// Starts a node and returns it with the address line it prints first.
-fn start_node(
-    dir: &std::path::Path,
-    start: usize,
-    end: usize,
-    tag: &str,
-    peers: Option<&str>,
-) -> (Child, String) {
-    let mut cmd = Command::new(bin());
-    cmd.args(["--threads", "1", "node", "--model"])
-        .arg(smollm2())
-        .args([
-            "--start",
-            &start.to_string(),
-            "--end",
-            &end.to_string(),
-            "--mode",
-            "fast",
-        ])
-        .arg("--key-file")
-        .arg(dir.join(format!("{tag}.key")))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    if let Some(p) = peers {
-        cmd.args(["--peers", p]);
-    }
-    let mut child = cmd.spawn().expect("spawn node");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    // The address line comes once the slice is loaded and the endpoint bound (bounded by the
-    // test's overall timeout: a node that dies closes stdout and read_line returns 0).
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("address line");
-    assert!(line.contains('@'), "node {tag} printed {line:?}");
-    (child, line.trim().to_string())
+/// One node process.
+struct Proc {
+    child: Child,
+    addr: String,
+    layers: (usize, usize),
 }
 
-fn run(args: &[&str]) -> (String, String, bool) {
-    let out = Command::new(bin()).args(args).output().expect("run");
-    (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-        out.status.success(),
-    )
+/// The node processes; all are killed (stalled ones resumed first) however the test ends.
+struct Swarm {
+    dir: std::path::PathBuf,
+    procs: Vec<Proc>,
+    started: usize,
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            signal(&p.child, "CONT");
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Swarm {
+    fn new() -> Swarm {
+        let dir = std::env::temp_dir().join(format!("neuroshard-procs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = runtime
+            .block_on(Client::new(
+                iroh::SecretKey::generate(),
+                EndpointOptions::default(),
+            ))
+            .expect("client");
+        Swarm {
+            dir,
+            procs: Vec::new(),
+            started: 0,
+            runtime,
+            client,
+        }
+    }
+
+    /// Spawns nodes for `slices` (joining through the first live node, if any) and waits for
+    /// their address lines.
+    fn start(&mut self, slices: &[(usize, usize)]) {
+        let entry = self.procs.first().map(|p| p.addr.clone());
+        let mut children = Vec::new();
+        for &(start, end) in slices {
+            self.started += 1;
+            let mut cmd = Command::new(bin());
+            cmd.args(["--threads", "1", "node", "--model"])
+                .arg(smollm2())
+                .args(["--start", &start.to_string(), "--end", &end.to_string()])
+                .arg("--key-file")
+                .arg(self.dir.join(format!("node{}.key", self.started)))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            if let Some(e) = &entry {
+                cmd.args(["--peers", e]);
+            }
+            children.push((cmd.spawn().expect("spawn node"), (start, end)));
+        }
+        for (mut child, layers) in children {
+            let stdout = child.stdout.take().expect("stdout");
+            let mut line = String::new();
+            // The address line comes once the slice is loaded and the endpoint bound; a node
+            // that dies closes stdout and read_line returns 0.
+            BufReader::new(stdout)
+                .read_line(&mut line)
+                .expect("address line");
+            assert!(line.contains('@'), "node {layers:?} printed {line:?}");
+            self.procs.push(Proc {
+                child,
+                addr: line.trim().to_string(),
+                layers,
+            });
+        }
+    }
+
+    fn stats(&self, addr: &str) -> Option<NodeStats> {
+        let addr = parse_peer_addr(addr).ok()?;
+        self.runtime
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(2), self.client.fetch_stats(&addr)).await
+            })
+            .ok()?
+            .ok()
+    }
+
+    /// Waits (bounded) until every node's PeerSet holds exactly the live processes.
+    fn wait_converged(&self) {
+        let want = self.procs.len();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let seen: Vec<Option<usize>> = self
+                .procs
+                .iter()
+                .map(|p| {
+                    let entry = parse_peer_addr(&p.addr).ok()?;
+                    self.runtime.block_on(async {
+                        let info = self.client.fetch_model_info(&entry).await.ok()?;
+                        let peers = self.client.fetch_peers(&entry, &info.model_id).await.ok()?;
+                        Some(peers.iter().filter(|(_, e)| e.usable(now_ms())).count())
+                    })
+                })
+                .collect();
+            if seen.iter().all(|s| *s == Some(want)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "swarm did not converge to {want} nodes: {seen:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn index_of(&self, short: &str) -> usize {
+        self.procs
+            .iter()
+            .position(|p| p.addr.starts_with(short))
+            .expect("route hop is one of our processes")
+    }
+}
+
+/// What `generate` printed.
+struct Generated {
+    text: String,
+    stderr: String,
+    ok: bool,
+}
+
+/// Runs `generate --peers <all nodes>`; once the route is printed, `during(route)` runs (it
+/// may disturb a hop) while tokens stream.
+fn generate(peers: &[String], extra: &[&str], during: impl FnOnce(&[String])) -> Generated {
+    let reference = reference_json("smollm2");
+    let prompt = reference["prompt"].as_str().expect("prompt");
+    let mut cmd = Command::new(bin());
+    cmd.args(["--threads", "1", "generate", "--peers"]);
+    cmd.args(peers);
+    cmd.args(["--prompt", prompt, "--max-tokens", "24"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn generate");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("route:") {
+                let _ = tx.send(line.clone());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let mut stdout = child.stdout.take().expect("stdout");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    if let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+        let route: Vec<String> = line
+            .split("route: ")
+            .nth(1)
+            .expect("route")
+            .split(" -> ")
+            .map(|h| h[..h.find('[').expect("layers")].to_string())
+            .collect();
+        during(&route);
+    }
+    let status = child.wait().expect("wait generate");
+    Generated {
+        text: out_reader.join().expect("stdout"),
+        stderr: reader.join().expect("stderr"),
+        ok: status.success(),
+    }
+}
+
+/// Waits (bounded) until `addr` has computed more than `steps` steps.
+fn wait_steps(swarm: &Swarm, addr: &str, steps: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = swarm.stats(addr) {
+            if s.steps > steps {
+                return s.steps;
+            }
+        }
+        assert!(Instant::now() < deadline, "{addr} never served a step");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn expected_text() -> String {
+    reference_json("smollm2")["greedy_text"]
+        .as_str()
+        .expect("text")
+        .to_string()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Kill,
+    Stop,
+    Term,
+}
+
+/// Disturbs hop `hop` of the route mid-generation and checks text, counters and recovery.
+fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault) {
+    let before: Vec<Option<NodeStats>> = swarm.procs.iter().map(|p| swarm.stats(&p.addr)).collect();
+    let mut victim = None;
+    let mut victim_steps = 0;
+    let extra: &[&str] = match fault {
+        Fault::Stop => &["--step-timeout-ms", "1500"],
+        _ => &[],
+    };
+    let peers: Vec<String> = swarm.procs.iter().map(|p| p.addr.clone()).collect();
+    let g = generate(&peers, extra, |route| {
+        let i = swarm.index_of(&route[hop]);
+        let addr = swarm.procs[i].addr.clone();
+        let base = before[i].as_ref().map_or(0, |s| s.steps);
+        // The prefill and a few decode steps went through it.
+        victim_steps = wait_steps(swarm, &addr, base + 4) - base;
+        match fault {
+            Fault::Kill => swarm.procs[i].child.kill().expect("kill -9"),
+            Fault::Stop => signal(&swarm.procs[i].child, "STOP"),
+            Fault::Term => signal(&swarm.procs[i].child, "TERM"),
+        }
+        victim = Some(i);
+    });
+    let v = victim.expect("route printed");
+    assert!(g.ok, "{fault:?} hop {hop}: {}", g.stderr);
+    assert_eq!(
+        g.text.trim_end_matches('\n'),
+        expected_text(),
+        "{fault:?} hop {hop}: text changed"
+    );
+    assert!(
+        victim_steps >= 5,
+        "victim served {victim_steps} steps before"
+    );
+    let recovery = g
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("recovery:"))
+        .expect("recovery line")
+        .to_string();
+    let layers = swarm.procs[v].layers;
+    let replica = (0..swarm.procs.len())
+        .find(|&i| i != v && swarm.procs[i].layers == layers)
+        .expect("replica");
+    let replica_after = swarm
+        .stats(&swarm.procs[replica].addr)
+        .expect("replica stats");
+    let replica_before = before[replica].clone().expect("replica stats before");
+    assert!(
+        replica_after.steps > replica_before.steps,
+        "{fault:?} hop {hop}: replica never served"
+    );
+    match fault {
+        Fault::Kill | Fault::Stop => {
+            assert_eq!(
+                recovery, "recovery: 1 failovers, 1 refills, 0 full replays, 0 hand-overs",
+                "{fault:?} hop {hop}"
+            );
+            assert_eq!(replica_after.fills, replica_before.fills + 1);
+        }
+        Fault::Term => {
+            assert_eq!(
+                recovery, "recovery: 0 failovers, 0 refills, 0 full replays, 1 hand-overs",
+                "hop {hop}"
+            );
+            assert_eq!(replica_after.handovers_in, replica_before.handovers_in + 1);
+            for (i, p) in swarm.procs.iter().enumerate() {
+                if let (Some(b), Some(a)) = (&before[i], swarm.stats(&p.addr)) {
+                    assert_eq!((a.fills, a.replays), (b.fills, b.replays), "no replay");
+                }
+            }
+            // The leaving node exits by itself once the session moved.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = swarm.procs[v].child.try_wait().expect("wait") {
+                    assert!(status.success(), "graceful exit: {status}");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "leaving node did not exit");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    // Replace the victim so the next scenario has replicas everywhere again.
+    let mut gone = swarm.procs.remove(v);
+    signal(&gone.child, "CONT");
+    let _ = gone.child.kill();
+    let _ = gone.child.wait();
+    swarm.start(&[layers]);
+    swarm.wait_converged();
 }
 
 #[test]
-fn separate_node_processes_generate_and_fail_over() {
-    let dir = std::env::temp_dir().join(format!("neuroshard-procs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let mut nodes = Nodes(Vec::new());
-    let a = start_node(&dir, 0, 10, "a", None);
-    let entry = a.1.clone();
-    nodes.0.push(a);
-    for (start, end, tag) in [(10, 20, "b1"), (10, 20, "b2"), (20, 30, "c")] {
-        nodes
-            .0
-            .push(start_node(&dir, start, end, tag, Some(&entry)));
-    }
-    // Wait (bounded) until the entry's PeerSet lists all four nodes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (out, _, ok) = run(&["peers", "--peers", &entry]);
-        if ok && out.contains(", 4 nodes") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "swarm did not converge: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let reference = reference_json("smollm2");
-    let prompt = reference["prompt"].as_str().expect("prompt");
-    let text = reference["greedy_text"].as_str().expect("text");
-    let (out, err, ok) = run(&[
-        "generate",
-        "--peers",
-        &entry,
-        "--prompt",
-        prompt,
-        "--max-tokens",
-        "24",
-    ]);
-    assert!(ok, "{err}");
-    assert_eq!(out.trim_end_matches('\n'), text);
+fn separate_node_processes_generate_and_survive_every_fault() {
+    let mut swarm = Swarm::new();
+    swarm.start(&[(0, 10)]);
+    swarm.start(&[(0, 10), (10, 20), (10, 20), (20, 30), (20, 30)]);
+    swarm.wait_converged();
 
-    // SIGKILL the middle hop of the route just used; its announcement is still live, so the next
-    // session is planned through it, fails, and moves to the replica.
-    let route_line = err
-        .lines()
-        .find(|l| l.contains("route:"))
-        .expect("route line");
-    let middle = route_line.split(" -> ").nth(1).expect("middle hop");
-    let short = &middle[..middle.find('[').expect("layers")];
-    let victim = nodes
-        .0
-        .iter_mut()
-        .find(|(_, addr)| addr.starts_with(short))
-        .expect("victim process");
-    victim.0.kill().expect("kill -9");
-    victim.0.wait().expect("reap");
-    let (out, err, ok) = run(&[
-        "generate",
-        "--peers",
-        &entry,
-        "--prompt",
-        prompt,
-        "--max-tokens",
-        "24",
-    ]);
-    assert!(ok, "{err}");
-    assert_eq!(out.trim_end_matches('\n'), text, "after failover");
-    drop(nodes);
-    std::fs::remove_dir_all(&dir).ok();
+    let peers: Vec<String> = swarm.procs.iter().map(|p| p.addr.clone()).collect();
+    let g = generate(&peers, &[], |_| {});
+    assert!(g.ok, "{}", g.stderr);
+    assert_eq!(g.text.trim_end_matches('\n'), expected_text());
+    assert!(
+        g.stderr
+            .contains("recovery: 0 failovers, 0 refills, 0 full replays, 0 hand-overs"),
+        "{}",
+        g.stderr
+    );
+
+    disturb(&mut swarm, 1, Fault::Kill);
+    disturb(&mut swarm, 0, Fault::Kill);
+    disturb(&mut swarm, 2, Fault::Kill);
+    disturb(&mut swarm, 1, Fault::Stop);
+    disturb(&mut swarm, 1, Fault::Term);
 }

@@ -704,8 +704,23 @@ fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
     let handle = runtime.handle().clone();
     runtime.block_on(async move {
         let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default()).await?;
-        let entry = entries[0].clone();
-        let info = client.fetch_model_info(&entry).await?;
+        // The first entry that answers serves the model info.
+        let mut answered = None;
+        let mut last_error = None;
+        for e in &entries {
+            match client.fetch_model_info(e).await {
+                Ok(info) => {
+                    answered = Some((e.clone(), info));
+                    break;
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        let (entry, info) = match (answered, last_error) {
+            (Some(found), _) => found,
+            (None, Some(err)) => return Err(err.into()),
+            (None, None) => return Err(Error::Generation("pass at least one --peers".into())),
+        };
         let tokenizer = Tokenizer::import(&info.tokenizer)?;
         let peers = client.fetch_peers(&entry, &info.model_id).await?;
         let text = chat_or_plain(&tokenizer, &args.prompt, args.chat, args.system.as_deref())?;
@@ -743,9 +758,21 @@ fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
         let (replan_client, model_id, layers) =
             (client.clone(), info.model_id.clone(), info.layers as usize);
         let replan_handle = handle.clone();
-        // Failover: ask the entry for the current swarm and plan around the failed nodes.
+        // Failover: ask the entries (the one used so far first) for the current swarm and plan
+        // around the failed nodes.
+        let mut ask: Vec<_> = vec![entry.clone()];
+        ask.extend(entries.iter().filter(|e| e.id != entry.id).cloned());
         let replanner: neuroshard_core::client::Replanner = Box::new(move |failed| {
-            let peers = replan_handle.block_on(replan_client.fetch_peers(&entry, &model_id))?;
+            let mut peers = Err(neuroshard_core::net::NetError::Io(
+                "no entry answered".into(),
+            ));
+            for e in ask.iter().filter(|e| !failed.contains(&e.id)) {
+                peers = replan_handle.block_on(replan_client.fetch_peers(e, &model_id));
+                if peers.is_ok() {
+                    break;
+                }
+            }
+            let peers = peers?;
             let opts = RouteOptions {
                 exclude: failed.to_vec(),
                 ..RouteOptions::default()
