@@ -115,6 +115,8 @@ struct Inner {
     lookup: MemoryLookup,
     /// Built on first request (a tokenizer export is a few MB).
     model_info: OnceLock<Result<ModelInfo, String>>,
+    /// Tasks answering plain `host:port` peers with the address line (stopped on shutdown).
+    address_line: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Set when the node leaves: no more announcements or new sessions.
     leaving: AtomicBool,
     /// Signalled whenever a session is removed (a leaving node waits for its sessions).
@@ -225,6 +227,7 @@ impl Node {
         endpoint_options.alpns = vec![INFER_ALPN.to_vec(), iroh_gossip::ALPN.to_vec()];
         endpoint_options.lookup = Some(lookup.clone());
         let endpoint = bind(key, &endpoint_options).await?;
+        let address_line = crate::net::endpoint::serve_address_line(&endpoint).await;
         let model_id = model_id(&engine);
         let inner = Arc::new(Inner {
             peers: Mutex::new(PeerSet::new(model_id.clone())),
@@ -237,6 +240,7 @@ impl Node {
             lookup,
             model_info: OnceLock::new(),
             leaving: AtomicBool::new(false),
+            address_line: Mutex::new(address_line),
             sessions_changed: tokio::sync::Notify::new(),
         });
         let gossip = Gossip::builder().spawn(endpoint.clone());
@@ -335,6 +339,9 @@ impl Node {
 
     /// Stops accepting, closes the endpoint (peers see the node gone).
     pub async fn shutdown(&self) {
+        for task in lock(&self.inner.address_line).drain(..) {
+            task.abort();
+        }
         let _ = self.router.shutdown().await;
     }
 }

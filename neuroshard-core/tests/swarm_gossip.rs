@@ -7,9 +7,10 @@ mod common;
 
 use common::*;
 use neuroshard_core::client::{BlockingSession, Client};
+use neuroshard_core::net::endpoint::resolve_peer_addr;
 use neuroshard_core::net::endpoint::EndpointOptions;
 use neuroshard_core::net::proto::RouteHop;
-use neuroshard_core::net::RouteOptions;
+use neuroshard_core::net::{now_ms, NetError, RouteOptions};
 use neuroshard_core::node::{Node, NodeOptions};
 use neuroshard_core::wire::Codec;
 use neuroshard_core::{
@@ -27,13 +28,6 @@ async fn wait_until(what: &str, deadline: Duration, mut check: impl FnMut() -> b
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,4 +143,38 @@ async fn nodes_find_each_other_and_forget_the_dead() {
     for n in &nodes {
         n.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_host_port_resolves_to_the_node_id() {
+    let engine = ShardEngine::load(smollm2(), 0..1, EngineOptions::default()).expect("engine");
+    let node = Node::spawn(
+        Arc::new(engine),
+        iroh::SecretKey::generate(),
+        EndpointOptions::default(),
+    )
+    .await
+    .expect("node");
+    let sock = *node.addr().ip_addrs().next().expect("bound socket");
+    let plain = sock.to_string();
+    let resolved = tokio::task::spawn_blocking(move || resolve_peer_addr(&plain))
+        .await
+        .expect("task")
+        .expect("resolve");
+    assert_eq!(resolved.id, node.id());
+    assert!(resolved.ip_addrs().any(|a| *a == sock));
+    node.shutdown().await;
+    // Nothing answers there any more: a typed error, not a hang.
+    let plain = sock.to_string();
+    let gone = tokio::task::spawn_blocking(move || resolve_peer_addr(&plain))
+        .await
+        .expect("task");
+    assert!(matches!(gone, Err(NetError::Io(_))), "{gone:?}");
+    let garbage = tokio::task::spawn_blocking(|| resolve_peer_addr("not an address"))
+        .await
+        .expect("task");
+    assert!(
+        matches!(garbage, Err(NetError::Malformed(_))),
+        "{garbage:?}"
+    );
 }

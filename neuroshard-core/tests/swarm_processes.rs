@@ -85,7 +85,12 @@ impl Swarm {
     /// Spawns nodes for `slices` (joining through the first live node, if any) and waits for
     /// their address lines.
     fn start(&mut self, slices: &[(usize, usize)]) {
-        let entry = self.procs.first().map(|p| p.addr.clone());
+        // Joining through a plain host:port (the node answers with its address line on TCP).
+        let entry = self
+            .procs
+            .first()
+            .and_then(|p| p.addr.split_once('@'))
+            .map(|(_, sock)| sock.to_string());
         let mut children = Vec::new();
         for &(start, end) in slices {
             self.started += 1;

@@ -9,7 +9,7 @@ use neuroshard_core::client::BlockingSession;
 use neuroshard_core::client::Client;
 use neuroshard_core::generate::LocalPipeline;
 use neuroshard_core::net::endpoint::{
-    format_peer_addr, load_or_create_key, parse_peer_addr, EndpointOptions,
+    format_peer_addr, load_or_create_key, resolve_peer_addr, EndpointOptions,
 };
 use neuroshard_core::net::{now_ms, RouteOptions};
 use neuroshard_core::node::{Node, NodeOptions};
@@ -65,8 +65,9 @@ enum Command {
         /// Not needed with --peers.
         #[arg(long, required_unless_present = "peers")]
         model: Option<PathBuf>,
-        /// Generate through a swarm: address of any node (`<id>@<ip:port>`, as printed by
-        /// `neuroshard node`). The tokenizer and route come from the swarm.
+        /// Generate through a swarm: addresses of any nodes (`<id>@<ip:port>` as printed by
+        /// `neuroshard node`, or plain `host:port`). The tokenizer and route come from the
+        /// first that answers; the others are asked when re-planning after a failure.
         #[arg(long, num_args = 1..)]
         peers: Vec<String>,
         /// Codec of hidden states between nodes (with --peers): f32, f16, bf16, q8, q4.
@@ -154,7 +155,7 @@ enum Command {
         /// IP address to bind (127.0.0.1 keeps the node local; 0.0.0.0 for a LAN).
         #[arg(long, default_value = "127.0.0.1")]
         bind: std::net::IpAddr,
-        /// Nodes to join the swarm through.
+        /// Nodes to join the swarm through (`<id>@<ip:port>` or plain `host:port`).
         #[arg(long, num_args = 1..)]
         peers: Vec<String>,
         /// Key file holding the node identity (created if missing). Default: a file per
@@ -180,7 +181,7 @@ enum Command {
     },
     /// Print the swarm as a node sees it.
     Peers {
-        /// Address of any node.
+        /// Address of any node (`<id>@<ip:port>` or plain `host:port`).
         #[arg(long, num_args = 1..)]
         peers: Vec<String>,
     },
@@ -570,7 +571,7 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime, Error> {
 fn parse_peers(peers: &[String]) -> Result<Vec<iroh::EndpointAddr>, Error> {
     peers
         .iter()
-        .map(|p| parse_peer_addr(p).map_err(Error::from))
+        .map(|p| resolve_peer_addr(p).map_err(Error::from))
         .collect()
 }
 

@@ -94,6 +94,74 @@ pub fn parse_peer_addr(s: &str) -> Result<EndpointAddr, NetError> {
     })
 }
 
+/// How long resolving a plain `host:port` may take.
+pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Resolves a peer given either as its address line (`<id>@<ip:port>`, see
+/// [`parse_peer_addr`]) or as a plain `host:port`: then the node's address line is fetched
+/// from the TCP port with the same number as its QUIC (UDP) port, where every node answers
+/// with it. That answer is not authenticated (trust on first use); everything after it is,
+/// by the node id it names. Blocking, bounded by [`RESOLVE_TIMEOUT`] per address.
+pub fn resolve_peer_addr(s: &str) -> Result<EndpointAddr, NetError> {
+    let s = s.trim();
+    if s.contains('@') {
+        return parse_peer_addr(s);
+    }
+    use std::io::Read;
+    use std::net::ToSocketAddrs;
+    let socks = s
+        .to_socket_addrs()
+        .map_err(|e| NetError::Malformed(format!("peer `{s}`: {e}")))?;
+    let mut last = NetError::Malformed(format!("peer `{s}` resolves to no address"));
+    for sock in socks {
+        let attempt = std::net::TcpStream::connect_timeout(&sock, RESOLVE_TIMEOUT).and_then(|c| {
+            c.set_read_timeout(Some(RESOLVE_TIMEOUT))?;
+            let mut line = Vec::new();
+            // An address line is short: read at most 4 KiB.
+            c.take(4096).read_to_end(&mut line)?;
+            Ok(line)
+        });
+        match attempt {
+            Ok(line) => {
+                let line = String::from_utf8_lossy(&line);
+                return parse_peer_addr(line.lines().next().unwrap_or(""));
+            }
+            Err(e) => {
+                last = NetError::Io(format!(
+                    "asking {sock} for its node address (is a node listening there?): {e}"
+                ))
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Answers every TCP connection on the endpoint's bound socket addresses (same port numbers,
+/// TCP instead of UDP) with the endpoint's address line, so peers can be given as plain
+/// `host:port`. Ports that cannot be bound are skipped (the address line still works).
+/// Returns the listening tasks (abort them to stop answering).
+pub async fn serve_address_line(endpoint: &Endpoint) -> Vec<tokio::task::JoinHandle<()>> {
+    let line = format!("{}\n", format_peer_addr(&dial_addr(endpoint)));
+    let mut served = Vec::new();
+    for sock in endpoint.bound_sockets() {
+        let Ok(listener) = tokio::net::TcpListener::bind(sock).await else {
+            continue;
+        };
+        let line = line.clone();
+        served.push(tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let line = line.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = conn.write_all(line.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        }));
+    }
+    served
+}
+
 /// Formats an endpoint's address as `<node id>@<ip:port>,...` (what [`parse_peer_addr`] reads).
 pub fn format_peer_addr(addr: &EndpointAddr) -> String {
     let socks: Vec<String> = addr.ip_addrs().map(|a| a.to_string()).collect();
