@@ -22,13 +22,18 @@ import glob, json, os, re, sys
 tmp, reps, tokens, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 single = max(float(re.search(r"decode ([0-9.]+) tok/s", open(f).read().splitlines()[-1]).group(1)) for f in glob.glob(f"{tmp}/single.*"))
 runs = [json.load(open(f)) for f in glob.glob(f"{tmp}/swarm.*.json")]
-swarm = max(r["decode_tokens_per_sec"] for r in runs)
+best = max(runs, key=lambda r: r["decode_tokens_per_sec"])
+swarm = best["decode_tokens_per_sec"]
 machine = runs[0]["machine"]
 out = [
     {"name": f"smollm2_decode_single_process_{mode}", "unit": "tokens/s", "value": round(single, 1), "machine": machine},
     {"name": f"smollm2_decode_swarm3_loopback_{mode}", "unit": "tokens/s", "value": round(swarm, 1), "machine": machine},
     {"name": f"smollm2_decode_swarm3_over_single_{mode}", "unit": "ratio", "value": round(swarm / single, 3), "machine": machine},
 ]
+# Per hop of the best swarm run: network round trip and compute per step.
+for i, h in enumerate(best.get("per_hop", [])):
+    out.append({"name": f"swarm3_hop{i}_ping_rtt_{mode}", "unit": "ms", "value": round(h["ping_rtt_ms_median"], 3), "machine": machine})
+    out.append({"name": f"swarm3_hop{i}_compute_per_step_{mode}", "unit": "ms", "value": round(h["compute_ms_per_step"], 3), "machine": machine})
 json.dump(out, open("bench-results/swarm_speed.json", "w"), indent=1)
 for r in out:
     print(f'{r["name"]:45s} {r["value"]:>8} {r["unit"]}')

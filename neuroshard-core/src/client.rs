@@ -291,6 +291,15 @@ impl Client {
         Ok(peers)
     }
 
+    /// Round-trip time of one `Ping` to `hop` (the network part of a step, for benchmarks).
+    pub async fn ping(&self, hop: &RouteHop) -> Result<Duration, NetError> {
+        let t0 = std::time::Instant::now();
+        match self.request(hop, &Message::Ping).await? {
+            Message::Ok => Ok(t0.elapsed()),
+            other => Err(hop_failed(hop, format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// A node's counters (what it computed, replayed, handed over).
     pub async fn fetch_stats(&self, node: &EndpointAddr) -> Result<NodeStats, NetError> {
         match self

@@ -56,6 +56,8 @@ pub struct NodeCounters {
     pub handovers_out: AtomicU64,
     /// Sessions received from a leaving node.
     pub handovers_in: AtomicU64,
+    /// Microseconds spent computing steps and fills.
+    pub compute_us: AtomicU64,
 }
 
 impl NodeCounters {
@@ -71,6 +73,7 @@ impl NodeCounters {
             rejected: get(&self.rejected),
             sessions_opened: get(&self.sessions_opened),
             sessions_open: 0,
+            compute_us: get(&self.compute_us),
         }
     }
 }

@@ -542,7 +542,30 @@ fn cmd_swarm(args: SwarmArgs) -> Result<(), Error> {
             out.decode_tokens_per_sec()
         );
         if let Some(path) = args.json {
+            // Per hop: median Ping round trip (network) and mean compute per step.
+            let mut hops = Vec::new();
+            for hop in &route {
+                let mut rtts = Vec::new();
+                for _ in 0..21 {
+                    rtts.push(client.ping(hop).await?.as_secs_f64() * 1e3);
+                }
+                rtts.sort_by(f64::total_cmp);
+                let stats = swarm
+                    .nodes
+                    .iter()
+                    .find(|n| n.id() == hop.node)
+                    .map(|n| n.stats())
+                    .unwrap_or_default();
+                hops.push(serde_json::json!({
+                    "node": hop.node.fmt_short().to_string(),
+                    "layers": [hop.layers.start, hop.layers.end],
+                    "ping_rtt_ms_median": rtts[rtts.len() / 2],
+                    "compute_ms_per_step": stats.compute_us as f64 / 1e3 / stats.steps.max(1) as f64,
+                    "steps": stats.steps,
+                }));
+            }
             let report = serde_json::json!({
+                "per_hop": hops,
                 "hops": route.len(),
                 "nodes": swarm.nodes.len(),
                 "codec": format!("{:?}", args.codec).to_lowercase(),

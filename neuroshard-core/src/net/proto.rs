@@ -55,6 +55,8 @@ pub struct NodeStats {
     pub sessions_opened: u64,
     /// Sessions open now.
     pub sessions_open: u64,
+    /// Time spent computing steps and fills, in microseconds.
+    pub compute_us: u64,
 }
 
 /// One hop of a session's route, as the client planned it.

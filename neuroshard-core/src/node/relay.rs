@@ -213,7 +213,12 @@ impl Inner {
             .session(hop.open.session, start_pos as usize)
             .layers(hop.layers())
             .last_logits_only();
-        let out = match tokio::task::spawn_blocking(move || engine.forward(req)).await {
+        let t0 = std::time::Instant::now();
+        let out = tokio::task::spawn_blocking(move || engine.forward(req)).await;
+        self.counters
+            .compute_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let out = match out {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return Err((me, e.to_string())),
             Err(e) => return Err((me, format!("compute task failed: {e}"))),
