@@ -265,6 +265,7 @@ impl Node {
                 if announcer.leaving.load(Ordering::Relaxed) {
                     break;
                 }
+                announcer.expire_idle_sessions();
                 if let Ok(signed) = announcer.announcement(&options) {
                     let now = now_ms();
                     let _ = lock(&announcer.peers).insert(&signed, now);
@@ -447,6 +448,22 @@ impl Inner {
         NodeStats {
             sessions_open: lock(&self.sessions).len() as u64,
             ..self.counters.snapshot()
+        }
+    }
+
+    /// Drops sessions idle past the engine's timeout (a client that vanished without closing)
+    /// from the engine and from the hop table.
+    fn expire_idle_sessions(&self) {
+        if self.engine.expire_idle_sessions().unwrap_or(0) == 0 {
+            return;
+        }
+        let gone: Vec<u64> = lock(&self.sessions)
+            .keys()
+            .copied()
+            .filter(|id| self.engine.session_len(*id).is_err())
+            .collect();
+        for id in gone {
+            self.drop_session(id);
         }
     }
 

@@ -201,6 +201,48 @@ async fn hostile_peers_get_refused_and_the_node_keeps_serving() {
         .await
         .expect("open");
     session.step_timeout = Duration::from_secs(10);
+    // Recovery and hand-over requests for that session from a node that is neither its client
+    // nor the hop's predecessor, nor named in a hand-over: refused with an error reply.
+    let sid = session.id();
+    let forged = [
+        Message::Replay {
+            session: sid,
+            upto: 1,
+            through: 2,
+        },
+        Message::Fill {
+            session: sid,
+            start_pos: 0,
+            through: 2,
+            tokens: Vec::new(),
+        },
+        Message::Handover {
+            session: sid,
+            to: route[0].clone(),
+        },
+        Message::Import {
+            session: sid,
+            layers: route[1].layers.clone(),
+            positions: 1,
+            sent_rows: 0,
+        },
+        Message::Close { session: sid },
+    ];
+    for msg in forged {
+        let (mut send, mut recv) = conn.open_bi().await.expect("bi");
+        write_message(&mut send, &msg).await.expect("send");
+        let _ = send.finish();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            neuroshard_core::net::proto::read_message(&mut recv),
+        )
+        .await
+        .expect("reply in time")
+        .expect("a reply");
+        assert!(matches!(reply, Message::Error { .. }), "{msg:?}: {reply:?}");
+    }
+    assert_eq!(node.stats().sessions_open, 1, "the session survived");
+    assert_eq!(node.stats().handovers_in, 0);
     let err = session.step(&[999_999], 0).await.unwrap_err();
     assert!(
         matches!(err, NetError::HopFailed { node: Some(n), .. } if n == route[0].node),
@@ -217,5 +259,55 @@ async fn hostile_peers_get_refused_and_the_node_keeps_serving() {
     session.close().await;
     client.shutdown().await;
     attacker.close().await;
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_refuses_clearly_and_idle_sessions_expire() {
+    let options = EngineOptions {
+        max_sessions: 1,
+        session_idle_timeout: Duration::from_millis(300),
+        ..fast()
+    };
+    let swarm = LocalSwarm::start(&smollm2(), 1, 1, options, &mut |_| {})
+        .await
+        .expect("swarm");
+    let route = swarm.plan().expect("route");
+    let node = swarm.nodes[0].clone();
+    let open = |client: Client| {
+        let (route, model) = (route.clone(), swarm.model_id.clone());
+        async move {
+            client
+                .open_session(route, &model, Codec::F16, SamplingParams::greedy(), vec![1])
+                .await
+        }
+    };
+    let a = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
+        .await
+        .expect("client");
+    let b = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
+        .await
+        .expect("client");
+    let _held = open(a.clone()).await.expect("first session");
+    let err = open(b.clone()).await.unwrap_err();
+    assert!(
+        matches!(err, NetError::HopFailed { node: Some(n), .. } if n == node.id()),
+        "{err}"
+    );
+    assert!(err.to_string().contains("full"), "{err}");
+    // The first client vanishes without closing: its session expires and frees the slot.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while node.stats().sessions_open > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle session never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(node.engine().stats().sessions_open, 0);
+    let mut session = open(b.clone()).await.expect("slot free again");
+    session.close().await;
+    a.shutdown().await;
+    b.shutdown().await;
     swarm.shutdown().await;
 }
