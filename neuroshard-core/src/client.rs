@@ -13,6 +13,7 @@ use crate::net::proto::{
     INFER_ALPN,
 };
 use crate::net::proto::{read_message_limited, ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO};
+use crate::net::recovery::{plan_refill, RefillPlan};
 use crate::net::route::RouteOptions;
 use crate::net::{lock, now_ms, NetError, NodeId};
 use crate::wire::Codec;
@@ -544,39 +545,35 @@ impl RemoteSession {
     /// hop is recomputed.
     pub async fn refill(&mut self, old: &[RouteHop], done: usize) -> Result<(), NetError> {
         let route = &self.open.route;
-        let new: Vec<usize> = (0..route.len())
-            .filter(|&i| {
-                !old.iter()
-                    .any(|h| h.node == route[i].node && h.layers == route[i].layers)
-            })
-            .collect();
-        let (Some(&first), Some(&last)) = (new.first(), new.last()) else {
-            return Ok(());
-        };
-        if done == 0 {
-            return Ok(());
-        }
         let session = self.open.session;
-        let (target, msg) = if first == 0 {
-            let tokens = self
-                .fed
-                .get(..done)
-                .ok_or_else(|| NetError::Malformed(format!("{done} positions not fed yet")))?
-                .to_vec();
-            let msg = Message::Fill {
-                session,
-                start_pos: 0,
-                through: last as u32,
-                tokens,
-            };
-            (route[0].clone(), msg)
-        } else {
-            let msg = Message::Replay {
-                session,
-                upto: done as u32,
-                through: last as u32,
-            };
-            (route[first - 1].clone(), msg)
+        let (target, msg) = match plan_refill(old, route, done) {
+            RefillPlan::Nothing => return Ok(()),
+            RefillPlan::FromClient { upto, through } => {
+                let tokens = self
+                    .fed
+                    .get(..upto)
+                    .ok_or_else(|| NetError::Malformed(format!("{upto} positions not fed yet")))?
+                    .to_vec();
+                let msg = Message::Fill {
+                    session,
+                    start_pos: 0,
+                    through: through as u32,
+                    tokens,
+                };
+                (route[0].clone(), msg)
+            }
+            RefillPlan::FromHop {
+                from,
+                upto,
+                through,
+            } => {
+                let msg = Message::Replay {
+                    session,
+                    upto: upto as u32,
+                    through: through as u32,
+                };
+                (route[from].clone(), msg)
+            }
         };
         let reply = tokio::time::timeout(
             self.step_timeout.max(Duration::from_secs(120)),

@@ -15,6 +15,7 @@ pub mod announce;
 pub mod endpoint;
 pub mod peers;
 pub mod proto;
+pub mod recovery;
 pub mod route;
 
 pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};

@@ -39,6 +39,9 @@ use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Below this many gossip neighbours a node rejoins through peers it knows.
+const MIN_NEIGHBOURS: u64 = 2;
+
 /// Counters of what a node did (tests read them to see who served which step).
 #[derive(Debug, Default)]
 pub struct NodeCounters {
@@ -120,6 +123,8 @@ struct Inner {
     model_info: OnceLock<Result<ModelInfo, String>>,
     /// Tasks answering plain `host:port` peers with the address line (stopped on shutdown).
     address_line: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Current gossip neighbours on the model's topic.
+    neighbours: AtomicU64,
     /// Set when the node leaves: no more announcements or new sessions.
     leaving: AtomicBool,
     /// Signalled whenever a session is removed (a leaving node waits for its sessions).
@@ -243,6 +248,7 @@ impl Node {
             lookup,
             model_info: OnceLock::new(),
             leaving: AtomicBool::new(false),
+            neighbours: AtomicU64::new(0),
             address_line: Mutex::new(address_line),
             sessions_changed: tokio::sync::Notify::new(),
         });
@@ -276,6 +282,20 @@ impl Node {
                         }
                     }
                 }
+                // Too few gossip neighbours (e.g. the peer we joined through died): rejoin
+                // through nodes we still know, so our view does not decay into a partition.
+                if announcer.neighbours.load(Ordering::Relaxed) < MIN_NEIGHBOURS {
+                    let me = announcer.endpoint.id();
+                    let known: Vec<NodeId> = lock(&announcer.peers)
+                        .iter()
+                        .map(|(id, _)| *id)
+                        .filter(|id| *id != me)
+                        .take(4)
+                        .collect();
+                    if !known.is_empty() && sender.join_peers(known).await.is_err() {
+                        break;
+                    }
+                }
                 tokio::time::sleep(options.announce_every).await;
             }
         });
@@ -283,12 +303,24 @@ impl Node {
         let listener = inner.clone();
         tokio::spawn(async move {
             while let Some(event) = receiver.next().await {
-                let Ok(Event::Received(msg)) = event else {
-                    continue;
-                };
-                if let Ok(signed) = SignedAnnouncement::from_bytes(&msg.content) {
-                    // Invalid announcements are dropped.
-                    let _ = listener.learn(&signed);
+                match event {
+                    Ok(Event::Received(msg)) => {
+                        if let Ok(signed) = SignedAnnouncement::from_bytes(&msg.content) {
+                            // Invalid announcements are dropped.
+                            let _ = listener.learn(&signed);
+                        }
+                    }
+                    Ok(Event::NeighborUp(_)) => {
+                        listener.neighbours.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::NeighborDown(_)) => {
+                        let _ = listener.neighbours.fetch_update(
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                            |n| Some(n.saturating_sub(1)),
+                        );
+                    }
+                    _ => {}
                 }
             }
         });

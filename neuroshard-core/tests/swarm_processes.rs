@@ -260,10 +260,8 @@ fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault) {
     let before: Vec<Option<NodeStats>> = swarm.procs.iter().map(|p| swarm.stats(&p.addr)).collect();
     let mut victim = None;
     let mut victim_steps = 0;
-    let extra: &[&str] = match fault {
-        Fault::Stop => &["--step-timeout-ms", "1500"],
-        _ => &[],
-    };
+    // A killed or stalled hop is noticed by the step deadline at the latest.
+    let extra: &[&str] = &["--step-timeout-ms", "2000"];
     let peers: Vec<String> = swarm.procs.iter().map(|p| p.addr.clone()).collect();
     let g = generate(&peers, extra, |route| {
         let i = swarm.index_of(&route[hop]);
