@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # 3-node loopback swarm vs single process, same model, mode and token count, alternating runs,
 # best of N. Writes bench-results/swarm_speed.json with both decode rates and their ratio.
-# Usage: benches/swarm_speed.sh [reps (3)] [tokens (128)] [mode (fast)]
+# Usage: benches/swarm_speed.sh [reps (5)] [tokens (128)] [mode (fast)]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-"$root/target"}
-reps=${1:-3}; tokens=${2:-128}; mode=${3:-fast}
+reps=${1:-5}; tokens=${2:-128}; mode=${3:-fast}
 model=$(scripts/fetch-model)
 cargo build --release --quiet -p neuroshard-core --bin neuroshard
 bin="$CARGO_TARGET_DIR/release/neuroshard"
@@ -30,6 +30,15 @@ out = [
     {"name": f"smollm2_decode_swarm3_loopback_{mode}", "unit": "tokens/s", "value": round(swarm, 1), "machine": machine},
     {"name": f"smollm2_decode_swarm3_over_single_{mode}", "unit": "ratio", "value": round(swarm / single, 3), "machine": machine},
 ]
+# Runs alternate, so each rep is a pair measured under the same machine load: the median of the
+# paired ratios is less sensitive to a noisy neighbour than best-over-best.
+pairs = []
+for i in range(1, reps + 1):
+    s1 = float(re.search(r"decode ([0-9.]+) tok/s", open(f"{tmp}/single.{i}").read().splitlines()[-1]).group(1))
+    s3 = json.load(open(f"{tmp}/swarm.{i}.json"))["decode_tokens_per_sec"]
+    pairs.append(s3 / s1)
+pairs.sort()
+out.append({"name": f"smollm2_decode_swarm3_over_single_{mode}_paired_median", "unit": "ratio", "value": round(pairs[len(pairs) // 2], 3), "machine": machine})
 # Per hop of the best swarm run: network round trip and compute per step.
 for i, h in enumerate(best.get("per_hop", [])):
     out.append({"name": f"swarm3_hop{i}_ping_rtt_{mode}", "unit": "ms", "value": round(h["ping_rtt_ms_median"], 3), "machine": machine})
