@@ -31,6 +31,7 @@ use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, SecretKey};
 use iroh_gossip::api::Event;
 use iroh_gossip::{Gossip, TopicId};
+use iroh_mdns_address_lookup::{DiscoveryEvent, MdnsAddressLookup};
 use n0_future::StreamExt;
 use sent::SentStates;
 use std::collections::HashMap;
@@ -38,6 +39,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// mDNS service name: only NeuroShard nodes answer each other.
+const MDNS_SERVICE: &str = "neuroshard";
 
 /// Below this many gossip neighbours a node rejoins through peers it knows.
 const MIN_NEIGHBOURS: u64 = 2;
@@ -264,6 +268,33 @@ impl Node {
             .await
             .map_err(|e| NetError::Io(format!("joining gossip: {e}")))?
             .split();
+        if options.endpoint.mdns {
+            // Nodes found on the local network become gossip peers: no --peers needed on a LAN.
+            let mdns = MdnsAddressLookup::builder()
+                .service_name(MDNS_SERVICE)
+                .build(inner.endpoint.id())
+                .map_err(|e| NetError::Io(format!("starting mDNS: {e}")))?;
+            inner
+                .endpoint
+                .address_lookup()
+                .map_err(|e| NetError::Io(e.to_string()))?
+                .add(mdns.clone());
+            let mut found = mdns.subscribe().await;
+            let joiner = sender.clone();
+            tokio::spawn(async move {
+                while let Some(event) = found.next().await {
+                    if let DiscoveryEvent::Discovered { endpoint_info, .. } = event {
+                        if joiner
+                            .join_peers(vec![endpoint_info.endpoint_id])
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
         // Announce now and periodically; forget peers whose announcements expired.
         let announcer = inner.clone();
         tokio::spawn(async move {

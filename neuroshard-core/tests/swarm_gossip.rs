@@ -178,3 +178,36 @@ async fn a_plain_host_port_resolves_to_the_node_id() {
         "{garbage:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_mdns_find_each_other_without_peers() {
+    let options = || NodeOptions {
+        endpoint: EndpointOptions {
+            mdns: true,
+            ..EndpointOptions::default()
+        },
+        ..NodeOptions::default()
+    };
+    let mut nodes = Vec::new();
+    for layers in [0..15, 15..30] {
+        let engine =
+            ShardEngine::load(smollm2(), layers, EngineOptions::default()).expect("engine");
+        nodes.push(
+            Node::spawn_with(Arc::new(engine), iroh::SecretKey::generate(), options())
+                .await
+                .expect("node"),
+        );
+    }
+    let ids: Vec<_> = nodes.iter().map(|n| n.id()).collect();
+    wait_until("both nodes see each other", Duration::from_secs(30), || {
+        nodes.iter().all(|n| {
+            let peers = n.peers();
+            ids.iter()
+                .all(|id| peers.iter().any(|(p, e)| p == id && e.usable(now_ms())))
+        })
+    })
+    .await;
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}

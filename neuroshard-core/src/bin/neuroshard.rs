@@ -174,6 +174,9 @@ enum Command {
         /// Ask the router for a port mapping (UPnP / NAT-PMP / PCP).
         #[arg(long)]
         portmapper: bool,
+        /// Find other nodes on the local network with mDNS (then --peers is optional).
+        #[arg(long)]
+        mdns: bool,
         /// On Ctrl-C / SIGTERM: how long to wait for live sessions to move to replicas (KV
         /// hand-over) before stopping.
         #[arg(long, default_value_t = 10)]
@@ -284,6 +287,7 @@ fn main() -> ExitCode {
             entry: _,
             relays,
             portmapper,
+            mdns,
             grace_secs,
         } => cmd_node(NodeArgs {
             model,
@@ -296,6 +300,7 @@ fn main() -> ExitCode {
             mode,
             relays,
             portmapper,
+            mdns,
             grace: std::time::Duration::from_secs(grace_secs),
         }),
         Command::Peers { peers } => cmd_peers(peers),
@@ -612,6 +617,7 @@ struct NodeArgs {
     mode: ComputeMode,
     relays: bool,
     portmapper: bool,
+    mdns: bool,
     grace: std::time::Duration,
 }
 
@@ -663,6 +669,7 @@ fn cmd_node(args: NodeArgs) -> Result<(), Error> {
                 bind: std::net::SocketAddr::new(args.bind, args.port),
                 relays: args.relays,
                 portmapper: args.portmapper,
+                mdns: args.mdns,
                 ..EndpointOptions::default()
             },
             bootstrap,

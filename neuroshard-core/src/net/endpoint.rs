@@ -24,6 +24,8 @@ pub struct EndpointOptions {
     pub alpns: Vec<Vec<u8>>,
     /// In-memory address book (gossip dials peers by id through it).
     pub lookup: Option<MemoryLookup>,
+    /// Find (and be found by) nodes on the local network with mDNS. Off by default.
+    pub mdns: bool,
 }
 
 impl Default for EndpointOptions {
@@ -34,6 +36,7 @@ impl Default for EndpointOptions {
             portmapper: false,
             alpns: Vec::new(),
             lookup: None,
+            mdns: false,
         }
     }
 }
