@@ -9,10 +9,9 @@ use crate::model::sampling::SamplingParams;
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::peers::PeerSet;
 use crate::net::proto::{
-    read_message, write_message, Message, RouteHop, SessionOpen, SignedOpen, DIAL_TIMEOUT,
-    INFER_ALPN,
+    dial, read_message, request_on, write_message, Message, RouteHop, SessionOpen, SignedOpen,
 };
-use crate::net::proto::{read_message_limited, ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO};
+use crate::net::proto::{ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO};
 use crate::net::recovery::{plan_refill, RefillPlan};
 use crate::net::route::RouteOptions;
 use crate::net::{lock, now_ms, NetError, NodeId};
@@ -190,13 +189,7 @@ impl Client {
     /// One request/response on a bi stream.
     async fn request(&self, hop: &RouteHop, msg: &Message) -> Result<Message, NetError> {
         let conn = self.connection(hop.node, &hop.addrs).await?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        write_message(&mut send, msg).await?;
-        send.finish().map_err(|e| NetError::Io(e.to_string()))?;
-        read_message(&mut recv).await
+        request_on(&conn, msg, MAX_CONTROL).await
     }
 
     /// A live connection to `node`, dialed at `addrs` if needed. Each new connection gets a
@@ -212,17 +205,7 @@ impl Client {
             }
         }
         lock(&self.inner.conns).remove(&node);
-        let addr = addrs
-            .iter()
-            .fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
-        let conn =
-            tokio::time::timeout(DIAL_TIMEOUT, self.inner.endpoint.connect(addr, INFER_ALPN))
-                .await
-                .map_err(|_| NetError::Timeout {
-                    what: format!("dialing {}", node.fmt_short()),
-                    ms: DIAL_TIMEOUT.as_millis() as u64,
-                })?
-                .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
+        let conn = dial(&self.inner.endpoint, node, addrs).await?;
         lock(&self.inner.conns).insert(node, conn.clone());
         let node_id = node;
         let inner = self.inner.clone();
@@ -259,13 +242,7 @@ impl Client {
     ) -> Result<Message, NetError> {
         let addrs: Vec<std::net::SocketAddr> = addr.ip_addrs().copied().collect();
         let conn = self.connection(addr.id, &addrs).await?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        write_message(&mut send, msg).await?;
-        send.finish().map_err(|e| NetError::Io(e.to_string()))?;
-        read_message_limited(&mut recv, limit).await
+        request_on(&conn, msg, limit).await
     }
 
     /// The swarm as `entry` sees it: its signed announcements, verified into a fresh PeerSet

@@ -247,6 +247,39 @@ pub enum Message {
     },
 }
 
+/// Dials `node` at `addrs` for the inference protocol, giving up after [`DIAL_TIMEOUT`].
+pub async fn dial(
+    endpoint: &iroh::Endpoint,
+    node: NodeId,
+    addrs: &[SocketAddr],
+) -> Result<iroh::endpoint::Connection, NetError> {
+    let addr = addrs
+        .iter()
+        .fold(iroh::EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
+    tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect(addr, INFER_ALPN))
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: format!("dialing {}", node.fmt_short()),
+            ms: DIAL_TIMEOUT.as_millis() as u64,
+        })?
+        .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))
+}
+
+/// One request on a new bi stream of `conn`; the reply may be at most `limit` bytes.
+pub async fn request_on(
+    conn: &iroh::endpoint::Connection,
+    msg: &Message,
+    limit: usize,
+) -> Result<Message, NetError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| NetError::Io(e.to_string()))?;
+    write_message(&mut send, msg).await?;
+    send.finish().map_err(|e| NetError::Io(e.to_string()))?;
+    read_message_limited(&mut recv, limit).await
+}
+
 /// Writes a length-prefixed message.
 pub async fn write_message<W: AsyncWrite + Unpin>(
     w: &mut W,

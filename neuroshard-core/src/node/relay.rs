@@ -11,12 +11,11 @@ use super::{HopSession, Inner};
 use crate::engine::ForwardRequest;
 use crate::model::sampling::sample;
 use crate::model::shard::{ShardInput, ShardOutput};
-use crate::net::proto::{read_message, write_message, Message, RouteHop, DIAL_TIMEOUT, INFER_ALPN};
+use crate::net::proto::{dial, read_message, write_message, Message, RouteHop};
 use crate::net::{lock, NetError, NodeId};
 use crate::wire::{decode_frame, encode_frame, read_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
 use candle_core::{Device, Tensor};
 use iroh::endpoint::{Connection, RecvStream};
-use iroh::EndpointAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -396,16 +395,7 @@ impl Inner {
             }
         }
         lock(&self.conns).remove(&node);
-        let addr = addrs
-            .iter()
-            .fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
-        let conn = tokio::time::timeout(DIAL_TIMEOUT, self.endpoint.connect(addr, INFER_ALPN))
-            .await
-            .map_err(|_| NetError::Timeout {
-                what: format!("dialing {}", node.fmt_short()),
-                ms: DIAL_TIMEOUT.as_millis() as u64,
-            })?
-            .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))?;
+        let conn = dial(&self.endpoint, node, addrs).await?;
         lock(&self.conns).insert(node, conn.clone());
         Ok(conn)
     }
