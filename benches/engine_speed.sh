@@ -11,4 +11,4 @@ cargo build --release --quiet -p neuroshard-core --bin neuroshard
 threads=()
 if [ "${1:-}" = "--threads" ]; then threads=(--threads "$2"); shift 2; fi
 exec "$CARGO_TARGET_DIR/release/neuroshard" "${threads[@]}" bench --model "$model" \
-  --modes exact,fast --json bench-results/engine_speed.json "$@"
+  --modes f32,exact,fast --json bench-results/engine_speed.json "$@"

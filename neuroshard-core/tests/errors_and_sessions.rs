@@ -318,4 +318,19 @@ fn training_errors() {
         matches!(err, Error::Training(_)),
         "labels on a middle shard: {err}"
     );
+    // Quantised weights (the default exact mode keeps GGUF blocks) cannot be trained: a clear
+    // error naming the way out, not a wrong gradient.
+    let quantised = ShardEngine::load(smollm2(), 10..11, EngineOptions::default()).expect("load");
+    let err = quantised
+        .train_forward(
+            1,
+            neuroshard_core::ShardInput::Hidden(
+                Tensor::zeros((1, 2, 576), DType::F32, &Device::Cpu).expect("t"),
+            ),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Training(_)) && err.to_string().contains("--mode f32"),
+        "{err}"
+    );
 }

@@ -1,5 +1,6 @@
 //! The real SmolLM2-135M-Instruct (Q4_1 GGUF) against `fixtures/smollm2/reference.json`:
-//! top-5 logits after the prompt and 24 greedy tokens, unsplit and split at 10 and 10,20.
+//! top-5 logits after the prompt and 24 greedy tokens, unsplit and split at 10 and 10,20, in
+//! the default exact mode (Q4_1 blocks x f32 activations) and the f32 reference mode.
 
 mod common;
 
@@ -29,27 +30,36 @@ fn smollm2_exact_reproduces_reference_for_every_split() {
         .map(|v| v.as_f64().expect("f") as f32)
         .collect();
     let greedy = ids_from_json(&reference["greedy_ids"]);
-    let options = EngineOptions {
-        mode: ComputeMode::Exact,
-        ..EngineOptions::default()
-    };
-    for cuts in [&[][..], &[10], &[10, 20]] {
+    for (mode, cuts) in [
+        (ComputeMode::Exact, &[][..]),
+        (ComputeMode::Exact, &[10]),
+        (ComputeMode::Exact, &[10, 20]),
+        (ComputeMode::F32, &[][..]),
+        (ComputeMode::F32, &[10, 20]),
+    ] {
+        let options = EngineOptions {
+            mode,
+            ..EngineOptions::default()
+        };
         let chain = load_chain(&path, 30, cuts, &options);
         let ids = Tensor::from_slice(&prompt, (1, prompt.len()), &Device::Cpu).expect("ids");
         let logits = run_chain(&chain, &ids, |r| r.last_logits_only());
         let last: Vec<f32> = logits.flatten_all().expect("flat").to_vec1().expect("vec");
         let top = top5(&last);
         for (i, (id, val)) in top.iter().enumerate() {
-            assert_eq!(*id, want_ids[i], "split {cuts:?}: top-5 ids {top:?}");
+            assert_eq!(
+                *id, want_ids[i],
+                "{mode:?} split {cuts:?}: top-5 ids {top:?}"
+            );
             assert!(
                 (val - want_vals[i]).abs() < 1e-3,
-                "split {cuts:?}: top-5 {top:?} vs {want_vals:?}"
+                "{mode:?} split {cuts:?}: top-5 {top:?} vs {want_vals:?}"
             );
         }
         assert_eq!(
             greedy_chain(&chain, &prompt, greedy.len(), 1),
             greedy,
-            "split {cuts:?}"
+            "{mode:?} split {cuts:?}"
         );
         for shard in &chain {
             assert!(
@@ -61,10 +71,10 @@ fn smollm2_exact_reproduces_reference_for_every_split() {
     }
 }
 
-/// Teacher-forced agreement of fast mode with exact on several prompts: the next-token argmax
-/// at every position of prompt + exact greedy continuation.
+/// Teacher-forced agreement of the kernel modes (exact, fast) with the f32 reference mode on
+/// several prompts: the next-token argmax at every position of prompt + greedy continuation.
 #[test]
-fn smollm2_fast_mode_agrees_with_exact() {
+fn smollm2_kernel_modes_agree_with_f32() {
     use neuroshard_core::{ForwardRequest, ShardEngine, ShardInput};
     let path = smollm2();
     let prompts = [
@@ -78,44 +88,44 @@ fn smollm2_fast_mode_agrees_with_exact() {
             mode,
             ..EngineOptions::default()
         };
-        let pipeline = neuroshard_core::LocalPipeline::load(&path, &[], options).expect("load");
-        (
-            pipeline.tokenizer().expect("tokenizer"),
-            ShardEngine::load(
-                &path,
-                0..30,
-                EngineOptions {
-                    mode,
-                    ..EngineOptions::default()
-                },
-            )
-            .expect("engine"),
-        )
+        ShardEngine::load(&path, 0..30, options).expect("engine")
     };
-    let (tokenizer, exact) = load(ComputeMode::Exact);
-    let (_, fast) = load(ComputeMode::Fast);
-    let (mut same, mut total) = (0usize, 0usize);
-    let mut greedy_equal = 0;
-    for prompt in prompts {
-        let ids = tokenizer.encode(prompt).expect("encode");
-        let continuation = greedy_chain(std::slice::from_ref(&exact), &ids, 24, 3);
-        let fast_continuation = greedy_chain(std::slice::from_ref(&fast), &ids, 24, 3);
-        greedy_equal += usize::from(continuation == fast_continuation);
-        let mut all = ids.clone();
-        all.extend(&continuation);
-        let t = Tensor::from_slice(&all, (1, all.len()), &Device::Cpu).expect("ids");
-        let argmaxes = |e: &ShardEngine| -> Vec<u32> {
-            let out = e
-                .forward(ForwardRequest::new(ShardInput::Tokens(t.clone())))
-                .expect("forward");
-            let logits = out.tensor().squeeze(0).expect("squeeze");
-            logits.argmax(1).expect("argmax").to_vec1().expect("vec")
-        };
-        let (a, b) = (argmaxes(&exact), argmaxes(&fast));
-        same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
-        total += a.len();
+    let tokenizer = neuroshard_core::LocalPipeline::load(&path, &[], EngineOptions::default())
+        .expect("load")
+        .tokenizer()
+        .expect("tokenizer");
+    let reference = load(ComputeMode::F32);
+    for (mode, min_agreement) in [(ComputeMode::Exact, 0.99), (ComputeMode::Fast, 0.97)] {
+        let engine = load(mode);
+        let (mut same, mut total) = (0usize, 0usize);
+        let mut greedy_equal = 0;
+        for prompt in prompts {
+            let ids = tokenizer.encode(prompt).expect("encode");
+            let continuation = greedy_chain(std::slice::from_ref(&reference), &ids, 24, 3);
+            let other = greedy_chain(std::slice::from_ref(&engine), &ids, 24, 3);
+            greedy_equal += usize::from(continuation == other);
+            let mut all = ids.clone();
+            all.extend(&continuation);
+            let t = Tensor::from_slice(&all, (1, all.len()), &Device::Cpu).expect("ids");
+            let argmaxes = |e: &ShardEngine| -> Vec<u32> {
+                let out = e
+                    .forward(ForwardRequest::new(ShardInput::Tokens(t.clone())))
+                    .expect("forward");
+                let logits = out.tensor().squeeze(0).expect("squeeze");
+                logits.argmax(1).expect("argmax").to_vec1().expect("vec")
+            };
+            let (a, b) = (argmaxes(&reference), argmaxes(&engine));
+            same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            total += a.len();
+        }
+        let agreement = same as f64 / total as f64;
+        eprintln!(
+            "{mode:?} vs f32: teacher-forced top-1 agreement {agreement:.4} over {total} \
+             positions, {greedy_equal}/4 greedy continuations identical"
+        );
+        assert!(
+            agreement >= min_agreement,
+            "{mode:?} top-1 agreement {agreement}"
+        );
     }
-    let agreement = same as f64 / total as f64;
-    eprintln!("fast vs exact: teacher-forced top-1 agreement {agreement:.4} over {total} positions, {greedy_equal}/4 greedy continuations identical");
-    assert!(agreement >= 0.97, "fast mode top-1 agreement {agreement}");
 }

@@ -175,7 +175,14 @@ fn gguf_weights_train_in_f32() {
     let path = smollm2();
     let chain: Vec<ShardEngine> = [0..15, 15..30]
         .into_iter()
-        .map(|r| ShardEngine::load(&path, r, EngineOptions::default()).expect("load"))
+        .map(|r| {
+            // Training differentiates through f32 weights.
+            let options = EngineOptions {
+                mode: neuroshard_core::ComputeMode::F32,
+                ..EngineOptions::default()
+            };
+            ShardEngine::load(&path, r, options).expect("load")
+        })
         .collect();
     let tok = smollm2_tokenizer();
     let ids = tok

@@ -84,7 +84,9 @@ enum Command {
         /// Run as in-process shards cut at these layers, e.g. `10,20`.
         #[arg(long, value_delimiter = ',')]
         split: Vec<usize>,
-        /// exact (f32, reproduces references) or fast (f16 weights).
+        /// exact (default: quantised blocks x f32 activations, reproduces the references),
+        /// f32 (everything dequantised: the reference path, trains) or fast (also re-quantises
+        /// f16/f32 matrices to Q8_0: approximate).
         #[arg(long, default_value = "exact")]
         mode: ComputeMode,
         /// Wrap the prompt in the model's chat template as a user message.
@@ -209,7 +211,7 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// Modes to measure.
-        #[arg(long, value_delimiter = ',', default_value = "exact,fast")]
+        #[arg(long, value_delimiter = ',', default_value = "f32,exact,fast")]
         modes: Vec<ComputeMode>,
         /// Prompt length for the prefill measurement.
         #[arg(long, default_value_t = 128)]

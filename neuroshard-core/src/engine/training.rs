@@ -9,7 +9,7 @@
 use super::optimizer::{AdamW, AdamWConfig};
 use super::{ForwardRequest, ShardEngine, WeightVersion};
 use crate::error::{Error, Result};
-use crate::model::layers::{ComputeMode, Pass};
+use crate::model::layers::Pass;
 use crate::model::shard::{ShardInput, ShardOutput};
 use candle_core::{DType, Tensor, Var, D};
 use std::collections::HashMap;
@@ -86,10 +86,12 @@ impl ShardEngine {
     /// Forward for training micro-batch `batch` (positions from 0, no KV cache); the graph is
     /// kept until [`ShardEngine::backward`] is called with the same id.
     pub fn train_forward(&self, batch: u64, input: ShardInput) -> Result<ShardOutput> {
-        if self.options.mode != ComputeMode::Exact {
-            return Err(Error::Training(
-                "training needs exact mode (f32 weights); load the shard with --mode exact".into(),
-            ));
+        if let Some(p) = self.model.params().into_iter().find(|p| p.var.is_none()) {
+            return Err(Error::Training(format!(
+                "parameter `{}` is held quantised ({:?} mode); training needs f32 weights: \
+                 load the shard with --mode f32",
+                p.name, self.options.mode
+            )));
         }
         let (range, input, seq) = self.validate(&ForwardRequest::new(input))?;
         let batch_size = super::input_batch(&input);

@@ -50,8 +50,9 @@ fn conv1d(
     // Exact mode keeps the file's [in, out] layout (gradients then match Hugging Face's);
     // fast mode stores every matrix as [out, in] rows of blocks for the kernels.
     let (weight, layout) = match mode {
-        ComputeMode::Exact => (
-            Param::load(file, &name, &[inp, out], mode)?,
+        // Dense, in the file's layout (a quantised [in, out] matrix is not a kernel's rows).
+        ComputeMode::Exact | ComputeMode::F32 => (
+            Param::load(file, &name, &[inp, out], ComputeMode::F32)?,
             WeightLayout::InOut,
         ),
         ComputeMode::Fast => (

@@ -17,13 +17,17 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeMode {
-    /// f32 weights (dequantised once at load) and f32 compute: reproduces Hugging Face.
+    /// The default: weight matrices stored in the file as Q4_0/Q4_1/Q8_0 blocks stay in those
+    /// blocks and are multiplied by f32 activations with f32 accumulation ([`crate::kernels`]):
+    /// the same arithmetic as dequantising first, in a different summation order, at a
+    /// fraction of the memory traffic. Every other tensor is dense f32 (and trainable).
     #[default]
     Exact,
-    /// Weight matrices kept as quantised blocks (the GGUF's own Q4_0/Q4_1/Q8_0 blocks, other
-    /// weights re-quantised to Q8_0) and multiplied by f32 activations with SIMD kernels
-    /// ([`crate::kernels`]): a fraction of the memory traffic of `Exact`, which is what bounds
-    /// decode speed on a CPU. Inference only.
+    /// Everything dequantised to f32 once at load, candle's dense matmuls: the reference path,
+    /// and the one that trains quantised models.
+    F32,
+    /// Like `Exact`, and dense matrices are re-quantised to Q8_0 too (an approximation:
+    /// smaller and faster for f16/f32 files). Inference only.
     Fast,
 }
 
@@ -32,8 +36,11 @@ impl std::str::FromStr for ComputeMode {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "exact" => Ok(ComputeMode::Exact),
+            "f32" => Ok(ComputeMode::F32),
             "fast" => Ok(ComputeMode::Fast),
-            other => Err(format!("unknown mode `{other}` (expected exact or fast)")),
+            other => Err(format!(
+                "unknown mode `{other}` (expected exact, f32 or fast)"
+            )),
         }
     }
 }
@@ -47,10 +54,10 @@ pub(crate) struct Pass {
 
 /// One named model parameter.
 ///
-/// Exact mode: `dense` is a detached view sharing storage with `var` (so optimizer updates are
-/// seen without copies) and `var` is what training differentiates through. Fast mode: matrices
-/// are kept as quantised blocks in `quant` (the GGUF blocks themselves when the kernels support
-/// the format, otherwise Q8_0), vectors stay dense f32.
+/// Dense parameters: `dense` is a detached view sharing storage with `var` (so optimizer
+/// updates are seen without copies) and `var` is what training differentiates through (not in
+/// fast mode). Quantised matrices (exact and fast mode) are kept as blocks in `quant`: the
+/// GGUF blocks themselves when the kernels support the format, or (fast mode only) Q8_0.
 #[derive(Debug, Clone)]
 pub(crate) struct Param {
     pub(crate) name: String,
@@ -64,14 +71,17 @@ impl Param {
     /// `[out, in]` (fast mode only, where every matrix is stored that way).
     pub(crate) fn from_raw(name: &str, raw: &RawTensor, mode: ComputeMode) -> Result<Self> {
         let matrix = raw.dims().len() == 2;
-        if mode == ComputeMode::Fast && matrix {
+        if mode != ComputeMode::F32 && matrix {
             let quant = match raw {
                 RawTensor::Quantized(q) => QuantMatrix::from_qtensor(q)?,
                 RawTensor::Dense(_) => None,
             };
-            let quant = match quant {
-                Some(q) => Some(q),
-                None => QuantMatrix::quantize_q8_0(&raw.to_dense(DType::F32)?)?,
+            let quant = match (quant, mode) {
+                (Some(q), _) => Some(q),
+                (None, ComputeMode::Fast) => {
+                    QuantMatrix::quantize_q8_0(&raw.to_dense(DType::F32)?)?
+                }
+                (None, _) => None,
             };
             if let Some(q) = quant {
                 return Ok(Param {
@@ -86,7 +96,7 @@ impl Param {
         Ok(Param {
             name: name.to_string(),
             dense: Some(var.as_tensor().detach()),
-            var: (mode == ComputeMode::Exact).then_some(var),
+            var: (mode != ComputeMode::Fast).then_some(var),
             quant: None,
         })
     }
