@@ -210,9 +210,10 @@ impl QuantMatrix {
     /// The whole matrix as a dense f32 tensor.
     pub fn dequantize(&self) -> Result<candle_core::Tensor> {
         let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.dequantize_row(r, row);
-        }
+        // Rows in parallel: prefill dequantises whole matrices per call.
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, row)| self.dequantize_row(r, row));
         Ok(candle_core::Tensor::from_vec(
             out,
             (self.rows, self.cols),

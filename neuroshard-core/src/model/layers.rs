@@ -200,6 +200,9 @@ pub(crate) struct Linear {
     pub(crate) layout: WeightLayout,
 }
 
+/// From this many input rows on, a quantised matrix is dequantised for a dense gemm.
+const DENSE_GEMM_ROWS: usize = 16;
+
 impl Linear {
     /// y = x W (+ b) for x of shape `[..., in]`.
     pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
@@ -208,6 +211,9 @@ impl Linear {
         let rows: usize = dims[..last].iter().product();
         let x2 = x.reshape((rows, dims[last]))?;
         let y = match (&self.weight.quant, pass.track) {
+            // Many positions (prefill): dequantise the blocks once and use the dense gemm,
+            // which reuses each weight across rows far better than the per-row block kernel.
+            (Some(q), false) if rows >= DENSE_GEMM_ROWS => x2.matmul(&q.dequantize()?.t()?)?,
             (Some(q), false) => {
                 let flat: Vec<f32> = x2.flatten_all()?.to_vec1()?;
                 Tensor::from_vec(q.matmul(&flat, rows)?, (rows, q.rows()), &Device::Cpu)?
