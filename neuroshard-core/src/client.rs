@@ -111,6 +111,7 @@ impl Client {
             opened: Vec::new(),
             leaving: Vec::new(),
             stats: SessionStats::default(),
+            events: Vec::new(),
         };
         for hop in session.open.route.clone() {
             let reply = self.request(&hop, &Message::Open(signed.clone())).await;
@@ -329,6 +330,8 @@ pub struct RemoteSession {
     leaving: Vec<(NodeId, Option<RouteHop>)>,
     /// How the session recovered from failures and moves.
     pub stats: SessionStats,
+    /// What went wrong during recoveries, in order (for logs).
+    pub events: Vec<String>,
 }
 
 /// How a session recovered so far.
@@ -602,6 +605,10 @@ impl RemoteSession {
         if matches!(moved, Ok(Ok(Message::Ok))) {
             self.stats.handovers += 1;
         } else {
+            self.events.push(format!(
+                "hand-over from {} failed ({moved:?}); refilling the replica",
+                leaving.fmt_short()
+            ));
             self.refill(&old, done).await?;
         }
         self.close_dropped().await;
@@ -740,6 +747,9 @@ impl TokenBackend for BlockingSession {
                 break;
             }
             tries += 1;
+            self.session
+                .events
+                .push(format!("step at {start_pos} failed: {error}"));
             let old = self.session.route().to_vec();
             self.fail_over(error)?;
             self.session.stats.failovers += 1;

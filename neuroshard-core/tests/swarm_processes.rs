@@ -2,7 +2,8 @@
 //! 20-30, two replicas each, joined by gossip. `neuroshard generate --peers` (no model file,
 //! f16 frames) reproduces the reference; then, mid-generation, the first, a middle and the last
 //! hop are killed with SIGKILL, a middle hop is stalled with SIGSTOP and one leaves with
-//! SIGTERM. Each time the text must equal the reference; node counters (read over the
+//! SIGTERM. Each time the text (64 tokens, starting with the reference's 24) must equal the
+//! undisturbed run's; node counters (read over the
 //! protocol) show the victim served steps before the fault and its replica after it; the
 //! client's recovery summary shows a refill from the predecessor (no full replay), or for
 //! SIGTERM a KV hand-over and nothing refilled at all. Every process is killed when the test
@@ -29,6 +30,7 @@ struct Proc {
     child: Child,
     addr: String,
     layers: (usize, usize),
+    log: std::path::PathBuf,
 }
 
 /// The node processes; all are killed (stalled ones resumed first) however the test ends.
@@ -101,13 +103,18 @@ impl Swarm {
                 .arg("--key-file")
                 .arg(self.dir.join(format!("node{}.key", self.started)))
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null());
+                .stderr(
+                    std::fs::File::create(self.dir.join(format!("node{}.log", self.started)))
+                        .map(Stdio::from)
+                        .unwrap_or_else(|_| Stdio::null()),
+                );
             if let Some(e) = &entry {
                 cmd.args(["--peers", e]);
             }
-            children.push((cmd.spawn().expect("spawn node"), (start, end)));
+            let log = self.dir.join(format!("node{}.log", self.started));
+            children.push((cmd.spawn().expect("spawn node"), (start, end), log));
         }
-        for (mut child, layers) in children {
+        for (mut child, layers, log) in children {
             let stdout = child.stdout.take().expect("stdout");
             let mut line = String::new();
             // The address line comes once the slice is loaded and the endpoint bound; a node
@@ -120,6 +127,7 @@ impl Swarm {
                 child,
                 addr: line.trim().to_string(),
                 layers,
+                log,
             });
         }
     }
@@ -185,7 +193,9 @@ fn generate(peers: &[String], extra: &[&str], during: impl FnOnce(&[String])) ->
     let mut cmd = Command::new(bin());
     cmd.args(["--threads", "1", "generate", "--peers"]);
     cmd.args(peers);
-    cmd.args(["--prompt", prompt, "--max-tokens", "24"])
+    // 64 tokens: long enough that a fault injected after a few steps is recovered from well
+    // before the end (decode runs at ~80 tokens/s); the first 24 are the reference's.
+    cmd.args(["--prompt", prompt, "--max-tokens", "64", "--ignore-eos"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -256,7 +266,7 @@ enum Fault {
 }
 
 /// Disturbs hop `hop` of the route mid-generation and checks text, counters and recovery.
-fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault) {
+fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault, undisturbed: &str) {
     let before: Vec<Option<NodeStats>> = swarm.procs.iter().map(|p| swarm.stats(&p.addr)).collect();
     let mut victim = None;
     let mut victim_steps = 0;
@@ -278,11 +288,7 @@ fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault) {
     });
     let v = victim.expect("route printed");
     assert!(g.ok, "{fault:?} hop {hop}: {}", g.stderr);
-    assert_eq!(
-        g.text.trim_end_matches('\n'),
-        expected_text(),
-        "{fault:?} hop {hop}: text changed"
-    );
+    assert_eq!(g.text, undisturbed, "{fault:?} hop {hop}: text changed");
     assert!(
         victim_steps >= 5,
         "victim served {victim_steps} steps before"
@@ -303,7 +309,10 @@ fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault) {
     let replica_before = before[replica].clone().expect("replica stats before");
     assert!(
         replica_after.steps > replica_before.steps,
-        "{fault:?} hop {hop}: replica never served"
+        "{fault:?} hop {hop}: replica never served ({replica_before:?} -> {replica_after:?}); \
+         client: {}; victim: {}",
+        g.stderr,
+        std::fs::read_to_string(&swarm.procs[v].log).unwrap_or_default()
     );
     match fault {
         Fault::Kill | Fault::Stop => {
@@ -315,8 +324,11 @@ fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault) {
         }
         Fault::Term => {
             assert_eq!(
-                recovery, "recovery: 0 failovers, 0 refills, 0 full replays, 1 hand-overs",
-                "hop {hop}"
+                recovery,
+                "recovery: 0 failovers, 0 refills, 0 full replays, 1 hand-overs",
+                "hop {hop}; client: {}; victim: {}",
+                g.stderr,
+                std::fs::read_to_string(&swarm.procs[v].log).unwrap_or_default()
             );
             assert_eq!(replica_after.handovers_in, replica_before.handovers_in + 1);
             for (i, p) in swarm.procs.iter().enumerate() {
@@ -355,7 +367,11 @@ fn separate_node_processes_generate_and_survive_every_fault() {
     let peers: Vec<String> = swarm.procs.iter().map(|p| p.addr.clone()).collect();
     let g = generate(&peers, &[], |_| {});
     assert!(g.ok, "{}", g.stderr);
-    assert_eq!(g.text.trim_end_matches('\n'), expected_text());
+    assert!(
+        g.text.starts_with(&expected_text()),
+        "{:?} does not start with the reference",
+        g.text
+    );
     assert!(
         g.stderr
             .contains("recovery: 0 failovers, 0 refills, 0 full replays, 0 hand-overs"),
@@ -363,9 +379,10 @@ fn separate_node_processes_generate_and_survive_every_fault() {
         g.stderr
     );
 
-    disturb(&mut swarm, 1, Fault::Kill);
-    disturb(&mut swarm, 0, Fault::Kill);
-    disturb(&mut swarm, 2, Fault::Kill);
-    disturb(&mut swarm, 1, Fault::Stop);
-    disturb(&mut swarm, 1, Fault::Term);
+    let undisturbed = g.text;
+    disturb(&mut swarm, 1, Fault::Kill, &undisturbed);
+    disturb(&mut swarm, 0, Fault::Kill, &undisturbed);
+    disturb(&mut swarm, 2, Fault::Kill, &undisturbed);
+    disturb(&mut swarm, 1, Fault::Stop, &undisturbed);
+    disturb(&mut swarm, 1, Fault::Term, &undisturbed);
 }

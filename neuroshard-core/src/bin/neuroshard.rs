@@ -845,6 +845,9 @@ fn cmd_generate_remote(args: RemoteArgs) -> Result<(), Error> {
         .map_err(|e| Error::Generation(format!("generation task failed: {e}")))?;
         session.close().await;
         let recovery = session.stats;
+        for event in &session.events {
+            eprintln!("recovery event: {event}");
+        }
         let out = out?;
         println!();
         eprintln!(
