@@ -479,12 +479,7 @@ impl RemoteSession {
         let signed = SignedOpen::sign(&self.open, &self.client.inner.key)?;
         let mut opened = Vec::new();
         for hop in self.open.route.clone() {
-            let reply = tokio::time::timeout(
-                self.step_timeout,
-                self.client.request(&hop, &Message::Open(signed.clone())),
-            )
-            .await
-            .unwrap_or_else(|_| Err(NetError::Io("no reply to the session-open".into())));
+            let reply = self.send_open(&hop, &signed).await;
             match reply {
                 Ok(Message::Ok) => opened.push(hop),
                 Ok(Message::Error { message, .. }) => return Err(hop_failed(&hop, message)),
@@ -499,6 +494,30 @@ impl RemoteSession {
         }
         self.opened = opened;
         Ok(())
+    }
+
+    /// Sends the signed open to one hop within the step deadline. The error says whether
+    /// the connection or the reply was missing, and after how long, so a stalled hop can be
+    /// told from an unreachable one.
+    async fn send_open(&self, hop: &RouteHop, signed: &SignedOpen) -> Result<Message, NetError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.step_timeout;
+        let conn = tokio::time::timeout_at(deadline, self.client.connection(hop.node, &hop.addrs))
+            .await
+            .map_err(|_| NetError::Timeout {
+                what: format!("a connection to {}", hop.node.fmt_short()),
+                ms: self.step_timeout.as_millis() as u64,
+            })??;
+        let connected_ms = started.elapsed().as_millis();
+        tokio::time::timeout_at(
+            deadline,
+            request_on(&conn, &Message::Open(signed.clone()), MAX_CONTROL),
+        )
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: format!("the reply to the session-open (connected after {connected_ms} ms)"),
+            ms: self.step_timeout.as_millis() as u64,
+        })?
     }
 
     /// Tells hops no longer on the route to free the session (best effort).

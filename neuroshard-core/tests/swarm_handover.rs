@@ -108,3 +108,64 @@ async fn leaving_hops_hand_their_kv_cache_over() {
     client.shutdown().await;
     swarm.shutdown().await;
 }
+
+/// A replica that died moments ago is still announced (its announcement lives until its TTL
+/// runs out), but a leaving node must not propose it: the client would be sent to a dead node
+/// and the clean hand-over would become a failover. With no live replica the leaving node
+/// says so, and the session keeps running on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_is_never_proposed() {
+    let mut swarm = LocalSwarm::start(&smollm2(), 3, 2, EngineOptions::default(), &mut |_| {})
+        .await
+        .expect("swarm");
+    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
+        .await
+        .expect("client");
+    let reference = reference_json("smollm2");
+    let prompt = ids_from_json(&reference["input_ids"]);
+    let expected = ids_from_json(&reference["greedy_ids"]);
+    // Kill one replica of the middle slice; the survivors still hold its announcement.
+    let middle = swarm.nodes[0].engine().layers().end;
+    let dead = swarm
+        .nodes
+        .iter()
+        .find(|n| n.engine().layers().start == middle)
+        .cloned()
+        .expect("middle node");
+    dead.shutdown().await;
+    swarm.nodes.retain(|n| n.id() != dead.id());
+    let survivor = swarm
+        .nodes
+        .iter()
+        .find(|n| n.engine().layers().start == middle)
+        .cloned()
+        .expect("surviving middle node");
+    assert!(
+        survivor.peers().iter().any(|(id, _)| *id == dead.id()),
+        "the dead node's announcement is still held"
+    );
+    let handle = tokio::runtime::Handle::current();
+    let leaver = survivor.clone();
+    let mut pieces = 0;
+    let on_text = Box::new(move |_: &str| {
+        pieces += 1;
+        if pieces == 8 {
+            let leave = handle.block_on(leaver.begin_leave());
+            assert_eq!(leave.notified, 1, "one live session");
+            assert_eq!(leave.without_replica, 1, "the dead replica was proposed");
+        }
+    });
+    let config = GenerationConfig {
+        max_tokens: expected.len(),
+        ignore_eos: true,
+        ..GenerationConfig::default()
+    };
+    let (out, stats) = swarm
+        .generate_with_stats(&client, prompt, config, Codec::F16, on_text)
+        .await
+        .expect("generate");
+    assert_eq!(out.tokens, expected);
+    assert_eq!(stats, SessionStats::default(), "nothing moved");
+    client.shutdown().await;
+    swarm.shutdown().await;
+}

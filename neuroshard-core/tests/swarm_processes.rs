@@ -142,12 +142,19 @@ impl Swarm {
             .ok()
     }
 
-    /// Waits (bounded) until every node's PeerSet holds exactly the live processes.
+    /// Waits (bounded) until every node's PeerSet holds exactly the live processes: the new
+    /// ones, and no killed one (whose announcement lives until its TTL runs out).
     fn wait_converged(&self) {
-        let want = self.procs.len();
+        let mut want: Vec<String> = self
+            .procs
+            .iter()
+            .filter_map(|p| parse_peer_addr(&p.addr).ok())
+            .map(|a| a.id.to_string())
+            .collect();
+        want.sort();
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
-            let seen: Vec<Option<usize>> = self
+            let seen: Vec<Option<Vec<String>>> = self
                 .procs
                 .iter()
                 .map(|p| {
@@ -155,19 +162,41 @@ impl Swarm {
                     self.runtime.block_on(async {
                         let info = self.client.fetch_model_info(&entry).await.ok()?;
                         let peers = self.client.fetch_peers(&entry, &info.model_id).await.ok()?;
-                        Some(peers.iter().filter(|(_, e)| e.usable(now_ms())).count())
+                        let mut ids: Vec<String> = peers
+                            .iter()
+                            .filter(|(_, e)| e.usable(now_ms()))
+                            .map(|(id, _)| id.to_string())
+                            .collect();
+                        ids.sort();
+                        Some(ids)
                     })
                 })
                 .collect();
-            if seen.iter().all(|s| *s == Some(want)) {
+            if seen.iter().all(|s| s.as_ref() == Some(&want)) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "swarm did not converge to {want} nodes: {seen:?}"
+                "swarm did not converge to {want:?}: {seen:?}"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Every node's stderr so far, for failure messages.
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| {
+                format!(
+                    "--- {} [{:?}]\n{}",
+                    &p.addr[..10],
+                    p.layers,
+                    std::fs::read_to_string(&p.log).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn index_of(&self, short: &str) -> usize {
@@ -310,9 +339,9 @@ fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault, undisturbed: &str) {
     assert!(
         replica_after.steps > replica_before.steps,
         "{fault:?} hop {hop}: replica never served ({replica_before:?} -> {replica_after:?}); \
-         client: {}; victim: {}",
+         client: {}; nodes: {}",
         g.stderr,
-        std::fs::read_to_string(&swarm.procs[v].log).unwrap_or_default()
+        swarm.logs()
     );
     match fault {
         Fault::Kill | Fault::Stop => {
@@ -326,9 +355,9 @@ fn disturb(swarm: &mut Swarm, hop: usize, fault: Fault, undisturbed: &str) {
             assert_eq!(
                 recovery,
                 "recovery: 0 failovers, 0 refills, 0 full replays, 1 hand-overs",
-                "hop {hop}; client: {}; victim: {}",
+                "hop {hop}; client: {}; nodes: {}",
                 g.stderr,
-                std::fs::read_to_string(&swarm.procs[v].log).unwrap_or_default()
+                swarm.logs()
             );
             assert_eq!(replica_after.handovers_in, replica_before.handovers_in + 1);
             for (i, p) in swarm.procs.iter().enumerate() {

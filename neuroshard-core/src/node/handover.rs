@@ -2,7 +2,8 @@
 //! a replay.
 //!
 //! 1. [`Node::begin_leave`] stops announcing and refuses new sessions, and tells each live
-//!    session's client which replica of the hop's layers can take the session (`Leaving`).
+//!    session's client which replica of the hop's layers can take the session (`Leaving`):
+//!    the least-loaded one that answers a ping (announcements outlive dead nodes by their TTL).
 //! 2. At its next step boundary (nothing in flight) the client signs a session-open with the
 //!    replica in the leaving node's place, naming the hand-over `(leaving, replica)`, and sends
 //!    it to every hop of the new route; then it asks the leaving node to `Handover`.
@@ -13,7 +14,7 @@
 
 use super::relay::FILL_TIMEOUT;
 use super::{HopSession, Inner, Node};
-use crate::net::proto::{read_message, write_message, Message, RouteHop};
+use crate::net::proto::{read_message, request_on, write_message, Message, RouteHop, MAX_CONTROL};
 use crate::net::{lock, now_ms, NodeId};
 use crate::wire::{read_frame, write_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
 use candle_core::Tensor;
@@ -54,7 +55,7 @@ impl Node {
         let sessions: Vec<Arc<HopSession>> = lock(&inner.sessions).values().cloned().collect();
         let (mut notified, mut without_replica) = (0, 0);
         for hop in sessions {
-            let replacement = inner.replacement_for(&hop);
+            let replacement = inner.live_replacement_for(&hop).await;
             if replacement.is_none() {
                 without_replica += 1;
             }
@@ -101,15 +102,35 @@ impl LeaveHandle {
     }
 }
 
+/// How long a candidate replica may take to answer a ping before the next one is tried.
+const REPLICA_PING_TIMEOUT: Duration = Duration::from_millis(800);
+
 impl Inner {
-    /// A live replica that holds the hop's layers, is not on the route already, and has the
-    /// lowest load.
-    fn replacement_for(&self, hop: &HopSession) -> Option<RouteHop> {
+    /// The least-loaded replica for the hop that answers a ping. An announcement outlives
+    /// its node by up to its TTL, so proposing a replica unchecked can send the client to a
+    /// dead node and turn a clean hand-over into a failover.
+    async fn live_replacement_for(&self, hop: &HopSession) -> Option<RouteHop> {
+        for candidate in self.replacements_for(hop) {
+            let alive = tokio::time::timeout(REPLICA_PING_TIMEOUT, async {
+                let conn = self.connection(candidate.node, &candidate.addrs).await?;
+                request_on(&conn, &Message::Ping, MAX_CONTROL).await
+            })
+            .await;
+            if matches!(alive, Ok(Ok(Message::Ok))) {
+                return Some(candidate);
+            }
+        }
+        None
+    }
+
+    /// Usable replicas that hold the hop's layers and are not on the route already, least
+    /// loaded first.
+    fn replacements_for(&self, hop: &HopSession) -> Vec<RouteHop> {
         let me = self.endpoint.id();
         let want = &hop.open.route[hop.index].layers;
         let now = now_ms();
         let peers = lock(&self.peers);
-        peers
+        let mut found: Vec<(u32, RouteHop)> = peers
             .iter()
             .filter(|(id, e)| {
                 let a = &e.announcement;
@@ -119,12 +140,17 @@ impl Inner {
                     && a.layers.end >= want.end
                     && !hop.open.route.iter().any(|h| h.node == **id)
             })
-            .min_by_key(|(_, e)| e.announcement.load)
-            .map(|(id, e)| RouteHop {
-                node: *id,
-                layers: want.clone(),
-                addrs: e.announcement.addrs.clone(),
+            .map(|(id, e)| {
+                let hop = RouteHop {
+                    node: *id,
+                    layers: want.clone(),
+                    addrs: e.announcement.addrs.clone(),
+                };
+                (e.announcement.load, hop)
             })
+            .collect();
+        found.sort_by_key(|(load, _)| *load);
+        found.into_iter().map(|(_, hop)| hop).collect()
     }
 
     /// `Handover` from the session's client: sends the session's cache to `to`.
