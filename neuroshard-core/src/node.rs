@@ -19,6 +19,7 @@ use crate::engine::ShardEngine;
 use crate::model::tokenizer::Tokenizer;
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::endpoint::{bind, EndpointOptions};
+use crate::net::membership::Membership;
 use crate::net::peers::PeerSet;
 use crate::net::proto::{
     read_message, write_message, Message, ModelInfo, NodeStats, SessionOpen, SignedOpen, INFER_ALPN,
@@ -42,9 +43,6 @@ use std::time::Duration;
 
 /// mDNS service name: only NeuroShard nodes answer each other.
 const MDNS_SERVICE: &str = "neuroshard";
-
-/// Below this many gossip neighbours a node rejoins through peers it knows.
-const MIN_NEIGHBOURS: u64 = 2;
 
 /// Counters of what a node did (tests read them to see who served which step).
 #[derive(Debug, Default)]
@@ -127,8 +125,8 @@ struct Inner {
     model_info: OnceLock<Result<ModelInfo, String>>,
     /// Tasks answering plain `host:port` peers with the address line (stopped on shutdown).
     address_line: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// Current gossip neighbours on the model's topic.
-    neighbours: AtomicU64,
+    /// Gossip neighbours and recently heard peers: when and through whom to rejoin.
+    membership: Mutex<Membership>,
     /// Set when the node leaves: no more announcements or new sessions.
     leaving: AtomicBool,
     /// Signalled whenever a session is removed (a leaving node waits for its sessions).
@@ -252,7 +250,11 @@ impl Node {
             lookup,
             model_info: OnceLock::new(),
             leaving: AtomicBool::new(false),
-            neighbours: AtomicU64::new(0),
+            membership: Mutex::new(Membership::new(
+                endpoint.id(),
+                options.bootstrap.iter().map(|a| a.id).collect(),
+                now_ms(),
+            )),
             address_line: Mutex::new(address_line),
             sessions_changed: tokio::sync::Notify::new(),
         });
@@ -313,19 +315,12 @@ impl Node {
                         }
                     }
                 }
-                // Too few gossip neighbours (e.g. the peer we joined through died): rejoin
-                // through nodes we still know, so our view does not decay into a partition.
-                if announcer.neighbours.load(Ordering::Relaxed) < MIN_NEIGHBOURS {
-                    let me = announcer.endpoint.id();
-                    let known: Vec<NodeId> = lock(&announcer.peers)
-                        .iter()
-                        .map(|(id, _)| *id)
-                        .filter(|id| *id != me)
-                        .take(4)
-                        .collect();
-                    if !known.is_empty() && sender.join_peers(known).await.is_err() {
-                        break;
-                    }
+                // Too few neighbours, or silence (dead neighbours are reported late): rejoin
+                // through recently seen peers so the view does not decay into a partition.
+                let quiet_ms = 3 * options.announce_every.as_millis() as u64;
+                let known = lock(&announcer.membership).rejoin_candidates(now_ms(), quiet_ms);
+                if !known.is_empty() && sender.join_peers(known).await.is_err() {
+                    break;
                 }
                 tokio::time::sleep(options.announce_every).await;
             }
@@ -341,15 +336,11 @@ impl Node {
                             let _ = listener.learn(&signed);
                         }
                     }
-                    Ok(Event::NeighborUp(_)) => {
-                        listener.neighbours.fetch_add(1, Ordering::Relaxed);
+                    Ok(Event::NeighborUp(node)) => {
+                        lock(&listener.membership).neighbour_up(node);
                     }
-                    Ok(Event::NeighborDown(_)) => {
-                        let _ = listener.neighbours.fetch_update(
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                            |n| Some(n.saturating_sub(1)),
-                        );
+                    Ok(Event::NeighborDown(node)) => {
+                        lock(&listener.membership).neighbour_down(node);
                     }
                     _ => {}
                 }
@@ -436,7 +427,9 @@ impl Inner {
 
     /// Verifies an announcement into the PeerSet and adds its addresses to the address book.
     fn learn(&self, signed: &SignedAnnouncement) -> Result<NodeId, NetError> {
-        let node = lock(&self.peers).insert(signed, now_ms())?;
+        let now = now_ms();
+        let node = lock(&self.peers).insert(signed, now)?;
+        lock(&self.membership).heard_from(node, now);
         let ann = signed.verify()?;
         let addr = ann
             .addrs

@@ -1002,6 +1002,8 @@ fn cmd_bench(
             .collect();
         let short: Vec<u32> = prompt.iter().take(8).copied().collect();
         let (mut best_prefill, mut best_decode) = (0f64, 0f64);
+        // The greedy tokens, so a comparison (benches/llamacpp_compare) can check them.
+        let mut decoded = Vec::new();
         for rep in 0..reps.max(1) {
             pipeline.reset()?;
             let t0 = Instant::now();
@@ -1030,10 +1032,11 @@ fn cmd_bench(
             );
             best_prefill = best_prefill.max(prefill);
             best_decode = best_decode.max(decode);
+            decoded = out.tokens;
         }
         let name = format!("{mode:?}").to_lowercase();
         for (metric, value) in [("prefill", best_prefill), ("decode", best_decode)] {
-            results.push(serde_json::json!({
+            let mut record = serde_json::json!({
                 "name": format!("smollm2_single_process_{metric}_{name}"),
                 "unit": "tokens/s",
                 "value": (value * 10.0).round() / 10.0,
@@ -1041,7 +1044,11 @@ fn cmd_bench(
                 "threads": threads,
                 "prompt_tokens": prompt.len(),
                 "decode_tokens": decode_tokens,
-            }));
+            });
+            if metric == "decode" {
+                record["decode_token_ids"] = serde_json::json!(decoded);
+            }
+            results.push(record);
         }
         println!("{name}: prefill {best_prefill:.1} tok/s, decode {best_decode:.1} tok/s (best of {reps})");
     }
