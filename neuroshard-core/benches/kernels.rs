@@ -1,0 +1,54 @@
+//! Block-kernel matrix-vector speed on SmolLM2-135M's projection shapes (Q4_1 and Q8_0), per
+//! kernel path, as GB/s of weight bytes streamed: decode is bounded by this number.
+//! Thread count comes from `RAYON_NUM_THREADS` (set it to 1 or 2 to compare).
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use neuroshard_core::kernels::{BlockFormat, KernelPath, QuantMatrix, BLOCK};
+
+/// Deterministic block bytes with small f16 scales (so results stay finite).
+fn matrix(format: BlockFormat, rows: usize, cols: usize) -> QuantMatrix {
+    let bb = format.block_bytes();
+    let blocks = rows * cols / BLOCK;
+    let mut data = vec![0u8; blocks * bb];
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    for blk in data.chunks_exact_mut(bb) {
+        for b in blk.iter_mut() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *b = s as u8;
+        }
+        let scale = half::f16::from_f32(0.01).to_le_bytes();
+        blk[..2].copy_from_slice(&scale);
+        if format == BlockFormat::Q4_1 {
+            blk[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
+        }
+    }
+    QuantMatrix::from_bytes(format, rows, cols, data).expect("matrix")
+}
+
+fn bench(c: &mut Criterion) {
+    // (rows, cols): q/o, k/v, gate/up, down, all of one SmolLM2 layer.
+    let shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)];
+    for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        let mut group = c.benchmark_group(format!("kernels/{format:?}"));
+        for &(rows, cols) in &shapes {
+            let base = matrix(format, rows, cols);
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            group.throughput(Throughput::Bytes(base.bytes() as u64));
+            for path in [KernelPath::Scalar, KernelPath::Avx2] {
+                let Ok(m) = base.clone().with_path(path) else {
+                    continue;
+                };
+                group.bench_function(format!("{rows}x{cols}/{path:?}"), |b| {
+                    b.iter(|| m.matmul(black_box(&x), 1).expect("matmul"))
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
