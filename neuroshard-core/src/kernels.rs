@@ -223,51 +223,154 @@ impl QuantMatrix {
 
     /// `y = x Wᵀ` for `x` holding `m` rows of `cols` values; returns `m × rows` values.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        if x.len() != m * self.cols {
+        let mut outs = Self::matmul_fused(&[self], x, m)?;
+        Ok(outs.pop().unwrap_or_default())
+    }
+
+    /// Several matrices with the same input (Q/K/V, gate/up) as one: their rows are treated
+    /// as one row-concatenated matrix, so the input is prepared once and the rows are split
+    /// over the thread pool in one dispatch, without copying the blocks into a fused buffer.
+    /// Returns one `m × rows_i` output per matrix.
+    pub fn matmul_fused(parts: &[&QuantMatrix], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        let Some(first) = parts.first() else {
+            return Ok(Vec::new());
+        };
+        if let Some(odd) = parts
+            .iter()
+            .find(|p| p.format != first.format || p.cols != first.cols || p.path != first.path)
+        {
             return Err(Error::BadInput(format!(
-                "matmul input has {} values, expected {m} x {}",
-                x.len(),
-                self.cols
+                "fused matmul over {:?} [_, {}] and {:?} [_, {}]",
+                first.format, first.cols, odd.format, odd.cols
             )));
         }
-        let nb = self.cols / BLOCK;
-        // Σ x per block, once per input row (the offset term of Q4_0/Q4_1).
-        let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-        let rb = self.row_bytes();
+        let cols = first.cols;
+        if x.len() != m * cols {
+            return Err(Error::BadInput(format!(
+                "matmul input has {} values, expected {m} x {cols}",
+                x.len()
+            )));
+        }
+        let nb = cols / BLOCK;
+        // Once per input row: the layout the kernel reads (see `Prepared`).
+        let prepared = Prepared::new(first.format, first.path, x);
+        let (x, xsum, per) = (&prepared.x, &prepared.xsum, prepared.xsum_per_block);
+        // First virtual row of each part, and one past the last.
+        let mut starts = Vec::with_capacity(parts.len() + 1);
+        starts.push(0usize);
+        for p in parts {
+            starts.push(starts[starts.len() - 1] + p.rows);
+        }
+        let total = starts[parts.len()];
+        let rb = first.row_bytes();
         let threads = rayon::current_num_threads().max(1);
         // Enough rows per task to amortise scheduling, enough tasks to balance two cores.
-        let chunk = (self.rows / (threads * 4)).clamp(8, 256);
+        let chunk = (total / (threads * 4)).clamp(8, 256);
         // Computed transposed ([rows, m]) so each task owns a contiguous output range.
-        let mut out_t = vec![0f32; self.rows * m];
+        let mut out_t = vec![0f32; total * m];
         out_t
             .par_chunks_mut(chunk * m)
             .enumerate()
             .for_each(|(c, out)| {
-                let first = c * chunk;
+                let mut part = 0;
                 for (i, o) in out.chunks_exact_mut(m).enumerate() {
-                    let r = first + i;
-                    let row = &self.data[r * rb..(r + 1) * rb];
+                    let r = c * chunk + i;
+                    while r >= starts[part + 1] {
+                        part += 1;
+                    }
+                    let local = r - starts[part];
+                    let row = &parts[part].data[local * rb..(local + 1) * rb];
                     for (t, y) in o.iter_mut().enumerate() {
-                        let xr = &x[t * self.cols..(t + 1) * self.cols];
-                        let xs = &xsum[t * nb..(t + 1) * nb];
-                        *y = dot(self.format, self.path, row, xr, xs);
+                        let xr = &x[t * cols..(t + 1) * cols];
+                        let xs = &xsum[t * nb * per..(t + 1) * nb * per];
+                        *y = dot(first.format, first.path, row, xr, xs);
                     }
                 }
             });
-        if m == 1 {
-            return Ok(out_t);
-        }
-        let mut out = vec![0f32; m * self.rows];
-        for r in 0..self.rows {
-            for t in 0..m {
-                out[t * self.rows + r] = out_t[r * m + t];
-            }
-        }
-        Ok(out)
+        Ok(parts
+            .iter()
+            .enumerate()
+            .map(|(p, part)| {
+                let rows = &out_t[starts[p] * m..starts[p + 1] * m];
+                if m == 1 {
+                    return rows.to_vec();
+                }
+                let mut out = vec![0f32; m * part.rows];
+                for r in 0..part.rows {
+                    for t in 0..m {
+                        out[t * part.rows + r] = rows[r * m + t];
+                    }
+                }
+                out
+            })
+            .collect())
     }
 }
 
-/// One row of blocks against one input row (lengths checked by the caller's construction).
+/// An input row in the layout one kernel path reads, prepared once per matmul call and reused
+/// for every weight row.
+///
+/// The scalar path and Q8_0 read `x` as it is, with `Σ x` per block. The AVX2 4-bit path
+/// unpacks nibbles with per-lane shifts of a broadcast block instead of byte shuffles, which
+/// yields the values in a fixed interleaved order: `x` is permuted to that order here, once,
+/// instead of the weights being reordered per block. Its offset term reads pairs per block,
+/// `[0, Σx]` for Q4_1 (lane 1 meets the block minimum `m`) and `[-8·Σx, 0]` for Q4_0 (lane 0
+/// meets the scale `d`).
+struct Prepared {
+    x: Vec<f32>,
+    xsum: Vec<f32>,
+    xsum_per_block: usize,
+}
+
+/// Where the AVX2 4-bit kernel's lane `i` of vector `v` (0..4) finds its input within a block:
+/// lanes 0-3 take bytes 4i, lanes 4-7 bytes 4i+1 (vectors 0, 2) or 4i+2 / 4i+3 (vectors 1, 3);
+/// vectors 0-1 are low nibbles (inputs 0..16), vectors 2-3 high nibbles (inputs 16..32).
+const NIBBLE_ORDER: [usize; BLOCK] = {
+    let mut order = [0usize; BLOCK];
+    let mut v = 0;
+    while v < 4 {
+        let mut lane = 0;
+        while lane < 8 {
+            let byte = 4 * (lane % 4) + 2 * (v % 2) + lane / 4;
+            order[v * 8 + lane] = byte + 16 * (v / 2);
+            lane += 1;
+        }
+        v += 1;
+    }
+    order
+};
+
+impl Prepared {
+    fn new(format: BlockFormat, path: KernelPath, x: &[f32]) -> Prepared {
+        let sums = x.chunks_exact(BLOCK).map(|c| c.iter().sum::<f32>());
+        let nibbles = format != BlockFormat::Q8_0;
+        if path == KernelPath::Avx2 && nibbles {
+            let permuted = x
+                .chunks_exact(BLOCK)
+                .flat_map(|c| NIBBLE_ORDER.iter().map(move |&i| c[i]))
+                .collect();
+            let pairs = sums
+                .flat_map(|sum| match format {
+                    BlockFormat::Q4_1 => [0.0, sum],
+                    _ => [-8.0 * sum, 0.0],
+                })
+                .collect();
+            return Prepared {
+                x: permuted,
+                xsum: pairs,
+                xsum_per_block: 2,
+            };
+        }
+        Prepared {
+            x: x.to_vec(),
+            xsum: sums.collect(),
+            xsum_per_block: 1,
+        }
+    }
+}
+
+/// One row of blocks against one prepared input row (lengths checked by the caller's
+/// construction).
 fn dot(format: BlockFormat, path: KernelPath, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if path == KernelPath::Avx2 {
@@ -342,6 +445,10 @@ mod avx2 {
     /// The CPU must support avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        if format != BlockFormat::Q8_0 {
+            // SAFETY: same target features; the prepared layout is the nibble one.
+            return unsafe { dot_q4(format, row, x, xsum) };
+        }
         let bb = format.block_bytes();
         let nb = x.len() / BLOCK;
         assert!(
@@ -397,6 +504,130 @@ mod avx2 {
         }
         // SAFETY: same target features as this function.
         unsafe { hsum(acc) + offset }
+    }
+
+    /// Eight 4-bit values as f32: each lane of `w` shifted by its count, masked, converted.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn nibbles(w: __m256i, shift: __m256i, mask: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, shift), mask))
+    }
+
+    /// Q4_0 / Q4_1 against an input prepared in `NIBBLE_ORDER` with offset pairs.
+    ///
+    /// Each block's 16 bytes are broadcast to both halves of a register and shifted per lane
+    /// (0/8, 16/24, 4/12, 20/28 bits) and masked: four vectors of eight 4-bit values with no
+    /// byte shuffle, so the loop runs on shift, convert and FMA units only. Blocks go in pairs
+    /// with one accumulator each (kept in registers) to hide the FMA latency.
+    ///
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4(format: BlockFormat, row: &[u8], x: &[f32], pairs: &[f32]) -> f32 {
+        // SAFETY (both calls): same target features; the caller's contract is forwarded.
+        match format {
+            BlockFormat::Q4_1 => unsafe { dot_q4_blocks::<true>(row, x, pairs) },
+            _ => unsafe { dot_q4_blocks::<false>(row, x, pairs) },
+        }
+    }
+
+    /// One block: `acc += d · Σ q·x` and `offset += [d, m] · pair`.
+    ///
+    /// # Safety
+    /// `blk` must point to one block (20 bytes for `MIN`, else 18), `xp` to 32 readable
+    /// floats and `pair` to 2; the CPU must support avx2, fma and f16c.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_block<const MIN: bool>(
+        blk: *const u8,
+        xp: *const f32,
+        pair: *const f32,
+        shifts: &[__m256i; 4],
+        mask: __m256i,
+        acc: __m256,
+        offset: __m128,
+    ) -> (__m256, __m128) {
+        // SAFETY: the caller guarantees the pointers cover one block, 32 inputs and a pair.
+        unsafe {
+            // [d, m] (Q4_1) or [d, 0] (Q4_0) from the block's f16 header.
+            let bits = if MIN {
+                std::ptr::read_unaligned(blk as *const u32) as i32
+            } else {
+                std::ptr::read_unaligned(blk as *const u16) as i32
+            };
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+            let pair = _mm_castsi128_ps(_mm_loadl_epi64(pair as *const __m128i));
+            let offset = _mm_fmadd_ps(dm, pair, offset);
+            let qs_at = if MIN { 4 } else { 2 };
+            let w = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(qs_at) as *const __m128i));
+            let mut s = _mm256_mul_ps(nibbles(w, shifts[0], mask), _mm256_loadu_ps(xp));
+            s = _mm256_fmadd_ps(nibbles(w, shifts[1], mask), _mm256_loadu_ps(xp.add(8)), s);
+            s = _mm256_fmadd_ps(nibbles(w, shifts[2], mask), _mm256_loadu_ps(xp.add(16)), s);
+            s = _mm256_fmadd_ps(nibbles(w, shifts[3], mask), _mm256_loadu_ps(xp.add(24)), s);
+            (_mm256_fmadd_ps(_mm256_broadcastss_ps(dm), s, acc), offset)
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_blocks<const MIN: bool>(row: &[u8], x: &[f32], pairs: &[f32]) -> f32 {
+        let bb = if MIN { 20 } else { 18 };
+        let nb = x.len() / BLOCK;
+        assert!(
+            row.len() >= nb * bb && pairs.len() >= 2 * nb,
+            "block/input length mismatch"
+        );
+        let mask = _mm256_set1_epi32(0x0F);
+        let shifts = [
+            _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8),
+            _mm256_setr_epi32(16, 16, 16, 16, 24, 24, 24, 24),
+            _mm256_setr_epi32(4, 4, 4, 4, 12, 12, 12, 12),
+            _mm256_setr_epi32(20, 20, 20, 20, 28, 28, 28, 28),
+        ];
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut off0, mut off1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let (r, xs, ps) = (row.as_ptr(), x.as_ptr(), pairs.as_ptr());
+        let mut b = 0;
+        // SAFETY: every block index used is < nb, so blocks, inputs and pairs are in bounds
+        // (asserted above).
+        unsafe {
+            while b + 1 < nb {
+                (acc0, off0) = q4_block::<MIN>(
+                    r.add(b * bb),
+                    xs.add(b * BLOCK),
+                    ps.add(2 * b),
+                    &shifts,
+                    mask,
+                    acc0,
+                    off0,
+                );
+                (acc1, off1) = q4_block::<MIN>(
+                    r.add((b + 1) * bb),
+                    xs.add((b + 1) * BLOCK),
+                    ps.add(2 * (b + 1)),
+                    &shifts,
+                    mask,
+                    acc1,
+                    off1,
+                );
+                b += 2;
+            }
+            if b < nb {
+                (acc0, off0) = q4_block::<MIN>(
+                    r.add(b * bb),
+                    xs.add(b * BLOCK),
+                    ps.add(2 * b),
+                    &shifts,
+                    mask,
+                    acc0,
+                    off0,
+                );
+            }
+            let off = _mm_add_ps(off0, off1);
+            let off = _mm_add_ss(off, _mm_shuffle_ps(off, off, 1));
+            hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(off)
+        }
     }
 }
 
@@ -465,6 +696,41 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fused_matmul_equals_separate_matmuls() {
+        for path in [KernelPath::Scalar, KernelPath::Avx2] {
+            if !path.available() {
+                continue;
+            }
+            let make = |rows: usize, seed: u64| {
+                let w =
+                    Tensor::from_vec(values(rows * 96, seed), (rows, 96), &Device::Cpu).expect("w");
+                let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
+                QuantMatrix::from_qtensor(&q)
+                    .expect("ok")
+                    .expect("supported")
+                    .with_path(path)
+                    .expect("path")
+            };
+            // Odd row counts so task chunks straddle the part boundaries.
+            let (a, b, c) = (make(37, 1), make(11, 2), make(53, 3));
+            for m in [1, 3] {
+                let x = values(m * 96, 7);
+                let fused = QuantMatrix::matmul_fused(&[&a, &b, &c], &x, m).expect("fused");
+                for (got, single) in fused.iter().zip([&a, &b, &c]) {
+                    assert_eq!(
+                        got,
+                        &single.matmul(&x, m).expect("single"),
+                        "{path:?} m={m}"
+                    );
+                }
+            }
+            let other =
+                QuantMatrix::from_bytes(BlockFormat::Q8_0, 1, 96, vec![0; 3 * 34]).expect("q8");
+            assert!(QuantMatrix::matmul_fused(&[&a, &other], &values(96, 1), 1).is_err());
         }
     }
 

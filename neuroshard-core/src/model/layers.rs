@@ -238,6 +238,43 @@ impl Linear {
     pub(crate) fn params(&self) -> impl Iterator<Item = &Param> {
         std::iter::once(&self.weight).chain(self.bias.iter())
     }
+
+    /// Several projections of the same `x` (Q/K/V, gate/up). For a few positions over block
+    /// matrices of one format this is one fused kernel call ([`QuantMatrix::matmul_fused`]):
+    /// one input preparation and one thread-pool dispatch instead of one per projection.
+    /// Otherwise each projection runs on its own; the results are the same either way.
+    pub(crate) fn forward_many(linears: &[&Linear], x: &Tensor, pass: Pass) -> Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let last = dims.len() - 1;
+        let rows: usize = dims[..last].iter().product();
+        let quant: Option<Vec<&QuantMatrix>> =
+            linears.iter().map(|l| l.weight.quant.as_deref()).collect();
+        let fusable = match &quant {
+            Some(q) if !pass.track && rows < DENSE_GEMM_ROWS && !q.is_empty() => q
+                .iter()
+                .all(|m| m.format() == q[0].format() && m.cols() == q[0].cols()),
+            _ => false,
+        };
+        let Some(quant) = quant.filter(|_| fusable) else {
+            return linears.iter().map(|l| l.forward(x, pass)).collect();
+        };
+        let flat: Vec<f32> = x.reshape((rows, dims[last]))?.flatten_all()?.to_vec1()?;
+        let outs = QuantMatrix::matmul_fused(&quant, &flat, rows)?;
+        linears
+            .iter()
+            .zip(quant.iter().zip(outs))
+            .map(|(l, (q, y))| {
+                let y = Tensor::from_vec(y, (rows, q.rows()), &Device::Cpu)?;
+                let y = match &l.bias {
+                    Some(b) => y.broadcast_add(b.get(pass)?)?,
+                    None => y,
+                };
+                let mut out_dims = dims.clone();
+                out_dims[last] = q.rows();
+                Ok(y.reshape(out_dims)?)
+            })
+            .collect()
+    }
 }
 
 /// RMSNorm (Llama): x / sqrt(mean(x²) + eps) * w, computed in f32.

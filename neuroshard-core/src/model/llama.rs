@@ -4,7 +4,7 @@
 //! Ports `LlamaDecoderLayer` of Hugging Face transformers (`models/llama/modeling_llama.py`).
 //! Parameters keep their Hugging Face names whatever the file format.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::LayerKv;
 use crate::model::layers::{
@@ -131,9 +131,12 @@ impl LlamaBlock {
     ) -> Result<Tensor> {
         let residual = x;
         let h = self.input_norm.forward(x, pass)?;
-        let q = split_heads(&self.q.forward(&h, pass)?, self.heads, self.head_dim)?;
-        let k = split_heads(&self.k.forward(&h, pass)?, self.kv_heads, self.head_dim)?;
-        let v = split_heads(&self.v.forward(&h, pass)?, self.kv_heads, self.head_dim)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q, &self.k, &self.v], &h, pass)?
+            .try_into()
+            .map_err(|_| Error::BadInput("q/k/v projection count".into()))?;
+        let q = split_heads(&q, self.heads, self.head_dim)?;
+        let k = split_heads(&k, self.kv_heads, self.head_dim)?;
+        let v = split_heads(&v, self.kv_heads, self.head_dim)?;
         let q = rope.apply(&q, start, pass)?;
         let k = rope.apply(&k, start, pass)?;
         let (k, v, q_start) = match cache {
@@ -147,7 +150,10 @@ impl LlamaBlock {
         let attn = attention(&q, &k, &v, q_start, pass)?;
         let x = (residual + self.o.forward(&merge_heads(&attn)?, pass)?)?;
         let h = self.post_norm.forward(&x, pass)?;
-        let mlp = (self.gate.forward(&h, pass)?.silu()? * self.up.forward(&h, pass)?)?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], &h, pass)?
+            .try_into()
+            .map_err(|_| Error::BadInput("gate/up projection count".into()))?;
+        let mlp = (gate.silu()? * up)?;
         Ok((&x + self.down.forward(&mlp, pass)?)?)
     }
 
