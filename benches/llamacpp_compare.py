@@ -60,7 +60,11 @@ class LlamaCpp:
         return self.llm.tokenize(text.encode(), add_bos=False, special=False)
 
     def last_argmax(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # llama-cpp-python >= 0.3 no longer copies the last row into `scores` unless every
+        # row's logits are kept (which would slow the prefill); read llama.cpp's buffer.
+        n_vocab = self.llm.n_vocab()
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(n_vocab,))
+        return int(np.argmax(logits))
 
     def prefill(self, tokens: list[int]) -> float:
         self.llm.reset()
