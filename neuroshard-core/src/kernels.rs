@@ -273,6 +273,24 @@ impl QuantMatrix {
             .enumerate()
             .for_each(|(c, out)| {
                 let mut part = 0;
+                if m == 1 {
+                    // Decode: whole runs of rows per kernel call, split where parts change.
+                    let mut r = c * chunk;
+                    let mut out = out;
+                    while !out.is_empty() {
+                        while r >= starts[part + 1] {
+                            part += 1;
+                        }
+                        let n = out.len().min(starts[part + 1] - r);
+                        let local = r - starts[part];
+                        let rows = &parts[part].data[local * rb..(local + n) * rb];
+                        let (head, tail) = out.split_at_mut(n);
+                        dot_rows(first.format, first.path, rows, rb, x, xsum, head);
+                        out = tail;
+                        r += n;
+                    }
+                    return;
+                }
                 for (i, o) in out.chunks_exact_mut(m).enumerate() {
                     let r = c * chunk + i;
                     while r >= starts[part + 1] {
@@ -383,6 +401,28 @@ fn dot(format: BlockFormat, path: KernelPath, row: &[u8], x: &[f32], xsum: &[f32
     scalar_dot(format, row, x, xsum)
 }
 
+/// `out[i]` = row `i` of `rows` (each `rb` bytes) against one prepared input row: one call per
+/// run of rows, so the per-call cost (dispatch, stack set-up, checks) is not paid per row.
+fn dot_rows(
+    format: BlockFormat,
+    path: KernelPath,
+    rows: &[u8],
+    rb: usize,
+    x: &[f32],
+    xsum: &[f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx2 {
+        // SAFETY: as in `dot`.
+        unsafe { avx2::dot_rows(format, rows, rb, x, xsum, out) };
+        return;
+    }
+    for (row, y) in rows.chunks_exact(rb).zip(out.iter_mut()) {
+        *y = scalar_dot(format, row, x, xsum);
+    }
+}
+
 /// The reference implementation: dequantise a block, multiply, accumulate in f32.
 pub fn scalar_dot(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     let bb = format.block_bytes();
@@ -439,10 +479,30 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
+    /// [`dot`] for consecutive rows of `rb` bytes.
+    ///
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows(
+        format: BlockFormat,
+        rows: &[u8],
+        rb: usize,
+        x: &[f32],
+        xsum: &[f32],
+        out: &mut [f32],
+    ) {
+        for (row, y) in rows.chunks_exact(rb).zip(out.iter_mut()) {
+            // SAFETY: same target features; `dot` checks the lengths.
+            *y = unsafe { dot(format, row, x, xsum) };
+        }
+    }
+
     /// Σ over blocks of `d · Σ q·x (+ m · Σ x)`.
     ///
     /// # Safety
     /// The CPU must support avx2, fma and f16c.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         if format != BlockFormat::Q8_0 {
