@@ -8,25 +8,16 @@
 mod common;
 
 use common::*;
-use neuroshard_core::client::Client;
-use neuroshard_core::net::endpoint::EndpointOptions;
-use neuroshard_core::swarm::LocalSwarm;
 use neuroshard_core::wire::Codec;
-use neuroshard_core::{EngineOptions, GenerationConfig};
+use neuroshard_core::GenerationConfig;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_any_hop_mid_generation_keeps_the_text() {
-    let mut swarm = LocalSwarm::start(&smollm2(), 3, 2, EngineOptions::default(), &mut |_| {})
-        .await
-        .expect("swarm");
-    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
-    let reference = reference_json("smollm2");
-    let prompt = ids_from_json(&reference["input_ids"]);
-    let expected = ids_from_json(&reference["greedy_ids"]);
+    let mut swarm = smollm2_swarm(3, 2).await;
+    let client = new_client().await;
+    let (prompt, expected) = smollm2_prompt_and_greedy();
     for victim_hop in 0..3 {
         let route = swarm.plan().expect("plan");
         let victim = swarm

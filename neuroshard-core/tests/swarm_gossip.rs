@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use neuroshard_core::client::{BlockingSession, Client};
+use neuroshard_core::client::BlockingSession;
 use neuroshard_core::net::endpoint::resolve_peer_addr;
 use neuroshard_core::net::endpoint::EndpointOptions;
 use neuroshard_core::net::proto::RouteHop;
@@ -68,9 +68,7 @@ async fn nodes_find_each_other_and_forget_the_dead() {
     .await;
 
     // A client with no model file: model info and peers from the first node only.
-    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
+    let client = new_client().await;
     let entry = nodes[2].addr();
     let info = client.fetch_model_info(&entry).await.expect("model info");
     assert_eq!(info.layers, 30);

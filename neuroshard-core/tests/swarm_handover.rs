@@ -8,26 +8,18 @@
 mod common;
 
 use common::*;
-use neuroshard_core::client::{Client, SessionStats};
-use neuroshard_core::net::endpoint::EndpointOptions;
+use neuroshard_core::client::SessionStats;
 use neuroshard_core::node::LeaveReport;
-use neuroshard_core::swarm::LocalSwarm;
 use neuroshard_core::wire::Codec;
-use neuroshard_core::{EngineOptions, GenerationConfig};
+use neuroshard_core::GenerationConfig;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_hops_hand_their_kv_cache_over() {
-    let mut swarm = LocalSwarm::start(&smollm2(), 3, 2, EngineOptions::default(), &mut |_| {})
-        .await
-        .expect("swarm");
-    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
-    let reference = reference_json("smollm2");
-    let prompt = ids_from_json(&reference["input_ids"]);
-    let expected = ids_from_json(&reference["greedy_ids"]);
+    let mut swarm = smollm2_swarm(3, 2).await;
+    let client = new_client().await;
+    let (prompt, expected) = smollm2_prompt_and_greedy();
     for leaving_hop in 0..3 {
         let route = swarm.plan().expect("plan");
         let victim = swarm
@@ -115,15 +107,9 @@ async fn leaving_hops_hand_their_kv_cache_over() {
 /// says so, and the session keeps running on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_replica_is_never_proposed() {
-    let mut swarm = LocalSwarm::start(&smollm2(), 3, 2, EngineOptions::default(), &mut |_| {})
-        .await
-        .expect("swarm");
-    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
-    let reference = reference_json("smollm2");
-    let prompt = ids_from_json(&reference["input_ids"]);
-    let expected = ids_from_json(&reference["greedy_ids"]);
+    let mut swarm = smollm2_swarm(3, 2).await;
+    let client = new_client().await;
+    let (prompt, expected) = smollm2_prompt_and_greedy();
     // Kill one replica of the middle slice; the survivors still hold its announcement.
     let middle = swarm.nodes[0].engine().layers().end;
     let dead = swarm

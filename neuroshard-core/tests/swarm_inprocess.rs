@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use neuroshard_core::client::{BlockingSession, Client};
+use neuroshard_core::client::BlockingSession;
 use neuroshard_core::net::endpoint::EndpointOptions;
 use neuroshard_core::net::proto::{write_message, Message, RouteHop, SessionOpen, INFER_ALPN};
 use neuroshard_core::node::{model_id, Node};
@@ -54,12 +54,8 @@ fn route(nodes: &[Node]) -> Vec<RouteHop> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_generate_the_reference_text() {
     let nodes = spawn_nodes().await;
-    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
-    let reference = reference_json("smollm2");
-    let prompt = ids_from_json(&reference["input_ids"]);
-    let expected = ids_from_json(&reference["greedy_ids"]);
+    let client = new_client().await;
+    let (prompt, expected) = smollm2_prompt_and_greedy();
     let mid = model_id(nodes[0].engine());
     let session = client
         .open_session(
@@ -94,6 +90,7 @@ async fn three_nodes_generate_the_reference_text() {
     .await
     .expect("join");
     assert_eq!(out.tokens, expected);
+    let reference = reference_json("smollm2");
     assert_eq!(out.text, reference["greedy_text"].as_str().expect("text"));
     for node in &nodes {
         // Prefill + one step per generated token after the first.
@@ -121,9 +118,7 @@ async fn three_nodes_generate_the_reference_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
     let nodes = spawn_nodes().await;
-    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
+    let client = new_client().await;
     let mid = model_id(nodes[0].engine());
     let hops = route(&nodes);
 

@@ -71,9 +71,7 @@ async fn eight_concurrent_clients_get_correct_text_and_leave_no_session() {
         let ids = tokenizer.encode(prompt).expect("enc");
         let (route, model_id, config) = (route.clone(), swarm.model_id.clone(), config.clone());
         tasks.push(tokio::spawn(async move {
-            let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-                .await
-                .expect("client");
+            let client = new_client().await;
             let session = client
                 .open_session(
                     route,
@@ -187,9 +185,7 @@ async fn hostile_peers_get_refused_and_the_node_keeps_serving() {
     }
 
     // Out-of-vocabulary tokens from a real client: a typed error naming the first hop.
-    let client = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
+    let client = new_client().await;
     let mut session = client
         .open_session(
             route.clone(),
@@ -282,12 +278,8 @@ async fn a_full_node_refuses_clearly_and_idle_sessions_expire() {
                 .await
         }
     };
-    let a = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
-    let b = Client::new(iroh::SecretKey::generate(), EndpointOptions::default())
-        .await
-        .expect("client");
+    let a = new_client().await;
+    let b = new_client().await;
     let _held = open(a.clone()).await.expect("first session");
     let err = open(b.clone()).await.unwrap_err();
     assert!(

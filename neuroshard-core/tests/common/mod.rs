@@ -147,3 +147,35 @@ pub fn greedy_chain(chain: &[ShardEngine], prompt: &[u32], n: usize, session: u6
     }
     out
 }
+
+/// The SmolLM2 reference prompt and its greedy continuation, as token ids.
+pub fn smollm2_prompt_and_greedy() -> (Vec<u32>, Vec<u32>) {
+    let reference = reference_json("smollm2");
+    (
+        ids_from_json(&reference["input_ids"]),
+        ids_from_json(&reference["greedy_ids"]),
+    )
+}
+
+/// A client with a fresh key on the default (offline, loopback) endpoint.
+pub async fn new_client() -> neuroshard_core::client::Client {
+    neuroshard_core::client::Client::new(
+        iroh::SecretKey::generate(),
+        neuroshard_core::net::endpoint::EndpointOptions::default(),
+    )
+    .await
+    .expect("client")
+}
+
+/// An in-process SmolLM2 swarm: `slices` even slices, `replicas` nodes each (exact mode).
+pub async fn smollm2_swarm(slices: usize, replicas: usize) -> neuroshard_core::swarm::LocalSwarm {
+    neuroshard_core::swarm::LocalSwarm::start(
+        &smollm2(),
+        slices,
+        replicas,
+        EngineOptions::default(),
+        &mut |_| {},
+    )
+    .await
+    .expect("swarm")
+}
