@@ -232,6 +232,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Must happen before any tensor work (see runtime::init_threads).
     let threads = runtime::init_threads(cli.threads);
+    if let Some(available) = runtime::lowered_from() {
+        eprintln!(
+            "note: only {threads} of {available} cores are idle: computing with {threads} \
+             thread(s) (--threads N overrides)"
+        );
+    }
     let result = match cli.command {
         Command::Generate {
             model,
