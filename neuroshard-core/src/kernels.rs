@@ -515,55 +515,53 @@ mod avx2 {
             row.len() >= nb * bb && xsum.len() >= nb,
             "block/input length mismatch"
         );
-        let mut acc = _mm256_setzero_ps();
-        let mut offset = 0f32;
-        let mask = _mm_set1_epi8(0x0F);
-        for b in 0..nb {
-            // SAFETY: b < nb, so the block (bb bytes at b * bb) and the 32 inputs at b * 32 are
-            // in bounds (asserted above); all loads are unaligned loads.
-            unsafe {
-                let blk = row.as_ptr().add(b * bb);
-                let xp = x.as_ptr().add(b * BLOCK);
-                let d = half(blk);
-                let (q0, q1, q2, q3) = match format {
-                    BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                        let qs_at = if format == BlockFormat::Q4_1 { 4 } else { 2 };
-                        let m = if format == BlockFormat::Q4_1 {
-                            half(blk.add(2))
-                        } else {
-                            -8.0 * d
-                        };
-                        offset += m * *xsum.get_unchecked(b);
-                        let qs = _mm_loadu_si128(blk.add(qs_at) as *const __m128i);
-                        let lo = _mm_and_si128(qs, mask);
-                        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                        (
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-                        )
-                    }
-                    BlockFormat::Q8_0 => {
-                        let lo = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                        let hi = _mm_loadu_si128(blk.add(18) as *const __m128i);
-                        (
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
-                        )
-                    }
-                };
-                let mut s = _mm256_mul_ps(q0, _mm256_loadu_ps(xp));
-                s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xp.add(16)), s);
-                s = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp.add(24)), s);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+        // Q8_0 from here on. Blocks go in pairs with one accumulator each, to hide the FMA
+        // latency of the accumulation chain.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut b = 0;
+        // SAFETY: every block index used is < nb, so the block (bb bytes at b * bb) and the
+        // 32 inputs at b * 32 are in bounds (asserted above).
+        unsafe {
+            while b + 1 < nb {
+                acc0 = q8_block(row.as_ptr().add(b * bb), x.as_ptr().add(b * BLOCK), acc0);
+                let next = b + 1;
+                acc1 = q8_block(
+                    row.as_ptr().add(next * bb),
+                    x.as_ptr().add(next * BLOCK),
+                    acc1,
+                );
+                b += 2;
             }
+            if b < nb {
+                acc0 = q8_block(row.as_ptr().add(b * bb), x.as_ptr().add(b * BLOCK), acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
         }
-        // SAFETY: same target features as this function.
-        unsafe { hsum(acc) + offset }
+    }
+
+    /// One Q8_0 block: `acc += d · Σ q·x`.
+    ///
+    /// # Safety
+    /// `blk` must point to 34 readable bytes and `xp` to 32 floats; the CPU must support
+    /// avx2, fma and f16c.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_block(blk: *const u8, xp: *const f32, acc: __m256) -> __m256 {
+        // SAFETY: the caller guarantees the block and the inputs are readable.
+        unsafe {
+            let d = half(blk);
+            let lo = _mm_loadu_si128(blk.add(2) as *const __m128i);
+            let hi = _mm_loadu_si128(blk.add(18) as *const __m128i);
+            let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+            let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+            let q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+            let q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+            let mut s = _mm256_mul_ps(q0, _mm256_loadu_ps(xp));
+            s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp.add(8)), s);
+            s = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xp.add(16)), s);
+            s = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp.add(24)), s);
+            _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc)
+        }
     }
 
     /// Eight 4-bit values as f32: each lane of `w` shifted by its count, masked, converted.
