@@ -272,37 +272,29 @@ impl QuantMatrix {
             .par_chunks_mut(chunk * m)
             .enumerate()
             .for_each(|(c, out)| {
-                let mut part = 0;
-                if m == 1 {
-                    // Decode: whole runs of rows per kernel call, split where parts change.
-                    let mut r = c * chunk;
-                    let mut out = out;
-                    while !out.is_empty() {
-                        while r >= starts[part + 1] {
-                            part += 1;
-                        }
-                        let n = out.len().min(starts[part + 1] - r);
-                        let local = r - starts[part];
-                        let rows = &parts[part].data[local * rb..(local + n) * rb];
-                        let (head, tail) = out.split_at_mut(n);
-                        dot_rows(first.format, first.path, rows, rb, x, xsum, head);
-                        out = tail;
-                        r += n;
-                    }
-                    return;
-                }
-                for (i, o) in out.chunks_exact_mut(m).enumerate() {
-                    let r = c * chunk + i;
+                // Runs of rows within one part: one kernel call per run when decoding.
+                let (mut part, mut r, mut out) = (0, c * chunk, out);
+                while !out.is_empty() {
                     while r >= starts[part + 1] {
                         part += 1;
                     }
+                    let n = (out.len() / m).min(starts[part + 1] - r);
                     let local = r - starts[part];
-                    let row = &parts[part].data[local * rb..(local + 1) * rb];
-                    for (t, y) in o.iter_mut().enumerate() {
-                        let xr = &x[t * cols..(t + 1) * cols];
-                        let xs = &xsum[t * nb * per..(t + 1) * nb * per];
-                        *y = dot(first.format, first.path, row, xr, xs);
+                    let rows = &parts[part].data[local * rb..(local + n) * rb];
+                    let (head, tail) = out.split_at_mut(n * m);
+                    if m == 1 {
+                        dot_rows(first.format, first.path, rows, rb, x, xsum, head);
+                    } else {
+                        for (row, o) in rows.chunks_exact(rb).zip(head.chunks_exact_mut(m)) {
+                            for (t, y) in o.iter_mut().enumerate() {
+                                let xr = &x[t * cols..(t + 1) * cols];
+                                let xs = &xsum[t * nb * per..(t + 1) * nb * per];
+                                *y = dot(first.format, first.path, row, xr, xs);
+                            }
+                        }
                     }
+                    out = tail;
+                    r += n;
                 }
             });
         Ok(parts
@@ -334,8 +326,8 @@ impl QuantMatrix {
 /// instead of the weights being reordered per block. Its offset term reads pairs per block,
 /// `[0, Σx]` for Q4_1 (lane 1 meets the block minimum `m`) and `[-8·Σx, 0]` for Q4_0 (lane 0
 /// meets the scale `d`).
-struct Prepared {
-    x: Vec<f32>,
+struct Prepared<'a> {
+    x: std::borrow::Cow<'a, [f32]>,
     xsum: Vec<f32>,
     xsum_per_block: usize,
 }
@@ -358,12 +350,12 @@ const NIBBLE_ORDER: [usize; BLOCK] = {
     order
 };
 
-impl Prepared {
-    fn new(format: BlockFormat, path: KernelPath, x: &[f32]) -> Prepared {
+impl<'a> Prepared<'a> {
+    fn new(format: BlockFormat, path: KernelPath, x: &'a [f32]) -> Prepared<'a> {
         let sums = x.chunks_exact(BLOCK).map(|c| c.iter().sum::<f32>());
         let nibbles = format != BlockFormat::Q8_0;
         if path == KernelPath::Avx2 && nibbles {
-            let permuted = x
+            let permuted: Vec<f32> = x
                 .chunks_exact(BLOCK)
                 .flat_map(|c| NIBBLE_ORDER.iter().map(move |&i| c[i]))
                 .collect();
@@ -374,13 +366,14 @@ impl Prepared {
                 })
                 .collect();
             return Prepared {
-                x: permuted,
+                x: permuted.into(),
                 xsum: pairs,
                 xsum_per_block: 2,
             };
         }
         Prepared {
-            x: x.to_vec(),
+            // Read as it is: no copy.
+            x: x.into(),
             xsum: sums.collect(),
             xsum_per_block: 1,
         }

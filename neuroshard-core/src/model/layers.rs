@@ -226,13 +226,18 @@ impl Linear {
                 }
             }
         };
+        self.finish(y, dims, pass)
+    }
+
+    /// Adds the bias to `y` (`[rows, out]`) and restores the input's leading dimensions.
+    fn finish(&self, y: Tensor, mut dims: Vec<usize>, pass: Pass) -> Result<Tensor> {
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b.get(pass)?)?,
             None => y,
         };
-        let mut out_dims = dims;
-        out_dims[last] = y.dim(1)?;
-        Ok(y.reshape(out_dims)?)
+        let last = dims.len() - 1;
+        dims[last] = y.dim(1)?;
+        Ok(y.reshape(dims)?)
     }
 
     pub(crate) fn params(&self) -> impl Iterator<Item = &Param> {
@@ -264,14 +269,11 @@ impl Linear {
             .iter()
             .zip(quant.iter().zip(outs))
             .map(|(l, (q, y))| {
-                let y = Tensor::from_vec(y, (rows, q.rows()), &Device::Cpu)?;
-                let y = match &l.bias {
-                    Some(b) => y.broadcast_add(b.get(pass)?)?,
-                    None => y,
-                };
-                let mut out_dims = dims.clone();
-                out_dims[last] = q.rows();
-                Ok(y.reshape(out_dims)?)
+                l.finish(
+                    Tensor::from_vec(y, (rows, q.rows()), &Device::Cpu)?,
+                    dims.clone(),
+                    pass,
+                )
             })
             .collect()
     }
