@@ -1,5 +1,7 @@
 //! Block-kernel matrix-vector speed on SmolLM2-135M's projection shapes (Q4_1 and Q8_0), per
-//! kernel path, as GB/s of weight bytes streamed: decode is bounded by this number.
+//! kernel path, as GB/s of weight bytes streamed: decode is bounded by this number. The
+//! `kernels_stream` groups cycle through ~66-112 MB of matrices, so the weights come from
+//! memory as they do in decode, not from cache.
 //! Thread count comes from `RAYON_NUM_THREADS` (set it to 1 or 2 to compare).
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
@@ -7,11 +9,11 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use neuroshard_core::kernels::{BlockFormat, KernelPath, QuantMatrix, BLOCK};
 
 /// Deterministic block bytes with small f16 scales (so results stay finite).
-fn matrix(format: BlockFormat, rows: usize, cols: usize) -> QuantMatrix {
+fn matrix(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> QuantMatrix {
     let bb = format.block_bytes();
     let blocks = rows * cols / BLOCK;
     let mut data = vec![0u8; blocks * bb];
-    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
     for blk in data.chunks_exact_mut(bb) {
         for b in blk.iter_mut() {
             s ^= s << 13;
@@ -34,7 +36,7 @@ fn bench(c: &mut Criterion) {
     for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
         let mut group = c.benchmark_group(format!("kernels/{format:?}"));
         for &(rows, cols) in &shapes {
-            let base = matrix(format, rows, cols);
+            let base = matrix(format, rows, cols, 0);
             let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
             group.throughput(Throughput::Bytes(base.bytes() as u64));
             for path in [KernelPath::Scalar, KernelPath::Avx2] {
@@ -46,6 +48,22 @@ fn bench(c: &mut Criterion) {
                 });
             }
         }
+        group.finish();
+        // Working set far beyond the caches: 120 gate-sized matrices, one matmul each.
+        let many: Vec<QuantMatrix> = (0..120).map(|i| matrix(format, 1536, 576, i)).collect();
+        let x: Vec<f32> = (0..576).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut group = c.benchmark_group(format!("kernels_stream/{format:?}"));
+        group.sample_size(10);
+        group.throughput(Throughput::Bytes(
+            many.iter().map(|m| m.bytes() as u64).sum(),
+        ));
+        group.bench_function("120x1536x576/detected", |b| {
+            b.iter(|| {
+                for m in &many {
+                    black_box(m.matmul(black_box(&x), 1).expect("matmul"));
+                }
+            })
+        });
         group.finish();
     }
 }

@@ -15,6 +15,7 @@ pub use training::{causal_lm_loss, BackwardOutput, OutputGrad};
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+use crate::model::kv_cache::LayerKv;
 use crate::model::layers::{ComputeMode, Pass};
 use crate::model::shard::{LogitsSelection, ShardInput, ShardModel, ShardOutput};
 use crate::model::weights::WeightFile;
@@ -333,8 +334,7 @@ impl ShardEngine {
             s.caches[rel]
                 .iter()
                 .map(|c| {
-                    c.tensors()
-                        .map(|(k, v)| (k.clone(), v.clone()))
+                    c.to_tensors()?
                         .ok_or_else(|| Error::BadInput(format!("session {id} has nothing cached")))
                 })
                 .collect()
@@ -379,8 +379,9 @@ impl ShardEngine {
             )));
         }
         self.sessions.with(id, |s| {
+            // Checked above, so `set` cannot fail half-way; still, keep its error.
             for (cache, (k, v)) in s.caches[rel].iter_mut().zip(kv) {
-                cache.set(k, v);
+                cache.set(k, v)?;
             }
             Ok(len)
         })
@@ -547,10 +548,7 @@ impl ShardEngine {
                     });
                 }
                 if req.start_pos > 0 {
-                    let cached_batch = s.caches[rel.clone()]
-                        .iter()
-                        .find_map(|c| c.tensors().map(|(k, _)| k.dim(0)))
-                        .transpose()?;
+                    let cached_batch = s.caches[rel.clone()].iter().find_map(LayerKv::batch);
                     if let Some(b) = cached_batch.filter(|&b| b != batch) {
                         return Err(Error::BadInput(format!(
                             "session {id} was opened with batch {b}, got batch {batch}"

@@ -201,7 +201,7 @@ pub(crate) struct Linear {
 }
 
 /// From this many input rows on, a quantised matrix is dequantised for a dense gemm.
-const DENSE_GEMM_ROWS: usize = 16;
+pub(crate) const DENSE_GEMM_ROWS: usize = 16;
 
 impl Linear {
     /// y = x W (+ b) for x of shape `[..., in]`.
@@ -287,6 +287,12 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// The norm of each row of `x` into `out` ([`crate::model::decode`] path, inference).
+    pub(crate) fn forward_raw(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let w = self.weight.get(Pass { track: false })?;
+        crate::model::decode::with_f32(w, |w| crate::model::decode::rms_norm(x, w, self.eps, out))?
+    }
+
     pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let w = self.weight.get(pass)?;
         Ok(if pass.track {
@@ -319,9 +325,11 @@ impl LayerNorm {
 /// Precomputed RoPE cos/sin tables, `[max_positions, head_dim / 2]`.
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    interleaved: bool,
+    /// `[max_positions][head_dim / 2]`, row-major.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    pub(crate) interleaved: bool,
 }
 
 impl Rope {
@@ -346,17 +354,32 @@ impl Rope {
             }
         }
         Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_positions, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), &Device::Cpu)?,
+            cos,
+            sin,
+            half,
             interleaved,
         })
+    }
+
+    /// The cos and sin rows of positions `start..start+seq` (`head_dim / 2` values each).
+    pub(crate) fn tables(&self, start: usize, seq: usize) -> Result<(&[f32], &[f32])> {
+        let (from, to) = (start * self.half, (start + seq) * self.half);
+        if to > self.cos.len() {
+            return Err(Error::BadInput(format!(
+                "positions {start}..{} exceed the model's {} positions",
+                start + seq,
+                self.cos.len() / self.half.max(1)
+            )));
+        }
+        Ok((&self.cos[from..to], &self.sin[from..to]))
     }
 
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` for positions `start..start+seq`.
     pub(crate) fn apply(&self, x: &Tensor, start: usize, pass: Pass) -> Result<Tensor> {
         let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, start, seq)?;
-        let sin = self.sin.narrow(0, start, seq)?;
+        let (cos, sin) = self.tables(start, seq)?;
+        let cos = Tensor::from_slice(cos, (seq, self.half), &Device::Cpu)?;
+        let sin = Tensor::from_slice(sin, (seq, self.half), &Device::Cpu)?;
         Ok(match (pass.track, self.interleaved) {
             (true, false) => candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?,
             (true, true) => candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin)?,

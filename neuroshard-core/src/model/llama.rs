@@ -5,7 +5,9 @@
 //! Parameters keep their Hugging Face names whatever the file format.
 
 use crate::error::{Error, Result};
+use crate::kernels::QuantMatrix;
 use crate::model::config::ModelConfig;
+use crate::model::decode;
 use crate::model::kv_cache::LayerKv;
 use crate::model::layers::{
     attention, merge_heads, split_heads, ComputeMode, Linear, Param, Pass, RmsNorm, Rope,
@@ -13,6 +15,14 @@ use crate::model::layers::{
 };
 use crate::model::weights::WeightFile;
 use candle_core::Tensor;
+
+/// Buffers reused across the layers of one [`LlamaBlock::forward_raw`] pass.
+#[derive(Debug, Default)]
+pub(crate) struct RawScratch {
+    h: Vec<f32>,
+    attn: Vec<f32>,
+    scores: Vec<f32>,
+}
 
 /// One Llama decoder layer.
 #[derive(Debug, Clone)]
@@ -155,6 +165,77 @@ impl LlamaBlock {
             .map_err(|_| Error::BadInput("gate/up projection count".into()))?;
         let mlp = (gate.silu()? * up)?;
         Ok((&x + self.down.forward(&mlp, pass)?)?)
+    }
+
+    /// The seven projections as block matrices, when every one of them is (exact and fast
+    /// modes on a quantised file): what [`LlamaBlock::forward_raw`] needs.
+    fn block_matrices(&self) -> Option<[&QuantMatrix; 7]> {
+        fn m(l: &Linear) -> Option<&QuantMatrix> {
+            l.weight.quant.as_deref().filter(|_| l.bias.is_none())
+        }
+        Some([
+            m(&self.q)?,
+            m(&self.k)?,
+            m(&self.v)?,
+            m(&self.o)?,
+            m(&self.gate)?,
+            m(&self.up)?,
+            m(&self.down)?,
+        ])
+    }
+
+    /// Whether [`LlamaBlock::forward_raw`] can run this layer.
+    pub(crate) fn raw_ready(&self) -> bool {
+        self.block_matrices().is_some()
+    }
+
+    /// Inference on plain buffers (the per-token path): `x` holds `seq` rows of the hidden
+    /// state for positions `start..start+seq` of a batch-1 session and is updated in place;
+    /// the keys and values are appended to `cache`. Same formulas as [`LlamaBlock::forward`]
+    /// without tensor ops (see [`crate::model::decode`]).
+    pub(crate) fn forward_raw(
+        &self,
+        x: &mut [f32],
+        seq: usize,
+        start: usize,
+        rope: &Rope,
+        cache: &mut LayerKv,
+        scratch: &mut RawScratch,
+    ) -> Result<()> {
+        let [q, k, v, o, gate, up, down] = self
+            .block_matrices()
+            .ok_or_else(|| Error::BadInput("layer without block matrices".into()))?;
+        let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
+        scratch.h.resize(x.len(), 0.0);
+        self.input_norm.forward_raw(x, &mut scratch.h)?;
+        let [mut qs, mut ks, vs]: [Vec<f32>; 3] =
+            QuantMatrix::matmul_fused(&[q, k, v], &scratch.h, seq)?
+                .try_into()
+                .map_err(|_| Error::BadInput("q/k/v projection count".into()))?;
+        let (cos, sin) = rope.tables(start, seq)?;
+        decode::rope(&mut qs, heads, hd, cos, sin, rope.interleaved);
+        decode::rope(&mut ks, kv_heads, hd, cos, sin, rope.interleaved);
+        cache.write_rows(start, kv_heads, hd, &ks, &vs)?;
+        scratch.attn.resize(seq * heads * hd, 0.0);
+        let cached: &LayerKv = cache;
+        decode::attention(
+            &qs,
+            heads,
+            kv_heads,
+            hd,
+            start,
+            |h| cached.head(h),
+            &mut scratch.scores,
+            &mut scratch.attn,
+        );
+        decode::add_assign(x, &o.matmul(&scratch.attn, seq)?);
+        self.post_norm.forward_raw(x, &mut scratch.h)?;
+        let [mut g, u]: [Vec<f32>; 2] = QuantMatrix::matmul_fused(&[gate, up], &scratch.h, seq)?
+            .try_into()
+            .map_err(|_| Error::BadInput("gate/up projection count".into()))?;
+        decode::silu_mul(&mut g, &u);
+        decode::add_assign(x, &down.matmul(&g, seq)?);
+        Ok(())
     }
 
     pub(crate) fn params(&self) -> Vec<&Param> {

@@ -7,12 +7,13 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::{Architecture, ModelConfig, RopeLayout};
+use crate::model::decode::with_f32;
 use crate::model::gpt2::{layer_norm, Gpt2Block};
 use crate::model::kv_cache::LayerKv;
 use crate::model::layers::{
-    ComputeMode, LayerNorm, Linear, Param, Pass, RmsNorm, Rope, WeightLayout,
+    ComputeMode, LayerNorm, Linear, Param, Pass, RmsNorm, Rope, WeightLayout, DENSE_GEMM_ROWS,
 };
-use crate::model::llama::LlamaBlock;
+use crate::model::llama::{LlamaBlock, RawScratch};
 use crate::model::weights::WeightFile;
 use candle_core::Tensor;
 use std::ops::Range;
@@ -244,6 +245,88 @@ impl ShardModel {
         }
     }
 
+    /// The per-token path ([`LlamaBlock::forward_raw`]): a batch-1 inference step of fewer
+    /// than [`DENSE_GEMM_ROWS`] positions through Llama layers held as block matrices, on
+    /// plain buffers from the embedding (or received hidden state) to the logits. `None` when
+    /// the step does not qualify; [`ShardModel::forward`] then takes the tensor path.
+    fn forward_raw(
+        &self,
+        input: &ShardInput,
+        start: usize,
+        range: Range<usize>,
+        caches: &mut [LayerKv],
+        logits: LogitsSelection,
+    ) -> Result<Option<ShardOutput>> {
+        let pass = Pass { track: false };
+        let (batch, seq) = match input {
+            ShardInput::Tokens(ids) => ids.dims2()?,
+            ShardInput::Hidden(h) => {
+                let (b, s, _) = h.dims3()?;
+                (b, s)
+            }
+        };
+        let blocks: Option<Vec<&LlamaBlock>> = range
+            .clone()
+            .map(|l| match &self.blocks[l - self.layers.start] {
+                Block::Llama(b) if b.raw_ready() => Some(b),
+                _ => None,
+            })
+            .collect();
+        let (Some(blocks), Some(rope), 1, 1..DENSE_GEMM_ROWS) = (blocks, &self.rope, batch, seq)
+        else {
+            return Ok(None);
+        };
+        let head = match (&self.head, range.end == self.config.num_layers) {
+            (Some(head), true) => match &head.norm {
+                FinalNorm::Rms(norm) => Some((norm, &head.lm_head)),
+                FinalNorm::Layer(_) => return Ok(None),
+            },
+            _ => None,
+        };
+        let h = self.config.hidden_size;
+        let x = match input {
+            ShardInput::Tokens(ids) => self.embed(ids, start, pass)?,
+            ShardInput::Hidden(x) => x.clone(),
+        };
+        let mut x: Vec<f32> = with_f32(&x, |v| v.to_vec())?;
+        if x.len() != seq * h {
+            return Err(Error::BadInput(format!(
+                "hidden state of {} values for {seq} positions of {h}",
+                x.len()
+            )));
+        }
+        let mut scratch = RawScratch::default();
+        for (layer, block) in range.clone().zip(blocks) {
+            let cache = &mut caches[layer - self.layers.start];
+            block.forward_raw(&mut x, seq, start, rope, cache, &mut scratch)?;
+        }
+        let Some((norm, lm_head)) = head else {
+            return Ok(Some(ShardOutput::Hidden(Tensor::from_vec(
+                x,
+                (1, seq, h),
+                &candle_core::Device::Cpu,
+            )?)));
+        };
+        if logits == LogitsSelection::Last {
+            x.drain(..(seq - 1) * h);
+        }
+        let rows = x.len() / h;
+        let mut normed = vec![0f32; x.len()];
+        norm.forward_raw(&x, &mut normed)?;
+        let logits = match &lm_head.weight.quant {
+            Some(q) if lm_head.bias.is_none() => Tensor::from_vec(
+                q.matmul(&normed, rows)?,
+                (1, rows, q.rows()),
+                &candle_core::Device::Cpu,
+            )?,
+            _ => {
+                let normed = Tensor::from_vec(normed, (1, rows, h), &candle_core::Device::Cpu)?;
+                lm_head.forward(&normed, pass)?
+            }
+        };
+        Ok(Some(ShardOutput::Logits(logits)))
+    }
+
     /// Runs absolute layers `range` (a sub-range of this shard's) on `input`.
     ///
     /// `caches` holds one entry per layer of the shard (indexed from `self.layers.start`); the
@@ -257,6 +340,11 @@ impl ShardModel {
         logits: LogitsSelection,
         pass: Pass,
     ) -> Result<ShardOutput> {
+        if let (false, Some(caches)) = (pass.track, caches.as_deref_mut()) {
+            if let Some(out) = self.forward_raw(input, start, range.clone(), caches, logits)? {
+                return Ok(out);
+            }
+        }
         let mut x = match input {
             ShardInput::Tokens(ids) => self.embed(ids, start, pass)?,
             ShardInput::Hidden(h) => h.clone(),
