@@ -252,123 +252,79 @@ impl QuantMatrix {
             )));
         }
         let nb = cols / BLOCK;
-        // Once per input row: the layout the kernel reads (see `Prepared`).
-        let prepared = Prepared::new(first.format, first.path, x);
-        let (x, xsum, per) = (prepared.x, &prepared.xsum, prepared.xsum_per_block);
-        // First virtual row of each part, and one past the last.
-        let mut starts = Vec::with_capacity(parts.len() + 1);
-        starts.push(0usize);
-        for p in parts {
-            starts.push(starts[starts.len() - 1] + p.rows);
-        }
-        let total = starts[parts.len()];
+        // Once per input row: the per-block sums the kernel reads.
+        let (xsum, per) = block_sums(first.format, first.path, x);
+        let xsum = &xsum;
+        let total: usize = parts.iter().map(|p| p.rows).sum();
         let rb = first.row_bytes();
         let threads = rayon::current_num_threads().max(1);
-        // Enough rows per task to amortise scheduling, enough tasks to balance two cores.
-        let chunk = (total / (threads * 4)).clamp(8, 256);
-        // Computed transposed ([rows, m]) so each task owns a contiguous output range.
-        let mut out_t = vec![0f32; total * m];
-        out_t
-            .par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, out)| {
-                // Runs of rows within one part: one kernel call per run when decoding.
-                let (mut part, mut r, mut out) = (0, c * chunk, out);
-                while !out.is_empty() {
-                    while r >= starts[part + 1] {
-                        part += 1;
-                    }
-                    let n = (out.len() / m).min(starts[part + 1] - r);
-                    let local = r - starts[part];
-                    let rows = &parts[part].data[local * rb..(local + n) * rb];
-                    let (head, tail) = out.split_at_mut(n * m);
-                    if m == 1 {
-                        dot_rows(first.format, first.path, rows, rb, x, xsum, head);
-                    } else {
-                        for (row, o) in rows.chunks_exact(rb).zip(head.chunks_exact_mut(m)) {
-                            for (t, y) in o.iter_mut().enumerate() {
-                                let xr = &x[t * cols..(t + 1) * cols];
-                                let xs = &xsum[t * nb * per..(t + 1) * nb * per];
-                                *y = dot(first.format, first.path, row, xr, xs);
-                            }
-                        }
-                    }
-                    out = tail;
-                    r += n;
+        // Enough rows per task to amortise scheduling, enough tasks to balance the cores; even,
+        // because the kernel takes rows in pairs.
+        let chunk = (total / (threads * 4)).clamp(8, 256) & !1;
+        // Each part's output is written in place by tasks over disjoint row ranges; with
+        // several input rows it is computed transposed ([rows, m]) and turned around after.
+        let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.rows * m]).collect();
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (p, out) in outs.iter_mut().enumerate() {
+            for (c, range) in out.chunks_mut(chunk * m).enumerate() {
+                tasks.push((p, c * chunk, range));
+            }
+        }
+        tasks.into_par_iter().for_each(|(p, first_row, out)| {
+            let n = out.len() / m;
+            let rows = &parts[p].data[first_row * rb..(first_row + n) * rb];
+            if m == 1 {
+                dot_rows(first.format, first.path, rows, rb, x, xsum, out);
+                return;
+            }
+            // One input row at a time over the task's rows, which stay in cache meanwhile.
+            let mut column = vec![0f32; n];
+            for t in 0..m {
+                let xr = &x[t * cols..(t + 1) * cols];
+                let xs = &xsum[t * nb * per..(t + 1) * nb * per];
+                dot_rows(first.format, first.path, rows, rb, xr, xs, &mut column);
+                for (r, y) in column.iter().enumerate() {
+                    out[r * m + t] = *y;
                 }
-            });
-        Ok(parts
-            .iter()
-            .enumerate()
-            .map(|(p, part)| {
-                let rows = &out_t[starts[p] * m..starts[p + 1] * m];
-                if m == 1 {
-                    return rows.to_vec();
-                }
-                let mut out = vec![0f32; m * part.rows];
+            }
+        });
+        if m > 1 {
+            for (out, part) in outs.iter_mut().zip(parts) {
+                let mut turned = vec![0f32; m * part.rows];
                 for r in 0..part.rows {
                     for t in 0..m {
-                        out[t * part.rows + r] = rows[r * m + t];
+                        turned[t * part.rows + r] = out[r * m + t];
                     }
                 }
-                out
-            })
-            .collect())
+                *out = turned;
+            }
+        }
+        Ok(outs)
     }
 }
 
-/// Per-block input sums in the layout one kernel path reads, prepared once per matmul call and
-/// reused for every weight row (the input itself is read in place, in its natural order).
+/// Per-block input sums in the layout one kernel path reads, computed once per matmul call
+/// and reused for every weight row; returns the sums and how many values each block has.
 ///
 /// The scalar path and Q8_0 read `Σ x` per block. The AVX2 4-bit path reads pairs per block,
 /// `[0, Σx]` for Q4_1 (lane 1 meets the block minimum `m`) and `[-8·Σx, 0]` for Q4_0 (lane 0
 /// meets the scale `d`), so one FMA of the block header `[d, m]` covers the offset term of
 /// either format.
-struct Prepared<'a> {
-    x: &'a [f32],
-    xsum: Vec<f32>,
-    xsum_per_block: usize,
-}
-
-impl<'a> Prepared<'a> {
-    fn new(format: BlockFormat, path: KernelPath, x: &'a [f32]) -> Prepared<'a> {
-        let sums = x.chunks_exact(BLOCK).map(|c| c.iter().sum::<f32>());
-        if path == KernelPath::Avx2 && format != BlockFormat::Q8_0 {
-            let pairs = sums
-                .flat_map(|sum| match format {
-                    BlockFormat::Q4_1 => [0.0, sum],
-                    _ => [-8.0 * sum, 0.0],
-                })
-                .collect();
-            return Prepared {
-                x,
-                xsum: pairs,
-                xsum_per_block: 2,
-            };
-        }
-        Prepared {
-            x,
-            xsum: sums.collect(),
-            xsum_per_block: 1,
-        }
+fn block_sums(format: BlockFormat, path: KernelPath, x: &[f32]) -> (Vec<f32>, usize) {
+    let sums = x.chunks_exact(BLOCK).map(|c| c.iter().sum::<f32>());
+    if path == KernelPath::Avx2 && format != BlockFormat::Q8_0 {
+        let pairs = sums
+            .flat_map(|sum| match format {
+                BlockFormat::Q4_1 => [0.0, sum],
+                _ => [-8.0 * sum, 0.0],
+            })
+            .collect();
+        return (pairs, 2);
     }
+    (sums.collect(), 1)
 }
 
-/// One row of blocks against one prepared input row (lengths checked by the caller's
-/// construction).
-fn dot(format: BlockFormat, path: KernelPath, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if path == KernelPath::Avx2 {
-        // SAFETY: `Avx2` is only selected after run-time detection of avx2, fma and f16c
-        // (`detect`, `with_path`); slice lengths match the block count (checked in `from_bytes`
-        // and `matmul`) and the kernels assert it again.
-        return unsafe { avx2::dot(format, row, x, xsum) };
-    }
-    let _ = path;
-    scalar_dot(format, row, x, xsum)
-}
-
-/// `out[i]` = row `i` of `rows` (each `rb` bytes) against one prepared input row: one call per
+/// `out[i]` = row `i` of `rows` (each `rb` bytes) against one input row and its block sums: one call per
 /// run of rows, so the per-call cost (dispatch, stack set-up, checks) is not paid per row.
 fn dot_rows(
     format: BlockFormat,
@@ -631,7 +587,7 @@ mod avx2 {
         }
     }
 
-    /// `out[i]` = row `i` of `rows` (`rb` bytes each) against one prepared input row, rows in
+    /// `out[i]` = row `i` of `rows` (`rb` bytes each) against one input row and its block sums, rows in
     /// pairs; an odd last row is paired with itself.
     ///
     /// # Safety
@@ -694,18 +650,6 @@ mod avx2 {
                 }
             }
         }
-    }
-
-    /// One row against one prepared input row.
-    ///
-    /// # Safety
-    /// The CPU must support avx2, fma and f16c.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-        let mut y = [0f32];
-        // SAFETY: same target features; one row of `row.len()` bytes.
-        unsafe { dot_rows(format, row, row.len(), x, xsum, &mut y) };
-        y[0]
     }
 }
 
