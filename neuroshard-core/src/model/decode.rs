@@ -239,6 +239,28 @@ mod avx2 {
         _mm256_andnot_ps(underflow, y)
     }
 
+    /// `gate = silu(gate) · up` over whole vectors of eight; returns how many were done.
+    ///
+    /// # Safety
+    /// The CPU must support avx2 and fma; `up` is at least as long as `gate`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) -> usize {
+        let n = gate.len() / 8 * 8;
+        assert!(up.len() >= n, "silu_mul lengths");
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..n).step_by(8) {
+            // SAFETY: i + 8 <= n, within both slices.
+            unsafe {
+                let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+                let u = _mm256_loadu_ps(up.as_ptr().add(i));
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                let y = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
+                _mm256_storeu_ps(gate.as_mut_ptr().add(i), y);
+            }
+        }
+        n
+    }
+
     /// Lanes 0-3: the sums of `a`, `b`, `c`, `d`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -361,7 +383,20 @@ mod avx2 {
 
 /// `gate = silu(gate) · up`, element by element.
 pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
+    silu_mul_on(KernelPath::detect(), gate, up)
+}
+
+/// [`silu_mul`] on a chosen instruction set.
+pub(crate) fn silu_mul_on(path: KernelPath, gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx2 && KernelPath::Avx2.available() {
+        // SAFETY: avx2 and fma are available (checked); it stops at n.
+        done = unsafe { avx2::silu_mul(&mut gate[..n], &up[..n]) };
+    }
+    let _ = path;
+    for (g, u) in gate[done..n].iter_mut().zip(&up[done..n]) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
@@ -486,9 +521,20 @@ mod tests {
 
     #[test]
     fn silu_mul_and_add() {
+        let silu = |x: f32| x / (1.0 + (-x).exp());
+        // 19 values: two vectors of eight and a scalar tail; large |x| too (exp underflow).
+        let g0: Vec<f32> = (0..19).map(|i| (i as f32 - 9.0) * 11.3).collect();
+        let up = values(19, 4);
+        let want: Vec<f32> = g0.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
+        for path in [KernelPath::Scalar, KernelPath::Avx2] {
+            if path.available() {
+                let mut g = g0.clone();
+                silu_mul_on(path, &mut g, &up);
+                close(&g, &want, 1e-6);
+            }
+        }
         let mut g = vec![-2.0f32, 0.0, 3.0];
         silu_mul(&mut g, &[1.0, 5.0, 2.0]);
-        let silu = |x: f32| x / (1.0 + (-x).exp());
         close(&g, &[silu(-2.0), 0.0, silu(3.0) * 2.0], 1e-7);
         add_assign(&mut g, &[1.0, 1.0, 1.0]);
         close(&g, &[silu(-2.0) + 1.0, 1.0, silu(3.0) * 2.0 + 1.0], 1e-7);
