@@ -10,6 +10,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::KernelPath;
 use candle_core::{CpuStorage, Storage, Tensor};
+use rayon::prelude::*;
 
 /// Calls `f` with a tensor's values as a contiguous f32 slice, borrowed from candle's storage
 /// when possible (so a trained parameter is read as it is now, without a copy).
@@ -109,7 +110,7 @@ pub(crate) fn attention<'a>(
     kv_heads: usize,
     head_dim: usize,
     start: usize,
-    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -135,36 +136,46 @@ pub(crate) fn attention_on<'a>(
     kv_heads: usize,
     head_dim: usize,
     start: usize,
-    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let groups = (heads / kv_heads.max(1)).max(1);
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     let width = heads * head_dim;
-    for (i, (q_row, o_row)) in q
-        .chunks_exact(width)
-        .zip(out.chunks_exact_mut(width))
-        .enumerate()
-    {
+    // Output head `index` (query row i = index / heads, head h = index % heads).
+    let one = |index: usize, oh: &mut [f32], scores: &mut Vec<f32>| {
+        let (i, h) = (index / heads, index % heads);
         // Query i sees keys 0..=start+i.
         let n = start + i + 1;
-        for h in 0..heads {
-            let (keys, values) = kv(h / groups);
-            let qh = &q_row[h * head_dim..(h + 1) * head_dim];
-            let oh = &mut o_row[h * head_dim..(h + 1) * head_dim];
-            let (keys, values) = (&keys[..n * head_dim], &values[..n * head_dim]);
-            #[cfg(target_arch = "x86_64")]
-            if path == KernelPath::Avx2 && head_dim % 8 == 0 && KernelPath::Avx2.available() {
-                // SAFETY: avx2 and fma are available (checked); lengths are n · head_dim.
-                unsafe { avx2::attend(qh, keys, values, scale, scores, oh) };
-                continue;
-            }
-            let _ = path;
-            attend_scalar(qh, keys, values, scale, scores, oh);
+        let (keys, values) = kv(h / groups);
+        let qh = &q[i * width + h * head_dim..][..head_dim];
+        let (keys, values) = (&keys[..n * head_dim], &values[..n * head_dim]);
+        #[cfg(target_arch = "x86_64")]
+        if path == KernelPath::Avx2 && head_dim % 8 == 0 && KernelPath::Avx2.available() {
+            // SAFETY: avx2 and fma are available (checked); lengths are n · head_dim.
+            unsafe { avx2::attend(qh, keys, values, scale, scores, oh) };
+            return;
+        }
+        attend_scalar(qh, keys, values, scale, scores, oh);
+    };
+    let rows = out.len() / width.max(1);
+    let work = (start + rows) * rows * width;
+    if work >= PARALLEL_ATTENTION && rayon::current_num_threads() > 1 {
+        // Long contexts: heads over the pool (each streams its keys and values).
+        out.par_chunks_mut(head_dim)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (index, oh)| one(index, oh, scores));
+    } else {
+        for (index, oh) in out.chunks_exact_mut(head_dim).enumerate() {
+            one(index, oh, scores);
         }
     }
 }
+
+/// From this many key values read per step on, attention heads run in parallel: below it
+/// (contexts up to ~100 positions on SmolLM2) a pool dispatch costs more than it saves.
+const PARALLEL_ATTENTION: usize = 1 << 16;
 
 /// One query head over `n` keys and values (`keys.len() / q.len()`): the reference loops.
 fn attend_scalar(
@@ -470,8 +481,9 @@ mod tests {
     #[test]
     fn attention_matches_masked_softmax() {
         // 4 query heads over 2 kv heads, 3 new positions after cached ones; head widths that
-        // take the vector path (8, 64, 72: two passes over the values) and one that does not.
-        for (d, start) in [(8, 5), (64, 6), (72, 13), (6, 2)] {
+        // take the vector path (8, 64, 72: two passes over the values) and one that does not;
+        // a long context whose heads run in parallel.
+        for (d, start) in [(8, 5), (64, 6), (72, 13), (6, 2), (64, 400)] {
             for path in [KernelPath::Scalar, KernelPath::Avx2] {
                 if path.available() {
                     check_attention(path, d, start);
