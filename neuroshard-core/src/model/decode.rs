@@ -103,33 +103,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `q` is `[seq][heads][head_dim]`; `kv(h)` gives kv head `h`'s cached keys and values for
 /// positions `0..start+seq` (`head_dim` values each); query head `h` reads kv head
 /// `h / (heads / kv_heads)`. Writes `[seq][heads][head_dim]` into `out`; `scores` is scratch.
+/// `path` picks the instruction set (callers pass [`KernelPath::detect`]; tests run each).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention<'a>(
-    q: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    start: usize,
-    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    attention_on(
-        KernelPath::detect(),
-        q,
-        heads,
-        kv_heads,
-        head_dim,
-        start,
-        kv,
-        scores,
-        out,
-    )
-}
-
-/// [`attention`] on a chosen instruction set (tests run every one).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_on<'a>(
     path: KernelPath,
     q: &[f32],
     heads: usize,
@@ -500,7 +476,7 @@ mod tests {
         let v: Vec<Vec<f32>> = (0..kv_heads).map(|h| values(n * d, 9 + h as u32)).collect();
         let mut out = vec![0f32; q.len()];
         let mut scores = Vec::new();
-        attention_on(
+        attention(
             path,
             &q,
             heads,

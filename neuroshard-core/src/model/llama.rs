@@ -219,6 +219,7 @@ impl LlamaBlock {
         scratch.attn.resize(seq * heads * hd, 0.0);
         let cached: &LayerKv = cache;
         decode::attention(
+            crate::kernels::KernelPath::detect(),
             &qs,
             heads,
             kv_heads,
