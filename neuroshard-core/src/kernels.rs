@@ -270,7 +270,7 @@ impl QuantMatrix {
                 tasks.push((p, c * chunk, range));
             }
         }
-        tasks.into_par_iter().for_each(|(p, first_row, out)| {
+        let task = |(p, first_row, out): (usize, usize, &mut [f32])| {
             let n = out.len() / m;
             let rows = &parts[p].data[first_row * rb..(first_row + n) * rb];
             if m == 1 {
@@ -287,7 +287,13 @@ impl QuantMatrix {
                     out[r * m + t] = *y;
                 }
             }
-        });
+        };
+        // One thread while other programs hold a core (`runtime::spread_work`).
+        if crate::runtime::spread_work() {
+            tasks.into_par_iter().for_each(task);
+        } else {
+            tasks.into_iter().for_each(task);
+        }
         if m > 1 {
             for (out, part) in outs.iter_mut().zip(parts) {
                 let mut turned = vec![0f32; m * part.rows];

@@ -5,9 +5,15 @@
 //! its spin-waiting pool collapses when more threads than idle cores are asked for. So the thread
 //! count is chosen once, deliberately, here (see DESIGN.md, "Verified facts and traps").
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 static THREADS: OnceLock<usize> = OnceLock::new();
+/// Whether the block kernels spread work over the whole pool (see [`spread_work`]).
+static SPREAD: AtomicBool = AtomicBool::new(true);
+/// Set once [`spread_work`] has turned false (the CLI reports it).
+static NARROWED: AtomicBool = AtomicBool::new(false);
 /// The available core count when busy cores made [`init_threads`] choose fewer threads.
 static LOWERED_FROM: OnceLock<usize> = OnceLock::new();
 
@@ -37,6 +43,9 @@ pub fn init_threads(requested: Option<usize>) -> usize {
                 };
                 if n < available {
                     let _ = LOWERED_FROM.set(available);
+                }
+                if n > 1 {
+                    start_core_watch(available);
                 }
                 n
             });
@@ -90,6 +99,100 @@ pub fn threads_for_idle(available: usize, idle: f64) -> usize {
     ((idle + 0.25).floor().max(1.0) as usize).min(available.max(1))
 }
 
+/// Whether the block kernels and attention should spread their work over the whole thread
+/// pool now. It turns false while other programs keep a core busy (checked every half second
+/// when [`init_threads`] chose the thread count itself): a pool thread on a busy core makes
+/// every parallel step wait for it, and one thread on the free core is faster. The results are
+/// bit-identical either way (the same rows, the same arithmetic, in one thread or several).
+pub fn spread_work() -> bool {
+    SPREAD.load(Ordering::Relaxed)
+}
+
+/// Whether [`spread_work`] has been false at some point since start-up.
+pub fn work_was_narrowed() -> bool {
+    NARROWED.load(Ordering::Relaxed)
+}
+
+/// Starts the background check behind [`spread_work`] (once; a no-op where `/proc` is missing
+/// or `NEUROSHARD_CORE_WATCH=off`).
+fn start_core_watch(cores: usize) {
+    if std::env::var("NEUROSHARD_CORE_WATCH").is_ok_and(|v| v == "off") {
+        return;
+    }
+    let Some(mut last) = CpuSample::read() else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("neuroshard-core-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let Some(now) = CpuSample::read() else {
+                return;
+            };
+            if let Some(others) = others_busy_cores(&last, &now, cores) {
+                let spread = next_spread(SPREAD.load(Ordering::Relaxed), others);
+                SPREAD.store(spread, Ordering::Relaxed);
+                if !spread {
+                    NARROWED.store(true, Ordering::Relaxed);
+                }
+            }
+            last = now;
+        });
+    // Without the thread the kernels simply keep spreading, as before.
+    drop(spawned);
+}
+
+/// Clock ticks from `/proc/stat` (whole machine) and `/proc/self/stat` (this process, every
+/// thread), read together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuSample {
+    idle: u64,
+    total: u64,
+    ours: u64,
+}
+
+impl CpuSample {
+    fn read() -> Option<Self> {
+        let (idle, total) = cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        let ours = process_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+        Some(CpuSample { idle, total, ours })
+    }
+}
+
+/// `utime + stime` of a `/proc/<pid>/stat` line, in clock ticks (the unit of `/proc/stat`).
+fn process_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Cores kept busy by everything but this process between two samples (steal time counts:
+/// a core the hypervisor gives away is not ours either).
+fn others_busy_cores(before: &CpuSample, after: &CpuSample, cores: usize) -> Option<f64> {
+    let total = after.total.checked_sub(before.total)?;
+    if total == 0 || cores == 0 {
+        return None;
+    }
+    let idle = after.idle.saturating_sub(before.idle);
+    let ours = after.ours.saturating_sub(before.ours);
+    let others = total.saturating_sub(idle).saturating_sub(ours);
+    Some(cores as f64 * others as f64 / total as f64)
+}
+
+/// Stop spreading when others keep more than 0.6 of a core busy; start again below 0.3 (the
+/// gap keeps a fluctuating load from flipping the choice every check).
+fn next_spread(spread: bool, others_busy: f64) -> bool {
+    if spread {
+        others_busy <= 0.6
+    } else {
+        others_busy < 0.3
+    }
+}
+
 /// When [`init_threads`] chose fewer threads than cores because some were busy: the number
 /// of available cores (the CLI says so, since the user may want `--threads`).
 pub fn lowered_from() -> Option<usize> {
@@ -130,6 +233,43 @@ mod tests {
         assert_eq!(cpu_times("cpu0 1 2 3 4\n"), None, "no aggregate line");
         assert_eq!(cpu_times("cpu  1 x 3 4\n"), None, "garbage");
         assert_eq!(cpu_times("cpu  1 2\n"), None, "too short");
+    }
+
+    #[test]
+    fn other_programs_load_is_measured_without_our_own() {
+        let stat = "4242 (neuro shard) (x)) R 1 2 3 4 5 6 7 8 9 10 250 40 0 0 20 0 3 0 99\n";
+        assert_eq!(
+            process_ticks(stat),
+            Some(290),
+            "utime + stime after the last ')'"
+        );
+        assert_eq!(process_ticks("12 (x) R 1 2"), None, "truncated");
+        let at = |idle, total, ours| CpuSample { idle, total, ours };
+        // 2 cores over 200 ticks: 20 idle, we used 100, others 80 = 0.8 of a core.
+        let others = others_busy_cores(&at(0, 0, 0), &at(20, 200, 100), 2).expect("busy");
+        assert!((others - 0.8).abs() < 1e-9, "{others}");
+        // Only we ran: nothing busy elsewhere.
+        assert_eq!(
+            others_busy_cores(&at(0, 0, 0), &at(0, 200, 200), 2),
+            Some(0.0)
+        );
+        assert_eq!(
+            others_busy_cores(&at(5, 9, 0), &at(5, 9, 0), 2),
+            None,
+            "no time passed"
+        );
+        // Hysteresis.
+        assert!(next_spread(true, 0.5));
+        assert!(!next_spread(true, 0.8));
+        assert!(!next_spread(false, 0.45), "stays off until clearly free");
+        assert!(next_spread(false, 0.1));
+    }
+
+    #[test]
+    fn this_process_ticks_are_readable() {
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            assert!(process_ticks(&stat).is_some(), "{stat}");
+        }
     }
 
     #[test]

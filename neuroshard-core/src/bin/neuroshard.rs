@@ -448,13 +448,18 @@ fn cmd_generate(args: GenerateArgs) -> Result<(), Error> {
     )?;
     println!();
     eprintln!(
-        "{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s, {} threads",
+        "{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s, {} threads{}",
         out.prompt_tokens,
         out.tokens.len(),
         out.finish,
         out.prefill_tokens_per_sec(),
         out.decode_tokens_per_sec(),
-        args.threads
+        args.threads,
+        if runtime::work_was_narrowed() {
+            " (one at times: another program kept a core busy)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

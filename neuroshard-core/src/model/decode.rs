@@ -137,7 +137,10 @@ pub(crate) fn attention<'a>(
     };
     let rows = out.len() / width.max(1);
     let work = (start + rows) * rows * width;
-    if work >= PARALLEL_ATTENTION && rayon::current_num_threads() > 1 {
+    if work >= PARALLEL_ATTENTION
+        && rayon::current_num_threads() > 1
+        && crate::runtime::spread_work()
+    {
         // Long contexts: heads over the pool (each streams its keys and values).
         out.par_chunks_mut(head_dim)
             .enumerate()
