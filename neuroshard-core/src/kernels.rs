@@ -30,7 +30,7 @@ pub enum BlockFormat {
 
 impl BlockFormat {
     /// Bytes per block of 32 values.
-    pub fn block_bytes(self) -> usize {
+    pub const fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q4_0 => 18,
             BlockFormat::Q4_1 => 20,
@@ -330,8 +330,9 @@ fn block_sums(format: BlockFormat, path: KernelPath, x: &[f32]) -> (Vec<f32>, us
     (sums.collect(), 1)
 }
 
-/// `out[i]` = row `i` of `rows` (each `rb` bytes) against one input row and its block sums: one call per
-/// run of rows, so the per-call cost (dispatch, stack set-up, checks) is not paid per row.
+/// `out[i]` = row `i` of `rows` (each `rb` bytes) against one input row and its block sums:
+/// one call per run of rows, so the per-call cost (dispatch, stack set-up, checks) is not paid
+/// per row.
 fn dot_rows(
     format: BlockFormat,
     path: KernelPath,
@@ -343,7 +344,8 @@ fn dot_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     if path == KernelPath::Avx2 {
-        // SAFETY: as in `dot`.
+        // SAFETY: `Avx2` is only selected after run-time detection of avx2, fma and f16c
+        // (`detect`, `with_path`); the kernel asserts the row, input and sum lengths.
         unsafe { avx2::dot_rows(format, rows, rb, x, xsum, out) };
         return;
     }
@@ -523,7 +525,7 @@ mod avx2 {
         x: *const f32,
         pairs: *const f32,
     ) -> (f32, f32) {
-        let bb = block_bytes(FORMAT);
+        let bb = format_of(FORMAT).block_bytes();
         let ahead = 4 * nb * bb;
         let (mut acc_a, mut acc_b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let (mut off_a, mut off_b) = (_mm_setzero_ps(), _mm_setzero_ps());
@@ -563,17 +565,18 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot1_q8(a: *const u8, nb: usize, x: *const f32) -> f32 {
+        const BB: usize = BlockFormat::Q8_0.block_bytes();
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         // SAFETY: every block index is < nb.
         unsafe {
             while i + 1 < nb {
-                acc0 = q8_block(a.add(i * 34), &inputs(x.add(i * BLOCK)), acc0);
-                acc1 = q8_block(a.add((i + 1) * 34), &inputs(x.add((i + 1) * BLOCK)), acc1);
+                acc0 = q8_block(a.add(i * BB), &inputs(x.add(i * BLOCK)), acc0);
+                acc1 = q8_block(a.add((i + 1) * BB), &inputs(x.add((i + 1) * BLOCK)), acc1);
                 i += 2;
             }
             if i < nb {
-                acc0 = q8_block(a.add(i * 34), &inputs(x.add(i * BLOCK)), acc0);
+                acc0 = q8_block(a.add(i * BB), &inputs(x.add(i * BLOCK)), acc0);
             }
         }
         let s = hsum2(_mm256_add_ps(acc0, acc1), _mm256_setzero_ps());
@@ -585,16 +588,17 @@ mod avx2 {
     const Q41: u8 = 1;
     const Q8: u8 = 2;
 
-    const fn block_bytes(format: u8) -> usize {
-        match format {
-            Q40 => 18,
-            Q41 => 20,
-            _ => 34,
+    /// The block format a tag stands for.
+    const fn format_of(tag: u8) -> BlockFormat {
+        match tag {
+            Q40 => BlockFormat::Q4_0,
+            Q41 => BlockFormat::Q4_1,
+            _ => BlockFormat::Q8_0,
         }
     }
 
-    /// `out[i]` = row `i` of `rows` (`rb` bytes each) against one input row and its block sums, rows in
-    /// pairs; an odd last row is paired with itself.
+    /// `out[i]` = row `i` of `rows` (`rb` bytes each) against one input row and its block
+    /// sums, rows in pairs; an odd last row is paired with itself.
     ///
     /// # Safety
     /// The CPU must support avx2, fma and f16c.
@@ -630,7 +634,7 @@ mod avx2 {
         let nb = x.len() / BLOCK;
         let pairs_needed = if FORMAT == Q8 { 0 } else { 2 * nb };
         assert!(
-            rb == nb * block_bytes(FORMAT)
+            rb == nb * format_of(FORMAT).block_bytes()
                 && rows.len() >= out.len() * rb
                 && xsum.len() >= pairs_needed,
             "block/input length mismatch"
@@ -743,7 +747,7 @@ mod tests {
                     .with_path(path)
                     .expect("path")
             };
-            // Odd row counts so task chunks straddle the part boundaries.
+            // Odd row counts: each part ends on a row the kernel pairs with itself.
             let (a, b, c) = (make(37, 1), make(11, 2), make(53, 3));
             for m in [1, 3] {
                 let x = values(m * 96, 7);

@@ -37,7 +37,7 @@ pub fn init_threads(requested: Option<usize>) -> usize {
                 let available = std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(1);
-                let n = match idle_cores(std::time::Duration::from_millis(60)) {
+                let n = match idle_cores(Duration::from_millis(60)) {
                     Some(idle) => threads_for_idle(available, idle),
                     None => available,
                 };
@@ -59,21 +59,21 @@ pub fn init_threads(requested: Option<usize>) -> usize {
 
 /// How many cores were idle over `window`, from two readings of `/proc/stat` (Linux); `None`
 /// where the platform does not report it.
-pub fn idle_cores(window: std::time::Duration) -> Option<f64> {
-    let read = || {
-        std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| cpu_times(&s))
-    };
-    let (idle0, total0) = read()?;
+pub fn idle_cores(window: Duration) -> Option<f64> {
+    let (idle0, total0) = machine_times()?;
     std::thread::sleep(window);
-    let (idle1, total1) = read()?;
+    let (idle1, total1) = machine_times()?;
     let cores = std::thread::available_parallelism().ok()?.get() as f64;
     let total = total1.checked_sub(total0)?;
     if total == 0 {
         return None;
     }
     Some(cores * idle1.saturating_sub(idle0) as f64 / total as f64)
+}
+
+/// [`cpu_times`] of this machine now.
+fn machine_times() -> Option<(u64, u64)> {
+    cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
 /// `(idle, total)` jiffies of the aggregate `cpu` line of `/proc/stat` (idle includes iowait).
@@ -127,6 +127,8 @@ fn start_core_watch(cores: usize) {
         .spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
             let Some(now) = CpuSample::read() else {
+                // No more readings: leave the kernels spreading rather than stuck on one thread.
+                SPREAD.store(true, Ordering::Relaxed);
                 return;
             };
             if let Some(others) = others_busy_cores(&last, &now, cores) {
@@ -153,7 +155,7 @@ struct CpuSample {
 
 impl CpuSample {
     fn read() -> Option<Self> {
-        let (idle, total) = cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        let (idle, total) = machine_times()?;
         let ours = process_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
         Some(CpuSample { idle, total, ours })
     }

@@ -70,10 +70,13 @@ impl LayerKv {
         let (rows, old_capacity) = (batch * heads, self.capacity);
         let regrow = |old: &[f32]| {
             let mut new = vec![0f32; rows * capacity * head_dim];
-            // Only a same-shape cache has anything to keep (`keep` is 0 otherwise).
-            for r in 0..if keep > 0 { rows } else { 0 } {
-                let from = &old[r * old_capacity * head_dim..][..keep * head_dim];
-                new[r * capacity * head_dim..][..keep * head_dim].copy_from_slice(from);
+            // Only a same-shape cache has anything to keep (`keep` is 0 otherwise, and the old
+            // buffer's rows are laid out for another shape).
+            if keep > 0 {
+                for r in 0..rows {
+                    let from = &old[r * old_capacity * head_dim..][..keep * head_dim];
+                    new[r * capacity * head_dim..][..keep * head_dim].copy_from_slice(from);
+                }
             }
             new
         };

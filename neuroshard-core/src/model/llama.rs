@@ -16,6 +16,13 @@ use crate::model::layers::{
 use crate::model::weights::WeightFile;
 use candle_core::Tensor;
 
+/// The outputs of a fused projection call as an array of its `N` parts.
+fn exactly<T, const N: usize>(outputs: Vec<T>, what: &str) -> Result<[T; N]> {
+    outputs
+        .try_into()
+        .map_err(|_| Error::BadInput(format!("{what} projection count")))
+}
+
 /// Buffers reused across the layers of one [`LlamaBlock::forward_raw`] pass.
 #[derive(Debug, Default)]
 pub(crate) struct RawScratch {
@@ -141,9 +148,10 @@ impl LlamaBlock {
     ) -> Result<Tensor> {
         let residual = x;
         let h = self.input_norm.forward(x, pass)?;
-        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q, &self.k, &self.v], &h, pass)?
-            .try_into()
-            .map_err(|_| Error::BadInput("q/k/v projection count".into()))?;
+        let [q, k, v] = exactly(
+            Linear::forward_many(&[&self.q, &self.k, &self.v], &h, pass)?,
+            "q/k/v",
+        )?;
         let q = split_heads(&q, self.heads, self.head_dim)?;
         let k = split_heads(&k, self.kv_heads, self.head_dim)?;
         let v = split_heads(&v, self.kv_heads, self.head_dim)?;
@@ -160,9 +168,10 @@ impl LlamaBlock {
         let attn = attention(&q, &k, &v, q_start, pass)?;
         let x = (residual + self.o.forward(&merge_heads(&attn)?, pass)?)?;
         let h = self.post_norm.forward(&x, pass)?;
-        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], &h, pass)?
-            .try_into()
-            .map_err(|_| Error::BadInput("gate/up projection count".into()))?;
+        let [gate, up] = exactly(
+            Linear::forward_many(&[&self.gate, &self.up], &h, pass)?,
+            "gate/up",
+        )?;
         let mlp = (gate.silu()? * up)?;
         Ok((&x + self.down.forward(&mlp, pass)?)?)
     }
@@ -208,10 +217,10 @@ impl LlamaBlock {
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
         scratch.h.resize(x.len(), 0.0);
         self.input_norm.forward_raw(x, &mut scratch.h)?;
-        let [mut qs, mut ks, vs]: [Vec<f32>; 3] =
-            QuantMatrix::matmul_fused(&[q, k, v], &scratch.h, seq)?
-                .try_into()
-                .map_err(|_| Error::BadInput("q/k/v projection count".into()))?;
+        let [mut qs, mut ks, vs] = exactly(
+            QuantMatrix::matmul_fused(&[q, k, v], &scratch.h, seq)?,
+            "q/k/v",
+        )?;
         let (cos, sin) = rope.tables(start, seq)?;
         decode::rope(&mut qs, heads, hd, cos, sin, rope.interleaved);
         decode::rope(&mut ks, kv_heads, hd, cos, sin, rope.interleaved);
@@ -231,9 +240,10 @@ impl LlamaBlock {
         );
         decode::add_assign(x, &o.matmul(&scratch.attn, seq)?);
         self.post_norm.forward_raw(x, &mut scratch.h)?;
-        let [mut g, u]: [Vec<f32>; 2] = QuantMatrix::matmul_fused(&[gate, up], &scratch.h, seq)?
-            .try_into()
-            .map_err(|_| Error::BadInput("gate/up projection count".into()))?;
+        let [mut g, u] = exactly(
+            QuantMatrix::matmul_fused(&[gate, up], &scratch.h, seq)?,
+            "gate/up",
+        )?;
         decode::silu_mul(&mut g, &u);
         decode::add_assign(x, &down.matmul(&g, seq)?);
         Ok(())
