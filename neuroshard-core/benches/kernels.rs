@@ -6,7 +6,7 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use neuroshard_core::kernels::{BlockFormat, KernelPath, QuantMatrix, BLOCK};
+use neuroshard_core::internals::{BlockFormat, KernelPath, QuantMatrix, BLOCK};
 
 /// Deterministic block bytes with small f16 scales (so results stay finite).
 fn matrix(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> QuantMatrix {

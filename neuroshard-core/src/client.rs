@@ -15,7 +15,7 @@ use crate::net::proto::{ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO};
 use crate::net::recovery::{plan_refill, RefillPlan};
 use crate::net::route::RouteOptions;
 use crate::net::{lock, now_ms, NetError, NodeId};
-use crate::wire::Codec;
+use crate::wire::{read_frame, Codec, DEFAULT_MAX_FRAME};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, SecretKey};
 use std::collections::HashMap;
@@ -24,7 +24,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-type Inbox = mpsc::UnboundedSender<Message>;
+/// What a hop sends a session's client, routed to the session's inbox.
+#[derive(Debug)]
+enum Inbound {
+    /// A control message (`Token`, `Error`, `Leaving`).
+    Message(Message),
+    /// The logits predicting `position` (sessions opened with `return_logits`).
+    Logits {
+        /// Position predicted.
+        position: u32,
+        /// One value per vocabulary entry.
+        values: Vec<f32>,
+    },
+}
+
+type Inbox = mpsc::UnboundedSender<Inbound>;
 
 struct Inner {
     endpoint: Endpoint,
@@ -76,6 +90,21 @@ impl Client {
         sampling: SamplingParams,
         prompt: Vec<u32>,
     ) -> Result<RemoteSession, NetError> {
+        self.open_session_with(route, model_id, codec, sampling, prompt, false)
+            .await
+    }
+
+    /// [`Client::open_session`]; with `return_logits` the last hop sends each step's logits
+    /// instead of sampling ([`RemoteSession::step_logits`]).
+    pub async fn open_session_with(
+        &self,
+        route: Vec<RouteHop>,
+        model_id: &str,
+        codec: Codec,
+        sampling: SamplingParams,
+        prompt: Vec<u32>,
+        return_logits: bool,
+    ) -> Result<RemoteSession, NetError> {
         let session = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
@@ -89,6 +118,7 @@ impl Client {
             prompt,
             timestamp_ms: now_ms(),
             handover: None,
+            return_logits,
         };
         self.open_signed(open, &self.inner.key).await
     }
@@ -155,7 +185,26 @@ impl Client {
         codec: Codec,
         sampling: SamplingParams,
         prompt: Vec<u32>,
+        exclude: Vec<NodeId>,
+    ) -> Result<(RemoteSession, Vec<NodeId>), NetError> {
+        self.open_on_swarm_with(
+            peers, layers, model_id, codec, sampling, prompt, exclude, false,
+        )
+        .await
+    }
+
+    /// [`Client::open_on_swarm`] for a session that returns logits when `return_logits`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_on_swarm_with(
+        &self,
+        peers: &PeerSet,
+        layers: usize,
+        model_id: &str,
+        codec: Codec,
+        sampling: SamplingParams,
+        prompt: Vec<u32>,
         mut exclude: Vec<NodeId>,
+        return_logits: bool,
     ) -> Result<(RemoteSession, Vec<NodeId>), NetError> {
         let mut last = None;
         for _ in 0..4 {
@@ -165,7 +214,7 @@ impl Client {
             };
             let route: Vec<RouteHop> = peers.plan_route(layers, now_ms(), &opts)?.to_hops();
             match self
-                .open_session(route, model_id, codec, sampling, prompt.clone())
+                .open_session_with(route, model_id, codec, sampling, prompt.clone(), return_logits)
                 .await
             {
                 Ok(session) => return Ok((session, exclude)),
@@ -215,18 +264,34 @@ impl Client {
             while let Ok(mut recv) = incoming.accept_uni().await {
                 let inner = inner.clone();
                 tokio::spawn(async move {
-                    if let Ok(msg) = read_message(&mut recv).await {
-                        let session = match &msg {
-                            Message::Token { session, .. } | Message::Error { session, .. } => {
-                                *session
+                    let Ok(msg) = read_message(&mut recv).await else {
+                        return;
+                    };
+                    let session = match &msg {
+                        Message::Token { session, .. }
+                        | Message::Error { session, .. }
+                        | Message::Logits { session, .. } => *session,
+                        // Only a node may say that it itself is leaving.
+                        Message::Leaving { session, node, .. } if *node == node_id => *session,
+                        _ => return,
+                    };
+                    let item = match msg {
+                        Message::Logits { position, .. } => {
+                            match read_frame(&mut recv, DEFAULT_MAX_FRAME).await {
+                                Ok(frame) => match frame.as_frame().to_f32() {
+                                    Ok(values) => Inbound::Logits {
+                                        position,
+                                        values: values.into_owned(),
+                                    },
+                                    Err(_) => return,
+                                },
+                                Err(_) => return,
                             }
-                            // Only a node may say that it itself is leaving.
-                            Message::Leaving { session, node, .. } if *node == node_id => *session,
-                            _ => return,
-                        };
-                        if let Some(tx) = lock(&inner.sessions).get(&session) {
-                            let _ = tx.send(msg);
                         }
+                        other => Inbound::Message(other),
+                    };
+                    if let Some(tx) = lock(&inner.sessions).get(&session) {
+                        let _ = tx.send(item);
                     }
                 });
             }
@@ -320,7 +385,7 @@ impl Client {
 pub struct RemoteSession {
     client: Client,
     open: SessionOpen,
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::UnboundedReceiver<Inbound>,
     /// Deadline for one step (prefill included).
     pub step_timeout: Duration,
     opened: Vec<RouteHop>,
@@ -365,10 +430,36 @@ impl RemoteSession {
     /// Sends `tokens` at positions `start_pos..` to the first hop and waits for the token at
     /// `start_pos + tokens.len()`.
     pub async fn step(&mut self, tokens: &[u32], start_pos: usize) -> Result<u32, NetError> {
+        match self.step_any(tokens, start_pos).await? {
+            StepResult::Token(token) => Ok(token),
+            StepResult::Logits(_) => Err(NetError::Malformed(
+                "the last hop sent logits to a session that samples".into(),
+            )),
+        }
+    }
+
+    /// Like [`RemoteSession::step`] for a session opened with `return_logits`: the logits
+    /// predicting position `start_pos + tokens.len()`.
+    pub async fn step_logits(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+    ) -> Result<Vec<f32>, NetError> {
+        match self.step_any(tokens, start_pos).await? {
+            StepResult::Logits(values) => Ok(values),
+            StepResult::Token(_) => Err(NetError::Malformed(
+                "the last hop sampled a token for a session that asked for logits".into(),
+            )),
+        }
+    }
+
+    async fn step_any(&mut self, tokens: &[u32], start_pos: usize) -> Result<StepResult, NetError> {
         // Reports of an earlier, failed attempt must not be mistaken for this step's; notices
         // of leaving hops are kept.
-        while let Ok(msg) = self.rx.try_recv() {
-            self.note(msg);
+        while let Ok(item) = self.rx.try_recv() {
+            if let Inbound::Message(msg) = item {
+                self.note(msg);
+            }
         }
         self.fed.truncate(start_pos);
         self.fed.extend_from_slice(tokens);
@@ -399,20 +490,25 @@ impl RemoteSession {
         let want = (start_pos + tokens.len()) as u32;
         let deadline = tokio::time::Instant::now() + self.step_timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.rx.recv())
+            let item = tokio::time::timeout_at(deadline, self.rx.recv())
                 .await
                 .map_err(|_| NetError::Timeout {
                     what: format!("the token at position {want}"),
                     ms: self.step_timeout.as_millis() as u64,
                 })?;
-            match msg {
-                Some(Message::Token {
+            match item {
+                Some(Inbound::Message(Message::Token {
                     position, token, ..
-                }) if position == want => return Ok(token),
-                // A token of an earlier, retried step: stale.
-                Some(Message::Token { .. }) => continue,
-                Some(msg @ Message::Leaving { .. }) => self.note(msg),
-                Some(Message::Error { hop, message, .. }) => {
+                })) if position == want => return Ok(StepResult::Token(token)),
+                Some(Inbound::Logits { position, values }) if position == want => {
+                    return Ok(StepResult::Logits(values))
+                }
+                // A result of an earlier, retried step: stale.
+                Some(Inbound::Message(Message::Token { .. })) | Some(Inbound::Logits { .. }) => {
+                    continue
+                }
+                Some(Inbound::Message(msg @ Message::Leaving { .. })) => self.note(msg),
+                Some(Inbound::Message(Message::Error { hop, message, .. })) => {
                     return Err(NetError::HopFailed {
                         node: Some(hop),
                         hop: hop.fmt_short().to_string(),
@@ -652,6 +748,12 @@ impl RemoteSession {
     }
 }
 
+/// What the last hop returned for a step.
+enum StepResult {
+    Token(u32),
+    Logits(Vec<f32>),
+}
+
 /// A hop refused or could not be reached.
 fn hop_failed(hop: &RouteHop, message: String) -> NetError {
     NetError::HopFailed {
@@ -750,16 +852,18 @@ impl BlockingSession {
     }
 }
 
-impl TokenBackend for BlockingSession {
-    fn next_token(
+impl BlockingSession {
+    /// One step with failover: retried on a re-planned route after a failure, refilling the
+    /// new hops (or, failing that, replaying `context` from position 0).
+    fn step_with_failover(
         &mut self,
         tokens: &[u32],
         start_pos: usize,
         context: &[u32],
-        _sampling: &SamplingParams,
-    ) -> crate::Result<u32> {
-        // The last hop samples with the parameters of the session-open and keeps the context.
-        let mut result = self.handle.block_on(self.session.step(tokens, start_pos));
+    ) -> Result<StepResult, NetError> {
+        let mut result = self
+            .handle
+            .block_on(self.session.step_any(tokens, start_pos));
         let mut tries = 0;
         while let Err(error) = &result {
             if self.replanner.is_none() || tries >= self.max_failovers {
@@ -777,14 +881,53 @@ impl TokenBackend for BlockingSession {
             // same values).
             let refilled = self.handle.block_on(self.session.refill(&old, start_pos));
             result = if refilled.is_ok() {
-                self.handle.block_on(self.session.step(tokens, start_pos))
+                self.handle
+                    .block_on(self.session.step_any(tokens, start_pos))
             } else {
                 self.session.stats.full_replays += 1;
                 let end = (start_pos + tokens.len()).min(context.len());
-                self.handle.block_on(self.session.step(&context[..end], 0))
+                self.handle
+                    .block_on(self.session.step_any(&context[..end], 0))
             };
         }
-        Ok(result?)
+        result
+    }
+
+    /// The logits predicting position `start_pos + tokens.len()`, for a session opened with
+    /// `return_logits`; fails over like [`TokenBackend::next_token`]. `context` holds every
+    /// token at positions `0..start_pos + tokens.len()`.
+    pub fn next_logits(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+        context: &[u32],
+    ) -> crate::Result<Vec<f32>> {
+        match self.step_with_failover(tokens, start_pos, context)? {
+            StepResult::Logits(values) => Ok(values),
+            StepResult::Token(_) => Err(NetError::Malformed(
+                "the last hop sampled a token for a session that asked for logits".into(),
+            )
+            .into()),
+        }
+    }
+}
+
+impl TokenBackend for BlockingSession {
+    fn next_token(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+        context: &[u32],
+        _sampling: &SamplingParams,
+    ) -> crate::Result<u32> {
+        // The last hop samples with the parameters of the session-open and keeps the context.
+        match self.step_with_failover(tokens, start_pos, context)? {
+            StepResult::Token(token) => Ok(token),
+            StepResult::Logits(_) => Err(NetError::Malformed(
+                "the last hop sent logits to a session that samples".into(),
+            )
+            .into()),
+        }
     }
 
     fn context_len(&self) -> usize {

@@ -39,8 +39,6 @@ pub struct EngineOptions {
     /// Sessions unused this long are dropped when the table needs room or on
     /// [`ShardEngine::expire_idle_sessions`].
     pub session_idle_timeout: Duration,
-    /// Compute threads for the process (see [`crate::runtime::init_threads`]).
-    pub threads: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -50,7 +48,6 @@ impl Default for EngineOptions {
             max_sessions: 64,
             max_session_len: None,
             session_idle_timeout: Duration::from_secs(600),
-            threads: None,
         }
     }
 }
@@ -181,6 +178,9 @@ impl std::fmt::Debug for ShardEngine {
 
 impl ShardEngine {
     /// Loads layers `layers` of the model at `path`, reading only the tensors they need.
+    ///
+    /// Loading has no process-wide side effect (no environment change, no thread started):
+    /// thread settings belong to the host's one call of [`crate::runtime::init`].
     pub fn load(
         path: impl AsRef<Path>,
         layers: Range<usize>,
@@ -196,7 +196,6 @@ impl ShardEngine {
         options: EngineOptions,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
-        crate::runtime::init_threads(options.threads);
         let file = Arc::new(WeightFile::open(path)?);
         Self::from_file(file, layers, options, &mut progress)
     }
@@ -208,7 +207,6 @@ impl ShardEngine {
         options: EngineOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        crate::runtime::init_threads(options.threads);
         let (tensors_before, bytes_before) = (file.tensors_loaded(), file.bytes_loaded());
         let model = ShardModel::load(&file, layers.clone(), options.mode, progress)?;
         let max_len = options

@@ -191,3 +191,194 @@ impl Error {
         move |_| Error::Internal(format!("{what} poisoned by an earlier panic"))
     }
 }
+
+/// Which [`Error`] variant an error is, without its data: what the bindings map to an exception
+/// class (Python) or a status code (C), one to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::ModelFile`].
+    ModelFile,
+    /// [`Error::UnknownFormat`].
+    UnknownFormat,
+    /// [`Error::CorruptModel`].
+    CorruptModel,
+    /// [`Error::UnsupportedArchitecture`].
+    UnsupportedArchitecture,
+    /// [`Error::UnsupportedDtype`].
+    UnsupportedDtype,
+    /// [`Error::InvalidConfig`].
+    InvalidConfig,
+    /// [`Error::MissingTensor`].
+    MissingTensor,
+    /// [`Error::TensorShape`].
+    TensorShape,
+    /// [`Error::SliceOutOfRange`].
+    SliceOutOfRange,
+    /// [`Error::BadInput`].
+    BadInput,
+    /// [`Error::HiddenSize`].
+    HiddenSize,
+    /// [`Error::HiddenDtype`].
+    HiddenDtype,
+    /// [`Error::TokenOutOfRange`].
+    TokenOutOfRange,
+    /// [`Error::UnknownSession`].
+    UnknownSession,
+    /// [`Error::SessionsFull`].
+    SessionsFull,
+    /// [`Error::SessionExists`].
+    SessionExists,
+    /// [`Error::SessionTooLong`].
+    SessionTooLong,
+    /// [`Error::PositionGap`].
+    PositionGap,
+    /// [`Error::Training`].
+    Training,
+    /// [`Error::Tokenizer`].
+    Tokenizer,
+    /// [`Error::Generation`].
+    Generation,
+    /// [`Error::Internal`].
+    Internal,
+    /// [`Error::Candle`].
+    Candle,
+    /// [`Error::Wire`].
+    Wire,
+    /// [`Error::Net`].
+    Net,
+    /// [`Error::Io`].
+    Io,
+}
+
+impl ErrorKind {
+    /// Every kind, in declaration order.
+    pub const ALL: &'static [ErrorKind] = &[
+        ErrorKind::ModelFile,
+        ErrorKind::UnknownFormat,
+        ErrorKind::CorruptModel,
+        ErrorKind::UnsupportedArchitecture,
+        ErrorKind::UnsupportedDtype,
+        ErrorKind::InvalidConfig,
+        ErrorKind::MissingTensor,
+        ErrorKind::TensorShape,
+        ErrorKind::SliceOutOfRange,
+        ErrorKind::BadInput,
+        ErrorKind::HiddenSize,
+        ErrorKind::HiddenDtype,
+        ErrorKind::TokenOutOfRange,
+        ErrorKind::UnknownSession,
+        ErrorKind::SessionsFull,
+        ErrorKind::SessionExists,
+        ErrorKind::SessionTooLong,
+        ErrorKind::PositionGap,
+        ErrorKind::Training,
+        ErrorKind::Tokenizer,
+        ErrorKind::Generation,
+        ErrorKind::Internal,
+        ErrorKind::Candle,
+        ErrorKind::Wire,
+        ErrorKind::Net,
+        ErrorKind::Io,
+    ];
+
+    /// The variant's name (`"SliceOutOfRange"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::ModelFile => "ModelFile",
+            ErrorKind::UnknownFormat => "UnknownFormat",
+            ErrorKind::CorruptModel => "CorruptModel",
+            ErrorKind::UnsupportedArchitecture => "UnsupportedArchitecture",
+            ErrorKind::UnsupportedDtype => "UnsupportedDtype",
+            ErrorKind::InvalidConfig => "InvalidConfig",
+            ErrorKind::MissingTensor => "MissingTensor",
+            ErrorKind::TensorShape => "TensorShape",
+            ErrorKind::SliceOutOfRange => "SliceOutOfRange",
+            ErrorKind::BadInput => "BadInput",
+            ErrorKind::HiddenSize => "HiddenSize",
+            ErrorKind::HiddenDtype => "HiddenDtype",
+            ErrorKind::TokenOutOfRange => "TokenOutOfRange",
+            ErrorKind::UnknownSession => "UnknownSession",
+            ErrorKind::SessionsFull => "SessionsFull",
+            ErrorKind::SessionExists => "SessionExists",
+            ErrorKind::SessionTooLong => "SessionTooLong",
+            ErrorKind::PositionGap => "PositionGap",
+            ErrorKind::Training => "Training",
+            ErrorKind::Tokenizer => "Tokenizer",
+            ErrorKind::Generation => "Generation",
+            ErrorKind::Internal => "Internal",
+            ErrorKind::Candle => "Candle",
+            ErrorKind::Wire => "Wire",
+            ErrorKind::Net => "Net",
+            ErrorKind::Io => "Io",
+        }
+    }
+
+    /// An error of this kind with placeholder data, so bindings can test their mapping of
+    /// every kind (most kinds are also reached for real by the tests).
+    #[doc(hidden)]
+    pub fn example(self) -> Error {
+        match self {
+            ErrorKind::ModelFile => Error::ModelFile { path: "missing.gguf".into(), source: std::io::Error::from(std::io::ErrorKind::NotFound) },
+            ErrorKind::UnknownFormat => Error::UnknownFormat { path: "x.bin".into(), reason: "example".into() },
+            ErrorKind::CorruptModel => Error::CorruptModel { path: "x.gguf".into(), reason: "example".into() },
+            ErrorKind::UnsupportedArchitecture => Error::UnsupportedArchitecture("example".into()),
+            ErrorKind::UnsupportedDtype => Error::UnsupportedDtype { tensor: "t".into(), dtype: "example".into() },
+            ErrorKind::InvalidConfig => Error::InvalidConfig("example".into()),
+            ErrorKind::MissingTensor => Error::MissingTensor("example".into()),
+            ErrorKind::TensorShape => Error::TensorShape { name: "t".into(), expected: vec![1], actual: vec![2] },
+            ErrorKind::SliceOutOfRange => Error::SliceOutOfRange { start: 5, end: 1, layers: 4 },
+            ErrorKind::BadInput => Error::BadInput("example".into()),
+            ErrorKind::HiddenSize => Error::HiddenSize { expected: 64, actual: 65 },
+            ErrorKind::HiddenDtype => Error::HiddenDtype { expected: "f32".into(), actual: "f16".into() },
+            ErrorKind::TokenOutOfRange => Error::TokenOutOfRange { id: 9, vocab: 8 },
+            ErrorKind::UnknownSession => Error::UnknownSession(7),
+            ErrorKind::SessionsFull => Error::SessionsFull { max: 1 },
+            ErrorKind::SessionExists => Error::SessionExists(7),
+            ErrorKind::SessionTooLong => Error::SessionTooLong { session: 7, requested: 9, max: 8 },
+            ErrorKind::PositionGap => Error::PositionGap { session: 7, start: 3, cached: 1 },
+            ErrorKind::Training => Error::Training("example".into()),
+            ErrorKind::Tokenizer => Error::Tokenizer("example".into()),
+            ErrorKind::Generation => Error::Generation("example".into()),
+            ErrorKind::Internal => Error::Internal("example".into()),
+            ErrorKind::Candle => Error::Candle(candle_core::Error::Msg("example".into())),
+            ErrorKind::Wire => Error::Wire(crate::wire::WireError::UnknownCodec(255)),
+            ErrorKind::Net => Error::Net(crate::net::NetError::Io("example".into())),
+            ErrorKind::Io => Error::Io(std::io::Error::other("example")),
+        }
+    }
+}
+
+impl Error {
+    /// Which variant this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::ModelFile { .. } => ErrorKind::ModelFile,
+            Error::UnknownFormat { .. } => ErrorKind::UnknownFormat,
+            Error::CorruptModel { .. } => ErrorKind::CorruptModel,
+            Error::UnsupportedArchitecture(_) => ErrorKind::UnsupportedArchitecture,
+            Error::UnsupportedDtype { .. } => ErrorKind::UnsupportedDtype,
+            Error::InvalidConfig(_) => ErrorKind::InvalidConfig,
+            Error::MissingTensor(_) => ErrorKind::MissingTensor,
+            Error::TensorShape { .. } => ErrorKind::TensorShape,
+            Error::SliceOutOfRange { .. } => ErrorKind::SliceOutOfRange,
+            Error::BadInput(_) => ErrorKind::BadInput,
+            Error::HiddenSize { .. } => ErrorKind::HiddenSize,
+            Error::HiddenDtype { .. } => ErrorKind::HiddenDtype,
+            Error::TokenOutOfRange { .. } => ErrorKind::TokenOutOfRange,
+            Error::UnknownSession(_) => ErrorKind::UnknownSession,
+            Error::SessionsFull { .. } => ErrorKind::SessionsFull,
+            Error::SessionExists(_) => ErrorKind::SessionExists,
+            Error::SessionTooLong { .. } => ErrorKind::SessionTooLong,
+            Error::PositionGap { .. } => ErrorKind::PositionGap,
+            Error::Training(_) => ErrorKind::Training,
+            Error::Tokenizer(_) => ErrorKind::Tokenizer,
+            Error::Generation(_) => ErrorKind::Generation,
+            Error::Internal(_) => ErrorKind::Internal,
+            Error::Candle(_) => ErrorKind::Candle,
+            Error::Wire(_) => ErrorKind::Wire,
+            Error::Net(_) => ErrorKind::Net,
+            Error::Io(_) => ErrorKind::Io,
+        }
+    }
+}

@@ -11,7 +11,7 @@ use crate::model::shard::{ShardInput, ShardOutput};
 use crate::model::tokenizer::{TextStream, Tokenizer};
 use crate::model::weights::WeightFile;
 use candle_core::{Device, Tensor};
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,6 +93,9 @@ pub enum FinishReason {
     Length,
     /// The context is full.
     ContextFull,
+    /// The caller stopped it (its text callback returned `ControlFlow::Break`, or a stop
+    /// string appeared).
+    Cancelled,
 }
 
 /// The result of [`generate`].
@@ -134,6 +137,22 @@ pub fn generate(
     prompt: &[u32],
     config: &GenerationConfig,
     on_text: &mut dyn FnMut(&str),
+) -> Result<GenerationOutput> {
+    generate_until(backend, tokenizer, prompt, config, &mut |piece| {
+        on_text(piece);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`generate`] whose callback may stop the generation: `ControlFlow::Break` ends it after
+/// the current token with [`FinishReason::Cancelled`] (a closed stream, a C callback's
+/// non-zero return, Ctrl-C in Python).
+pub fn generate_until(
+    backend: &mut dyn TokenBackend,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<GenerationOutput> {
     config.sampling.validate()?;
     if prompt.is_empty() {
@@ -180,8 +199,8 @@ pub fn generate(
         context.push(next);
         if let Some(tok) = tokenizer {
             let piece = stream.push(tok, next)?;
-            if !piece.is_empty() {
-                on_text(&piece);
+            if !piece.is_empty() && on_text(&piece).is_break() {
+                break FinishReason::Cancelled;
             }
         }
         feed = vec![next];
@@ -241,7 +260,6 @@ impl LocalPipeline {
         options: EngineOptions,
         progress: &mut dyn FnMut(usize, usize, usize),
     ) -> Result<Self> {
-        crate::runtime::init_threads(options.threads);
         let file = Arc::new(WeightFile::open(path)?);
         let ranges = split_ranges(file.config().num_layers, cuts)?;
         let mut shards = Vec::with_capacity(ranges.len());
@@ -324,5 +342,102 @@ impl Drop for LocalPipeline {
     fn drop(&mut self) {
         // Nothing to report from a destructor; the engines are dropped right after anyway.
         let _ = self.reset();
+    }
+}
+
+/// Stops a text stream at the first of several stop strings (OpenAI's `stop`): pieces are
+/// passed on as they come, except a tail that could still become a stop string, which is held
+/// back until it is decided. The stop string itself is never passed on.
+#[derive(Debug, Clone, Default)]
+pub struct StopStrings {
+    stops: Vec<String>,
+    held: String,
+    stopped: bool,
+}
+
+impl StopStrings {
+    /// Watches for `stops` (empty strings are ignored).
+    pub fn new(stops: impl IntoIterator<Item = String>) -> Self {
+        StopStrings {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Takes the next piece; returns the text that is safe to emit and whether a stop string
+    /// was reached (then nothing more is emitted).
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        if self.stopped {
+            return (String::new(), true);
+        }
+        if self.stops.is_empty() {
+            return (piece.to_string(), false);
+        }
+        self.held.push_str(piece);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            self.stopped = true;
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Hold back the longest tail that is a proper prefix of a stop string.
+        let keep = self
+            .stops
+            .iter()
+            .map(|s| longest_suffix_prefix(&self.held, s))
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    /// The text still held back when the generation ends without a stop string.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop` (on char bounds).
+fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+    let max = stop.len().saturating_sub(1).min(text.len());
+    (1..=max)
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && stop.as_bytes()[..n] == text.as_bytes()[text.len() - n..]
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopStrings;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut s = StopStrings::new(stops.iter().map(|s| s.to_string()));
+        let mut out = String::new();
+        for p in pieces {
+            let (text, stop) = s.push(p);
+            out.push_str(&text);
+            if stop {
+                return (out, true);
+            }
+        }
+        out.push_str(&s.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_strings_cut_the_text_before_the_stop() {
+        assert_eq!(run(&["\n\n"], &["a", "b\n", "\nc"]), ("ab".into(), true));
+        assert_eq!(run(&["END"], &["xE", "N", "D!"]), ("x".into(), true));
+        assert_eq!(run(&["END"], &["xE", "N", "o"]), ("xENo".into(), false));
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+        assert_eq!(run(&["b", "a"], &["xyab"]), ("xy".into(), true), "earliest stop wins");
+        assert_eq!(run(&["é!"], &["caf", "é", "?"]), ("café?".into(), false));
     }
 }

@@ -1,35 +1,84 @@
 //! NeuroShard core: run and train one language model whose transformer layers are split
 //! across many machines.
 //!
-//! [`ShardEngine`] holds one contiguous slice of layers and runs forward (with per-session KV
-//! caches), backward and an AdamW step on it. See `docs/ARCHITECTURE.md` for the map.
+//! - [`ShardEngine`] holds one contiguous slice of layers and runs forward (with per-session
+//!   KV caches), backward and an AdamW step on it; [`LocalPipeline`] chains slices in one
+//!   process and [`generate()`] turns any chain into text.
+//! - [`Node`] (built with [`NodeBuilder`]) serves a slice over iroh; [`LocalSwarm`] starts a
+//!   whole swarm in one process.
+//! - [`Client`] + [`SwarmSession`] generate and stream text over a swarm with failover, or
+//!   step a [`LogitsSession`] for custom decoding. [`PeerSet`] is the swarm's live view.
+//! - [`blocking`] wraps these over one runtime owned by the library (the Python and C
+//!   bindings use it); [`runtime::init`] fixes the process's compute threads once.
+//! - [`wire`] is the tensor frame format between nodes.
+//!
+//! ```no_run
+//! # async fn demo() -> neuroshard_core::Result<()> {
+//! use neuroshard_core::{Client, LocalSwarm, SwarmOptions, SwarmSession, TextRequest};
+//!
+//! let model = std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+//! let swarm = LocalSwarm::start(model, 3, 1, Default::default(), &mut |_| {}).await?;
+//! let client = Client::new(iroh::SecretKey::generate(), Default::default()).await?;
+//! let entries = neuroshard_core::resolve_peers(&[swarm.address()]).await?;
+//! let session = SwarmSession::connect(client, entries, SwarmOptions::default()).await?;
+//! let out = session
+//!     .generate_text("The future of AI is", &TextRequest::default(), Box::new(|piece| {
+//!         print!("{piece}");
+//!         std::ops::ControlFlow::Continue(())
+//!     }))
+//!     .await?;
+//! println!("\n{} tokens", out.output.tokens.len());
+//! # Ok(()) }
+//! ```
+//!
+//! See `docs/ARCHITECTURE.md` for the map of the code.
 
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
-pub mod client;
-pub mod engine;
-pub mod error;
-pub mod generate;
-pub mod kernels;
-pub mod model;
+pub mod blocking;
+mod client;
+mod engine;
+mod error;
+mod generate;
+mod kernels;
+mod model;
 pub mod net;
-pub mod node;
+mod node;
 pub mod runtime;
-pub mod swarm;
+mod swarm;
+mod swarm_session;
 pub mod wire;
 
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod internals;
+
+pub use client::{Client, RemoteSession, SessionStats};
 pub use engine::{
-    AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest, OutputGrad, SessionId,
+    causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest, OutputGrad, SessionId,
     ShardEngine, WeightVersion,
 };
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use generate::{
-    generate, FinishReason, GenerationConfig, GenerationOutput, LocalPipeline, LogitsBackend,
+    generate, generate_until, split_ranges, FinishReason, GenerationConfig, GenerationOutput,
+    LocalPipeline, LogitsBackend, StopStrings,
 };
 pub use model::config::{Architecture, ModelConfig};
 pub use model::layers::ComputeMode;
 pub use model::sampling::SamplingParams;
 pub use model::shard::{LogitsSelection, ShardInput, ShardOutput};
-pub use model::tokenizer::{ChatMessage, Tokenizer};
+pub use model::tokenizer::{ChatMessage, Tokenizer, TokenizerInfo};
 pub use model::weights::{ModelFormat, WeightFile};
+pub use net::peers::{PeerInfo, PeerSet};
+pub use net::{ModelInfo, NetError, NodeId, NodeStats, RouteHop};
+pub use node::{model_id, LeaveHandle, LeaveReport, Node, NodeBuilder, NodeOptions};
+pub use swarm::{even_slices, LocalSwarm};
+pub use swarm_session::{
+    encode_prompt, resolve_peers, LogitsSession, OnText, SwarmGeneration, SwarmOptions,
+    SwarmSession, TextRequest,
+};
+pub use wire::Codec;
+
+/// This library's version (the crate version).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

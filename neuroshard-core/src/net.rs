@@ -10,18 +10,20 @@
 //! - [`membership`]: when a node rejoins the gossip mesh and through whom;
 //! - [`route`]: plans the lowest-latency chain of hops covering every layer;
 //! - [`endpoint`]: the iroh endpoint (offline by default) and the node's persistent key;
-//! - [`proto`]: messages of the inference protocol.
+//! - `proto`: messages of the inference protocol (internal; the data types a user sees are
+//!   re-exported here: [`RouteHop`], [`ModelInfo`], [`NodeStats`]).
 
 pub mod announce;
 pub mod endpoint;
-pub mod membership;
+pub(crate) mod membership;
 pub mod peers;
-pub mod proto;
-pub mod recovery;
+pub(crate) mod proto;
+pub(crate) mod recovery;
 pub mod route;
 
 pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
-pub use peers::{PeerEntry, PeerSet};
+pub use peers::{PeerEntry, PeerInfo, PeerSet};
+pub use proto::{ModelInfo, NodeStats, RouteHop};
 pub use route::{Hop, Route, RouteOptions};
 
 /// Current time in ms since the Unix epoch (announcements, expiry and session-opens use it).

@@ -203,7 +203,151 @@ pub fn model_id(engine: &ShardEngine) -> String {
         .collect()
 }
 
+/// Where a [`NodeBuilder`] gets its slice.
+#[derive(Debug, Clone)]
+enum EngineSource {
+    /// Load these layers of the model file at spawn time.
+    File {
+        path: std::path::PathBuf,
+        layers: Option<std::ops::Range<usize>>,
+        options: crate::engine::EngineOptions,
+    },
+    /// An engine loaded already.
+    Loaded(Arc<ShardEngine>),
+}
+
+/// Builds a [`Node`]: `Node::builder(model).layers(0..10).peers(addrs).spawn().await`.
+///
+/// Defaults: the whole model, exact mode, a fresh key, 127.0.0.1 on any free port, offline
+/// (no relays, port mapping or mDNS), no bootstrap peers.
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    source: EngineSource,
+    key: Option<SecretKey>,
+    options: NodeOptions,
+}
+
+impl NodeBuilder {
+    /// Serves layers `layers` (`start..end`) of the model file.
+    pub fn layers(mut self, layers: std::ops::Range<usize>) -> Self {
+        if let EngineSource::File { layers: l, .. } = &mut self.source {
+            *l = Some(layers);
+        }
+        self
+    }
+
+    /// How the engine loads and runs (mode, session limits); ignored for a loaded engine.
+    pub fn engine_options(mut self, engine: crate::engine::EngineOptions) -> Self {
+        if let EngineSource::File { options, .. } = &mut self.source {
+            *options = engine;
+        }
+        self
+    }
+
+    /// The compute mode (exact by default); ignored for a loaded engine.
+    pub fn mode(mut self, mode: crate::model::layers::ComputeMode) -> Self {
+        if let EngineSource::File { options, .. } = &mut self.source {
+            options.mode = mode;
+        }
+        self
+    }
+
+    /// The node's identity (default: a fresh random key).
+    pub fn key(mut self, key: SecretKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// The UDP port to listen on (0: any free port).
+    pub fn port(mut self, port: u16) -> Self {
+        self.options.endpoint.bind.set_port(port);
+        self
+    }
+
+    /// The IP address to bind (127.0.0.1 by default; 0.0.0.0 for a LAN).
+    pub fn bind_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.options.endpoint.bind.set_ip(ip);
+        self
+    }
+
+    /// Nodes to join the swarm through (any node of the swarm will do).
+    pub fn peers(mut self, peers: Vec<EndpointAddr>) -> Self {
+        self.options.bootstrap = peers;
+        self
+    }
+
+    /// Use n0's public relays (NAT traversal).
+    pub fn relays(mut self, on: bool) -> Self {
+        self.options.endpoint.relays = on;
+        self
+    }
+
+    /// Ask the router for a port mapping (UPnP / NAT-PMP / PCP).
+    pub fn portmapper(mut self, on: bool) -> Self {
+        self.options.endpoint.portmapper = on;
+        self
+    }
+
+    /// Find nodes on the local network with mDNS.
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.options.endpoint.mdns = on;
+        self
+    }
+
+    /// Every other setting at once (announce period and TTL, capacity, endpoint).
+    pub fn options(mut self, options: NodeOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Loads the slice (on a blocking thread, off the async runtime's workers), binds the
+    /// endpoint, joins the swarm and starts serving.
+    pub async fn spawn(self) -> crate::Result<Node> {
+        let engine = match self.source {
+            EngineSource::Loaded(engine) => engine,
+            EngineSource::File {
+                path,
+                layers,
+                options,
+            } => {
+                let engine = tokio::task::spawn_blocking(move || {
+                    let file = Arc::new(crate::model::weights::WeightFile::open(&path)?);
+                    let layers = layers.unwrap_or(0..file.config().num_layers);
+                    ShardEngine::from_file(file, layers, options, &mut |_, _| {})
+                })
+                .await
+                .map_err(|e| crate::Error::Internal(format!("engine load task failed: {e}")))??;
+                Arc::new(engine)
+            }
+        };
+        let key = self.key.unwrap_or_else(SecretKey::generate);
+        Ok(Node::spawn_with(engine, key, self.options).await?)
+    }
+}
+
 impl Node {
+    /// A builder for a node serving (a slice of) the model file at `model`.
+    pub fn builder(model: impl Into<std::path::PathBuf>) -> NodeBuilder {
+        NodeBuilder {
+            source: EngineSource::File {
+                path: model.into(),
+                layers: None,
+                options: crate::engine::EngineOptions::default(),
+            },
+            key: None,
+            options: NodeOptions::default(),
+        }
+    }
+
+    /// A builder for a node serving an engine loaded already.
+    pub fn builder_for(engine: Arc<ShardEngine>) -> NodeBuilder {
+        NodeBuilder {
+            source: EngineSource::Loaded(engine),
+            key: None,
+            options: NodeOptions::default(),
+        }
+    }
+
     /// Binds an endpoint with `key` and serves `engine` (no bootstrap peers) until
     /// [`Node::shutdown`].
     pub async fn spawn(
@@ -357,6 +501,16 @@ impl Node {
     /// Where to dial the node.
     pub fn addr(&self) -> EndpointAddr {
         crate::net::endpoint::dial_addr(&self.inner.endpoint)
+    }
+
+    /// The node's address line, `<id>@<ip:port>`: what other nodes and clients pass as peers.
+    pub fn address(&self) -> String {
+        crate::net::endpoint::format_peer_addr(&self.addr())
+    }
+
+    /// The swarm as this node sees it, one row per node (itself included).
+    pub fn peer_infos(&self) -> Vec<crate::net::peers::PeerInfo> {
+        lock(&self.inner.peers).infos(now_ms())
     }
 
     /// The node's secret key (signs its announcements).

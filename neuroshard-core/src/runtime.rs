@@ -10,33 +10,60 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 static THREADS: OnceLock<usize> = OnceLock::new();
-/// Whether the block kernels spread work over the whole pool (see [`spread_work`]).
+/// Whether the block kernels spread work over the whole thread pool (see [`spread_work`]).
 static SPREAD: AtomicBool = AtomicBool::new(true);
 /// Set once [`spread_work`] has turned false (the CLI reports it).
 static NARROWED: AtomicBool = AtomicBool::new(false);
-/// The available core count when busy cores made [`init_threads`] choose fewer threads.
+/// The available core count when busy cores made [`init`] choose fewer threads.
 static LOWERED_FROM: OnceLock<usize> = OnceLock::new();
 
-/// Sets the compute thread count for this process (first call wins) and returns it.
+/// Process-wide compute settings, applied once by [`init`].
 ///
-/// `requested` overrides; otherwise an existing `RAYON_NUM_THREADS` is honoured; otherwise the
-/// number of cores that are idle now ([`idle_cores`], at most the available cores, at least
-/// one): a spin-waiting pool with a thread on a busy core runs at a fraction of one thread's
-/// speed, so asking for fewer threads than cores is the safe side. Call it before any other
-/// candle work (the CLI does so first thing); [`crate::ShardEngine::load`] calls it too.
-pub fn init_threads(requested: Option<usize>) -> usize {
-    *THREADS.get_or_init(|| {
+/// A library load path never changes these: the host program (the CLI, `neuroshard/__init__.py`
+/// before the native import, `ns_init` in C, or a Rust `main`) calls [`init`] once at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Compute threads. `None`: an existing `RAYON_NUM_THREADS`, else the cores idle now
+    /// (measured over 60 ms, see [`idle_cores`]).
+    pub threads: Option<usize>,
+    /// Start the busy-core watcher behind [`spread_work`] (a thread that reads `/proc` every
+    /// half second). Off by default; the CLI turns it on when it chose the thread count itself.
+    pub watch_busy_cores: bool,
+}
+
+/// What [`init`] settled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeInfo {
+    /// Compute threads of the process.
+    pub threads: usize,
+    /// `Some(cores)` when busy cores made the default lower than the available core count.
+    pub lowered_from: Option<usize>,
+    /// Whether this call was the first (later calls return the first call's settings).
+    pub first: bool,
+}
+
+/// Fixes the compute thread count for this process (the first call wins) and returns it.
+///
+/// candle sizes its pools from `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS` and re-reads
+/// `/proc/cpuinfo` on every f32 matmul while they are unset, so this sets both when they do not
+/// already hold the chosen count. Setting the environment is only sound while no other thread
+/// reads it: call this at start-up, before starting threads. Engines, nodes and swarms never
+/// call it; without it they still work, with candle's defaults.
+pub fn init(config: &RuntimeConfig) -> RuntimeInfo {
+    let mut first = false;
+    let threads = *THREADS.get_or_init(|| {
+        first = true;
         let from_env = std::env::var("RAYON_NUM_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&n| n > 0);
-        let n = requested
+        let chosen_here = config.threads.filter(|&n| n > 0).or(from_env).is_none();
+        let n = config
+            .threads
             .filter(|&n| n > 0)
             .or(from_env)
             .unwrap_or_else(|| {
-                let available = std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1);
+                let available = available_cores();
                 let n = match idle_cores(Duration::from_millis(60)) {
                     Some(idle) => threads_for_idle(available, idle),
                     None => available,
@@ -44,17 +71,32 @@ pub fn init_threads(requested: Option<usize>) -> usize {
                 if n < available {
                     let _ = LOWERED_FROM.set(available);
                 }
-                if n > 1 {
-                    start_core_watch(available);
-                }
                 n
             });
-        // Setting the environment is only sound while no other thread reads it; this runs once,
-        // at start-up, before candle or tokio spawn threads in the programs we ship.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        // The watcher only makes sense where a default count could turn out wrong later.
+        if config.watch_busy_cores && chosen_here && n > 1 {
+            start_core_watch(available_cores());
+        }
+        let value = n.to_string();
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var(var).ok().as_deref() != Some(value.as_str()) {
+                std::env::set_var(var, &value);
+            }
+        }
         n
-    })
+    });
+    RuntimeInfo {
+        threads,
+        lowered_from: LOWERED_FROM.get().copied(),
+        first,
+    }
+}
+
+/// Cores this process may run on.
+fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// How many cores were idle over `window`, from two readings of `/proc/stat` (Linux); `None`
@@ -101,7 +143,7 @@ pub fn threads_for_idle(available: usize, idle: f64) -> usize {
 
 /// Whether the block kernels and attention should spread their work over the whole thread
 /// pool now. It turns false while other programs keep a core busy (checked every half second
-/// when [`init_threads`] chose the thread count itself): a pool thread on a busy core makes
+/// when [`init`] chose the thread count itself and the watcher was asked for): a pool thread on a busy core makes
 /// every parallel step wait for it, and one thread on the free core is faster. The results are
 /// bit-identical either way (the same rows, the same arithmetic, in one thread or several).
 pub fn spread_work() -> bool {
@@ -113,8 +155,8 @@ pub fn work_was_narrowed() -> bool {
     NARROWED.load(Ordering::Relaxed)
 }
 
-/// Starts the background check behind [`spread_work`] (once; a no-op where `/proc` is missing
-/// or `NEUROSHARD_CORE_WATCH=off`).
+/// Starts the background check behind [`spread_work`] (once, from [`init`]; a no-op where
+/// `/proc` is missing or `NEUROSHARD_CORE_WATCH=off`).
 fn start_core_watch(cores: usize) {
     if std::env::var("NEUROSHARD_CORE_WATCH").is_ok_and(|v| v == "off") {
         return;
@@ -195,13 +237,7 @@ fn next_spread(spread: bool, others_busy: f64) -> bool {
     }
 }
 
-/// When [`init_threads`] chose fewer threads than cores because some were busy: the number
-/// of available cores (the CLI says so, since the user may want `--threads`).
-pub fn lowered_from() -> Option<usize> {
-    LOWERED_FROM.get().copied()
-}
-
-/// The thread count chosen by [`init_threads`], if it ran.
+/// The thread count chosen by [`init`], if it ran.
 pub fn threads() -> Option<usize> {
     THREADS.get().copied()
 }

@@ -51,38 +51,45 @@ impl LocalSwarm {
         options: EngineOptions,
         progress: &mut (dyn FnMut(String) + Send),
     ) -> Result<LocalSwarm> {
-        crate::runtime::init_threads(options.threads);
-        let file = Arc::new(WeightFile::open(path)?);
-        let layers = file.config().num_layers;
-        let tokenizer = Tokenizer::for_model(&file)?;
-        let mut started = Vec::new();
-        for slice in even_slices(layers, nodes) {
-            for _ in 0..replicas.max(1) {
-                let engine = ShardEngine::from_file(
-                    file.clone(),
-                    slice.clone(),
-                    options.clone(),
-                    &mut |_, _| {},
-                )?;
-                let node = Node::spawn(
-                    Arc::new(engine),
-                    iroh::SecretKey::generate(),
-                    EndpointOptions::default(),
-                )
-                .await?;
-                progress(format!(
-                    "node {} serving layers {}..{} at {}",
-                    node.id().fmt_short(),
-                    slice.start,
-                    slice.end,
-                    node.addr()
-                        .ip_addrs()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                ));
-                started.push(node);
+        // Loading reads and unpacks every slice: a blocking thread's work, not a runtime
+        // worker's.
+        let path = path.to_path_buf();
+        let (engines, layers, tokenizer) = tokio::task::spawn_blocking(move || {
+            let file = Arc::new(WeightFile::open(&path)?);
+            let layers = file.config().num_layers;
+            let tokenizer = Tokenizer::for_model(&file)?;
+            let mut engines = Vec::new();
+            for slice in even_slices(layers, nodes) {
+                for _ in 0..replicas.max(1) {
+                    engines.push(Arc::new(ShardEngine::from_file(
+                        file.clone(),
+                        slice.clone(),
+                        options.clone(),
+                        &mut |_, _| {},
+                    )?));
+                }
             }
+            Ok::<_, Error>((engines, layers, tokenizer))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("engine load task failed: {e}")))??;
+        let mut started = Vec::new();
+        for engine in engines {
+            let slice = engine.layers();
+            let node = Node::spawn(engine, iroh::SecretKey::generate(), EndpointOptions::default())
+                .await?;
+            progress(format!(
+                "node {} serving layers {}..{} at {}",
+                node.id().fmt_short(),
+                slice.start,
+                slice.end,
+                node.addr()
+                    .ip_addrs()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+            started.push(node);
         }
         let model_id = started
             .first()
@@ -106,6 +113,16 @@ impl LocalSwarm {
             }
         }
         Ok(swarm)
+    }
+
+    /// The address line of the swarm's first node: what a client passes as its peer.
+    pub fn address(&self) -> String {
+        self.nodes.first().map(Node::address).unwrap_or_default()
+    }
+
+    /// The address lines of every node (a client can fail over through any of them).
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(Node::address).collect()
     }
 
     /// The model's tokenizer.

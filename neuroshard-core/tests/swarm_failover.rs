@@ -33,7 +33,7 @@ async fn killing_any_hop_mid_generation_keeps_the_text() {
             .find(|n| n.id() != victim.id() && n.engine().layers() == layers)
             .cloned()
             .expect("replica");
-        let replica_before = replica.counters().steps.load(Ordering::Relaxed);
+        let replica_before = replica.stats().steps;
         let predecessor = (victim_hop > 0).then(|| {
             swarm
                 .nodes
@@ -55,7 +55,7 @@ async fn killing_any_hop_mid_generation_keeps_the_text() {
             pieces += 1;
             if pieces == 8 {
                 // Runs on the generation thread, between two steps.
-                *seen.lock().expect("lock") = Some(killer.counters().steps.load(Ordering::Relaxed));
+                *seen.lock().expect("lock") = Some(killer.stats().steps);
                 handle.block_on(killer.shutdown());
             }
         });
@@ -96,11 +96,11 @@ async fn killing_any_hop_mid_generation_keeps_the_text() {
             "hop {victim_hop}: victim served {at_kill} steps before the fault"
         );
         assert_eq!(
-            victim.counters().steps.load(Ordering::Relaxed),
+            victim.stats().steps,
             at_kill,
             "victim served nothing after death"
         );
-        let replica_after = replica.counters().steps.load(Ordering::Relaxed);
+        let replica_after = replica.stats().steps;
         assert!(
             replica_after > replica_before,
             "hop {victim_hop}: replica never served"

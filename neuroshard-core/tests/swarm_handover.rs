@@ -8,8 +8,8 @@
 mod common;
 
 use common::*;
-use neuroshard_core::client::SessionStats;
-use neuroshard_core::node::LeaveReport;
+use neuroshard_core::SessionStats;
+use neuroshard_core::LeaveReport;
 use neuroshard_core::wire::Codec;
 use neuroshard_core::GenerationConfig;
 use std::sync::{Arc, Mutex};

@@ -6,10 +6,11 @@
 mod common;
 
 use common::*;
-use neuroshard_core::client::BlockingSession;
+use neuroshard_core::internals::BlockingSession;
 use neuroshard_core::net::endpoint::EndpointOptions;
-use neuroshard_core::net::proto::{write_message, Message, RouteHop, SessionOpen, INFER_ALPN};
-use neuroshard_core::node::{model_id, Node};
+use neuroshard_core::internals::{write_message, Message, SessionOpen, INFER_ALPN};
+use neuroshard_core::RouteHop;
+use neuroshard_core::{model_id, Node};
 use neuroshard_core::wire::{write_frame, Codec, FrameMeta};
 use neuroshard_core::{
     generate, EngineOptions, GenerationConfig, SamplingParams, ShardEngine, Tokenizer,
@@ -95,7 +96,7 @@ async fn three_nodes_generate_the_reference_text() {
     for node in &nodes {
         // Prefill + one step per generated token after the first.
         assert_eq!(
-            node.counters().steps.load(Ordering::Relaxed),
+            node.stats().steps,
             expected.len() as u64,
             "{node:?}"
         );
@@ -133,6 +134,7 @@ async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
         prompt: vec![1, 2],
         timestamp_ms: 0,
         handover: None,
+        return_logits: false,
     };
     let err = client
         .open_signed(open, &iroh::SecretKey::generate())
@@ -189,7 +191,7 @@ async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
     let _ = send.finish();
     // Wait (bounded) until B has processed and refused it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while nodes[1].counters().rejected.load(Ordering::Relaxed) == 0 {
+    while nodes[1].stats().rejected == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "B never refused the intruder's frame"
@@ -197,7 +199,7 @@ async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(
-        nodes[1].counters().steps.load(Ordering::Relaxed),
+        nodes[1].stats().steps,
         0,
         "B computed nothing for the intruder"
     );

@@ -6,12 +6,13 @@
 mod common;
 
 use common::*;
-use neuroshard_core::client::{BlockingSession, Client};
-use neuroshard_core::generate::LocalPipeline;
+use neuroshard_core::internals::BlockingSession;
+use neuroshard_core::Client;
+use neuroshard_core::LocalPipeline;
 use neuroshard_core::net::endpoint::{bind, EndpointOptions};
-use neuroshard_core::net::proto::{write_message, Message, INFER_ALPN};
+use neuroshard_core::internals::{write_message, Message, INFER_ALPN};
 use neuroshard_core::net::NetError;
-use neuroshard_core::swarm::LocalSwarm;
+use neuroshard_core::LocalSwarm;
 use neuroshard_core::wire::Codec;
 use neuroshard_core::{generate, ComputeMode, EngineOptions, GenerationConfig, SamplingParams};
 use std::sync::atomic::Ordering;
@@ -115,7 +116,7 @@ async fn eight_concurrent_clients_get_correct_text_and_leave_no_session() {
             "{node:?} kept a session"
         );
         assert_eq!(
-            node.counters().steps.load(Ordering::Relaxed),
+            node.stats().steps,
             8 * 32,
             "{node:?}"
         );
@@ -164,7 +165,7 @@ async fn hostile_peers_get_refused_and_the_node_keeps_serving() {
     let _ = send.finish();
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
-        neuroshard_core::net::proto::read_message(&mut recv),
+        neuroshard_core::internals::read_message(&mut recv),
     )
     .await
     .expect("reply in time")
@@ -176,7 +177,7 @@ async fn hostile_peers_get_refused_and_the_node_keeps_serving() {
         .find(|n| n.id() == target.node)
         .expect("node");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while node.counters().rejected.load(Ordering::Relaxed) < 3 {
+    while node.stats().rejected < 3 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "node did not refuse the hostile streams"
@@ -230,7 +231,7 @@ async fn hostile_peers_get_refused_and_the_node_keeps_serving() {
         let _ = send.finish();
         let reply = tokio::time::timeout(
             Duration::from_secs(10),
-            neuroshard_core::net::proto::read_message(&mut recv),
+            neuroshard_core::internals::read_message(&mut recv),
         )
         .await
         .expect("reply in time")

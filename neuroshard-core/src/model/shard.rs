@@ -54,6 +54,44 @@ pub enum ShardInput {
     Hidden(Tensor),
 }
 
+impl ShardInput {
+    /// Token ids `[batch, seq]` from a flat row-major slice (for bindings without tensors).
+    pub fn tokens_from_slice(ids: &[u32], batch: usize, seq: usize) -> Result<ShardInput> {
+        check_len(ids.len(), &[batch, seq], "token ids")?;
+        Ok(ShardInput::Tokens(Tensor::from_slice(
+            ids,
+            (batch, seq),
+            &candle_core::Device::Cpu,
+        )?))
+    }
+
+    /// Hidden states `[batch, seq, width]` from a flat row-major f32 slice.
+    pub fn hidden_from_slice(
+        values: &[f32],
+        batch: usize,
+        seq: usize,
+        width: usize,
+    ) -> Result<ShardInput> {
+        check_len(values.len(), &[batch, seq, width], "hidden states")?;
+        Ok(ShardInput::Hidden(Tensor::from_slice(
+            values,
+            (batch, seq, width),
+            &candle_core::Device::Cpu,
+        )?))
+    }
+}
+
+/// `len` must be the product of `dims`.
+fn check_len(len: usize, dims: &[usize], what: &str) -> Result<()> {
+    let want = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if want != Some(len) {
+        return Err(Error::BadInput(format!(
+            "{what}: {len} values do not fill the shape {dims:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// What a shard returns.
 #[derive(Debug, Clone)]
 pub enum ShardOutput {
@@ -69,6 +107,22 @@ impl ShardOutput {
         match self {
             ShardOutput::Hidden(t) | ShardOutput::Logits(t) => t,
         }
+    }
+
+    /// Whether the output is logits (the last shard) rather than hidden states.
+    pub fn is_logits(&self) -> bool {
+        matches!(self, ShardOutput::Logits(_))
+    }
+
+    /// The values as f32, row-major, with their shape (for bindings without tensors).
+    pub fn to_f32_vec(&self) -> Result<(Vec<f32>, Vec<usize>)> {
+        let t = self.tensor();
+        let dims = t.dims().to_vec();
+        let values = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok((values, dims))
     }
 
     /// Turns the output into the next shard's input (logits cannot be fed on).

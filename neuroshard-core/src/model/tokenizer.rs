@@ -112,6 +112,15 @@ impl Tokenizer {
         }
     }
 
+    /// Opens the tokenizer at `path`: a `tokenizer.json` ([`Tokenizer::from_file`]), or a
+    /// model (GGUF file or Hugging Face directory) whose tokenizer is read from it.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.extension().is_some_and(|e| e == "json") {
+            return Self::from_file(path);
+        }
+        Self::for_model(&WeightFile::open(path)?)
+    }
+
     /// Loads a Hugging Face `tokenizer.json`, with the chat template and BOS settings of the
     /// `tokenizer_config.json` beside it when present.
     pub fn from_file(path: &Path) -> Result<Self> {

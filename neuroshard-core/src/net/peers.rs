@@ -33,6 +33,23 @@ impl PeerEntry {
     }
 }
 
+/// One node of the swarm as a user sees it (what `neuroshard peers` prints).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerInfo {
+    /// The node id (hex of its public key).
+    pub id: String,
+    /// Layers it serves, `start..end`.
+    pub layers: std::ops::Range<usize>,
+    /// Sessions open on it.
+    pub load: u32,
+    /// Sessions it accepts.
+    pub capacity: u32,
+    /// Where to dial it, as `<id>@<ip:port>,...` (a valid `--peers` value).
+    pub address: String,
+    /// Milliseconds until its announcement expires.
+    pub expires_in_ms: u64,
+}
+
 /// The swarm as this node sees it: one entry per node of our model and protocol.
 #[derive(Debug, Clone)]
 pub struct PeerSet {
@@ -51,6 +68,33 @@ impl PeerSet {
             peers: HashMap::new(),
             newest: HashMap::new(),
         }
+    }
+
+    /// Every node as a [`PeerInfo`], ordered by layers then id.
+    pub fn infos(&self, now_ms: u64) -> Vec<PeerInfo> {
+        let mut rows: Vec<PeerInfo> = self
+            .peers
+            .iter()
+            .map(|(id, e)| {
+                let a = &e.announcement;
+                let addr = a
+                    .addrs
+                    .iter()
+                    .fold(iroh::EndpointAddr::new(*id), |addr, s| addr.with_ip_addr(*s));
+                PeerInfo {
+                    id: id.to_string(),
+                    layers: a.layers.start as usize..a.layers.end as usize,
+                    load: a.load,
+                    capacity: a.capacity,
+                    address: super::endpoint::format_peer_addr(&addr),
+                    expires_in_ms: a.expires_ms.saturating_sub(now_ms),
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (a.layers.start, a.layers.end, &a.id).cmp(&(b.layers.start, b.layers.end, &b.id))
+        });
+        rows
     }
 
     /// The model this swarm runs.

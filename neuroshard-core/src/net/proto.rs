@@ -92,6 +92,9 @@ pub struct SessionOpen {
     /// KV hand-over this open authorises: `(from, to)` lets node `to` import the session's
     /// cache from node `from` (a node that is leaving the swarm).
     pub handover: Option<(NodeId, NodeId)>,
+    /// The last hop returns the logits of each step (`Logits` + an f32 frame) instead of
+    /// sampling a token: the client decodes itself (beam search, constrained decoding).
+    pub return_logits: bool,
 }
 
 /// A [`SessionOpen`] signed by the client's key.
@@ -236,6 +239,14 @@ pub enum Message {
     GetStats,
     /// Reply: what the node did so far.
     Stats(NodeStats),
+    /// Last hop to client (uni stream), for sessions opened with `return_logits`: the logits
+    /// predicting `position`; an f32 wire frame `[1, 1, vocab]` follows.
+    Logits {
+        /// The session.
+        session: u64,
+        /// Position the logits predict (one past the step's last input).
+        position: u32,
+    },
     /// Last hop to client: the sampled token at `position`.
     Token {
         /// The session.

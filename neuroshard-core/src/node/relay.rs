@@ -336,6 +336,9 @@ impl Inner {
         position: usize,
         logits: &Tensor,
     ) -> Result<(), NetError> {
+        if hop.open.return_logits {
+            return self.send_logits(hop, position, logits).await;
+        }
         let row: Vec<f32> = logits
             .flatten_all()
             .and_then(|l| l.to_vec1())
@@ -355,6 +358,40 @@ impl Inner {
             token,
         };
         self.notify_client(hop, &msg).await
+    }
+
+    /// Sends the logits predicting `position` to the client (sessions that decode themselves).
+    async fn send_logits(
+        &self,
+        hop: &HopSession,
+        position: usize,
+        logits: &Tensor,
+    ) -> Result<(), NetError> {
+        let session = hop.open.session;
+        let vocab = logits.elem_count();
+        let row = logits
+            .reshape((1, 1, vocab))
+            .map_err(|e| NetError::Malformed(e.to_string()))?;
+        let meta = FrameMeta {
+            session,
+            position: position as u32,
+        };
+        let frame = encode_frame(&row, Codec::F32, meta, false)
+            .map_err(|e| NetError::Malformed(e.to_string()))?;
+        let msg = Message::Logits {
+            session,
+            position: position as u32,
+        };
+        let conn = self.connection(hop.open.client, &[]).await?;
+        let mut send = conn
+            .open_uni()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        write_message(&mut send, &msg).await?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))
     }
 
     /// Sends `msg` to the session's client on a uni stream.

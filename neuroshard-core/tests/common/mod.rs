@@ -158,8 +158,8 @@ pub fn smollm2_prompt_and_greedy() -> (Vec<u32>, Vec<u32>) {
 }
 
 /// A client with a fresh key on the default (offline, loopback) endpoint.
-pub async fn new_client() -> neuroshard_core::client::Client {
-    neuroshard_core::client::Client::new(
+pub async fn new_client() -> neuroshard_core::Client {
+    neuroshard_core::Client::new(
         iroh::SecretKey::generate(),
         neuroshard_core::net::endpoint::EndpointOptions::default(),
     )
@@ -168,8 +168,8 @@ pub async fn new_client() -> neuroshard_core::client::Client {
 }
 
 /// An in-process SmolLM2 swarm: `slices` even slices, `replicas` nodes each (exact mode).
-pub async fn smollm2_swarm(slices: usize, replicas: usize) -> neuroshard_core::swarm::LocalSwarm {
-    neuroshard_core::swarm::LocalSwarm::start(
+pub async fn smollm2_swarm(slices: usize, replicas: usize) -> neuroshard_core::LocalSwarm {
+    neuroshard_core::LocalSwarm::start(
         &smollm2(),
         slices,
         replicas,

@@ -1,0 +1,80 @@
+//! `neuroshard` command line: thin glue over `neuroshard-core`, one module per subcommand.
+//!
+//! Generated text goes to stdout, everything else (progress, timings) to stderr, so the output
+//! can be piped.
+
+mod bench;
+mod common;
+mod generate;
+mod node;
+mod peers;
+mod shard_info;
+mod swarm;
+
+use clap::{Parser, Subcommand};
+use neuroshard_core::runtime::{self, RuntimeConfig};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "neuroshard",
+    version,
+    about = "Run one language model split across many machines"
+)]
+struct Cli {
+    /// Compute threads (default: RAYON_NUM_THREADS, else the cores idle at start-up).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt; prints only the generated text to stdout.
+    Generate(generate::GenerateArgs),
+    /// Start a whole swarm on 127.0.0.1 in this process (each node its own iroh endpoint) and
+    /// generate through it: client -> node -> node -> ... -> client.
+    Swarm(swarm::SwarmArgs),
+    /// Serve a slice of layers to the swarm. Prints this node's address (`<id>@<ip:port>`) as
+    /// the first line on stdout; others pass it to --peers. Stops cleanly on Ctrl-C / SIGTERM.
+    Node(node::NodeArgs),
+    /// Print the swarm as a node sees it.
+    Peers(peers::PeersArgs),
+    /// Load one slice, run one forward, and report what it read and holds (JSON).
+    ShardInfo(shard_info::ShardInfoArgs),
+    /// Measure prefill and decode tokens/s in one process and write JSON.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The one process-wide thread setting, before any tensor work or thread start. The CLI
+    // owns its process, so it also turns on the busy-core watcher.
+    let info = runtime::init(&RuntimeConfig {
+        threads: cli.threads,
+        watch_busy_cores: true,
+    });
+    if let Some(available) = info.lowered_from {
+        eprintln!(
+            "note: only {} of {available} cores are idle: computing with {} thread(s) \
+             (--threads N overrides)",
+            info.threads, info.threads
+        );
+    }
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args, info.threads),
+        Command::Swarm(args) => swarm::run(args),
+        Command::Node(args) => node::run(args),
+        Command::Peers(args) => peers::run(args),
+        Command::ShardInfo(args) => shard_info::run(args),
+        Command::Bench(args) => bench::run(args, info.threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! `neuroshard node`: serve a slice of layers until Ctrl-C / SIGTERM, then leave gracefully.
+
+use crate::common::{data_dir, tokio_runtime};
+use neuroshard_core::net::endpoint::{load_or_create_key, EndpointOptions};
+use neuroshard_core::{
+    resolve_peers, ComputeMode, EngineOptions, Error, Node, NodeOptions, ShardEngine,
+};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Flags of `neuroshard node`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct NodeArgs {
+    /// Model path.
+    #[arg(long)]
+    model: PathBuf,
+    /// First layer of the slice.
+    #[arg(long)]
+    start: usize,
+    /// One past the last layer of the slice.
+    #[arg(long)]
+    end: usize,
+    /// UDP port to listen on (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// IP address to bind (127.0.0.1 keeps the node local; 0.0.0.0 for a LAN).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: std::net::IpAddr,
+    /// Nodes to join the swarm through (`<id>@<ip:port>` or plain `host:port`).
+    #[arg(long, num_args = 1..)]
+    peers: Vec<String>,
+    /// Key file holding the node identity (created if missing). Default: a file per
+    /// slice and port in the data directory.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Compute mode.
+    #[arg(long, default_value = "exact")]
+    mode: ComputeMode,
+    /// Accepted for compatibility with the seed's CLI: every node serves model info.
+    #[arg(long)]
+    entry: bool,
+    /// Use n0's public relays for NAT traversal (off: direct addresses only).
+    #[arg(long)]
+    relays: bool,
+    /// Ask the router for a port mapping (UPnP / NAT-PMP / PCP).
+    #[arg(long)]
+    portmapper: bool,
+    /// Find other nodes on the local network with mDNS (then --peers is optional).
+    #[arg(long)]
+    mdns: bool,
+    /// On Ctrl-C / SIGTERM: how long to wait for live sessions to move to replicas (KV
+    /// hand-over) before stopping.
+    #[arg(long, default_value_t = 10)]
+    grace_secs: u64,
+}
+
+pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
+    let key_path = args.key_file.clone().unwrap_or_else(|| {
+        data_dir().join(format!(
+            "node-{}-{}-{}.key",
+            args.start, args.end, args.port
+        ))
+    });
+    let key = load_or_create_key(&key_path)?;
+    let t0 = Instant::now();
+    let engine = ShardEngine::load_with_progress(
+        &args.model,
+        args.start..args.end,
+        EngineOptions {
+            mode: args.mode,
+            ..EngineOptions::default()
+        },
+        |done, total| {
+            eprint!("\rloading layers: {done}/{total}   ");
+            if done == total {
+                eprintln!();
+            }
+        },
+    )?;
+    eprintln!(
+        "loaded layers {}..{} of {} in {:.2}s ({:.1} MB read)",
+        args.start,
+        args.end,
+        args.model.display(),
+        t0.elapsed().as_secs_f64(),
+        engine.stats().bytes_loaded as f64 / 1e6
+    );
+    tokio_runtime()?.block_on(async move {
+        let bootstrap = if args.peers.is_empty() {
+            Vec::new()
+        } else {
+            resolve_peers(&args.peers).await?
+        };
+        let options = NodeOptions {
+            endpoint: EndpointOptions {
+                bind: std::net::SocketAddr::new(args.bind, args.port),
+                relays: args.relays,
+                portmapper: args.portmapper,
+                mdns: args.mdns,
+                ..EndpointOptions::default()
+            },
+            bootstrap,
+            ..NodeOptions::default()
+        };
+        let node = Node::builder_for(Arc::new(engine))
+            .key(key)
+            .options(options)
+            .spawn()
+            .await?;
+        // First stdout line: the address to pass to --peers.
+        println!("{}", node.address());
+        let _ = std::io::stdout().flush();
+        eprintln!(
+            "node {} serving layers {}..{} (key {}); Ctrl-C to stop",
+            node.id().fmt_short(),
+            args.start,
+            args.end,
+            key_path.display()
+        );
+        wait_for_shutdown_signal().await;
+        // Graceful: stop announcing, move live sessions (with their KV caches) to replicas.
+        let leave = node.begin_leave().await;
+        eprintln!(
+            "leaving: {} session(s) told to move ({} without a known replica); waiting up to {}s",
+            leave.notified, leave.without_replica, args.grace_secs
+        );
+        let report = leave.finish(Duration::from_secs(args.grace_secs)).await;
+        eprintln!(
+            "stopped: {} session(s) handed over, {} left to fail over",
+            report.handed_over, report.left_behind
+        );
+        Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

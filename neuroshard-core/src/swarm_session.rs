@@ -1,0 +1,563 @@
+//! [`SwarmSession`]: text generation over a swarm the client only knows by one or more
+//! addresses, with failover. This is what `neuroshard generate --peers`, the Python `Client`
+//! and the C `ns_client_*` functions run.
+//!
+//! Connecting asks the first entry node that answers for the model info (model id, layer count,
+//! context length, tokenizer and chat template), so the client needs no model file. Each
+//! generation fetches the swarm's signed announcements from an entry, plans a route, opens a
+//! session on it and runs [`crate::generate`] through it. A failed step is retried on a route
+//! re-planned around the failed node, asking every entry in turn for the current swarm.
+
+use crate::client::{BlockingSession, Client, RemoteSession, Replanner, SessionStats};
+use crate::error::{Error, Result};
+use crate::generate::{
+    generate_until, FinishReason, GenerationConfig, GenerationOutput, StopStrings,
+};
+use crate::model::sampling::SamplingParams;
+use crate::model::tokenizer::{ChatMessage, Tokenizer};
+use crate::net::endpoint::resolve_peer_addr;
+use crate::net::peers::{PeerInfo, PeerSet};
+use crate::net::proto::{ModelInfo, RouteHop};
+use crate::net::route::RouteOptions;
+use crate::net::{now_ms, NetError, NodeId};
+use crate::wire::Codec;
+use iroh::EndpointAddr;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a [`SwarmSession`] talks to the swarm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwarmOptions {
+    /// Codec of the hidden states between hops.
+    pub codec: Codec,
+    /// How long one step may take before the client probes the route and fails over.
+    pub step_timeout: Duration,
+    /// Most failovers for one step.
+    pub max_failovers: usize,
+}
+
+impl Default for SwarmOptions {
+    fn default() -> Self {
+        SwarmOptions {
+            codec: Codec::F16,
+            step_timeout: Duration::from_secs(30),
+            max_failovers: 3,
+        }
+    }
+}
+
+/// A text generation request: the prompt's form, sampling and stopping rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextRequest {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling (greedy by default).
+    pub sampling: SamplingParams,
+    /// Stop strings: generation ends where the text first contains one (it is not returned).
+    pub stop: Vec<String>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    pub chat: bool,
+    /// System message for `chat` (default: the template's own).
+    pub system: Option<String>,
+    /// Keep going through end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for TextRequest {
+    fn default() -> Self {
+        TextRequest {
+            max_tokens: 128,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            chat: false,
+            system: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl TextRequest {
+    /// The token-level part of the request.
+    pub fn generation_config(&self) -> GenerationConfig {
+        GenerationConfig {
+            max_tokens: self.max_tokens,
+            sampling: self.sampling,
+            stop_tokens: Vec::new(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+/// What a generation over the swarm produced and how it got there.
+#[derive(Debug, Clone)]
+pub struct SwarmGeneration {
+    /// Tokens, text, timings and why it stopped.
+    pub output: GenerationOutput,
+    /// Failovers, refills, replays and hand-overs.
+    pub recovery: SessionStats,
+    /// What went wrong during recoveries, in order (for logs).
+    pub events: Vec<String>,
+    /// The route the session ended on.
+    pub route: Vec<RouteHop>,
+}
+
+/// Called with each printable piece; `ControlFlow::Break` stops the generation.
+pub type OnText = Box<dyn FnMut(&str) -> ControlFlow<()> + Send>;
+
+struct Inner {
+    client: Client,
+    /// The entry that served the model info first, then the others.
+    entries: Vec<EndpointAddr>,
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+    options: SwarmOptions,
+}
+
+/// A client's handle on one swarm: generate and stream text, or step a session that returns
+/// logits. Cheap to clone; several generations may run at once.
+#[derive(Clone)]
+pub struct SwarmSession {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SwarmSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwarmSession")
+            .field("model_id", &self.inner.info.model_id)
+            .field("layers", &self.inner.info.layers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves peer addresses given as `<id>@<ip:port>` or plain `host:port` (see
+/// [`resolve_peer_addr`]), off the async runtime's workers.
+pub async fn resolve_peers(peers: &[String]) -> Result<Vec<EndpointAddr>> {
+    if peers.is_empty() {
+        return Err(Error::Net(NetError::Malformed(
+            "no peer address given (pass at least one node address)".into(),
+        )));
+    }
+    let peers = peers.to_vec();
+    tokio::task::spawn_blocking(move || {
+        peers
+            .iter()
+            .map(|p| resolve_peer_addr(p).map_err(Error::from))
+            .collect()
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("resolving peers: {e}")))?
+}
+
+impl SwarmSession {
+    /// Connects through the first of `entries` that serves the model info.
+    pub async fn connect(
+        client: Client,
+        entries: Vec<EndpointAddr>,
+        options: SwarmOptions,
+    ) -> Result<SwarmSession> {
+        let mut last_error = None;
+        for (i, entry) in entries.iter().enumerate() {
+            match client.fetch_model_info(entry).await {
+                Ok(info) => {
+                    let tokenizer = Tokenizer::import(&info.tokenizer)?;
+                    let mut ordered = vec![entry.clone()];
+                    ordered.extend(
+                        entries
+                            .iter()
+                            .enumerate()
+                            .filter(|(j, e)| *j != i && e.id != entry.id)
+                            .map(|(_, e)| e.clone()),
+                    );
+                    return Ok(SwarmSession {
+                        inner: Arc::new(Inner {
+                            client,
+                            entries: ordered,
+                            info,
+                            tokenizer,
+                            options,
+                        }),
+                    });
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(match last_error {
+            Some(e) => e.into(),
+            None => NetError::Malformed("no peer address given".into()).into(),
+        })
+    }
+
+    /// The client endpoint the session uses.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The model's tokenizer (from the entry node).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner.tokenizer
+    }
+
+    /// The model id every hop must serve.
+    pub fn model_id(&self) -> &str {
+        &self.inner.info.model_id
+    }
+
+    /// Transformer layers in the model.
+    pub fn layers(&self) -> usize {
+        self.inner.info.layers as usize
+    }
+
+    /// Longest session the entry accepts (prompt and generated tokens).
+    pub fn context_len(&self) -> usize {
+        self.inner.info.context_len as usize
+    }
+
+    /// The entry node that served the model info.
+    pub fn entry(&self) -> &EndpointAddr {
+        &self.inner.entries[0]
+    }
+
+    /// The options the session was connected with.
+    pub fn options(&self) -> &SwarmOptions {
+        &self.inner.options
+    }
+
+    /// The swarm's verified announcements, from the first entry that answers and is not in
+    /// `avoid`.
+    pub async fn peer_set(&self, avoid: &[NodeId]) -> Result<PeerSet, NetError> {
+        fetch_peer_set(&self.inner.client, &self.inner.entries, self.model_id(), avoid).await
+    }
+
+    /// The nodes of the swarm and what they serve, ordered by layers.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
+        Ok(self.peer_set(&[]).await?.infos(now_ms()))
+    }
+
+    /// `text` as prompt token ids: wrapped in the chat template first when `chat` is set.
+    pub fn encode_prompt(&self, text: &str, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
+        encode_prompt(&self.inner.tokenizer, text, chat, system)
+    }
+
+    /// Generates from `prompt` (token ids) through a freshly planned route with failover,
+    /// streaming printable pieces to `on_text`. Must be called on a tokio runtime; the
+    /// generation loop runs on a blocking thread.
+    pub async fn generate(
+        &self,
+        prompt: Vec<u32>,
+        config: GenerationConfig,
+        on_text: OnText,
+    ) -> Result<SwarmGeneration> {
+        self.prepare(prompt, config.sampling)
+            .await?
+            .run(config, on_text)
+            .await
+    }
+
+    /// Plans a route and opens a session for `prompt` without running it yet, so the caller
+    /// can see the route first ([`PreparedGeneration::route`]).
+    pub async fn prepare(
+        &self,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+    ) -> Result<PreparedGeneration> {
+        let (session, failed) = self.open(&prompt, sampling, false).await?;
+        Ok(PreparedGeneration {
+            backend: self.backend(session, failed),
+            tokenizer: self.inner.tokenizer.clone(),
+            prompt,
+        })
+    }
+
+    /// Generates text for `prompt` as `request` says (chat template, stop strings), streaming
+    /// the pieces that are final to `on_text`. The returned text stops before any stop string.
+    pub async fn generate_text(
+        &self,
+        prompt: &str,
+        request: &TextRequest,
+        on_text: OnText,
+    ) -> Result<SwarmGeneration> {
+        let ids = self.encode_prompt(prompt, request.chat, request.system.as_deref())?;
+        // Shared with the generation thread, so the held-back tail can be flushed after it.
+        let sink = Arc::new(std::sync::Mutex::new((
+            StopStrings::new(request.stop.iter().cloned()),
+            on_text,
+        )));
+        let filtered: OnText = {
+            let sink = sink.clone();
+            Box::new(move |piece| {
+                let mut guard = crate::net::lock(&sink);
+                let (stops, on_text) = &mut *guard;
+                let (text, stop) = stops.push(piece);
+                let flow = if text.is_empty() {
+                    ControlFlow::Continue(())
+                } else {
+                    on_text(&text)
+                };
+                if stop {
+                    ControlFlow::Break(())
+                } else {
+                    flow
+                }
+            })
+        };
+        let mut result = self
+            .generate(ids, request.generation_config(), filtered)
+            .await?;
+        let stop_at = request
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| result.output.text.find(s.as_str()))
+            .min();
+        match stop_at {
+            Some(at) => {
+                result.output.text.truncate(at);
+                result.output.finish = FinishReason::Stop;
+            }
+            None => {
+                let mut guard = crate::net::lock(&sink);
+                let (stops, on_text) = &mut *guard;
+                let tail = stops.finish();
+                if !tail.is_empty() {
+                    let _ = on_text(&tail);
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// Opens a session whose last hop returns logits, for callers that decode themselves
+    /// (beam search, constrained decoding): see [`LogitsSession::step`]. `max_length` bounds
+    /// the positions the session may use (default and upper bound: the context length).
+    pub async fn open_logits_session(&self, max_length: Option<usize>) -> Result<LogitsSession> {
+        let limit = max_length
+            .unwrap_or(self.context_len())
+            .min(self.context_len());
+        let (session, failed) = self.open(&[], SamplingParams::greedy(), true).await?;
+        Ok(LogitsSession {
+            backend: Some(self.backend(session, failed)),
+            context: Vec::new(),
+            max_length: limit,
+        })
+    }
+
+    /// Plans a route and opens a session on it (refusing hops are planned around).
+    async fn open(
+        &self,
+        prompt: &[u32],
+        sampling: SamplingParams,
+        return_logits: bool,
+    ) -> Result<(RemoteSession, Vec<NodeId>), NetError> {
+        let peers = self.peer_set(&[]).await?;
+        let (mut session, failed) = self
+            .inner
+            .client
+            .open_on_swarm_with(
+                &peers,
+                self.layers(),
+                self.model_id(),
+                self.inner.options.codec,
+                sampling,
+                prompt.to_vec(),
+                Vec::new(),
+                return_logits,
+            )
+            .await?;
+        session.step_timeout = self.inner.options.step_timeout;
+        Ok((session, failed))
+    }
+
+    /// A blocking driver for `session` that fails over by asking the entries for the swarm.
+    fn backend(&self, session: RemoteSession, failed: Vec<NodeId>) -> BlockingSession {
+        let handle = tokio::runtime::Handle::current();
+        let me = self.clone();
+        let replan_handle = handle.clone();
+        let replanner: Replanner = Box::new(move |failed: &[NodeId]| {
+            let peers = replan_handle.block_on(me.peer_set(failed))?;
+            let opts = RouteOptions {
+                exclude: failed.to_vec(),
+                ..RouteOptions::default()
+            };
+            Ok(peers.plan_route(me.layers(), now_ms(), &opts)?.to_hops())
+        });
+        let mut backend =
+            BlockingSession::new(session, handle, self.context_len()).with_failover(replanner);
+        backend.failed = failed;
+        backend.max_failovers = self.inner.options.max_failovers;
+        backend
+    }
+}
+
+/// A session opened on a planned route, ready to generate ([`SwarmSession::prepare`]).
+pub struct PreparedGeneration {
+    backend: BlockingSession,
+    tokenizer: Tokenizer,
+    prompt: Vec<u32>,
+}
+
+impl std::fmt::Debug for PreparedGeneration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedGeneration")
+            .field("route", &self.route())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedGeneration {
+    /// The route the session starts on.
+    pub fn route(&self) -> &[RouteHop] {
+        self.backend.session.route()
+    }
+
+    /// Runs the generation (on a blocking thread) and closes the session.
+    pub async fn run(self, config: GenerationConfig, on_text: OnText) -> Result<SwarmGeneration> {
+        let PreparedGeneration {
+            mut backend,
+            tokenizer,
+            prompt,
+        } = self;
+        let mut on_text = on_text;
+        let (out, mut backend) = tokio::task::spawn_blocking(move || {
+            let out =
+                generate_until(&mut backend, Some(&tokenizer), &prompt, &config, &mut *on_text);
+            (out, backend)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("generation task failed: {e}")))?;
+        backend.session.close().await;
+        Ok(SwarmGeneration {
+            output: out?,
+            recovery: backend.session.stats,
+            events: std::mem::take(&mut backend.session.events),
+            route: backend.session.route().to_vec(),
+        })
+    }
+}
+
+/// The verified swarm from the first of `entries` (not in `avoid`) that answers.
+async fn fetch_peer_set(
+    client: &Client,
+    entries: &[EndpointAddr],
+    model_id: &str,
+    avoid: &[NodeId],
+) -> Result<PeerSet, NetError> {
+    let mut last = NetError::Io("no entry node answered".into());
+    for entry in entries.iter().filter(|e| !avoid.contains(&e.id)) {
+        match client.fetch_peers(entry, model_id).await {
+            Ok(peers) => return Ok(peers),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// `text` as token ids, wrapped in the chat template as a user message when `chat` is set.
+pub fn encode_prompt(
+    tokenizer: &Tokenizer,
+    text: &str,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<Vec<u32>> {
+    if !chat {
+        return tokenizer.encode(text);
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(ChatMessage::new("system", system));
+    }
+    messages.push(ChatMessage::new("user", text));
+    tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?)
+}
+
+/// A swarm session whose last hop returns logits: the caller feeds tokens and picks the next
+/// one itself. Positions advance with every step; [`LogitsSession::rewind`] goes back (for
+/// beam search). Blocking: call it from a thread that is not a tokio worker.
+pub struct LogitsSession {
+    backend: Option<BlockingSession>,
+    /// Every token fed so far, by position.
+    context: Vec<u32>,
+    max_length: usize,
+}
+
+impl std::fmt::Debug for LogitsSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogitsSession")
+            .field("position", &self.context.len())
+            .field("max_length", &self.max_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogitsSession {
+    /// Feeds `tokens` at the current position and returns the logits predicting the next
+    /// position (one value per vocabulary entry).
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::BadInput("step needs at least one token".into()));
+        }
+        let start = self.context.len();
+        let end = start + tokens.len();
+        if end > self.max_length {
+            return Err(Error::SessionTooLong {
+                session: self.id(),
+                requested: end,
+                max: self.max_length,
+            });
+        }
+        let backend = self
+            .backend
+            .as_mut()
+            .ok_or_else(|| Error::Generation("the session is closed".into()))?;
+        let mut context = self.context.clone();
+        context.extend_from_slice(tokens);
+        let logits = backend.next_logits(tokens, start, &context)?;
+        self.context = context;
+        Ok(logits)
+    }
+
+    /// Positions fed so far.
+    pub fn position(&self) -> usize {
+        self.context.len()
+    }
+
+    /// Goes back to `position` (the next step overwrites the cache from there).
+    pub fn rewind(&mut self, position: usize) -> Result<()> {
+        if position > self.context.len() {
+            return Err(Error::BadInput(format!(
+                "cannot rewind to {position}: only {} positions fed",
+                self.context.len()
+            )));
+        }
+        self.context.truncate(position);
+        Ok(())
+    }
+
+    /// Most positions the session may use.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// The session id on every hop.
+    pub fn id(&self) -> u64 {
+        self.backend.as_ref().map_or(0, |b| b.session.id())
+    }
+
+    /// Closes the session on every hop (also done on drop, best effort).
+    pub fn close(&mut self) {
+        if let Some(mut backend) = self.backend.take() {
+            let handle = backend.handle.clone();
+            handle.block_on(backend.session.close());
+        }
+    }
+}
+
+impl Drop for LogitsSession {
+    fn drop(&mut self) {
+        if let Some(mut backend) = self.backend.take() {
+            // Dropped on a runtime worker, blocking would panic: close in the background.
+            let handle = backend.handle.clone();
+            handle.spawn(async move { backend.session.close().await });
+        }
+    }
+}

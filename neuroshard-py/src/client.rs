@@ -1,0 +1,317 @@
+//! `Client`, its text streams and logits sessions, and `PeerInfo`: over
+//! `neuroshard_core::blocking`. Waits release the GIL and wake every 100 ms to let Ctrl-C in.
+
+use crate::errors::to_py;
+use crate::nodes::poisoned;
+use neuroshard_core::blocking::{self, StreamEvent, TextStream};
+use neuroshard_core::{PeerInfo, SamplingParams, SwarmOptions, TextRequest};
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::prelude::*;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long a wait runs without the GIL before Python's signal handlers get a turn.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// One node of the swarm.
+#[pyclass(name = "PeerInfo", module = "neuroshard._native", frozen, get_all)]
+#[derive(Clone)]
+pub(crate) struct PeerInfoPy {
+    /// Node id (hex).
+    id: String,
+    /// First layer served.
+    start: usize,
+    /// One past the last layer served.
+    end: usize,
+    /// Sessions open.
+    load: u32,
+    /// Sessions accepted.
+    capacity: u32,
+    /// Address line (`<id>@<ip:port>`).
+    address: String,
+    /// Milliseconds until its announcement expires.
+    expires_in_ms: u64,
+}
+
+impl From<PeerInfo> for PeerInfoPy {
+    fn from(p: PeerInfo) -> Self {
+        PeerInfoPy {
+            id: p.id,
+            start: p.layers.start,
+            end: p.layers.end,
+            load: p.load,
+            capacity: p.capacity,
+            address: p.address,
+            expires_in_ms: p.expires_in_ms,
+        }
+    }
+}
+
+#[pymethods]
+impl PeerInfoPy {
+    fn __repr__(&self) -> String {
+        format!(
+            "PeerInfo(id={}.., layers={}..{}, load={}/{})",
+            &self.id[..self.id.len().min(10)],
+            self.start,
+            self.end,
+            self.load,
+            self.capacity
+        )
+    }
+}
+
+/// A client of one swarm, connected through any of its nodes.
+#[pyclass(name = "Client", module = "neuroshard._native", subclass, frozen)]
+pub(crate) struct ClientHandle {
+    client: blocking::Client,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn text_request(
+    max_tokens: usize,
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+    seed: u64,
+    stop: Option<Vec<String>>,
+    chat: bool,
+) -> TextRequest {
+    TextRequest {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty: 1.0,
+            seed,
+        },
+        stop: stop.unwrap_or_default(),
+        chat,
+        ..TextRequest::default()
+    }
+}
+
+#[pymethods]
+impl ClientHandle {
+    #[new]
+    #[pyo3(signature = (peers, step_timeout_ms=30_000))]
+    fn new(py: Python<'_>, peers: Vec<String>, step_timeout_ms: u64) -> PyResult<Self> {
+        let options = SwarmOptions {
+            step_timeout: Duration::from_millis(step_timeout_ms),
+            ..SwarmOptions::default()
+        };
+        let client = py
+            .detach(|| blocking::Client::connect(&peers, options))
+            .map_err(to_py)?;
+        Ok(ClientHandle { client })
+    }
+
+    /// Generates a continuation of `prompt` and returns its text.
+    #[pyo3(signature = (prompt, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=None, chat=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: &str,
+        max_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        seed: u64,
+        stop: Option<Vec<String>>,
+        chat: bool,
+    ) -> PyResult<String> {
+        let request = text_request(max_tokens, temperature, top_p, top_k, seed, stop, chat);
+        let mut stream = self.client.stream(prompt, &request).map_err(to_py)?;
+        loop {
+            match wait(py, &mut stream)? {
+                Some(StreamEvent::Piece(_)) => continue,
+                Some(StreamEvent::Done(result)) => {
+                    return result.map(|out| out.output.text).map_err(to_py)
+                }
+                None => continue,
+            }
+        }
+    }
+
+    /// Starts a generation and returns an iterator over its text pieces.
+    #[pyo3(signature = (prompt, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=None, chat=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        prompt: &str,
+        max_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        seed: u64,
+        stop: Option<Vec<String>>,
+        chat: bool,
+    ) -> PyResult<TextStreamHandle> {
+        let request = text_request(max_tokens, temperature, top_p, top_k, seed, stop, chat);
+        let stream = self.client.stream(prompt, &request).map_err(to_py)?;
+        Ok(TextStreamHandle {
+            stream: Mutex::new(stream),
+        })
+    }
+
+    /// Opens an inference session whose `step(token_ids)` returns the next-token logits.
+    #[pyo3(signature = (max_length=None))]
+    fn session(&self, py: Python<'_>, max_length: Option<usize>) -> PyResult<LogitsSessionHandle> {
+        let session = py
+            .detach(|| self.client.session(max_length))
+            .map_err(to_py)?;
+        Ok(LogitsSessionHandle {
+            session: Mutex::new(session),
+        })
+    }
+
+    /// The nodes of the swarm and what they serve.
+    fn peers(&self, py: Python<'_>) -> PyResult<Vec<PeerInfoPy>> {
+        let peers = py.detach(|| self.client.peers()).map_err(to_py)?;
+        Ok(peers.into_iter().map(PeerInfoPy::from).collect())
+    }
+
+    /// The model's tokenizer.
+    #[getter]
+    fn tokenizer(&self) -> crate::tokenizer::TokenizerHandle {
+        crate::tokenizer::TokenizerHandle::new(self.client.tokenizer().clone())
+    }
+
+    /// Closes the client's endpoint.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.client.close()).map_err(to_py)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+}
+
+/// Waits up to [`SIGNAL_CHECK`] for the stream's next event without the GIL, then runs
+/// Python's signal handlers: Ctrl-C raises `KeyboardInterrupt` and stops the generation.
+fn wait(py: Python<'_>, stream: &mut TextStream) -> PyResult<Option<StreamEvent>> {
+    let event = py.detach(|| stream.next_timeout(SIGNAL_CHECK));
+    if let Err(e) = py.check_signals() {
+        stream.cancel();
+        return Err(e);
+    }
+    Ok(event)
+}
+
+/// The pieces of a generation in flight; iterate over it. Dropping it stops the generation.
+#[pyclass(name = "TextStream", module = "neuroshard._native", frozen)]
+pub(crate) struct TextStreamHandle {
+    stream: Mutex<TextStream>,
+}
+
+#[pymethods]
+impl TextStreamHandle {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let mut stream = self.stream.lock().map_err(|_| poisoned())?;
+        loop {
+            if stream.ended() {
+                return Ok(None);
+            }
+            match wait(py, &mut stream)? {
+                Some(StreamEvent::Piece(piece)) => return Ok(Some(piece)),
+                Some(StreamEvent::Done(result)) => {
+                    return match *result {
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(to_py(e)),
+                    }
+                }
+                None => continue,
+            }
+        }
+    }
+
+    /// Stops the generation after the current token.
+    fn close(&self) -> PyResult<()> {
+        self.stream.lock().map_err(|_| poisoned())?.cancel();
+        Ok(())
+    }
+}
+
+/// An inference session over the swarm that returns logits (write your own decoding).
+#[pyclass(name = "InferenceSession", module = "neuroshard._native", frozen)]
+pub(crate) struct LogitsSessionHandle {
+    session: Mutex<blocking::BlockingLogitsSession>,
+}
+
+#[pymethods]
+impl LogitsSessionHandle {
+    /// Feeds `token_ids` at the current position; returns the float32 logits predicting the
+    /// next position.
+    fn step<'py>(&self, py: Python<'py>, token_ids: Vec<u32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let logits = py
+            .detach(|| {
+                let mut session = self
+                    .session
+                    .lock()
+                    .map_err(|_| neuroshard_core::Error::Internal("poisoned lock".into()))?;
+                session.step(&token_ids)
+            })
+            .map_err(to_py)?;
+        Ok(logits.into_pyarray(py))
+    }
+
+    /// Positions fed so far.
+    #[getter]
+    fn position(&self) -> PyResult<usize> {
+        Ok(self.session.lock().map_err(|_| poisoned())?.position())
+    }
+
+    /// Most positions the session may use.
+    #[getter]
+    fn max_length(&self) -> PyResult<usize> {
+        Ok(self.session.lock().map_err(|_| poisoned())?.max_length())
+    }
+
+    /// Goes back to `position` (the next step overwrites from there).
+    fn rewind(&self, position: usize) -> PyResult<()> {
+        self.session
+            .lock()
+            .map_err(|_| poisoned())?
+            .rewind(position)
+            .map_err(to_py)
+    }
+
+    /// Closes the session on every hop.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            if let Ok(mut s) = self.session.lock() {
+                s.close();
+            }
+        });
+        Ok(())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PeerInfoPy>()?;
+    m.add_class::<ClientHandle>()?;
+    m.add_class::<TextStreamHandle>()?;
+    m.add_class::<LogitsSessionHandle>()
+}

@@ -1,0 +1,170 @@
+//! `ShardEngine`: one slice of layers, forward over numpy arrays.
+
+use crate::errors::to_py;
+use neuroshard_core::{ComputeMode, EngineOptions, ForwardRequest, ShardEngine, ShardInput};
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::sync::Arc;
+
+/// Parses a compute mode name (`exact`, `f32`, `fast`).
+pub(crate) fn parse_mode(mode: &str) -> PyResult<ComputeMode> {
+    mode.parse::<ComputeMode>()
+        .map_err(|e| PyValueError::new_err(format!("mode {mode:?}: {e}")))
+}
+
+/// One contiguous slice `[start, end)` of a model.
+#[pyclass(name = "ShardEngine", module = "neuroshard._native", subclass, frozen)]
+pub(crate) struct ShardEngineHandle {
+    engine: Arc<ShardEngine>,
+}
+
+#[pymethods]
+impl ShardEngineHandle {
+    #[new]
+    #[pyo3(signature = (path, start, end, mode="exact"))]
+    fn new(py: Python<'_>, path: std::path::PathBuf, start: usize, end: usize, mode: &str) -> PyResult<Self> {
+        let options = EngineOptions {
+            mode: parse_mode(mode)?,
+            ..EngineOptions::default()
+        };
+        let engine = py
+            .detach(|| ShardEngine::load(&path, start..end, options))
+            .map_err(to_py)?;
+        Ok(ShardEngineHandle {
+            engine: Arc::new(engine),
+        })
+    }
+
+    /// The model's hyper-parameters and this slice, as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.engine.config();
+        let d = PyDict::new(py);
+        d.set_item("architecture", format!("{:?}", c.architecture).to_lowercase())?;
+        d.set_item("layers", c.num_layers)?;
+        d.set_item("hidden_size", c.hidden_size)?;
+        d.set_item("intermediate_size", c.intermediate_size)?;
+        d.set_item("heads", c.num_heads)?;
+        d.set_item("kv_heads", c.num_kv_heads)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("vocab_size", c.vocab_size)?;
+        d.set_item("max_positions", c.max_positions)?;
+        let layers = self.engine.layers();
+        d.set_item("start", layers.start)?;
+        d.set_item("end", layers.end)?;
+        d.set_item("mode", format!("{:?}", self.engine.mode()).to_lowercase())?;
+        Ok(d)
+    }
+
+    /// Opens session `id` (an empty KV cache).
+    fn open_session(&self, id: u64) -> PyResult<()> {
+        self.engine.open_session(id).map_err(to_py)
+    }
+
+    /// Closes session `id`, freeing its cache.
+    fn close_session(&self, id: u64) -> PyResult<()> {
+        self.engine.close_session(id).map_err(to_py)
+    }
+
+    /// Runs the slice: `tokens` (integers `[batch, seq]`, first slice) or `hidden` (floats
+    /// `[batch, seq, hidden]`); returns hidden states or, on the last slice, logits for every
+    /// position, as a float32 array.
+    #[pyo3(signature = (tokens=None, hidden=None, session=None, position=0))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: Option<Bound<'py, PyAny>>,
+        hidden: Option<Bound<'py, PyAny>>,
+        session: Option<u64>,
+        position: usize,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let np = py.import("numpy")?;
+        let input = match (tokens, hidden) {
+            (Some(t), None) => {
+                let arr = np.call_method1("ascontiguousarray", (t, "int64"))?;
+                let arr = arr.cast_into::<PyArrayDyn<i64>>()?;
+                let ro = arr.readonly();
+                let shape = ro.shape().to_vec();
+                let [batch, seq] = shape[..] else {
+                    return Err(to_py(neuroshard_core::Error::BadInput(format!(
+                        "tokens must be [batch, seq], got shape {shape:?}"
+                    ))));
+                };
+                let ids = ro
+                    .as_slice()?
+                    .iter()
+                    .map(|&v| {
+                        u32::try_from(v).map_err(|_| {
+                            to_py(neuroshard_core::Error::BadInput(format!(
+                                "token id {v} is not a valid id"
+                            )))
+                        })
+                    })
+                    .collect::<PyResult<Vec<u32>>>()?;
+                ShardInput::tokens_from_slice(&ids, batch, seq).map_err(to_py)?
+            }
+            (None, Some(h)) => {
+                let arr = np.call_method1("ascontiguousarray", (h, "float32"))?;
+                let arr = arr.cast_into::<PyArrayDyn<f32>>()?;
+                let ro = arr.readonly();
+                let shape = ro.shape().to_vec();
+                let [batch, seq, width] = shape[..] else {
+                    return Err(to_py(neuroshard_core::Error::BadInput(format!(
+                        "hidden must be [batch, seq, hidden], got shape {shape:?}"
+                    ))));
+                };
+                ShardInput::hidden_from_slice(ro.as_slice()?, batch, seq, width).map_err(to_py)?
+            }
+            _ => {
+                return Err(to_py(neuroshard_core::Error::BadInput(
+                    "pass exactly one of tokens= or hidden=".into(),
+                )))
+            }
+        };
+        let mut req = ForwardRequest::new(input);
+        if let Some(id) = session {
+            req = req.session(id, position);
+        } else {
+            req.start_pos = position;
+        }
+        let engine = self.engine.clone();
+        let (values, dims) = py
+            .detach(move || engine.forward(req).and_then(|out| out.to_f32_vec()))
+            .map_err(to_py)?;
+        let array = ArrayD::from_shape_vec(IxDyn(&dims), values)
+            .map_err(|e| to_py(neuroshard_core::Error::Internal(e.to_string())))?;
+        Ok(array.into_pyarray(py))
+    }
+
+    /// Counters: tensors and bytes loaded, forward calls, positions, sessions, KV bytes.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.engine.stats();
+        let d = PyDict::new(py);
+        d.set_item("tensors_loaded", s.tensors_loaded)?;
+        d.set_item("bytes_loaded", s.bytes_loaded)?;
+        d.set_item("parameter_bytes", s.parameter_bytes)?;
+        d.set_item("forward_calls", s.forward_calls)?;
+        d.set_item("positions_processed", s.positions_processed)?;
+        d.set_item("layer_positions", s.layer_positions)?;
+        d.set_item("sessions_open", s.sessions_open)?;
+        d.set_item("kv_cache_bytes", s.kv_cache_bytes)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let l = self.engine.layers();
+        format!(
+            "ShardEngine(layers={}..{}, mode={:?})",
+            l.start,
+            l.end,
+            self.engine.mode()
+        )
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ShardEngineHandle>()
+}
