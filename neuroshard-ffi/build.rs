@@ -6,8 +6,9 @@ fn main() {
     let header = std::path::Path::new(&crate_dir).join("../include/neuroshard.h");
     println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=cbindgen.toml");
-    let config = cbindgen::Config::from_file(std::path::Path::new(&crate_dir).join("cbindgen.toml"))
-        .expect("cbindgen.toml is valid");
+    let config =
+        cbindgen::Config::from_file(std::path::Path::new(&crate_dir).join("cbindgen.toml"))
+            .expect("cbindgen.toml is valid");
     match cbindgen::generate_with_config(&crate_dir, config) {
         Ok(bindings) => {
             bindings.write_to_file(header);

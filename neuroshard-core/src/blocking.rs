@@ -53,7 +53,8 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
 fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
     if tokio::runtime::Handle::try_current().is_ok() {
         return Err(Error::Internal(
-            "neuroshard_core::blocking called from inside a tokio runtime: use the async API".into(),
+            "neuroshard_core::blocking called from inside a tokio runtime: use the async API"
+                .into(),
         ));
     }
     Ok(runtime()?.block_on(future))

@@ -3,6 +3,8 @@
 //! The client signs a session-open and sends it to every hop, then per step sends token ids to
 //! the first hop and waits (with a deadline) for the last hop's token or any hop's error.
 //! [`BlockingSession`] adapts a session to [`crate::generate`]'s synchronous loop.
+// Items the `internals` feature re-exports for this crate's own tests and benches stay `pub`.
+#![cfg_attr(not(feature = "internals"), allow(unreachable_pub, dead_code))]
 
 use crate::generate::TokenBackend;
 use crate::model::sampling::SamplingParams;
@@ -214,7 +216,14 @@ impl Client {
             };
             let route: Vec<RouteHop> = peers.plan_route(layers, now_ms(), &opts)?.to_hops();
             match self
-                .open_session_with(route, model_id, codec, sampling, prompt.clone(), return_logits)
+                .open_session_with(
+                    route,
+                    model_id,
+                    codec,
+                    sampling,
+                    prompt.clone(),
+                    return_logits,
+                )
                 .await
             {
                 Ok(session) => return Ok((session, exclude)),

@@ -319,24 +319,58 @@ impl ErrorKind {
     #[doc(hidden)]
     pub fn example(self) -> Error {
         match self {
-            ErrorKind::ModelFile => Error::ModelFile { path: "missing.gguf".into(), source: std::io::Error::from(std::io::ErrorKind::NotFound) },
-            ErrorKind::UnknownFormat => Error::UnknownFormat { path: "x.bin".into(), reason: "example".into() },
-            ErrorKind::CorruptModel => Error::CorruptModel { path: "x.gguf".into(), reason: "example".into() },
+            ErrorKind::ModelFile => Error::ModelFile {
+                path: "missing.gguf".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            },
+            ErrorKind::UnknownFormat => Error::UnknownFormat {
+                path: "x.bin".into(),
+                reason: "example".into(),
+            },
+            ErrorKind::CorruptModel => Error::CorruptModel {
+                path: "x.gguf".into(),
+                reason: "example".into(),
+            },
             ErrorKind::UnsupportedArchitecture => Error::UnsupportedArchitecture("example".into()),
-            ErrorKind::UnsupportedDtype => Error::UnsupportedDtype { tensor: "t".into(), dtype: "example".into() },
+            ErrorKind::UnsupportedDtype => Error::UnsupportedDtype {
+                tensor: "t".into(),
+                dtype: "example".into(),
+            },
             ErrorKind::InvalidConfig => Error::InvalidConfig("example".into()),
             ErrorKind::MissingTensor => Error::MissingTensor("example".into()),
-            ErrorKind::TensorShape => Error::TensorShape { name: "t".into(), expected: vec![1], actual: vec![2] },
-            ErrorKind::SliceOutOfRange => Error::SliceOutOfRange { start: 5, end: 1, layers: 4 },
+            ErrorKind::TensorShape => Error::TensorShape {
+                name: "t".into(),
+                expected: vec![1],
+                actual: vec![2],
+            },
+            ErrorKind::SliceOutOfRange => Error::SliceOutOfRange {
+                start: 5,
+                end: 1,
+                layers: 4,
+            },
             ErrorKind::BadInput => Error::BadInput("example".into()),
-            ErrorKind::HiddenSize => Error::HiddenSize { expected: 64, actual: 65 },
-            ErrorKind::HiddenDtype => Error::HiddenDtype { expected: "f32".into(), actual: "f16".into() },
+            ErrorKind::HiddenSize => Error::HiddenSize {
+                expected: 64,
+                actual: 65,
+            },
+            ErrorKind::HiddenDtype => Error::HiddenDtype {
+                expected: "f32".into(),
+                actual: "f16".into(),
+            },
             ErrorKind::TokenOutOfRange => Error::TokenOutOfRange { id: 9, vocab: 8 },
             ErrorKind::UnknownSession => Error::UnknownSession(7),
             ErrorKind::SessionsFull => Error::SessionsFull { max: 1 },
             ErrorKind::SessionExists => Error::SessionExists(7),
-            ErrorKind::SessionTooLong => Error::SessionTooLong { session: 7, requested: 9, max: 8 },
-            ErrorKind::PositionGap => Error::PositionGap { session: 7, start: 3, cached: 1 },
+            ErrorKind::SessionTooLong => Error::SessionTooLong {
+                session: 7,
+                requested: 9,
+                max: 8,
+            },
+            ErrorKind::PositionGap => Error::PositionGap {
+                session: 7,
+                start: 3,
+                cached: 1,
+            },
             ErrorKind::Training => Error::Training("example".into()),
             ErrorKind::Tokenizer => Error::Tokenizer("example".into()),
             ErrorKind::Generation => Error::Generation("example".into()),

@@ -375,7 +375,12 @@ impl StopStrings {
             return (piece.to_string(), false);
         }
         self.held.push_str(piece);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let out = self.held[..at].to_string();
             self.held.clear();
@@ -437,7 +442,11 @@ mod tests {
         assert_eq!(run(&["END"], &["xE", "N", "D!"]), ("x".into(), true));
         assert_eq!(run(&["END"], &["xE", "N", "o"]), ("xENo".into(), false));
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
-        assert_eq!(run(&["b", "a"], &["xyab"]), ("xy".into(), true), "earliest stop wins");
+        assert_eq!(
+            run(&["b", "a"], &["xyab"]),
+            ("xy".into(), true),
+            "earliest stop wins"
+        );
         assert_eq!(run(&["é!"], &["caf", "é", "?"]), ("café?".into(), false));
     }
 }

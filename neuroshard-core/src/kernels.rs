@@ -8,6 +8,8 @@
 //!
 //! The SIMD path (AVX2 + FMA) is chosen at run time; a scalar path serves every other CPU and is
 //! the reference the SIMD path is tested against. Output rows are split over rayon's pool.
+// Items the `internals` feature re-exports for this crate's own tests and benches stay `pub`.
+#![cfg_attr(not(feature = "internals"), allow(unreachable_pub, dead_code))]
 
 use crate::error::{Error, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -355,7 +357,7 @@ fn dot_rows(
 }
 
 /// The reference implementation: dequantise a block, multiply, accumulate in f32.
-pub fn scalar_dot(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+pub(crate) fn scalar_dot(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     let bb = format.block_bytes();
     let mut acc = 0f32;
     for (b, blk) in row.chunks_exact(bb).enumerate() {

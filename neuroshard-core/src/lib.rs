@@ -56,8 +56,8 @@ pub mod internals;
 
 pub use client::{Client, RemoteSession, SessionStats};
 pub use engine::{
-    causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest, OutputGrad, SessionId,
-    ShardEngine, WeightVersion,
+    causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest,
+    OutputGrad, SessionId, ShardEngine, WeightVersion,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{

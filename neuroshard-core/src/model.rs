@@ -1,12 +1,12 @@
 //! Model code: configs, weight loading, the two architectures, KV cache, tokenizer, sampling.
 
-pub mod config;
+pub(crate) mod config;
 pub(crate) mod decode;
 pub(crate) mod gpt2;
-pub mod kv_cache;
-pub mod layers;
+pub(crate) mod kv_cache;
+pub(crate) mod layers;
 pub(crate) mod llama;
-pub mod sampling;
-pub mod shard;
-pub mod tokenizer;
-pub mod weights;
+pub(crate) mod sampling;
+pub(crate) mod shard;
+pub(crate) mod tokenizer;
+pub(crate) mod weights;

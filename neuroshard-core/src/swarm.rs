@@ -76,8 +76,12 @@ impl LocalSwarm {
         let mut started = Vec::new();
         for engine in engines {
             let slice = engine.layers();
-            let node = Node::spawn(engine, iroh::SecretKey::generate(), EndpointOptions::default())
-                .await?;
+            let node = Node::spawn(
+                engine,
+                iroh::SecretKey::generate(),
+                EndpointOptions::default(),
+            )
+            .await?;
             progress(format!(
                 "node {} serving layers {}..{} at {}",
                 node.id().fmt_short(),

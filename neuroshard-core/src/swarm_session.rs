@@ -226,7 +226,13 @@ impl SwarmSession {
     /// The swarm's verified announcements, from the first entry that answers and is not in
     /// `avoid`.
     pub async fn peer_set(&self, avoid: &[NodeId]) -> Result<PeerSet, NetError> {
-        fetch_peer_set(&self.inner.client, &self.inner.entries, self.model_id(), avoid).await
+        fetch_peer_set(
+            &self.inner.client,
+            &self.inner.entries,
+            self.model_id(),
+            avoid,
+        )
+        .await
     }
 
     /// The nodes of the swarm and what they serve, ordered by layers.
@@ -419,8 +425,13 @@ impl PreparedGeneration {
         } = self;
         let mut on_text = on_text;
         let (out, mut backend) = tokio::task::spawn_blocking(move || {
-            let out =
-                generate_until(&mut backend, Some(&tokenizer), &prompt, &config, &mut *on_text);
+            let out = generate_until(
+                &mut backend,
+                Some(&tokenizer),
+                &prompt,
+                &config,
+                &mut *on_text,
+            );
             (out, backend)
         })
         .await

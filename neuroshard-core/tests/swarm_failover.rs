@@ -10,7 +10,6 @@ mod common;
 use common::*;
 use neuroshard_core::wire::Codec;
 use neuroshard_core::GenerationConfig;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

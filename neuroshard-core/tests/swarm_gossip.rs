@@ -9,13 +9,13 @@ use common::*;
 use neuroshard_core::internals::BlockingSession;
 use neuroshard_core::net::endpoint::resolve_peer_addr;
 use neuroshard_core::net::endpoint::EndpointOptions;
-use neuroshard_core::RouteHop;
 use neuroshard_core::net::{now_ms, NetError, RouteOptions};
-use neuroshard_core::{Node, NodeOptions};
 use neuroshard_core::wire::Codec;
+use neuroshard_core::RouteHop;
 use neuroshard_core::{
     generate, ComputeMode, EngineOptions, GenerationConfig, SamplingParams, ShardEngine, Tokenizer,
 };
+use neuroshard_core::{Node, NodeOptions};
 use std::sync::Arc;
 use std::time::Duration;
 

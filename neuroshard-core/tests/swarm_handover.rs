@@ -8,10 +8,10 @@
 mod common;
 
 use common::*;
-use neuroshard_core::SessionStats;
-use neuroshard_core::LeaveReport;
 use neuroshard_core::wire::Codec;
 use neuroshard_core::GenerationConfig;
+use neuroshard_core::LeaveReport;
+use neuroshard_core::SessionStats;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

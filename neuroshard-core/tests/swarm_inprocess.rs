@@ -7,15 +7,14 @@ mod common;
 
 use common::*;
 use neuroshard_core::internals::BlockingSession;
-use neuroshard_core::net::endpoint::EndpointOptions;
 use neuroshard_core::internals::{write_message, Message, SessionOpen, INFER_ALPN};
-use neuroshard_core::RouteHop;
-use neuroshard_core::{model_id, Node};
+use neuroshard_core::net::endpoint::EndpointOptions;
 use neuroshard_core::wire::{write_frame, Codec, FrameMeta};
+use neuroshard_core::RouteHop;
 use neuroshard_core::{
     generate, EngineOptions, GenerationConfig, SamplingParams, ShardEngine, Tokenizer,
 };
-use std::sync::atomic::Ordering;
+use neuroshard_core::{model_id, Node};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,11 +94,7 @@ async fn three_nodes_generate_the_reference_text() {
     assert_eq!(out.text, reference["greedy_text"].as_str().expect("text"));
     for node in &nodes {
         // Prefill + one step per generated token after the first.
-        assert_eq!(
-            node.stats().steps,
-            expected.len() as u64,
-            "{node:?}"
-        );
+        assert_eq!(node.stats().steps, expected.len() as u64, "{node:?}");
         assert_eq!(node.engine().stats().sessions_open, 1);
     }
     session.close().await;

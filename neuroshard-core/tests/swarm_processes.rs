@@ -12,9 +12,9 @@
 mod common;
 
 use common::*;
-use neuroshard_core::Client;
 use neuroshard_core::net::endpoint::{parse_peer_addr, EndpointOptions};
 use neuroshard_core::net::now_ms;
+use neuroshard_core::Client;
 use neuroshard_core::NodeStats;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};

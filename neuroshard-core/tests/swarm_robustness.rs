@@ -7,15 +7,14 @@ mod common;
 
 use common::*;
 use neuroshard_core::internals::BlockingSession;
+use neuroshard_core::internals::{write_message, Message, INFER_ALPN};
+use neuroshard_core::net::endpoint::{bind, EndpointOptions};
+use neuroshard_core::net::NetError;
+use neuroshard_core::wire::Codec;
 use neuroshard_core::Client;
 use neuroshard_core::LocalPipeline;
-use neuroshard_core::net::endpoint::{bind, EndpointOptions};
-use neuroshard_core::internals::{write_message, Message, INFER_ALPN};
-use neuroshard_core::net::NetError;
 use neuroshard_core::LocalSwarm;
-use neuroshard_core::wire::Codec;
 use neuroshard_core::{generate, ComputeMode, EngineOptions, GenerationConfig, SamplingParams};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 const PROMPTS: [&str; 8] = [
@@ -115,11 +114,7 @@ async fn eight_concurrent_clients_get_correct_text_and_leave_no_session() {
             0,
             "{node:?} kept a session"
         );
-        assert_eq!(
-            node.stats().steps,
-            8 * 32,
-            "{node:?}"
-        );
+        assert_eq!(node.stats().steps, 8 * 32, "{node:?}");
     }
     swarm.shutdown().await;
 }

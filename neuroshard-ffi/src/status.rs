@@ -115,7 +115,10 @@ pub(crate) fn guard(body: impl FnOnce() -> ns_status) -> ns_status {
 /// Reads a required C string argument.
 pub(crate) unsafe fn arg_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, ns_status> {
     if ptr.is_null() {
-        return Err(fail_with(ns_status::NullArgument, format!("{name} is null")));
+        return Err(fail_with(
+            ns_status::NullArgument,
+            format!("{name} is null"),
+        ));
     }
     // SAFETY: checked non-null; the caller passes a NUL-terminated string (header contract).
     unsafe { CStr::from_ptr(ptr) }
@@ -133,7 +136,10 @@ pub(crate) unsafe fn arg_strs(
         return Ok(Vec::new());
     }
     if ptr.is_null() {
-        return Err(fail_with(ns_status::NullArgument, format!("{name} is null")));
+        return Err(fail_with(
+            ns_status::NullArgument,
+            format!("{name} is null"),
+        ));
     }
     // SAFETY: checked non-null; the caller passes `n` pointers (header contract).
     let items = unsafe { std::slice::from_raw_parts(ptr, n) };
@@ -148,7 +154,10 @@ pub(crate) unsafe fn arg_strs(
 /// Checks that an out-parameter is not null.
 pub(crate) fn out_ptr<T>(ptr: *mut T, name: &str) -> Result<(), ns_status> {
     if ptr.is_null() {
-        Err(fail_with(ns_status::NullArgument, format!("{name} is null")))
+        Err(fail_with(
+            ns_status::NullArgument,
+            format!("{name} is null"),
+        ))
     } else {
         Ok(())
     }
@@ -171,12 +180,11 @@ pub extern "C" fn ns_last_error() -> *const c_char {
 /// The library version, a static string (do not free it).
 #[no_mangle]
 pub extern "C" fn ns_version() -> *const c_char {
-    static VERSION: &CStr = match CStr::from_bytes_with_nul(
-        concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
-    ) {
-        Ok(v) => v,
-        Err(_) => c"unknown",
-    };
+    static VERSION: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => c"unknown",
+        };
     VERSION.as_ptr()
 }
 

@@ -76,6 +76,7 @@ fn text_request(
     seed: u64,
     stop: Option<Vec<String>>,
     chat: bool,
+    ignore_eos: bool,
 ) -> TextRequest {
     TextRequest {
         max_tokens,
@@ -88,6 +89,7 @@ fn text_request(
         },
         stop: stop.unwrap_or_default(),
         chat,
+        ignore_eos,
         ..TextRequest::default()
     }
 }
@@ -108,7 +110,7 @@ impl ClientHandle {
     }
 
     /// Generates a continuation of `prompt` and returns its text.
-    #[pyo3(signature = (prompt, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=None, chat=false))]
+    #[pyo3(signature = (prompt, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=None, chat=false, ignore_eos=false))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -121,22 +123,63 @@ impl ClientHandle {
         seed: u64,
         stop: Option<Vec<String>>,
         chat: bool,
+        ignore_eos: bool,
     ) -> PyResult<String> {
-        let request = text_request(max_tokens, temperature, top_p, top_k, seed, stop, chat);
-        let mut stream = self.client.stream(prompt, &request).map_err(to_py)?;
-        loop {
-            match wait(py, &mut stream)? {
-                Some(StreamEvent::Piece(_)) => continue,
-                Some(StreamEvent::Done(result)) => {
-                    return result.map(|out| out.output.text).map_err(to_py)
-                }
-                None => continue,
-            }
-        }
+        let request = text_request(
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            chat,
+            ignore_eos,
+        );
+        Ok(self.run(py, prompt, &request)?.output.text)
+    }
+
+    /// Like `generate`, returning a dict: `text`, `tokens`, `finish_reason`, `prompt_tokens`,
+    /// `prefill_tokens_per_sec`, `decode_tokens_per_sec`, `failovers`.
+    #[pyo3(signature = (prompt, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=None, chat=false, ignore_eos=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate_details<'py>(
+        &self,
+        py: Python<'py>,
+        prompt: &str,
+        max_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        seed: u64,
+        stop: Option<Vec<String>>,
+        chat: bool,
+        ignore_eos: bool,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let request = text_request(
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            chat,
+            ignore_eos,
+        );
+        let out = self.run(py, prompt, &request)?;
+        let d = pyo3::types::PyDict::new(py);
+        let o = &out.output;
+        d.set_item("text", &o.text)?;
+        d.set_item("tokens", o.tokens.clone())?;
+        d.set_item("finish_reason", format!("{:?}", o.finish).to_lowercase())?;
+        d.set_item("prompt_tokens", o.prompt_tokens)?;
+        d.set_item("prefill_tokens_per_sec", o.prefill_tokens_per_sec())?;
+        d.set_item("decode_tokens_per_sec", o.decode_tokens_per_sec())?;
+        d.set_item("failovers", out.recovery.failovers)?;
+        Ok(d)
     }
 
     /// Starts a generation and returns an iterator over its text pieces.
-    #[pyo3(signature = (prompt, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=None, chat=false))]
+    #[pyo3(signature = (prompt, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=None, chat=false, ignore_eos=false))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
@@ -148,8 +191,18 @@ impl ClientHandle {
         seed: u64,
         stop: Option<Vec<String>>,
         chat: bool,
+        ignore_eos: bool,
     ) -> PyResult<TextStreamHandle> {
-        let request = text_request(max_tokens, temperature, top_p, top_k, seed, stop, chat);
+        let request = text_request(
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            chat,
+            ignore_eos,
+        );
         let stream = self.client.stream(prompt, &request).map_err(to_py)?;
         Ok(TextStreamHandle {
             stream: Mutex::new(stream),
@@ -192,6 +245,23 @@ impl ClientHandle {
     fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
         self.close(py)?;
         Ok(false)
+    }
+}
+
+impl ClientHandle {
+    /// Runs a generation to the end, waking for signals.
+    fn run(
+        &self,
+        py: Python<'_>,
+        prompt: &str,
+        request: &TextRequest,
+    ) -> PyResult<neuroshard_core::SwarmGeneration> {
+        let mut stream = self.client.stream(prompt, request).map_err(to_py)?;
+        loop {
+            if let Some(StreamEvent::Done(result)) = wait(py, &mut stream)? {
+                return result.map_err(to_py);
+            }
+        }
     }
 }
 
@@ -254,7 +324,11 @@ pub(crate) struct LogitsSessionHandle {
 impl LogitsSessionHandle {
     /// Feeds `token_ids` at the current position; returns the float32 logits predicting the
     /// next position.
-    fn step<'py>(&self, py: Python<'py>, token_ids: Vec<u32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<u32>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let logits = py
             .detach(|| {
                 let mut session = self

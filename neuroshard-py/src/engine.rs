@@ -25,7 +25,13 @@ pub(crate) struct ShardEngineHandle {
 impl ShardEngineHandle {
     #[new]
     #[pyo3(signature = (path, start, end, mode="exact"))]
-    fn new(py: Python<'_>, path: std::path::PathBuf, start: usize, end: usize, mode: &str) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        start: usize,
+        end: usize,
+        mode: &str,
+    ) -> PyResult<Self> {
         let options = EngineOptions {
             mode: parse_mode(mode)?,
             ..EngineOptions::default()
@@ -43,7 +49,10 @@ impl ShardEngineHandle {
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = self.engine.config();
         let d = PyDict::new(py);
-        d.set_item("architecture", format!("{:?}", c.architecture).to_lowercase())?;
+        d.set_item(
+            "architecture",
+            format!("{:?}", c.architecture).to_lowercase(),
+        )?;
         d.set_item("layers", c.num_layers)?;
         d.set_item("hidden_size", c.hidden_size)?;
         d.set_item("intermediate_size", c.intermediate_size)?;

@@ -12,32 +12,162 @@ create_exception!(
     PyException,
     "Base class of every error raised by neuroshard."
 );
-create_exception!(_native, ModelFileError, NeuroShardError, "neuroshard_core::Error::ModelFile.");
-create_exception!(_native, UnknownFormatError, NeuroShardError, "neuroshard_core::Error::UnknownFormat.");
-create_exception!(_native, CorruptModelError, NeuroShardError, "neuroshard_core::Error::CorruptModel.");
-create_exception!(_native, UnsupportedArchitectureError, NeuroShardError, "neuroshard_core::Error::UnsupportedArchitecture.");
-create_exception!(_native, UnsupportedDtypeError, NeuroShardError, "neuroshard_core::Error::UnsupportedDtype.");
-create_exception!(_native, InvalidConfigError, NeuroShardError, "neuroshard_core::Error::InvalidConfig.");
-create_exception!(_native, MissingTensorError, NeuroShardError, "neuroshard_core::Error::MissingTensor.");
-create_exception!(_native, TensorShapeError, NeuroShardError, "neuroshard_core::Error::TensorShape.");
-create_exception!(_native, SliceOutOfRangeError, NeuroShardError, "neuroshard_core::Error::SliceOutOfRange.");
-create_exception!(_native, BadInputError, NeuroShardError, "neuroshard_core::Error::BadInput.");
-create_exception!(_native, HiddenSizeError, NeuroShardError, "neuroshard_core::Error::HiddenSize.");
-create_exception!(_native, HiddenDtypeError, NeuroShardError, "neuroshard_core::Error::HiddenDtype.");
-create_exception!(_native, TokenOutOfRangeError, NeuroShardError, "neuroshard_core::Error::TokenOutOfRange.");
-create_exception!(_native, UnknownSessionError, NeuroShardError, "neuroshard_core::Error::UnknownSession.");
-create_exception!(_native, SessionsFullError, NeuroShardError, "neuroshard_core::Error::SessionsFull.");
-create_exception!(_native, SessionExistsError, NeuroShardError, "neuroshard_core::Error::SessionExists.");
-create_exception!(_native, SessionTooLongError, NeuroShardError, "neuroshard_core::Error::SessionTooLong.");
-create_exception!(_native, PositionGapError, NeuroShardError, "neuroshard_core::Error::PositionGap.");
-create_exception!(_native, TrainingError, NeuroShardError, "neuroshard_core::Error::Training.");
-create_exception!(_native, TokenizerError, NeuroShardError, "neuroshard_core::Error::Tokenizer.");
-create_exception!(_native, GenerationError, NeuroShardError, "neuroshard_core::Error::Generation.");
-create_exception!(_native, InternalError, NeuroShardError, "neuroshard_core::Error::Internal.");
-create_exception!(_native, TensorError, NeuroShardError, "neuroshard_core::Error::Candle.");
-create_exception!(_native, WireError, NeuroShardError, "neuroshard_core::Error::Wire.");
-create_exception!(_native, NetworkError, NeuroShardError, "neuroshard_core::Error::Net.");
-create_exception!(_native, IoError, NeuroShardError, "neuroshard_core::Error::Io.");
+create_exception!(
+    _native,
+    ModelFileError,
+    NeuroShardError,
+    "neuroshard_core::Error::ModelFile."
+);
+create_exception!(
+    _native,
+    UnknownFormatError,
+    NeuroShardError,
+    "neuroshard_core::Error::UnknownFormat."
+);
+create_exception!(
+    _native,
+    CorruptModelError,
+    NeuroShardError,
+    "neuroshard_core::Error::CorruptModel."
+);
+create_exception!(
+    _native,
+    UnsupportedArchitectureError,
+    NeuroShardError,
+    "neuroshard_core::Error::UnsupportedArchitecture."
+);
+create_exception!(
+    _native,
+    UnsupportedDtypeError,
+    NeuroShardError,
+    "neuroshard_core::Error::UnsupportedDtype."
+);
+create_exception!(
+    _native,
+    InvalidConfigError,
+    NeuroShardError,
+    "neuroshard_core::Error::InvalidConfig."
+);
+create_exception!(
+    _native,
+    MissingTensorError,
+    NeuroShardError,
+    "neuroshard_core::Error::MissingTensor."
+);
+create_exception!(
+    _native,
+    TensorShapeError,
+    NeuroShardError,
+    "neuroshard_core::Error::TensorShape."
+);
+create_exception!(
+    _native,
+    SliceOutOfRangeError,
+    NeuroShardError,
+    "neuroshard_core::Error::SliceOutOfRange."
+);
+create_exception!(
+    _native,
+    BadInputError,
+    NeuroShardError,
+    "neuroshard_core::Error::BadInput."
+);
+create_exception!(
+    _native,
+    HiddenSizeError,
+    NeuroShardError,
+    "neuroshard_core::Error::HiddenSize."
+);
+create_exception!(
+    _native,
+    HiddenDtypeError,
+    NeuroShardError,
+    "neuroshard_core::Error::HiddenDtype."
+);
+create_exception!(
+    _native,
+    TokenOutOfRangeError,
+    NeuroShardError,
+    "neuroshard_core::Error::TokenOutOfRange."
+);
+create_exception!(
+    _native,
+    UnknownSessionError,
+    NeuroShardError,
+    "neuroshard_core::Error::UnknownSession."
+);
+create_exception!(
+    _native,
+    SessionsFullError,
+    NeuroShardError,
+    "neuroshard_core::Error::SessionsFull."
+);
+create_exception!(
+    _native,
+    SessionExistsError,
+    NeuroShardError,
+    "neuroshard_core::Error::SessionExists."
+);
+create_exception!(
+    _native,
+    SessionTooLongError,
+    NeuroShardError,
+    "neuroshard_core::Error::SessionTooLong."
+);
+create_exception!(
+    _native,
+    PositionGapError,
+    NeuroShardError,
+    "neuroshard_core::Error::PositionGap."
+);
+create_exception!(
+    _native,
+    TrainingError,
+    NeuroShardError,
+    "neuroshard_core::Error::Training."
+);
+create_exception!(
+    _native,
+    TokenizerError,
+    NeuroShardError,
+    "neuroshard_core::Error::Tokenizer."
+);
+create_exception!(
+    _native,
+    GenerationError,
+    NeuroShardError,
+    "neuroshard_core::Error::Generation."
+);
+create_exception!(
+    _native,
+    InternalError,
+    NeuroShardError,
+    "neuroshard_core::Error::Internal."
+);
+create_exception!(
+    _native,
+    TensorError,
+    NeuroShardError,
+    "neuroshard_core::Error::Candle."
+);
+create_exception!(
+    _native,
+    WireError,
+    NeuroShardError,
+    "neuroshard_core::Error::Wire."
+);
+create_exception!(
+    _native,
+    NetworkError,
+    NeuroShardError,
+    "neuroshard_core::Error::Net."
+);
+create_exception!(
+    _native,
+    IoError,
+    NeuroShardError,
+    "neuroshard_core::Error::Io."
+);
 
 /// Converts a core error into its exception (the message is the core error's text).
 pub(crate) fn to_py(error: Error) -> PyErr {
@@ -132,16 +262,28 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ModelFileError", py.get_type::<ModelFileError>())?;
     m.add("UnknownFormatError", py.get_type::<UnknownFormatError>())?;
     m.add("CorruptModelError", py.get_type::<CorruptModelError>())?;
-    m.add("UnsupportedArchitectureError", py.get_type::<UnsupportedArchitectureError>())?;
-    m.add("UnsupportedDtypeError", py.get_type::<UnsupportedDtypeError>())?;
+    m.add(
+        "UnsupportedArchitectureError",
+        py.get_type::<UnsupportedArchitectureError>(),
+    )?;
+    m.add(
+        "UnsupportedDtypeError",
+        py.get_type::<UnsupportedDtypeError>(),
+    )?;
     m.add("InvalidConfigError", py.get_type::<InvalidConfigError>())?;
     m.add("MissingTensorError", py.get_type::<MissingTensorError>())?;
     m.add("TensorShapeError", py.get_type::<TensorShapeError>())?;
-    m.add("SliceOutOfRangeError", py.get_type::<SliceOutOfRangeError>())?;
+    m.add(
+        "SliceOutOfRangeError",
+        py.get_type::<SliceOutOfRangeError>(),
+    )?;
     m.add("BadInputError", py.get_type::<BadInputError>())?;
     m.add("HiddenSizeError", py.get_type::<HiddenSizeError>())?;
     m.add("HiddenDtypeError", py.get_type::<HiddenDtypeError>())?;
-    m.add("TokenOutOfRangeError", py.get_type::<TokenOutOfRangeError>())?;
+    m.add(
+        "TokenOutOfRangeError",
+        py.get_type::<TokenOutOfRangeError>(),
+    )?;
     m.add("UnknownSessionError", py.get_type::<UnknownSessionError>())?;
     m.add("SessionsFullError", py.get_type::<SessionsFullError>())?;
     m.add("SessionExistsError", py.get_type::<SessionExistsError>())?;

@@ -97,6 +97,7 @@ class Client(_native.Client):
         seed: int = 0,
         stop: Optional[Sequence[str]] = None,
         chat: bool = False,
+        ignore_eos: bool = False,
     ) -> str:
         """:meth:`generate` without blocking the event loop."""
         return await asyncio.to_thread(
@@ -109,6 +110,7 @@ class Client(_native.Client):
             seed,
             list(stop) if stop is not None else None,
             chat,
+            ignore_eos,
         )
 
     async def astream(
@@ -121,6 +123,7 @@ class Client(_native.Client):
         seed: int = 0,
         stop: Optional[Sequence[str]] = None,
         chat: bool = False,
+        ignore_eos: bool = False,
     ) -> AsyncIterator[str]:
         """:meth:`stream` as an async iterator (each piece is awaited off the event loop)."""
         pieces: Iterator[str] = self.stream(
@@ -132,6 +135,7 @@ class Client(_native.Client):
             seed,
             list(stop) if stop is not None else None,
             chat,
+            ignore_eos,
         )
         done = object()
         while True:

@@ -17,7 +17,7 @@ const MIN_CAPACITY: usize = 64;
 
 /// Cached keys and values of one layer, each logically `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone, Default)]
-pub struct LayerKv {
+pub(crate) struct LayerKv {
     k: Vec<f32>,
     v: Vec<f32>,
     batch: usize,
@@ -29,27 +29,22 @@ pub struct LayerKv {
 
 impl LayerKv {
     /// Number of cached positions.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Bytes held by this layer's cache (allocated capacity, keys and values).
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
     }
 
     /// The batch size of what is cached, if anything is.
-    pub fn batch(&self) -> Option<usize> {
+    pub(crate) fn batch(&self) -> Option<usize> {
         (self.len > 0).then_some(self.batch)
     }
 
     /// Keeps positions `0..len`, dropping the rest (the memory stays for reuse).
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
+    pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
         self.len = self.len.min(len);
         Ok(())
     }
@@ -181,7 +176,7 @@ impl LayerKv {
 
     /// The cached keys and values as `[batch, kv_heads, len, head_dim]` tensors (copies), or
     /// `None` when nothing is cached: for hand-over to another node.
-    pub fn to_tensors(&self) -> Result<Option<(Tensor, Tensor)>> {
+    pub(crate) fn to_tensors(&self) -> Result<Option<(Tensor, Tensor)>> {
         if self.len == 0 {
             return Ok(None);
         }
@@ -200,7 +195,7 @@ impl LayerKv {
 
     /// Replaces the cache with `[batch, kv_heads, len, head_dim]` tensors received from another
     /// node.
-    pub fn set(&mut self, k: Tensor, v: Tensor) -> Result<()> {
+    pub(crate) fn set(&mut self, k: Tensor, v: Tensor) -> Result<()> {
         *self = LayerKv::default();
         self.write(0, &k, &v)?;
         Ok(())

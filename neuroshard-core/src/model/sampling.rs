@@ -71,13 +71,13 @@ fn splitmix64(mut x: u64) -> u64 {
 }
 
 /// The uniform draw in `[0, 1)` for `position` under `seed`.
-pub fn uniform(seed: u64, position: usize) -> f64 {
+pub(crate) fn uniform(seed: u64, position: usize) -> f64 {
     let bits = splitmix64(seed ^ splitmix64(position as u64));
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Picks the token at `position` from `logits`, given the tokens already in the context.
-pub fn sample(
+pub(crate) fn sample(
     logits: &[f32],
     params: &SamplingParams,
     position: usize,

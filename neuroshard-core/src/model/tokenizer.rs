@@ -372,14 +372,14 @@ impl Tokenizer {
 /// Turns a growing list of token ids into text pieces as they become printable: a token that
 /// ends inside a multi-byte character is held back until the character is complete.
 #[derive(Debug, Default)]
-pub struct TextStream {
+pub(crate) struct TextStream {
     ids: Vec<u32>,
     emitted: usize,
 }
 
 impl TextStream {
     /// Adds a token; returns the newly printable text (possibly empty).
-    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
+    pub(crate) fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = tokenizer.decode(&self.ids)?;
         if text.ends_with('\u{FFFD}')

@@ -98,7 +98,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 /// Maps a Hugging Face Llama tensor name to its llama.cpp GGUF name.
-pub fn gguf_name(hf_name: &str) -> Option<String> {
+pub(crate) fn gguf_name(hf_name: &str) -> Option<String> {
     let fixed = match hf_name {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),

@@ -16,17 +16,17 @@ use super::NodeId;
 use std::collections::{HashMap, HashSet};
 
 /// Below this many gossip neighbours a node rejoins.
-pub const MIN_NEIGHBOURS: usize = 2;
+pub(crate) const MIN_NEIGHBOURS: usize = 2;
 /// Peers seen within this window are rejoin candidates even after their announcement expired.
-pub const RECENT_WINDOW_MS: u64 = 10 * 60 * 1000;
+pub(crate) const RECENT_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// At most this many peers are remembered.
 const MAX_REMEMBERED: usize = 256;
 /// At most this many peers are asked per rejoin.
-pub const MAX_REJOIN: usize = 6;
+pub(crate) const MAX_REJOIN: usize = 6;
 
 /// What a node knows about its place in the gossip mesh.
 #[derive(Debug, Clone)]
-pub struct Membership {
+pub(crate) struct Membership {
     me: NodeId,
     neighbours: HashSet<NodeId>,
     /// Last time an announcement of another node arrived.
@@ -39,7 +39,7 @@ pub struct Membership {
 impl Membership {
     /// A node `me` that joined through `bootstrap` at `now_ms` (the quiet limit counts from
     /// here, so a fresh node is not judged before it had a chance to hear anyone).
-    pub fn new(me: NodeId, bootstrap: Vec<NodeId>, now_ms: u64) -> Membership {
+    pub(crate) fn new(me: NodeId, bootstrap: Vec<NodeId>, now_ms: u64) -> Membership {
         Membership {
             me,
             neighbours: HashSet::new(),
@@ -50,24 +50,25 @@ impl Membership {
     }
 
     /// Gossip reported a new direct neighbour.
-    pub fn neighbour_up(&mut self, node: NodeId) {
+    pub(crate) fn neighbour_up(&mut self, node: NodeId) {
         if node != self.me {
             self.neighbours.insert(node);
         }
     }
 
     /// Gossip reported a neighbour gone.
-    pub fn neighbour_down(&mut self, node: NodeId) {
+    pub(crate) fn neighbour_down(&mut self, node: NodeId) {
         self.neighbours.remove(&node);
     }
 
     /// Current number of direct neighbours.
-    pub fn neighbours(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn neighbours(&self) -> usize {
         self.neighbours.len()
     }
 
     /// A valid announcement of `node` arrived at `now_ms`.
-    pub fn heard_from(&mut self, node: NodeId, now_ms: u64) {
+    pub(crate) fn heard_from(&mut self, node: NodeId, now_ms: u64) {
         if node == self.me {
             return;
         }
@@ -83,7 +84,7 @@ impl Membership {
     }
 
     /// Whether the node should rejoin: too few neighbours, or nothing heard for `quiet_ms`.
-    pub fn needs_rejoin(&self, now_ms: u64, quiet_ms: u64) -> bool {
+    pub(crate) fn needs_rejoin(&self, now_ms: u64, quiet_ms: u64) -> bool {
         self.neighbours.len() < MIN_NEIGHBOURS
             || now_ms.saturating_sub(self.last_heard_ms) > quiet_ms
     }
@@ -91,7 +92,7 @@ impl Membership {
     /// Peers to rejoin through when [`Self::needs_rejoin`]: the most recently seen first
     /// (within [`RECENT_WINDOW_MS`]), then bootstrap peers; no duplicates, never `me`, at
     /// most [`MAX_REJOIN`]. Empty when the node is healthy.
-    pub fn rejoin_candidates(&self, now_ms: u64, quiet_ms: u64) -> Vec<NodeId> {
+    pub(crate) fn rejoin_candidates(&self, now_ms: u64, quiet_ms: u64) -> Vec<NodeId> {
         if !self.needs_rejoin(now_ms, quiet_ms) {
             return Vec::new();
         }

@@ -80,7 +80,9 @@ impl PeerSet {
                 let addr = a
                     .addrs
                     .iter()
-                    .fold(iroh::EndpointAddr::new(*id), |addr, s| addr.with_ip_addr(*s));
+                    .fold(iroh::EndpointAddr::new(*id), |addr, s| {
+                        addr.with_ip_addr(*s)
+                    });
                 PeerInfo {
                     id: id.to_string(),
                     layers: a.layers.start as usize..a.layers.end as usize,

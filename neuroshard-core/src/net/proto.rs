@@ -5,6 +5,8 @@
 //! followed by a wire frame (hop to next hop), `Token` (last hop to client), `Error` (any hop
 //! to the client, naming itself). Streams are cheap in QUIC, and a message per stream keeps
 //! framing trivial and failures isolated.
+// Items the `internals` feature re-exports for this crate's own tests and benches stay `pub`.
+#![cfg_attr(not(feature = "internals"), allow(unreachable_pub, dead_code))]
 
 use super::{NetError, NodeId};
 use crate::model::sampling::SamplingParams;
@@ -16,9 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// ALPN of the inference protocol.
 pub const INFER_ALPN: &[u8] = b"neuroshard/infer/1";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
-pub const MAX_CONTROL: usize = 1 << 20;
+pub(crate) const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
-pub const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What an entry node tells clients about the model, so they need no model file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,7 +36,7 @@ pub struct ModelInfo {
 }
 
 /// Largest reply a client accepts for model info (a tokenizer with its merges is a few MB).
-pub const MAX_MODEL_INFO: usize = 64 << 20;
+pub(crate) const MAX_MODEL_INFO: usize = 64 << 20;
 
 /// A snapshot of a node's counters (operators and tests read them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,7 +261,7 @@ pub enum Message {
 }
 
 /// Dials `node` at `addrs` for the inference protocol, giving up after [`DIAL_TIMEOUT`].
-pub async fn dial(
+pub(crate) async fn dial(
     endpoint: &iroh::Endpoint,
     node: NodeId,
     addrs: &[SocketAddr],
@@ -277,7 +279,7 @@ pub async fn dial(
 }
 
 /// One request on a new bi stream of `conn`; the reply may be at most `limit` bytes.
-pub async fn request_on(
+pub(crate) async fn request_on(
     conn: &iroh::endpoint::Connection,
     msg: &Message,
     limit: usize,
@@ -313,7 +315,7 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Ne
 }
 
 /// Reads a length-prefixed message of at most `max` bytes (checked before allocating).
-pub async fn read_message_limited<R: AsyncRead + Unpin>(
+pub(crate) async fn read_message_limited<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Message, NetError> {

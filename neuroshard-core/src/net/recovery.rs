@@ -5,7 +5,7 @@ use super::proto::RouteHop;
 
 /// How to rebuild the KV caches of the hops that joined a session's route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefillPlan {
+pub(crate) enum RefillPlan {
     /// Every hop already holds the session's positions (or none were computed yet).
     Nothing,
     /// The first hop is new: the client feeds token ids `0..upto` to it as a fill that runs
@@ -33,7 +33,7 @@ pub enum RefillPlan {
 /// the first and the last new hop is filled (hops in between overwrite their cache with the
 /// same values, which costs time but keeps the chain simple), nothing before the first new hop
 /// is recomputed.
-pub fn plan_refill(old: &[RouteHop], new: &[RouteHop], done: usize) -> RefillPlan {
+pub(crate) fn plan_refill(old: &[RouteHop], new: &[RouteHop], done: usize) -> RefillPlan {
     let is_new = |h: &RouteHop| !old.iter().any(|o| o.node == h.node && o.layers == h.layers);
     let first = new.iter().position(is_new);
     let last = new.iter().rposition(is_new);

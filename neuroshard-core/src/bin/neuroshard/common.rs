@@ -130,7 +130,10 @@ pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), E
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, serde_json::to_string_pretty(value).unwrap_or_default())?;
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(value).unwrap_or_default(),
+    )?;
     Ok(())
 }
 
@@ -138,7 +141,14 @@ pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), E
 pub(crate) fn route_line(route: &[neuroshard_core::RouteHop]) -> String {
     route
         .iter()
-        .map(|h| format!("{}[{}..{}]", h.node.fmt_short(), h.layers.start, h.layers.end))
+        .map(|h| {
+            format!(
+                "{}[{}..{}]",
+                h.node.fmt_short(),
+                h.layers.start,
+                h.layers.end
+            )
+        })
         .collect::<Vec<_>>()
         .join(" -> ")
 }

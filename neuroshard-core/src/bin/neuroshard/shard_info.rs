@@ -1,6 +1,8 @@
 //! `neuroshard shard-info`: what one slice reads and holds.
 
-use neuroshard_core::{runtime, ComputeMode, EngineOptions, Error, ForwardRequest, ShardEngine, ShardInput};
+use neuroshard_core::{
+    runtime, ComputeMode, EngineOptions, Error, ForwardRequest, ShardEngine, ShardInput,
+};
 use std::path::PathBuf;
 use std::time::Instant;
 

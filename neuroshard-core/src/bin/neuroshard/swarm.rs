@@ -1,6 +1,8 @@
 //! `neuroshard swarm`: a whole swarm in this process, and one generation through it.
 
-use crate::common::{machine_name, print_piece, route_line, tokio_runtime, write_json, SamplingArgs};
+use crate::common::{
+    machine_name, print_piece, route_line, tokio_runtime, write_json, SamplingArgs,
+};
 use neuroshard_core::{
     encode_prompt, Client, Codec, ComputeMode, EngineOptions, Error, GenerationConfig, LocalSwarm,
 };
