@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Runs every check CI runs: formatting, clippy, and all tests (optimised build).
-# Installs what it needs (the SmolLM2 model via scripts/fetch-model); safe to run repeatedly.
+# Runs every check CI runs: formatting, clippy, docs, the Rust tests (optimised build), the C
+# API test (also under valgrind), the examples, and the Python package's tests against a wheel
+# installed into a fresh venv. Installs what it needs (the SmolLM2 model, maturin, numpy,
+# pytest, mypy) and is safe to run repeatedly. Prints the wall time of every phase.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-# One target dir for every build the scripts run (cargo, later maturin and the C build).
+# One target dir for every build: cargo, maturin, the external example and the C test.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-"$root/target"}
+target=$CARGO_TARGET_DIR
 
 fixtures=${NEUROSHARD_FIXTURES:-"$root/../shared/fixtures"}
 if [ ! -d "$fixtures" ]; then
@@ -14,17 +17,104 @@ if [ ! -d "$fixtures" ]; then
   exit 1
 fi
 export NEUROSHARD_FIXTURES=$fixtures
+export NEUROSHARD_MODELS=${NEUROSHARD_MODELS:-"$root/models"}
 
-echo "== model"
-scripts/fetch-model >/dev/null
+suite_start=$SECONDS
+phase_name=""
+phase_start=$SECONDS
+timings=()
+phase() {
+  if [ -n "$phase_name" ]; then
+    timings+=("$(printf '%-28s %4ds' "$phase_name" $((SECONDS - phase_start)))")
+    echo "-- $phase_name: $((SECONDS - phase_start)) s"
+  fi
+  phase_name=$1
+  phase_start=$SECONDS
+  [ -n "$phase_name" ] && echo "== $phase_name"
+  return 0
+}
 
-echo "== cargo fmt --check"
+phase "model"
+model=$(scripts/fetch-model)
+
+phase "cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy"
-cargo clippy --release --workspace --all-targets -- -D warnings
+phase "cargo clippy"
+cargo clippy --release --workspace --all-targets --features neuroshard-core/internals -- -D warnings
 
-echo "== cargo test (release)"
+phase "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps -p neuroshard-core --quiet
+
+phase "cargo test (release)"
 # One test at a time: network tests must not compete for the 2 cores (timeouts), and the
-# heavy model tests already use every core.
-cargo test --release --workspace -- --test-threads=1
+# heavy model tests already use every core. This build also makes libneuroshard (C) and
+# regenerates include/neuroshard.h.
+cargo test --release --workspace --features neuroshard-core/internals -- --test-threads=1
+
+phase "C header up to date"
+if ! git diff --exit-code -- include/neuroshard.h; then
+  echo "include/neuroshard.h is stale: the build regenerated it; commit the new header" >&2
+  exit 1
+fi
+
+phase "C test"
+cc -std=c11 -Wall -Wextra -Werror -O1 -g -Iinclude tests/c/test_neuroshard.c \
+  -L"$target/release" -lneuroshard -lm -o "$target/test_neuroshard"
+cc -std=c11 -Wall -Wextra -Werror -O1 -Iinclude examples/c/generate.c \
+  -L"$target/release" -lneuroshard -o "$target/example_generate_c"
+export LD_LIBRARY_PATH="$target/release${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+"$target/test_neuroshard" tiny "$fixtures"
+expected="$target/smollm2_greedy_text.txt"
+python3 -c 'import json,sys; sys.stdout.write(json.load(open(sys.argv[1]))["greedy_text"])' \
+  "$fixtures/smollm2/reference.json" > "$expected"
+"$target/test_neuroshard" swarm "$model" "$expected"
+"$target/example_generate_c" "$model" | tee "$target/example_c.out"
+grep -qF "$(cat "$expected")" "$target/example_c.out"
+
+phase "C test under valgrind"
+if ! command -v valgrind >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq valgrind >/dev/null
+fi
+valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+  --show-leak-kinds=definite "$target/test_neuroshard" tiny "$fixtures" > "$target/valgrind.out"
+tail -1 "$target/valgrind.out"
+
+phase "Rust examples"
+cargo build --release --quiet -p neuroshard-core --examples
+"$target/release/examples/generate" "$model" | grep -qF "$(cat "$expected")"
+"$target/release/examples/swarm" "$model" | grep -qF "$(cat "$expected")"
+NEUROSHARD_EXAMPLE_SECS=1 "$target/release/examples/node" "$model" 0 30 | grep -q '@127.0.0.1:'
+# A project outside the workspace, built like a user's: the workspace lockfile pins every
+# version (cargo metadata only adds the project's own entry), then --locked.
+cp Cargo.lock examples/rust/Cargo.lock
+cargo metadata --offline --format-version 1 --manifest-path examples/rust/Cargo.toml >/dev/null
+cargo run --release --locked --quiet --manifest-path examples/rust/Cargo.toml -- "$model" \
+  | grep -qF "$(cat "$expected")"
+rm -f examples/rust/Cargo.lock
+
+phase "Python wheel"
+tools="$target/py-build-venv"
+[ -x "$tools/bin/maturin" ] || { python3 -m venv "$tools" && "$tools/bin/pip" install -q maturin==1.16.0; }
+rm -rf "$target/wheels"
+"$tools/bin/maturin" build --release --quiet -o "$target/wheels"
+venv="$target/py-test-venv"
+rm -rf "$venv"
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q numpy pytest mypy "$target"/wheels/neuroshard-*.whl
+
+phase "Python stubs and types"
+(cd "$target" && "$venv/bin/python" -m mypy.stubtest neuroshard._native)
+"$venv/bin/python" -m mypy --strict examples/python
+
+phase "pytest"
+export NEUROSHARD_BIN="$target/release/neuroshard"
+(cd tests/python && "$venv/bin/python" -m pytest -q -p no:cacheprovider .)
+for example in examples/python/*.py; do
+  "$venv/bin/python" "$example" "$model" | grep -qF "$(cat "$expected")"
+done
+
+phase ""
+echo "== wall time per phase"
+printf '%s\n' "${timings[@]}"
+echo "total $((SECONDS - suite_start)) s"

@@ -75,8 +75,8 @@ pub use net::{ModelInfo, NetError, NodeId, NodeStats, RouteHop};
 pub use node::{model_id, LeaveHandle, LeaveReport, Node, NodeBuilder, NodeOptions};
 pub use swarm::{even_slices, LocalSwarm};
 pub use swarm_session::{
-    encode_prompt, resolve_peers, LogitsSession, OnText, SwarmGeneration, SwarmOptions,
-    SwarmSession, TextRequest,
+    encode_prompt, resolve_peers, LogitsSession, OnText, PreparedGeneration, SwarmGeneration,
+    SwarmOptions, SwarmSession, TextRequest,
 };
 pub use wire::Codec;
 

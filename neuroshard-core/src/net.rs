@@ -7,7 +7,7 @@
 //!
 //! - [`announce`]: what a node says about itself, signed with its iroh key;
 //! - [`peers`]: the PeerSet: accepts/rejects announcements, expiry, bans, latency;
-//! - [`membership`]: when a node rejoins the gossip mesh and through whom;
+//! - `membership`: when a node rejoins the gossip mesh and through whom;
 //! - [`route`]: plans the lowest-latency chain of hops covering every layer;
 //! - [`endpoint`]: the iroh endpoint (offline by default) and the node's persistent key;
 //! - `proto`: messages of the inference protocol (internal; the data types a user sees are

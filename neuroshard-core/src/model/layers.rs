@@ -18,7 +18,7 @@ use std::sync::Arc;
 #[serde(rename_all = "lowercase")]
 pub enum ComputeMode {
     /// The default: weight matrices stored in the file as Q4_0/Q4_1/Q8_0 blocks stay in those
-    /// blocks and are multiplied by f32 activations with f32 accumulation ([`crate::kernels`]):
+    /// blocks and are multiplied by f32 activations with f32 accumulation (`kernels.rs`):
     /// the same arithmetic as dequantising first, in a different summation order, at a
     /// fraction of the memory traffic. Every other tensor is dense f32 (and trainable).
     #[default]
