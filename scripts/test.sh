@@ -81,7 +81,7 @@ valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=de
 tail -1 "$target/valgrind.out"
 
 phase "Rust examples"
-cargo build --release --quiet -p neuroshard-core --examples
+# `cargo test` above built the examples (target/release/examples).
 "$target/release/examples/generate" "$model" | grep -qF "$(cat "$expected")"
 "$target/release/examples/swarm" "$model" | grep -qF "$(cat "$expected")"
 NEUROSHARD_EXAMPLE_SECS=1 "$target/release/examples/node" "$model" 0 30 | grep -q '@127.0.0.1:'
@@ -102,6 +102,13 @@ venv="$target/py-test-venv"
 rm -rf "$venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q numpy pytest mypy "$target"/wheels/neuroshard-*.whl
+
+# `pip install .` from the repo root builds the same extension in the same target dir (fresh).
+venv_src="$target/py-src-venv"
+rm -rf "$venv_src"
+python3 -m venv "$venv_src"
+CARGO_TARGET_DIR="$target" "$venv_src/bin/pip" install -q .
+"$venv_src/bin/python" -c 'import neuroshard, sys; print("pip install . ->", neuroshard.__version__, neuroshard.THREADS, "threads")'
 
 phase "Python stubs and types"
 (cd "$target" && "$venv/bin/python" -m mypy.stubtest neuroshard._native)

@@ -152,8 +152,12 @@ static void tiny(const char *fixtures) {
   EXPECT_STATUS(ns_engine_load(model, 0, 1, NS_MODE_EXACT, NULL), NS_STATUS_NULL_ARGUMENT, "null out");
   EXPECT_STATUS(ns_engine_load("/nonexistent/model.gguf", 0, 1, NS_MODE_EXACT, &none),
                 NS_STATUS_MODEL_FILE, "missing model file");
-  EXPECT_STATUS(ns_engine_load(ref_path, 0, 1, NS_MODE_EXACT, &none), NS_STATUS_UNSUPPORTED_MODEL,
-                "not a model");
+  char json_path[1024];
+  snprintf(json_path, sizeof json_path, "%s/tiny-llama/reference.json", fixtures);
+  EXPECT_STATUS(ns_engine_load(json_path, 0, 1, NS_MODE_EXACT, &none), NS_STATUS_UNSUPPORTED_MODEL,
+                "not a model file");
+  EXPECT_STATUS(ns_engine_load(ref_path, 0, 1, NS_MODE_EXACT, &none), NS_STATUS_CORRUPT_MODEL,
+                "safetensors without the model's tensors");
   EXPECT_STATUS(ns_engine_load(model, 3, 9, NS_MODE_EXACT, &none), NS_STATUS_SLICE_OUT_OF_RANGE,
                 "slice past the last layer");
   CHECK(none == NULL, "no handle after a failed load");
