@@ -46,7 +46,7 @@ const MDNS_SERVICE: &str = "neuroshard";
 
 /// Counters of what a node did (tests read them to see who served which step).
 #[derive(Debug, Default)]
-pub struct NodeCounters {
+pub(crate) struct NodeCounters {
     /// Steps this node computed (one per `Step`/`Hidden` message processed).
     pub steps: AtomicU64,
     /// Messages refused (wrong sender, unknown session, malformed).
@@ -529,7 +529,7 @@ impl Node {
     }
 
     /// What the node did so far.
-    pub fn counters(&self) -> &NodeCounters {
+    pub(crate) fn counters(&self) -> &NodeCounters {
         &self.inner.counters
     }
 
