@@ -18,7 +18,7 @@ async fn main() -> neuroshard_core::Result<()> {
         eprintln!("{line}")
     })
     .await?;
-    let client = Client::new(iroh::SecretKey::generate(), Default::default()).await?;
+    let client = Client::bind_default().await?;
     let entries = resolve_peers(&[swarm.address()]).await?;
     let session = SwarmSession::connect(client.clone(), entries, SwarmOptions::default()).await?;
     let request = TextRequest {

@@ -188,11 +188,7 @@ impl Client {
     pub fn connect(peers: &[String], options: SwarmOptions) -> Result<Client> {
         let session = block_on(async {
             let entries = crate::resolve_peers(peers).await?;
-            let client = crate::Client::new(
-                iroh::SecretKey::generate(),
-                crate::net::endpoint::EndpointOptions::default(),
-            )
-            .await?;
+            let client = crate::Client::bind_default().await?;
             SwarmSession::connect(client, entries, options).await
         })??;
         Ok(Client { session })

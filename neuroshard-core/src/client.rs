@@ -77,6 +77,11 @@ impl Client {
         })
     }
 
+    /// A client with a fresh key on the default endpoint (offline, 127.0.0.1, any port).
+    pub async fn bind_default() -> Result<Client, NetError> {
+        Client::new(SecretKey::generate(), EndpointOptions::default()).await
+    }
+
     /// The client's node id.
     pub fn id(&self) -> NodeId {
         self.inner.endpoint.id()
@@ -439,12 +444,7 @@ impl RemoteSession {
     /// Sends `tokens` at positions `start_pos..` to the first hop and waits for the token at
     /// `start_pos + tokens.len()`.
     pub async fn step(&mut self, tokens: &[u32], start_pos: usize) -> Result<u32, NetError> {
-        match self.step_any(tokens, start_pos).await? {
-            StepResult::Token(token) => Ok(token),
-            StepResult::Logits(_) => Err(NetError::Malformed(
-                "the last hop sent logits to a session that samples".into(),
-            )),
-        }
+        self.step_any(tokens, start_pos).await?.token()
     }
 
     /// Like [`RemoteSession::step`] for a session opened with `return_logits`: the logits
@@ -454,12 +454,7 @@ impl RemoteSession {
         tokens: &[u32],
         start_pos: usize,
     ) -> Result<Vec<f32>, NetError> {
-        match self.step_any(tokens, start_pos).await? {
-            StepResult::Logits(values) => Ok(values),
-            StepResult::Token(_) => Err(NetError::Malformed(
-                "the last hop sampled a token for a session that asked for logits".into(),
-            )),
-        }
+        self.step_any(tokens, start_pos).await?.logits()
     }
 
     async fn step_any(&mut self, tokens: &[u32], start_pos: usize) -> Result<StepResult, NetError> {
@@ -763,6 +758,28 @@ enum StepResult {
     Logits(Vec<f32>),
 }
 
+impl StepResult {
+    /// The sampled token of a session that samples.
+    fn token(self) -> Result<u32, NetError> {
+        match self {
+            StepResult::Token(token) => Ok(token),
+            StepResult::Logits(_) => Err(NetError::Malformed(
+                "the last hop sent logits to a session that samples".into(),
+            )),
+        }
+    }
+
+    /// The logits of a session opened with `return_logits`.
+    fn logits(self) -> Result<Vec<f32>, NetError> {
+        match self {
+            StepResult::Logits(values) => Ok(values),
+            StepResult::Token(_) => Err(NetError::Malformed(
+                "the last hop sampled a token for a session that asked for logits".into(),
+            )),
+        }
+    }
+}
+
 /// A hop refused or could not be reached.
 fn hop_failed(hop: &RouteHop, message: String) -> NetError {
     NetError::HopFailed {
@@ -911,13 +928,9 @@ impl BlockingSession {
         start_pos: usize,
         context: &[u32],
     ) -> crate::Result<Vec<f32>> {
-        match self.step_with_failover(tokens, start_pos, context)? {
-            StepResult::Logits(values) => Ok(values),
-            StepResult::Token(_) => Err(NetError::Malformed(
-                "the last hop sampled a token for a session that asked for logits".into(),
-            )
-            .into()),
-        }
+        Ok(self
+            .step_with_failover(tokens, start_pos, context)?
+            .logits()?)
     }
 }
 
@@ -930,13 +943,9 @@ impl TokenBackend for BlockingSession {
         _sampling: &SamplingParams,
     ) -> crate::Result<u32> {
         // The last hop samples with the parameters of the session-open and keeps the context.
-        match self.step_with_failover(tokens, start_pos, context)? {
-            StepResult::Token(token) => Ok(token),
-            StepResult::Logits(_) => Err(NetError::Malformed(
-                "the last hop sent logits to a session that samples".into(),
-            )
-            .into()),
-        }
+        Ok(self
+            .step_with_failover(tokens, start_pos, context)?
+            .token()?)
     }
 
     fn context_len(&self) -> usize {

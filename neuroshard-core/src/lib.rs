@@ -18,7 +18,7 @@
 //!
 //! let model = std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf");
 //! let swarm = LocalSwarm::start(model, 3, 1, Default::default(), &mut |_| {}).await?;
-//! let client = Client::new(iroh::SecretKey::generate(), Default::default()).await?;
+//! let client = Client::bind_default().await?;
 //! let entries = neuroshard_core::resolve_peers(&[swarm.address()]).await?;
 //! let session = SwarmSession::connect(client, entries, SwarmOptions::default()).await?;
 //! let out = session
@@ -64,6 +64,8 @@ pub use generate::{
     generate, generate_until, split_ranges, FinishReason, GenerationConfig, GenerationOutput,
     LocalPipeline, LogitsBackend, StopStrings,
 };
+/// Node keys and dialable addresses (iroh's types, re-exported so users need no iroh import).
+pub use iroh::{EndpointAddr, SecretKey};
 pub use model::config::{Architecture, ModelConfig};
 pub use model::layers::ComputeMode;
 pub use model::sampling::SamplingParams;

@@ -48,26 +48,26 @@ const MDNS_SERVICE: &str = "neuroshard";
 #[derive(Debug, Default)]
 pub(crate) struct NodeCounters {
     /// Steps this node computed (one per `Step`/`Hidden` message processed).
-    pub steps: AtomicU64,
+    pub(crate) steps: AtomicU64,
     /// Messages refused (wrong sender, unknown session, malformed).
-    pub rejected: AtomicU64,
+    pub(crate) rejected: AtomicU64,
     /// Sessions opened.
-    pub sessions_opened: AtomicU64,
+    pub(crate) sessions_opened: AtomicU64,
     /// Fill requests computed (KV cache refilled after a failover).
-    pub fills: AtomicU64,
+    pub(crate) fills: AtomicU64,
     /// Replay requests served (sent hidden states re-sent to a new successor).
-    pub replays: AtomicU64,
+    pub(crate) replays: AtomicU64,
     /// Sessions handed to a replica when leaving.
-    pub handovers_out: AtomicU64,
+    pub(crate) handovers_out: AtomicU64,
     /// Sessions received from a leaving node.
-    pub handovers_in: AtomicU64,
+    pub(crate) handovers_in: AtomicU64,
     /// Microseconds spent computing steps and fills.
-    pub compute_us: AtomicU64,
+    pub(crate) compute_us: AtomicU64,
 }
 
 impl NodeCounters {
     /// A snapshot (`sessions_open` is filled in by the node).
-    pub fn snapshot(&self) -> NodeStats {
+    pub(crate) fn snapshot(&self) -> NodeStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         NodeStats {
             steps: get(&self.steps),
@@ -526,11 +526,6 @@ impl Node {
     /// The model id this node serves.
     pub fn model_id(&self) -> &str {
         &self.inner.model_id
-    }
-
-    /// What the node did so far.
-    pub(crate) fn counters(&self) -> &NodeCounters {
-        &self.inner.counters
     }
 
     /// A snapshot of the counters with the number of open sessions.

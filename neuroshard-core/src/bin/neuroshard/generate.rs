@@ -106,7 +106,7 @@ fn run_local(model: PathBuf, args: GenerateArgs, threads: usize) -> Result<(), E
 fn run_remote(args: GenerateArgs) -> Result<(), Error> {
     tokio_runtime()?.block_on(async move {
         let entries = resolve_peers(&args.peers).await?;
-        let client = Client::new(iroh::SecretKey::generate(), Default::default()).await?;
+        let client = Client::bind_default().await?;
         let options = SwarmOptions {
             codec: args.codec,
             step_timeout: Duration::from_millis(args.step_timeout_ms),

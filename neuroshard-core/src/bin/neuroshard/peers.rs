@@ -14,7 +14,7 @@ pub(crate) struct PeersArgs {
 pub(crate) fn run(args: PeersArgs) -> Result<(), Error> {
     tokio_runtime()?.block_on(async move {
         let entries = resolve_peers(&args.peers).await?;
-        let client = Client::new(iroh::SecretKey::generate(), Default::default()).await?;
+        let client = Client::bind_default().await?;
         let swarm = SwarmSession::connect(client.clone(), entries, SwarmOptions::default()).await?;
         let rows = swarm.peers().await?;
         println!(

@@ -64,7 +64,7 @@ pub(crate) fn run(args: SwarmArgs) -> Result<(), Error> {
             t0.elapsed().as_secs_f64(),
             route_line(&route)
         );
-        let client = Client::new(iroh::SecretKey::generate(), Default::default()).await?;
+        let client = Client::bind_default().await?;
         let prompt = encode_prompt(swarm.tokenizer(), &args.prompt, args.chat, None)?;
         let config = GenerationConfig {
             max_tokens: args.max_tokens,
