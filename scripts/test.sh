@@ -48,8 +48,10 @@ RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps -p neuroshard-core --qu
 
 phase "cargo test (release)"
 # One test at a time: network tests must not compete for the 2 cores (timeouts), and the
-# heavy model tests already use every core. This build also makes libneuroshard (C) and
-# regenerates include/neuroshard.h.
+# heavy model tests already use every core. The build regenerates include/neuroshard.h.
+# `cargo build --all-targets` first: it also links libneuroshard (.so/.a) for the C test, with
+# the same features as the test build, so `cargo test` then compiles nothing more.
+cargo build --release --workspace --all-targets --features neuroshard-core/internals
 cargo test --release --workspace --features neuroshard-core/internals -- --test-threads=1
 
 phase "C header up to date"
