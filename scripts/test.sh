@@ -48,7 +48,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps -p neuroshard-core --qu
 
 phase "cargo test (release)"
 # One test at a time: network tests must not compete for the 2 cores (timeouts), and the
-# heavy model tests already use every core. The build regenerates include/neuroshard.h.
+# heavy model tests already use every core. neuroshard-ffi's `header` test regenerates
+# include/neuroshard.h (and fails when the committed copy was stale).
 # `cargo build --all-targets` first: it also links libneuroshard (.so/.a) for the C test, with
 # the same features as the test build, so `cargo test` then compiles nothing more.
 cargo build --release --workspace --all-targets --features neuroshard-core/internals
@@ -56,7 +57,7 @@ cargo test --release --workspace --features neuroshard-core/internals -- --test-
 
 phase "C header up to date"
 if ! git diff --exit-code -- include/neuroshard.h; then
-  echo "include/neuroshard.h is stale: the build regenerated it; commit the new header" >&2
+  echo "include/neuroshard.h is stale: cargo test regenerated it; commit the new header" >&2
   exit 1
 fi
 
