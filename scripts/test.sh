@@ -50,10 +50,14 @@ phase "cargo test (release)"
 # One test at a time: network tests must not compete for the 2 cores (timeouts), and the
 # heavy model tests already use every core. neuroshard-ffi's `header` test regenerates
 # include/neuroshard.h (and fails when the committed copy was stale).
-# `cargo build --all-targets` first: it also links libneuroshard (.so/.a) for the C test, with
-# the same features as the test build, so `cargo test` then compiles nothing more.
-cargo build --release --workspace --all-targets --features neuroshard-core/internals
-cargo test --release --workspace --features neuroshard-core/internals -- --test-threads=1
+# `cargo build --lib` links libneuroshard (.so/.a) for the C test, with the units `cargo test`
+# reuses; `cargo test` builds the rest (tests, binaries, the examples run below). Benches are
+# only checked (clippy above); they run in the bench scripts. The Python extension is left to
+# maturin (below): pyo3's build script reads the interpreter config maturin writes, and
+# building it here too would compile pyo3, numpy and the extension twice.
+workspace=(--release --workspace --exclude neuroshard-py --features neuroshard-core/internals)
+cargo build "${workspace[@]}" --lib
+cargo test "${workspace[@]}" -- --test-threads=1
 
 phase "C header up to date"
 if ! git diff --exit-code -- include/neuroshard.h; then

@@ -68,5 +68,32 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Prefill-sized products (a chunk of 512 inputs): the block kernels, which unpack each block
+/// once per four inputs and give every input the bits it has alone, against dequantising the
+/// matrix and running candle's dense gemm. Throughput in multiply-adds.
+fn prefill(c: &mut Criterion) {
+    let m = 512;
+    let shapes = [(576, 576), (1536, 576), (576, 1536)];
+    let mut group = c.benchmark_group("prefill/Q4_1");
+    group.sample_size(10);
+    for &(rows, cols) in &shapes {
+        let w = matrix(BlockFormat::Q4_1, rows, cols, 1);
+        let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let xt =
+            candle_core::Tensor::from_slice(&x, (m, cols), &candle_core::Device::Cpu).expect("x");
+        group.throughput(Throughput::Elements((rows * cols * m) as u64));
+        group.bench_function(format!("{rows}x{cols}x{m}/blocks"), |b| {
+            b.iter(|| w.matmul(black_box(&x), m).expect("matmul"))
+        });
+        group.bench_function(format!("{rows}x{cols}x{m}/dequantise+gemm"), |b| {
+            b.iter(|| {
+                let dense = w.dequantize().expect("dequantize");
+                xt.matmul(&dense.t().expect("t")).expect("gemm")
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, prefill);
 criterion_main!(benches);

@@ -145,6 +145,7 @@ impl Client {
             open,
             rx,
             step_timeout: Duration::from_secs(30),
+            step_timeout_per_position: DEFAULT_STEP_TIMEOUT_PER_POSITION,
             opened: Vec::new(),
             leaving: Vec::new(),
             stats: SessionStats::default(),
@@ -395,13 +396,20 @@ impl Client {
     }
 }
 
+/// Default [`RemoteSession::step_timeout_per_position`]: a prompt is allowed 25 ms per
+/// position on top of the base deadline (40 positions/s: far below any hop's prefill speed).
+pub(crate) const DEFAULT_STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_millis(25);
+
 /// An open session on a route.
 pub struct RemoteSession {
     client: Client,
     open: SessionOpen,
     rx: mpsc::UnboundedReceiver<Inbound>,
-    /// Deadline for one step (prefill included).
+    /// Deadline for one step of one position; a step of `n` positions (a prompt) gets
+    /// `step_timeout + n · step_timeout_per_position`.
     pub step_timeout: Duration,
+    /// Extra time per position of a step (see `step_timeout`).
+    pub step_timeout_per_position: Duration,
     opened: Vec<RouteHop>,
     /// Token ids fed so far, by position (the context a replacement hop needs).
     fed: Vec<u32>,
@@ -492,13 +500,15 @@ impl RemoteSession {
         write_message(&mut send, &msg).await?;
         send.finish().map_err(|e| NetError::Io(e.to_string()))?;
         let want = (start_pos + tokens.len()) as u32;
-        let deadline = tokio::time::Instant::now() + self.step_timeout;
+        // A long prompt takes longer: the deadline grows with the positions in flight.
+        let allowed = self.step_timeout + self.step_timeout_per_position * tokens.len() as u32;
+        let deadline = tokio::time::Instant::now() + allowed;
         loop {
             let item = tokio::time::timeout_at(deadline, self.rx.recv())
                 .await
                 .map_err(|_| NetError::Timeout {
                     what: format!("the token at position {want}"),
-                    ms: self.step_timeout.as_millis() as u64,
+                    ms: allowed.as_millis() as u64,
                 })?;
             match item {
                 Some(Inbound::Message(Message::Token {

@@ -15,7 +15,7 @@ pub use training::{causal_lm_loss, BackwardOutput, OutputGrad};
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::kv_cache::LayerKv;
+use crate::model::kv_cache::{KvDtype, LayerKv};
 use crate::model::layers::{ComputeMode, Pass};
 use crate::model::shard::{LogitsSelection, ShardInput, ShardModel, ShardOutput};
 use crate::model::weights::WeightFile;
@@ -39,7 +39,16 @@ pub struct EngineOptions {
     /// Sessions unused this long are dropped when the table needs room or on
     /// [`ShardEngine::expire_idle_sessions`].
     pub session_idle_timeout: Duration,
+    /// Element type of the sessions' key/value caches (f16 halves their memory).
+    pub kv_dtype: KvDtype,
+    /// Longer session inputs run this many positions at a time (chunked prefill: memory for
+    /// one chunk's activations, not the whole prompt's); 0 runs every input in one pass.
+    pub prefill_chunk: usize,
 }
+
+/// Default [`EngineOptions::prefill_chunk`]: long enough that the dense products keep every
+/// core busy, short enough that a chunk's activations stay a few MB.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -48,6 +57,8 @@ impl Default for EngineOptions {
             max_sessions: 64,
             max_session_len: None,
             session_idle_timeout: Duration::from_secs(600),
+            kv_dtype: KvDtype::F32,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -97,6 +108,10 @@ pub struct EngineStats {
     pub sessions_open: u64,
     /// Bytes held by KV caches of open sessions.
     pub kv_cache_bytes: u64,
+    /// Decode batches of two or more sessions run by [`ShardEngine::forward_batch`].
+    pub decode_batches: u64,
+    /// Session steps that ran inside those batches.
+    pub batched_steps: u64,
 }
 
 /// One forward call: what to run, on what, for which session.
@@ -151,6 +166,8 @@ struct Counters {
     forward_calls: AtomicU64,
     positions: AtomicU64,
     layer_positions: AtomicU64,
+    decode_batches: AtomicU64,
+    batched_steps: AtomicU64,
 }
 
 /// One contiguous layer slice of one model, ready to serve and train.
@@ -219,6 +236,7 @@ impl ShardEngine {
                 max_sessions: options.max_sessions,
                 max_len,
                 idle_timeout: options.session_idle_timeout,
+                kv_dtype: options.kv_dtype,
             },
         );
         Ok(ShardEngine {
@@ -264,6 +282,12 @@ impl ShardEngine {
         self.options.mode
     }
 
+    /// Positions per chunk of a long session input ([`EngineOptions::prefill_chunk`]; 0: one
+    /// pass). Nodes cut a step into chunks of this size and pipeline them across hops.
+    pub fn prefill_chunk(&self) -> usize {
+        self.options.prefill_chunk
+    }
+
     /// Longest session this engine accepts.
     pub fn max_session_len(&self) -> usize {
         self.sessions.limits.max_len
@@ -290,6 +314,8 @@ impl ShardEngine {
             layer_positions: self.counters.layer_positions.load(Ordering::Relaxed),
             sessions_open: self.sessions.count() as u64,
             kv_cache_bytes: self.sessions.kv_bytes() as u64,
+            decode_batches: self.counters.decode_batches.load(Ordering::Relaxed),
+            batched_steps: self.counters.batched_steps.load(Ordering::Relaxed),
         }
     }
 
@@ -553,18 +579,154 @@ impl ShardEngine {
                         )));
                     }
                 }
-                self.model.forward(
+                self.model.forward_chunked(
                     &input,
                     req.start_pos,
                     range.clone(),
-                    Some(&mut s.caches),
+                    &mut s.caches,
                     req.logits,
-                    pass,
+                    self.options.prefill_chunk,
                 )
             })?,
         };
         self.count(batch, seq, range.len());
         Ok(out)
+    }
+}
+
+impl ShardEngine {
+    /// Runs several requests, the one-position decode steps of different batch-1 sessions on
+    /// the same layers as one batch: every weight block is read and unpacked once for all of
+    /// them, and each session's output has exactly the bits of running its request alone
+    /// (the kernels are batch-invariant; attention runs per session over its own cache).
+    /// Requests that cannot join (prompts, batch > 1, no session, other layers, a session
+    /// twice) run one by one. Results come back in request order.
+    pub fn forward_batch(&self, reqs: Vec<ForwardRequest>) -> Vec<Result<ShardOutput>> {
+        rayon::scope(|_| self.forward_batch_in_pool(reqs))
+    }
+
+    fn forward_batch_in_pool(&self, reqs: Vec<ForwardRequest>) -> Vec<Result<ShardOutput>> {
+        let mut results: Vec<Option<Result<ShardOutput>>> = reqs.iter().map(|_| None).collect();
+        // (request index, input, session, start) of the steps that can share one batch.
+        let mut joined: Vec<(usize, ShardInput, SessionId, usize)> = Vec::new();
+        let mut range_of_batch: Option<Range<usize>> = None;
+        for (i, req) in reqs.iter().enumerate() {
+            let (range, input, seq) = match self.validate(req) {
+                Ok(v) => v,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            let Some(session) = req.session else { continue };
+            let joins = seq == 1
+                && input_batch(&input) == 1
+                && range_of_batch.as_ref().is_none_or(|r| *r == range)
+                && self.model.can_batch(&range)
+                && joined.iter().all(|j| j.2 != session);
+            if joins {
+                range_of_batch.get_or_insert(range);
+                joined.push((i, input, session, req.start_pos));
+            }
+        }
+        if let (Some(range), 2..) = (range_of_batch, joined.len()) {
+            for (i, out) in self.run_decode_batch(range, joined) {
+                results[i] = Some(out);
+            }
+        }
+        reqs.into_iter()
+            .zip(results)
+            .map(|(req, done)| done.unwrap_or_else(|| self.forward_in_pool(req)))
+            .collect()
+    }
+
+    /// Locks the sessions (in id order, so concurrent batches cannot deadlock), checks each
+    /// one's position, runs the batch and counts it. Returns `(request index, result)`.
+    fn run_decode_batch(
+        &self,
+        range: Range<usize>,
+        mut joined: Vec<(usize, ShardInput, SessionId, usize)>,
+    ) -> Vec<(usize, Result<ShardOutput>)> {
+        joined.sort_by_key(|j| j.2);
+        let mut done = Vec::new();
+        let rel = (range.start - self.model.layers.start)..(range.end - self.model.layers.start);
+        let handles: Vec<_> = joined
+            .into_iter()
+            .filter_map(|(i, input, id, start)| match self.sessions.get(id) {
+                Ok(s) => Some((i, input, id, start, s)),
+                Err(e) => {
+                    done.push((i, Err(e)));
+                    None
+                }
+            })
+            .collect();
+        let mut members = Vec::new();
+        let mut guards = Vec::new();
+        for (i, input, id, start, handle) in &handles {
+            let guard = match handle.lock().map_err(Error::poisoned("session state")) {
+                Ok(g) => g,
+                Err(e) => {
+                    done.push((*i, Err(e)));
+                    continue;
+                }
+            };
+            let cached = guard.cached_len(rel.clone());
+            let cached_batch = guard.caches[rel.clone()].iter().find_map(LayerKv::batch);
+            if *start > cached {
+                done.push((
+                    *i,
+                    Err(Error::PositionGap {
+                        session: *id,
+                        start: *start,
+                        cached,
+                    }),
+                ));
+            } else if *start > 0 && cached_batch.is_some_and(|b| b != 1) {
+                done.push((
+                    *i,
+                    Err(Error::BadInput(format!(
+                        "session {id} was opened with a larger batch, got batch 1"
+                    ))),
+                ));
+            } else {
+                members.push((*i, input, *start));
+                guards.push(guard);
+            }
+        }
+        for guard in &mut guards {
+            guard.last_used = std::time::Instant::now();
+        }
+        let inputs: Vec<&ShardInput> = members.iter().map(|m| m.1).collect();
+        let starts: Vec<usize> = members.iter().map(|m| m.2).collect();
+        let mut caches: Vec<&mut [LayerKv]> =
+            guards.iter_mut().map(|g| &mut g.caches[..]).collect();
+        match self
+            .model
+            .forward_decode_batch(&inputs, &starts, range.clone(), &mut caches)
+        {
+            Ok(outs) => {
+                if members.len() >= 2 {
+                    self.counters.decode_batches.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .batched_steps
+                        .fetch_add(members.len() as u64, Ordering::Relaxed);
+                }
+                for (m, out) in members.iter().zip(outs) {
+                    self.count(1, 1, range.len());
+                    done.push((m.0, Ok(out)));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for m in &members {
+                    done.push((
+                        m.0,
+                        Err(Error::BadInput(format!("decode batch: {message}"))),
+                    ));
+                }
+            }
+        }
+        done
     }
 }
 

@@ -253,9 +253,8 @@ impl QuantMatrix {
                 x.len()
             )));
         }
-        let nb = cols / BLOCK;
         // Once per input row: the per-block sums the kernel reads.
-        let (xsum, per) = block_sums(first.format, first.path, x);
+        let (xsum, _) = block_sums(first.format, first.path, x);
         let xsum = &xsum;
         let total: usize = parts.iter().map(|p| p.rows).sum();
         let rb = first.row_bytes();
@@ -279,16 +278,9 @@ impl QuantMatrix {
                 dot_rows(first.format, first.path, rows, rb, x, xsum, out);
                 return;
             }
-            // One input row at a time over the task's rows, which stay in cache meanwhile.
-            let mut column = vec![0f32; n];
-            for t in 0..m {
-                let xr = &x[t * cols..(t + 1) * cols];
-                let xs = &xsum[t * nb * per..(t + 1) * nb * per];
-                dot_rows(first.format, first.path, rows, rb, xr, xs, &mut column);
-                for (r, y) in column.iter().enumerate() {
-                    out[r * m + t] = *y;
-                }
-            }
+            // Every weight row against all inputs, unpacked once per group of inputs; each
+            // output gets the same arithmetic as with one input (batch invariance).
+            dot_rows_inputs(first.format, first.path, rows, rb, x, xsum, m, out);
         };
         // One thread while other programs hold a core (`runtime::spread_work`).
         if crate::runtime::spread_work() {
@@ -353,6 +345,39 @@ fn dot_rows(
     }
     for (row, y) in rows.chunks_exact(rb).zip(out.iter_mut()) {
         *y = scalar_dot(format, row, x, xsum);
+    }
+}
+
+/// `out[r · m + t]` = row `r` of `rows` against input row `t` of `x` (`m` rows): the
+/// several-input form of [`dot_rows`], bit-identical to it for every output. The vector path
+/// unpacks each weight block once for up to four inputs; the arithmetic of each (row, input)
+/// pair is the same sequence of operations as with one input, so a row's result never depends
+/// on how many rows share the call (decode batches, prefill chunks).
+#[allow(clippy::too_many_arguments)]
+fn dot_rows_inputs(
+    format: BlockFormat,
+    path: KernelPath,
+    rows: &[u8],
+    rb: usize,
+    x: &[f32],
+    xsum: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
+    let cols = x.len() / m.max(1);
+    let per_input = xsum.len() / m.max(1);
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx2 {
+        // SAFETY: as in `dot_rows`; the kernel asserts the lengths.
+        unsafe { avx2::dot_rows_inputs(format, rows, rb, x, xsum, m, out) };
+        return;
+    }
+    let _ = path;
+    for (row, ys) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(m)) {
+        for (t, y) in ys.iter_mut().enumerate() {
+            let xr = &x[t * cols..(t + 1) * cols];
+            *y = scalar_dot(format, row, xr, &xsum[t * per_input..(t + 1) * per_input]);
+        }
     }
 }
 
@@ -585,6 +610,215 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// One 4-bit weight row against `R` inputs: `R` accumulation chains that each run
+    /// exactly the operations [`dot2`] runs for its row (so every result has its bits).
+    ///
+    /// # Safety
+    /// `a` must point to `nb` blocks of `FORMAT` (`Q40` or `Q41`), each `x[r]` to `32·nb`
+    /// floats and each `pairs[r]` to `2·nb`; the CPU must support avx2, fma and f16c.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_inputs<const FORMAT: u8, const R: usize>(
+        a: *const u8,
+        nb: usize,
+        x: [*const f32; R],
+        pairs: [*const f32; R],
+    ) -> [f32; R] {
+        let bb = format_of(FORMAT).block_bytes();
+        let min = FORMAT == Q41;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut off = [_mm_setzero_ps(); R];
+        // SAFETY: every block index is < nb, so all reads are inside the caller's ranges.
+        unsafe {
+            for i in 0..nb {
+                let blk = a.add(i * bb);
+                // The block unpacked once: [d, m] (or [d, 0]) and its 32 values as floats,
+                // in the order `q4_block` multiplies them.
+                let bits = if min {
+                    std::ptr::read_unaligned(blk as *const u32) as i32
+                } else {
+                    std::ptr::read_unaligned(blk as *const u16) as i32
+                };
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                let d = _mm256_broadcastss_ps(dm);
+                let qs = blk.add(if min { 4 } else { 2 });
+                let (lo, hi) = (widen::<false>(qs), widen::<false>(qs.add(8)));
+                let mask = _mm256_set1_epi32(0x0F);
+                let q = [
+                    _mm256_cvtepi32_ps(_mm256_and_si256(lo, mask)),
+                    _mm256_cvtepi32_ps(_mm256_and_si256(hi, mask)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(lo)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(hi)),
+                ];
+                for r in 0..R {
+                    let xp = x[r].add(i * BLOCK);
+                    let pair =
+                        _mm_castsi128_ps(_mm_loadl_epi64(pairs[r].add(2 * i) as *const __m128i));
+                    off[r] = _mm_fmadd_ps(dm, pair, off[r]);
+                    let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
+                    s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
+                    s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
+                    s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s);
+                    acc[r] = _mm256_fmadd_ps(d, s, acc[r]);
+                }
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            let mut lanes = [0f32; 4];
+            // SAFETY: `lanes` holds 4 floats.
+            unsafe {
+                _mm_storeu_ps(
+                    lanes.as_mut_ptr(),
+                    _mm_add_ps(
+                        hsum2(acc[r], _mm256_setzero_ps()),
+                        hsum2_offsets(off[r], _mm_setzero_ps()),
+                    ),
+                )
+            };
+            out[r] = lanes[0];
+        }
+        out
+    }
+
+    /// One Q8_0 weight row against `R` inputs, each chain as [`dot1_q8`] runs it (even and odd
+    /// blocks in two accumulators).
+    ///
+    /// # Safety
+    /// `a` must point to `nb` blocks, each `x[r]` to `32·nb` floats; avx2, fma and f16c.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_inputs_q8<const R: usize>(
+        a: *const u8,
+        nb: usize,
+        x: [*const f32; R],
+    ) -> [f32; R] {
+        const BB: usize = BlockFormat::Q8_0.block_bytes();
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY: every block index is < nb.
+        unsafe {
+            for i in 0..nb {
+                let blk = a.add(i * BB);
+                let bits = std::ptr::read_unaligned(blk as *const u16) as i32;
+                let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+                let q = |at: usize| _mm256_cvtepi32_ps(widen::<true>(blk.add(2 + at)));
+                let q = [q(0), q(8), q(16), q(24)];
+                for r in 0..R {
+                    let xp = x[r].add(i * BLOCK);
+                    let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
+                    s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
+                    s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
+                    s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s);
+                    acc[r][i % 2] = _mm256_fmadd_ps(d, s, acc[r][i % 2]);
+                }
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            let s = hsum2(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_setzero_ps());
+            out[r] = _mm_cvtss_f32(s);
+        }
+        out
+    }
+
+    /// `out[r · m + t]` = weight row `r` against input `t`: inputs in groups of four, then one
+    /// by one (see [`super::dot_rows_inputs`]).
+    ///
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_inputs(
+        format: BlockFormat,
+        rows: &[u8],
+        rb: usize,
+        x: &[f32],
+        xsum: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let cols = x.len() / m.max(1);
+        let nb = cols / BLOCK;
+        let per_input = if format == BlockFormat::Q8_0 {
+            0
+        } else {
+            2 * nb
+        };
+        assert!(
+            m > 0
+                && x.len() == m * cols
+                && cols == nb * BLOCK
+                && rb == nb * format.block_bytes()
+                && rows.len() >= (out.len() / m) * rb
+                && xsum.len() >= m * per_input,
+            "block/input length mismatch"
+        );
+        let (base, xp) = (rows.as_ptr(), x.as_ptr());
+        // Input t's pair sums (Q4 formats; Q8_0 reads none).
+        let pp = |t: usize| xsum.as_ptr().wrapping_add(t * per_input);
+        // Inputs in tiles that stay in cache while every weight row passes over them (the
+        // rows of one task stay in cache too): without tiling, each row would stream all
+        // inputs from memory again.
+        for t0 in (0..m).step_by(INPUT_TILE) {
+            let t1 = (t0 + INPUT_TILE).min(m);
+            for (i, ys) in out.chunks_exact_mut(m).enumerate() {
+                // SAFETY: row i < out.len() / m is inside `rows`, inputs t < m inside `x` and
+                // `xsum` (asserted).
+                unsafe { row_tile(format, base.add(i * rb), nb, xp, cols, &pp, t0, t1, ys) };
+            }
+        }
+    }
+
+    /// Inputs per cache tile of [`dot_rows_inputs`] (16 rows of 576-1536 floats: 37-98 KB).
+    const INPUT_TILE: usize = 16;
+
+    /// One weight row against inputs `t0..t1`: groups of four, then one by one.
+    ///
+    /// # Safety
+    /// `a` points to one row of `nb` blocks; inputs `t0..t1` (`cols` floats each from `xp`,
+    /// pair sums from `pp(t)`) are readable; `ys.len() > t1 - 1`; avx2, fma and f16c.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_tile(
+        format: BlockFormat,
+        a: *const u8,
+        nb: usize,
+        xp: *const f32,
+        cols: usize,
+        pp: &impl Fn(usize) -> *const f32,
+        t0: usize,
+        t1: usize,
+        ys: &mut [f32],
+    ) {
+        // SAFETY: the caller's guarantees cover every row, input and output index used.
+        unsafe {
+            {
+                let mut t = t0;
+                while t + 4 <= t1 {
+                    let xs = [0, 1, 2, 3].map(|k| xp.add((t + k) * cols));
+                    let ps = [0, 1, 2, 3].map(|k| pp(t + k));
+                    let got = match format {
+                        BlockFormat::Q4_0 => row_inputs::<Q40, 4>(a, nb, xs, ps),
+                        BlockFormat::Q4_1 => row_inputs::<Q41, 4>(a, nb, xs, ps),
+                        BlockFormat::Q8_0 => row_inputs_q8::<4>(a, nb, xs),
+                    };
+                    ys[t..t + 4].copy_from_slice(&got);
+                    t += 4;
+                }
+                while t < t1 {
+                    let xs = [xp.add(t * cols)];
+                    let [y] = match format {
+                        BlockFormat::Q4_0 => row_inputs::<Q40, 1>(a, nb, xs, [pp(t)]),
+                        BlockFormat::Q4_1 => row_inputs::<Q41, 1>(a, nb, xs, [pp(t)]),
+                        BlockFormat::Q8_0 => row_inputs_q8::<1>(a, nb, xs),
+                    };
+                    ys[t] = y;
+                    t += 1;
+                }
+            }
+        }
+    }
+
     /// Format tags for the const-generic kernels.
     const Q40: u8 = 0;
     const Q41: u8 = 1;
@@ -765,6 +999,43 @@ mod tests {
             let other =
                 QuantMatrix::from_bytes(BlockFormat::Q8_0, 1, 96, vec![0; 3 * 34]).expect("q8");
             assert!(QuantMatrix::matmul_fused(&[&a, &other], &values(96, 1), 1).is_err());
+        }
+    }
+
+    #[test]
+    fn every_input_row_has_the_bits_it_has_alone() {
+        // Batch invariance: a matmul over m inputs gives each input exactly the bits of a
+        // one-input matmul, for m around the four-input groups and the old dense threshold.
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (rows, cols) = (37, 96);
+            let w =
+                Tensor::from_vec(values(rows * cols, 5), (rows, cols), &Device::Cpu).expect("w");
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            for path in [KernelPath::Scalar, KernelPath::Avx2] {
+                if !path.available() {
+                    eprintln!("{path:?} is not available on this CPU, skipped");
+                    continue;
+                }
+                let qm = QuantMatrix::from_qtensor(&q)
+                    .expect("ok")
+                    .expect("supported")
+                    .with_path(path)
+                    .expect("path");
+                for m in [2, 3, 4, 5, 8, 15, 16, 17] {
+                    let x = values(m * cols, 40 + m as u64);
+                    let together = qm.matmul(&x, m).expect("matmul");
+                    for t in 0..m {
+                        let alone = qm.matmul(&x[t * cols..(t + 1) * cols], 1).expect("one");
+                        let row = &together[t * rows..(t + 1) * rows];
+                        assert!(
+                            row.iter()
+                                .zip(&alone)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{dtype:?} {path:?}: input {t} of {m} changed bits"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -57,7 +57,7 @@ pub mod internals;
 pub use client::{Client, RemoteSession, SessionStats};
 pub use engine::{
     causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest,
-    OutputGrad, SessionId, ShardEngine, WeightVersion,
+    OutputGrad, SessionId, ShardEngine, WeightVersion, DEFAULT_PREFILL_CHUNK,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{
@@ -67,6 +67,7 @@ pub use generate::{
 /// Node keys and dialable addresses (iroh's types, re-exported so users need no iroh import).
 pub use iroh::{EndpointAddr, SecretKey};
 pub use model::config::{Architecture, ModelConfig};
+pub use model::kv_cache::KvDtype;
 pub use model::layers::ComputeMode;
 pub use model::sampling::SamplingParams;
 pub use model::shard::{LogitsSelection, ShardInput, ShardOutput};

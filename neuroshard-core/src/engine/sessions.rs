@@ -2,7 +2,7 @@
 //! closed explicitly or expired when idle.
 
 use crate::error::{Error, Result};
-use crate::model::kv_cache::LayerKv;
+use crate::model::kv_cache::{KvDtype, LayerKv};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -39,6 +39,8 @@ pub(crate) struct SessionLimits {
     pub(crate) max_sessions: usize,
     pub(crate) max_len: usize,
     pub(crate) idle_timeout: Duration,
+    /// Element type of every cache.
+    pub(crate) kv_dtype: KvDtype,
 }
 
 /// All open sessions. The table lock is held only to find a session; compute holds the
@@ -82,7 +84,8 @@ impl SessionTable {
         table.insert(
             id,
             Arc::new(Mutex::new(Session {
-                caches: vec![LayerKv::default(); self.layers],
+                // Sized for the length limit at most: growth never doubles past it.
+                caches: vec![LayerKv::new(self.limits.kv_dtype, self.limits.max_len); self.layers],
                 last_used: Instant::now(),
             })),
         );

@@ -7,7 +7,8 @@ use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::LayerKv;
 use crate::model::layers::{
-    attention, merge_heads, split_heads, ComputeMode, LayerNorm, Linear, Param, Pass, WeightLayout,
+    attention, merge_heads, split_heads, ComputeMode, KeysValues, LayerNorm, Linear, Param, Pass,
+    WeightLayout,
 };
 use crate::model::weights::WeightFile;
 use candle_core::{Tensor, D};
@@ -122,14 +123,13 @@ impl Gpt2Block {
             self.heads,
             self.head_dim,
         )?;
-        let (k, v, q_start) = match cache {
+        let attn = match cache {
             Some(cache) => {
-                let (k, v) = cache.write(start, &k, &v)?;
-                (k, v, start)
+                cache.write(start, &k, &v)?;
+                attention(&q, KeysValues::Cache(cache), start, pass)?
             }
-            None => (k, v, 0),
+            None => attention(&q, KeysValues::Tensors(&k, &v), 0, pass)?,
         };
-        let attn = attention(&q, &k, &v, q_start, pass)?;
         let x = (x + self.c_proj.forward(&merge_heads(&attn)?, pass)?)?;
         let h = self.ln_2.forward(&x, pass)?;
         // HF "gelu_new" is the tanh approximation, which is candle's `gelu`.

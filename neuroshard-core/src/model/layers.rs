@@ -9,6 +9,8 @@
 use crate::error::Error;
 use crate::error::Result;
 use crate::kernels::QuantMatrix;
+use crate::model::attention::{attention as tiled_attention, AttentionShape, KvRows};
+use crate::model::kv_cache::LayerKv;
 use crate::model::weights::{RawTensor, WeightFile};
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::sync::Arc;
@@ -408,12 +410,108 @@ fn causal_mask(seq: usize, start: usize, groups: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, (groups * seq, keys), &Device::Cpu)?)
 }
 
-/// Scaled dot-product causal attention with grouped-query heads.
+/// Where attention reads its keys and values.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeysValues<'a> {
+    /// A session's cache, already holding the queries' own positions.
+    Cache(&'a LayerKv),
+    /// `[b, kv_heads, keys, d]` tensors of exactly the queries' positions (no session).
+    Tensors(&'a Tensor, &'a Tensor),
+}
+
+/// Causal attention with grouped-query heads for `q` (`[b, heads, seq, d]`) at positions
+/// `start..start+seq`; returns `[b, heads, seq, d]`.
+///
+/// Inference runs the tiled kernel ([`crate::model::attention`]: no score matrix, memory
+/// O(seq)); a tracked pass (training) the differentiable tensor formula.
+pub(crate) fn attention(
+    q: &Tensor,
+    kv: KeysValues<'_>,
+    start: usize,
+    pass: Pass,
+) -> Result<Tensor> {
+    if let (KeysValues::Tensors(k, v), true) = (kv, pass.track) {
+        return attention_formula(q, k, v, start, pass);
+    }
+    let (b, heads, seq, d) = q.dims4()?;
+    // The kernel reads queries as [seq][heads][d] per batch row.
+    let qs: Vec<f32> = q
+        .transpose(1, 2)?
+        .contiguous()?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut out = vec![0f32; qs.len()];
+    let step = seq * heads * d;
+    let path = crate::kernels::KernelPath::detect();
+    let shape = |kv_heads| AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+        start,
+    };
+    match kv {
+        KeysValues::Cache(cache) => {
+            let kv_heads = cache.kv_heads();
+            if cache.len() != start + seq || cache.batch() != Some(b) {
+                return Err(Error::BadInput(format!(
+                    "attention for positions {start}..{} over a cache of {} positions",
+                    start + seq,
+                    cache.len()
+                )));
+            }
+            for (bi, (qb, ob)) in qs
+                .chunks_exact(step)
+                .zip(out.chunks_exact_mut(step))
+                .enumerate()
+            {
+                let kv = |g| cache.head(bi * kv_heads + g);
+                tiled_attention(path, qb, shape(kv_heads), kv, ob);
+            }
+        }
+        KeysValues::Tensors(k, v) => {
+            let (kb, kv_heads, keys, kd) = k.dims4()?;
+            if (kb, keys, kd) != (b, start + seq, d) || v.dims() != k.dims() {
+                return Err(Error::BadInput(format!(
+                    "attention of queries {:?} over keys {:?} and values {:?}",
+                    q.dims(),
+                    k.dims(),
+                    v.dims()
+                )));
+            }
+            let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.contiguous()?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            };
+            let (kf, vf) = (flat(k)?, flat(v)?);
+            let per = keys * d;
+            for (bi, (qb, ob)) in qs
+                .chunks_exact(step)
+                .zip(out.chunks_exact_mut(step))
+                .enumerate()
+            {
+                let kv = |g| {
+                    let at = (bi * kv_heads + g) * per;
+                    (
+                        KvRows::F32(&kf[at..at + per]),
+                        KvRows::F32(&vf[at..at + per]),
+                    )
+                };
+                tiled_attention(path, qb, shape(kv_heads), kv, ob);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, seq, heads, d), &Device::Cpu)?.transpose(1, 2)?)
+}
+
+/// Scaled dot-product causal attention with grouped-query heads, as tensor ops (differentiable).
 ///
 /// `q`: `[b, heads, seq, d]`; `k`, `v`: `[b, kv_heads, keys, d]` where the last `seq` keys are
 /// the queries' own positions. Instead of repeating K/V per query head (a copy), the query heads
 /// of one group are folded into the row dimension: `[b, kv_heads, groups * seq, d]`.
-pub(crate) fn attention(
+fn attention_formula(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

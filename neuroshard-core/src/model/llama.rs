@@ -6,12 +6,13 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::QuantMatrix;
+use crate::model::attention::AttentionShape;
 use crate::model::config::ModelConfig;
 use crate::model::decode;
 use crate::model::kv_cache::LayerKv;
 use crate::model::layers::{
-    attention, merge_heads, split_heads, ComputeMode, Linear, Param, Pass, RmsNorm, Rope,
-    WeightLayout,
+    attention, merge_heads, split_heads, ComputeMode, KeysValues, Linear, Param, Pass, RmsNorm,
+    Rope, WeightLayout, DENSE_GEMM_ROWS,
 };
 use crate::model::weights::WeightFile;
 use candle_core::Tensor;
@@ -28,7 +29,21 @@ fn exactly<T, const N: usize>(outputs: Vec<T>, what: &str) -> Result<[T; N]> {
 pub(crate) struct RawScratch {
     h: Vec<f32>,
     attn: Vec<f32>,
-    scores: Vec<f32>,
+}
+
+/// `x Wᵢᵀ` for each matrix `Wᵢ`, `x` holding `rows` rows: the block kernels for a few rows
+/// (decode), dequantised weights and the dense gemm for many (prefill chunks), the same choice
+/// as [`Linear::forward`] makes at [`DENSE_GEMM_ROWS`].
+fn project(parts: &[&QuantMatrix], x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
+    if rows < DENSE_GEMM_ROWS {
+        return QuantMatrix::matmul_fused(parts, x, rows);
+    }
+    let cols = x.len() / rows.max(1);
+    let xt = Tensor::from_slice(x, (rows, cols), &candle_core::Device::Cpu)?;
+    parts
+        .iter()
+        .map(|w| Ok(xt.matmul(&w.dequantize()?.t()?)?.flatten_all()?.to_vec1()?))
+        .collect()
 }
 
 /// One Llama decoder layer.
@@ -157,15 +172,14 @@ impl LlamaBlock {
         let v = split_heads(&v, self.kv_heads, self.head_dim)?;
         let q = rope.apply(&q, start, pass)?;
         let k = rope.apply(&k, start, pass)?;
-        let (k, v, q_start) = match cache {
+        let attn = match cache {
             Some(cache) => {
-                let (k, v) = cache.write(start, &k, &v)?;
-                (k, v, start)
+                cache.write(start, &k, &v)?;
+                attention(&q, KeysValues::Cache(cache), start, pass)?
             }
             // Without a cache the keys are only the given positions: the mask starts at 0.
-            None => (k, v, 0),
+            None => attention(&q, KeysValues::Tensors(&k, &v), 0, pass)?,
         };
-        let attn = attention(&q, &k, &v, q_start, pass)?;
         let x = (residual + self.o.forward(&merge_heads(&attn)?, pass)?)?;
         let h = self.post_norm.forward(&x, pass)?;
         let [gate, up] = exactly(
@@ -217,35 +231,87 @@ impl LlamaBlock {
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
         scratch.h.resize(x.len(), 0.0);
         self.input_norm.forward_raw(x, &mut scratch.h)?;
-        let [mut qs, mut ks, vs] = exactly(
-            QuantMatrix::matmul_fused(&[q, k, v], &scratch.h, seq)?,
-            "q/k/v",
-        )?;
+        let [mut qs, mut ks, vs] = exactly(project(&[q, k, v], &scratch.h, seq)?, "q/k/v")?;
         let (cos, sin) = rope.tables(start, seq)?;
         decode::rope(&mut qs, heads, hd, cos, sin, rope.interleaved);
         decode::rope(&mut ks, kv_heads, hd, cos, sin, rope.interleaved);
         cache.write_rows(start, kv_heads, hd, &ks, &vs)?;
         scratch.attn.resize(seq * heads * hd, 0.0);
         let cached: &LayerKv = cache;
-        decode::attention(
-            crate::kernels::KernelPath::detect(),
-            &qs,
+        let shape = AttentionShape {
             heads,
             kv_heads,
-            hd,
+            head_dim: hd,
             start,
-            |h| cached.head(h),
-            &mut scratch.scores,
+        };
+        crate::model::attention::attention(
+            crate::kernels::KernelPath::detect(),
+            &qs,
+            shape,
+            |g| cached.head(g),
             &mut scratch.attn,
         );
-        decode::add_assign(x, &o.matmul(&scratch.attn, seq)?);
+        let [attn_out] = exactly(project(&[o], &scratch.attn, seq)?, "o")?;
+        decode::add_assign(x, &attn_out);
         self.post_norm.forward_raw(x, &mut scratch.h)?;
-        let [mut g, u] = exactly(
-            QuantMatrix::matmul_fused(&[gate, up], &scratch.h, seq)?,
-            "gate/up",
-        )?;
+        let [mut g, u] = exactly(project(&[gate, up], &scratch.h, seq)?, "gate/up")?;
         decode::silu_mul(&mut g, &u);
-        decode::add_assign(x, &down.matmul(&g, seq)?);
+        let [mlp_out] = exactly(project(&[down], &g, seq)?, "down")?;
+        decode::add_assign(x, &mlp_out);
+        Ok(())
+    }
+
+    /// One decode position for each of several sessions at once (`x`: one hidden row per
+    /// session, updated in place; `starts[i]` is session i's position, `caches[i]` its cache of
+    /// this layer). The projections read and unpack every weight block once for all rows; the
+    /// rest is per row. Each row gets exactly the bits [`LlamaBlock::forward_raw`] gives it
+    /// alone: the block kernels are batch-invariant (no dense path, whatever the row count) and
+    /// attention runs per session as in a solo step.
+    pub(crate) fn forward_raw_batch(
+        &self,
+        x: &mut [f32],
+        starts: &[usize],
+        rope: &Rope,
+        caches: &mut [&mut LayerKv],
+    ) -> Result<()> {
+        let [q, k, v, o, gate, up, down] = self
+            .block_matrices()
+            .ok_or_else(|| Error::BadInput("layer without block matrices".into()))?;
+        let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let n = starts.len();
+        let mut h = vec![0f32; x.len()];
+        self.input_norm.forward_raw(x, &mut h)?;
+        let [mut qs, mut ks, vs] = exactly(QuantMatrix::matmul_fused(&[q, k, v], &h, n)?, "q/k/v")?;
+        let (qw, kw) = (heads * hd, kv_heads * hd);
+        let mut attn = vec![0f32; n * qw];
+        let shape = |start| AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            start,
+        };
+        for (i, (&start, cache)) in starts.iter().zip(caches.iter_mut()).enumerate() {
+            let (cos, sin) = rope.tables(start, 1)?;
+            let (qi, ki) = (&mut qs[i * qw..(i + 1) * qw], &mut ks[i * kw..(i + 1) * kw]);
+            decode::rope(qi, heads, hd, cos, sin, rope.interleaved);
+            decode::rope(ki, kv_heads, hd, cos, sin, rope.interleaved);
+            cache.write_rows(start, kv_heads, hd, ki, &vs[i * kw..(i + 1) * kw])?;
+            let cached: &LayerKv = cache;
+            crate::model::attention::attention(
+                crate::kernels::KernelPath::detect(),
+                qi,
+                shape(start),
+                |g| cached.head(g),
+                &mut attn[i * qw..(i + 1) * qw],
+            );
+        }
+        let [attn_out] = exactly(QuantMatrix::matmul_fused(&[o], &attn, n)?, "o")?;
+        decode::add_assign(x, &attn_out);
+        self.post_norm.forward_raw(x, &mut h)?;
+        let [mut g, u] = exactly(QuantMatrix::matmul_fused(&[gate, up], &h, n)?, "gate/up")?;
+        decode::silu_mul(&mut g, &u);
+        let [mlp_out] = exactly(QuantMatrix::matmul_fused(&[down], &g, n)?, "down")?;
+        decode::add_assign(x, &mlp_out);
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use crate::model::decode::with_f32;
 use crate::model::gpt2::{layer_norm, Gpt2Block};
 use crate::model::kv_cache::LayerKv;
 use crate::model::layers::{
-    ComputeMode, LayerNorm, Linear, Param, Pass, RmsNorm, Rope, WeightLayout, DENSE_GEMM_ROWS,
+    ComputeMode, LayerNorm, Linear, Param, Pass, RmsNorm, Rope, WeightLayout,
 };
 use crate::model::llama::{LlamaBlock, RawScratch};
 use crate::model::weights::WeightFile;
@@ -299,10 +299,111 @@ impl ShardModel {
         }
     }
 
-    /// The per-token path ([`LlamaBlock::forward_raw`]): a batch-1 inference step of fewer
-    /// than [`DENSE_GEMM_ROWS`] positions through Llama layers held as block matrices, on
-    /// plain buffers from the embedding (or received hidden state) to the logits. `None` when
-    /// the step does not qualify; [`ShardModel::forward`] then takes the tensor path.
+    /// What the buffer path needs for absolute layers `range`: Llama blocks held as block
+    /// matrices, the RoPE tables, and the final RMSNorm and LM head when `range` ends the model;
+    /// `None` when some layer does not qualify.
+    #[allow(clippy::type_complexity)]
+    fn raw_parts(
+        &self,
+        range: &Range<usize>,
+    ) -> Option<(Vec<&LlamaBlock>, &Rope, Option<(&RmsNorm, &Linear)>)> {
+        let blocks: Option<Vec<&LlamaBlock>> = range
+            .clone()
+            .map(|l| match &self.blocks[l - self.layers.start] {
+                Block::Llama(b) if b.raw_ready() => Some(b),
+                _ => None,
+            })
+            .collect();
+        let head = match (&self.head, range.end == self.config.num_layers) {
+            (Some(head), true) => match &head.norm {
+                FinalNorm::Rms(norm) => Some((norm, &head.lm_head)),
+                FinalNorm::Layer(_) => return None,
+            },
+            _ => None,
+        };
+        Some((blocks?, self.rope.as_ref()?, head))
+    }
+
+    /// Whether [`ShardModel::forward_decode_batch`] can run layers `range`.
+    pub(crate) fn can_batch(&self, range: &Range<usize>) -> bool {
+        self.raw_parts(range).is_some()
+    }
+
+    /// One decode position for each of several batch-1 sessions, as one batch: `inputs[i]`
+    /// (one token or one hidden row) at position `starts[i]` over `caches[i]` (the session's
+    /// caches of every layer of the shard). Returns one output per session, each with exactly
+    /// the bits of [`ShardModel::forward`] run for that session alone.
+    pub(crate) fn forward_decode_batch(
+        &self,
+        inputs: &[&ShardInput],
+        starts: &[usize],
+        range: Range<usize>,
+        caches: &mut [&mut [LayerKv]],
+    ) -> Result<Vec<ShardOutput>> {
+        let pass = Pass { track: false };
+        let (blocks, rope, head) = self.raw_parts(&range).ok_or_else(|| {
+            Error::BadInput(format!("layers {range:?} cannot run as a decode batch"))
+        })?;
+        let (h, n) = (self.config.hidden_size, inputs.len());
+        let mut x = Vec::with_capacity(n * h);
+        for (input, &start) in inputs.iter().zip(starts) {
+            let row = match input {
+                ShardInput::Tokens(ids) => self.embed(ids, start, pass)?,
+                ShardInput::Hidden(row) => row.clone(),
+            };
+            let before = x.len();
+            with_f32(&row, |v| x.extend_from_slice(v))?;
+            if x.len() - before != h {
+                return Err(Error::BadInput(format!(
+                    "a decode batch row of {} values, expected one position of {h}",
+                    x.len() - before
+                )));
+            }
+        }
+        for (layer, block) in range.clone().zip(blocks) {
+            let i = layer - self.layers.start;
+            let mut layer_caches: Vec<&mut LayerKv> =
+                caches.iter_mut().map(|c| &mut c[i]).collect();
+            block.forward_raw_batch(&mut x, starts, rope, &mut layer_caches)?;
+        }
+        let Some((norm, lm_head)) = head else {
+            return x
+                .chunks_exact(h)
+                .map(|row| {
+                    let t = Tensor::from_slice(row, (1, 1, h), &candle_core::Device::Cpu)?;
+                    Ok(ShardOutput::Hidden(t))
+                })
+                .collect();
+        };
+        let mut normed = vec![0f32; x.len()];
+        norm.forward_raw(&x, &mut normed)?;
+        match &lm_head.weight.quant {
+            // The block kernels give every row its solo bits.
+            Some(q) if lm_head.bias.is_none() => {
+                let vocab = q.rows();
+                let all = q.matmul(&normed, n)?;
+                all.chunks_exact(vocab)
+                    .map(|row| {
+                        let t = Tensor::from_slice(row, (1, 1, vocab), &candle_core::Device::Cpu)?;
+                        Ok(ShardOutput::Logits(t))
+                    })
+                    .collect()
+            }
+            // A dense head is not batch-invariant: one row at a time, as alone.
+            _ => normed
+                .chunks_exact(h)
+                .map(|row| {
+                    let t = Tensor::from_slice(row, (1, 1, h), &candle_core::Device::Cpu)?;
+                    Ok(ShardOutput::Logits(lm_head.forward(&t, pass)?))
+                })
+                .collect(),
+        }
+    }
+
+    /// The buffer path ([`LlamaBlock::forward_raw`]): a batch-1 inference step through Llama
+    /// layers held as block matrices, on plain buffers from the embedding (or received hidden
+    /// state) to the logits. `None` when the step does not qualify; [`ShardModel::forward`]
+    /// then takes the tensor path.
     fn forward_raw(
         &self,
         input: &ShardInput,
@@ -319,23 +420,8 @@ impl ShardModel {
                 (b, s)
             }
         };
-        let blocks: Option<Vec<&LlamaBlock>> = range
-            .clone()
-            .map(|l| match &self.blocks[l - self.layers.start] {
-                Block::Llama(b) if b.raw_ready() => Some(b),
-                _ => None,
-            })
-            .collect();
-        let (Some(blocks), Some(rope), 1, 1..DENSE_GEMM_ROWS) = (blocks, &self.rope, batch, seq)
-        else {
+        let (Some((blocks, rope, head)), 1, 1..) = (self.raw_parts(&range), batch, seq) else {
             return Ok(None);
-        };
-        let head = match (&self.head, range.end == self.config.num_layers) {
-            (Some(head), true) => match &head.norm {
-                FinalNorm::Rms(norm) => Some((norm, &head.lm_head)),
-                FinalNorm::Layer(_) => return Ok(None),
-            },
-            _ => None,
         };
         let h = self.config.hidden_size;
         let x = match input {
@@ -379,6 +465,51 @@ impl ShardModel {
             }
         };
         Ok(Some(ShardOutput::Logits(logits)))
+    }
+
+    /// [`ShardModel::forward`] over a session's caches, `chunk` positions at a time: a long
+    /// prompt then needs memory for one chunk's activations, not the whole prompt's, and every
+    /// chunk attends over the cached keys of the ones before it (the results equal one pass:
+    /// attention is chunk-invariant, see [`crate::model::attention`]). `chunk == 0` runs the
+    /// input in one pass.
+    pub(crate) fn forward_chunked(
+        &self,
+        input: &ShardInput,
+        start: usize,
+        range: Range<usize>,
+        caches: &mut [LayerKv],
+        logits: LogitsSelection,
+        chunk: usize,
+    ) -> Result<ShardOutput> {
+        let pass = Pass { track: false };
+        let seq = match input {
+            ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1)?,
+        };
+        if chunk == 0 || seq <= chunk {
+            return self.forward(input, start, range, Some(caches), logits, pass);
+        }
+        let mut pieces = Vec::with_capacity(seq.div_ceil(chunk));
+        let mut is_logits = false;
+        for s in (0..seq).step_by(chunk) {
+            let n = chunk.min(seq - s);
+            let part = match input {
+                ShardInput::Tokens(t) => ShardInput::Tokens(t.narrow(1, s, n)?),
+                ShardInput::Hidden(t) => ShardInput::Hidden(t.narrow(1, s, n)?),
+            };
+            let last = s + n == seq;
+            let out = self.forward(&part, start + s, range.clone(), Some(caches), logits, pass)?;
+            is_logits = out.is_logits();
+            // With only the last position's logits wanted, earlier chunks' are dropped.
+            if last || !(is_logits && logits == LogitsSelection::Last) {
+                pieces.push(out.tensor().clone());
+            }
+        }
+        let joined = Tensor::cat(&pieces, 1)?;
+        Ok(if is_logits {
+            ShardOutput::Logits(joined)
+        } else {
+            ShardOutput::Hidden(joined)
+        })
     }
 
     /// Runs absolute layers `range` (a sub-range of this shard's) on `input`.

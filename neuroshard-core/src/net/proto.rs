@@ -175,12 +175,15 @@ pub enum Message {
         /// The tokens.
         tokens: Vec<u32>,
     },
-    /// Hop to next hop: hidden states at positions `start_pos..`; a wire frame follows.
+    /// Hop to next hop: hidden states at positions `start_pos..step_end`; wire frames follow
+    /// on the same stream, one per chunk of a long step, in position order.
     Hidden {
         /// The session.
         session: u64,
         /// Position of the first row.
         start_pos: u32,
+        /// Position after the step's last row: the last hop samples the token there.
+        step_end: u32,
     },
     /// Request (bi stream), client to hop `i`: send the hidden states you sent for positions
     /// `0..upto` again, as a `Fill`, to your current successor (it replaced a failed node).

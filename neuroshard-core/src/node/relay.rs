@@ -23,18 +23,6 @@ use std::time::Duration;
 /// Longest a fill (a whole prefix through several hops) may take before the sender gives up.
 pub(super) const FILL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Why a hop computes.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Purpose {
-    /// A live step: relay the hidden state, or sample on the last hop.
-    Step,
-    /// Rebuild the KV cache: pass on while this hop's index is below `through`, never sample.
-    Fill {
-        /// Index of the last hop to fill.
-        through: u32,
-    },
-}
-
 /// A failure: the node to blame and what happened.
 type Blame = (NodeId, String);
 
@@ -48,7 +36,9 @@ impl Inner {
             Message::Step {
                 session, start_pos, ..
             }
-            | Message::Hidden { session, start_pos } => (*session, *start_pos),
+            | Message::Hidden {
+                session, start_pos, ..
+            } => (*session, *start_pos),
             _ => return self.reject(),
         };
         let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
@@ -59,18 +49,88 @@ impl Inner {
         if remote != hop.feeder() {
             return self.reject();
         }
-        let input = match msg {
-            Message::Step { tokens, .. } if hop.index == 0 => tokens_input(&tokens),
-            Message::Hidden { .. } if hop.index > 0 => hidden_input(&mut recv).await,
+        let source = match msg {
+            Message::Step { tokens, .. } if hop.index == 0 && !tokens.is_empty() => {
+                let end = start_pos as usize + tokens.len();
+                ChunkSource::Tokens {
+                    tokens,
+                    next: start_pos as usize,
+                    // 0: the whole step in one chunk.
+                    chunk: match self.engine.prefill_chunk() {
+                        0 => usize::MAX,
+                        c => c,
+                    },
+                    end,
+                }
+            }
+            Message::Hidden { step_end, .. } if hop.index > 0 && step_end > start_pos => {
+                ChunkSource::Frames {
+                    recv,
+                    next: start_pos as usize,
+                    end: step_end as usize,
+                    session,
+                }
+            }
             _ => return self.reject(),
         };
-        let result = match input {
-            Ok(input) => self.run(&hop, input, start_pos, Purpose::Step).await,
-            Err(e) => Err((self.endpoint.id(), e)),
-        };
-        if let Err((failed, message)) = result {
+        if let Err((failed, message)) = self.run_step(&hop, source).await {
             self.report_node(&hop, failed, message).await;
         }
+    }
+
+    /// A live step, chunk by chunk: each chunk is computed and passed on at once on one
+    /// stream to the successor (which computes it while this hop computes the next one: long
+    /// prompts pipeline across hops); the last hop samples after the step's last chunk.
+    async fn run_step(&self, hop: &Arc<HopSession>, mut source: ChunkSource) -> Result<(), Blame> {
+        let me = self.endpoint.id();
+        let session = hop.open.session;
+        let step_end = source.end();
+        let mut successor: Option<(&RouteHop, iroh::endpoint::SendStream)> = None;
+        while let Some(chunk) = source.next().await {
+            let (input, start_pos) = chunk.map_err(|e| (me, e))?;
+            let rows = match &input {
+                ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
+            };
+            let out = self.compute(hop, input, start_pos).await?;
+            self.counters.steps.fetch_add(1, Ordering::Relaxed);
+            match out {
+                ShardOutput::Hidden(h) => {
+                    let frame = self
+                        .encode_and_record(hop, start_pos, &h)
+                        .map_err(|e| (me, e))?;
+                    let (next, send) = match &mut successor {
+                        Some((next, send)) => (*next, send),
+                        None => {
+                            let next = hop.open.route.get(hop.index + 1).ok_or_else(|| {
+                                (me, "hidden state produced by the last hop".to_string())
+                            })?;
+                            let msg = Message::Hidden {
+                                session,
+                                start_pos,
+                                step_end: step_end as u32,
+                            };
+                            let send = self.open_hidden(next, &msg).await?;
+                            let (next, send) = successor.insert((next, send));
+                            (*next, send)
+                        }
+                    };
+                    send.write_all(&frame)
+                        .await
+                        .map_err(|e| (next.node, format!("successor unreachable: {e}")))?;
+                }
+                // Earlier chunks of a long step only fill the cache.
+                ShardOutput::Logits(l) if start_pos as usize + rows == step_end => self
+                    .send_token(hop, step_end, &l)
+                    .await
+                    .map_err(|e| (me, e.to_string()))?,
+                ShardOutput::Logits(_) => {}
+            }
+        }
+        if let Some((next, mut send)) = successor {
+            send.finish()
+                .map_err(|e| (next.node, format!("successor unreachable: {e}")))?;
+        }
+        Ok(())
     }
 
     fn reject(&self) {
@@ -105,10 +165,7 @@ impl Inner {
             hidden_input(recv).await
         };
         let result = match input {
-            Ok(input) => {
-                self.run(&hop, input, start_pos, Purpose::Fill { through })
-                    .await
-            }
+            Ok(input) => self.run_fill(&hop, input, start_pos, through).await,
             Err(e) => Err((self.endpoint.id(), e)),
         };
         match result {
@@ -195,18 +252,15 @@ impl Inner {
         }
     }
 
-    /// Computes `input` at `start_pos` on the hop's layers and passes the result on.
-    pub(super) async fn run(
+    /// Runs `input` at `start_pos` through the hop's layers (logits of the last position on
+    /// the last hop) on a blocking thread.
+    async fn compute(
         &self,
-        hop: &Arc<HopSession>,
+        hop: &HopSession,
         input: ShardInput,
         start_pos: u32,
-        purpose: Purpose,
-    ) -> Result<(), Blame> {
+    ) -> Result<ShardOutput, Blame> {
         let me = self.endpoint.id();
-        let fed = match &input {
-            ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
-        };
         let engine = self.engine.clone();
         let req = ForwardRequest::new(input)
             .session(hop.open.session, start_pos as usize)
@@ -217,50 +271,46 @@ impl Inner {
         self.counters
             .compute_us
             .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let out = match out {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err((me, e.to_string())),
-            Err(e) => return Err((me, format!("compute task failed: {e}"))),
-        };
-        let counter = match purpose {
-            Purpose::Step => &self.counters.steps,
-            Purpose::Fill { .. } => &self.counters.fills,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        match (out, purpose) {
-            (ShardOutput::Hidden(h), purpose) => {
-                let next = hop
-                    .open
-                    .route
-                    .get(hop.index + 1)
-                    .ok_or_else(|| (me, "hidden state produced by the last hop".to_string()))?;
-                let frame = self
-                    .encode_and_record(hop, start_pos, &h)
-                    .map_err(|e| (me, e))?;
-                let session = hop.open.session;
-                match purpose {
-                    Purpose::Step => {
-                        let msg = Message::Hidden { session, start_pos };
-                        self.send_hidden(next, &msg, &frame).await
-                    }
-                    Purpose::Fill { through } if (hop.index as u32) < through => {
-                        let msg = Message::Fill {
-                            session,
-                            start_pos,
-                            through,
-                            tokens: Vec::new(),
-                        };
-                        self.send_fill(next, &msg, &frame).await
-                    }
-                    Purpose::Fill { .. } => Ok(()),
-                }
-            }
-            (ShardOutput::Logits(l), Purpose::Step) => self
-                .send_token(hop, start_pos as usize + fed, &l)
-                .await
-                .map_err(|e| (me, e.to_string())),
-            (ShardOutput::Logits(_), Purpose::Fill { .. }) => Ok(()),
+        match out {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err((me, e.to_string())),
+            Err(e) => Err((me, format!("compute task failed: {e}"))),
         }
+    }
+
+    /// A fill: computes `input` at `start_pos` into the KV cache and passes it on as a fill
+    /// while this hop's index is below `through`.
+    pub(super) async fn run_fill(
+        &self,
+        hop: &Arc<HopSession>,
+        input: ShardInput,
+        start_pos: u32,
+        through: u32,
+    ) -> Result<(), Blame> {
+        let me = self.endpoint.id();
+        let out = self.compute(hop, input, start_pos).await?;
+        self.counters.fills.fetch_add(1, Ordering::Relaxed);
+        let ShardOutput::Hidden(h) = out else {
+            return Ok(());
+        };
+        if hop.index as u32 >= through {
+            return Ok(());
+        }
+        let next = hop
+            .open
+            .route
+            .get(hop.index + 1)
+            .ok_or_else(|| (me, "hidden state produced by the last hop".to_string()))?;
+        let frame = self
+            .encode_and_record(hop, start_pos, &h)
+            .map_err(|e| (me, e))?;
+        let msg = Message::Fill {
+            session: hop.open.session,
+            start_pos,
+            through,
+            tokens: Vec::new(),
+        };
+        self.send_fill(next, &msg, &frame).await
     }
 
     /// Encodes the hidden state with the session's codec and records what the successor will
@@ -283,9 +333,14 @@ impl Inner {
         Ok(frame)
     }
 
-    /// Sends a step's hidden state to the successor (uni stream). A failure to reach it
-    /// blames the successor, so the client replaces that node, not this one.
-    async fn send_hidden(&self, next: &RouteHop, msg: &Message, frame: &[u8]) -> Result<(), Blame> {
+    /// Opens the stream that carries a step's hidden states to the successor and writes its
+    /// header; the frames follow chunk by chunk. A failure to reach it blames the successor, so
+    /// the client replaces that node, not this one.
+    async fn open_hidden(
+        &self,
+        next: &RouteHop,
+        msg: &Message,
+    ) -> Result<iroh::endpoint::SendStream, Blame> {
         let blame = |e: String| (next.node, format!("successor unreachable: {e}"));
         let conn = self
             .connection(next.node, &next.addrs)
@@ -295,10 +350,7 @@ impl Inner {
         write_message(&mut send, msg)
             .await
             .map_err(|e| blame(e.to_string()))?;
-        send.write_all(frame)
-            .await
-            .map_err(|e| blame(e.to_string()))?;
-        send.finish().map_err(|e| blame(e.to_string()))
+        Ok(send)
     }
 
     /// Sends a fill to the successor (bi stream) and waits until the chain behind it is filled.
@@ -443,6 +495,93 @@ fn tokens_input(tokens: &[u32]) -> Result<ShardInput, String> {
     Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu)
         .map(ShardInput::Tokens)
         .map_err(|e| e.to_string())
+}
+
+/// Where a step's chunks come from: the client's tokens (first hop), cut into chunks of the
+/// engine's prefill size, or the predecessor's frames on one stream, read as they arrive.
+enum ChunkSource {
+    Tokens {
+        tokens: Vec<u32>,
+        next: usize,
+        chunk: usize,
+        end: usize,
+    },
+    Frames {
+        recv: RecvStream,
+        next: usize,
+        end: usize,
+        session: u64,
+    },
+}
+
+impl ChunkSource {
+    /// The position after the step's last row.
+    fn end(&self) -> usize {
+        match self {
+            ChunkSource::Tokens { end, .. } | ChunkSource::Frames { end, .. } => *end,
+        }
+    }
+
+    /// The next chunk and its first position; `None` once the step's rows are all read.
+    async fn next(&mut self) -> Option<Result<(ShardInput, u32), String>> {
+        match self {
+            ChunkSource::Tokens {
+                tokens,
+                next,
+                chunk,
+                end,
+            } => {
+                if *next >= *end {
+                    return None;
+                }
+                let first = *end - tokens.len();
+                let upto = next.saturating_add(*chunk).min(*end);
+                let input = tokens_input(&tokens[*next - first..upto - first]);
+                let start = *next as u32;
+                *next = upto;
+                Some(input.map(|i| (i, start)))
+            }
+            ChunkSource::Frames {
+                recv,
+                next,
+                end,
+                session,
+            } => {
+                if *next >= *end {
+                    return None;
+                }
+                let read = async {
+                    let frame = read_frame(recv, DEFAULT_MAX_FRAME)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let frame = frame.as_frame();
+                    let (dims, position) = (&frame.header.dims, frame.header.position as usize);
+                    let rows = match dims[..] {
+                        [1, rows, _] if rows > 0 => rows,
+                        _ => return Err(format!("hidden-state frame of shape {dims:?}")),
+                    };
+                    if frame.header.session != *session
+                        || position != *next
+                        || position + rows > *end
+                    {
+                        return Err(format!(
+                            "hidden-state frame for session {} at {position}..{}, expected \
+                             session {session} at {next} (step ends at {end})",
+                            frame.header.session,
+                            position + rows
+                        ));
+                    }
+                    let input = frame.to_tensor().map_err(|e| e.to_string())?;
+                    Ok((ShardInput::Hidden(input), rows))
+                };
+                let start = *next as u32;
+                Some(read.await.map(|(input, rows)| {
+                    *next += rows;
+                    (input, start)
+                }))
+            }
+        }
+    }
 }
 
 /// A hidden-state frame read from `recv` as a hop's input.

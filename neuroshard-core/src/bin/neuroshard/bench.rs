@@ -20,6 +20,10 @@ pub(crate) struct BenchArgs {
     /// Tokens to decode.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Measure decode after the whole prompt (decode at that context length) instead of after
+    /// an 8-token prompt.
+    #[arg(long)]
+    decode_after_prompt: bool,
     /// Repetitions (best is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -34,6 +38,7 @@ pub(crate) fn run(args: BenchArgs, threads: usize) -> Result<(), Error> {
         modes,
         prompt_tokens,
         decode_tokens,
+        decode_after_prompt,
         reps,
         json,
     } = args;
@@ -53,7 +58,11 @@ pub(crate) fn run(args: BenchArgs, threads: usize) -> Result<(), Error> {
             .take(prompt_tokens.max(1))
             .copied()
             .collect();
-        let short: Vec<u32> = prompt.iter().take(8).copied().collect();
+        let short: Vec<u32> = if decode_after_prompt {
+            prompt.clone()
+        } else {
+            prompt.iter().take(8).copied().collect()
+        };
         let (mut best_prefill, mut best_decode) = (0f64, 0f64);
         // The greedy tokens, so a comparison (benches/llamacpp_compare) can check them.
         let mut decoded = Vec::new();
@@ -96,6 +105,8 @@ pub(crate) fn run(args: BenchArgs, threads: usize) -> Result<(), Error> {
                 "threads": threads,
                 "prompt_tokens": prompt.len(),
                 "decode_tokens": decode_tokens,
+                "decode_context": short.len(),
+                "peak_rss_bytes": neuroshard_core::runtime::peak_rss_bytes(),
             });
             if metric == "decode" {
                 record["decode_token_ids"] = serde_json::json!(decoded);

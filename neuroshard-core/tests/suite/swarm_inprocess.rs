@@ -3,9 +3,7 @@
 //! reference tokens. Security: a hidden-state frame from a node that is not the hop's
 //! predecessor is refused, and a session-open not signed by the client is refused.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use neuroshard_core::internals::BlockingSession;
 use neuroshard_core::internals::{write_message, Message, SessionOpen, INFER_ALPN};
 use neuroshard_core::net::endpoint::EndpointOptions;
@@ -19,11 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 async fn spawn_nodes() -> Vec<Node> {
+    spawn_nodes_with(EngineOptions::default()).await
+}
+
+async fn spawn_nodes_with(options: EngineOptions) -> Vec<Node> {
     let path = smollm2();
     let mut nodes = Vec::new();
     for range in [0..10, 10..20, 20..30] {
-        let engine =
-            Arc::new(ShardEngine::load(&path, range, EngineOptions::default()).expect("load"));
+        let engine = Arc::new(ShardEngine::load(&path, range, options.clone()).expect("load"));
         nodes.push(
             Node::spawn(
                 engine,
@@ -54,12 +55,38 @@ fn route(nodes: &[Node]) -> Vec<RouteHop> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_generate_the_reference_text() {
     let nodes = spawn_nodes().await;
+    let steps = reference_text_through(&nodes).await;
+    // Prefill + one step per generated token after the first.
+    assert_eq!(steps, smollm2_prompt_and_greedy().1.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_in_chunks_pipelines_through_three_nodes() {
+    // Chunks of 2 positions: the prompt crosses every hop as several frames on one stream, and
+    // the last hop samples only after the last chunk; the text is still the reference.
+    let nodes = spawn_nodes_with(EngineOptions {
+        prefill_chunk: 2,
+        ..EngineOptions::default()
+    })
+    .await;
+    let steps = reference_text_through(&nodes).await;
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    assert!(prompt.len() > 4, "a prompt of several chunks");
+    assert_eq!(
+        steps,
+        (prompt.len().div_ceil(2) + expected.len() - 1) as u64
+    );
+}
+
+/// Generates the reference continuation over `nodes` (one route through all of them), checks
+/// the text, closes the session, shuts everything down; returns the steps each hop computed.
+async fn reference_text_through(nodes: &[Node]) -> u64 {
     let client = new_client().await;
     let (prompt, expected) = smollm2_prompt_and_greedy();
     let mid = model_id(nodes[0].engine());
     let session = client
         .open_session(
-            route(&nodes),
+            route(nodes),
             &mid,
             Codec::F16,
             SamplingParams::greedy(),
@@ -92,13 +119,17 @@ async fn three_nodes_generate_the_reference_text() {
     assert_eq!(out.tokens, expected);
     let reference = reference_json("smollm2");
     assert_eq!(out.text, reference["greedy_text"].as_str().expect("text"));
-    for node in &nodes {
-        // Prefill + one step per generated token after the first.
-        assert_eq!(node.stats().steps, expected.len() as u64, "{node:?}");
+    let steps = nodes[0].stats().steps;
+    for node in nodes {
+        assert_eq!(
+            node.stats().steps,
+            steps,
+            "every hop computed every chunk: {node:?}"
+        );
         assert_eq!(node.engine().stats().sessions_open, 1);
     }
     session.close().await;
-    for node in &nodes {
+    for node in nodes {
         assert_eq!(
             node.engine().stats().sessions_open,
             0,
@@ -106,9 +137,10 @@ async fn three_nodes_generate_the_reference_text() {
         );
     }
     client.shutdown().await;
-    for n in &nodes {
+    for n in nodes {
         n.shutdown().await;
     }
+    steps
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,6 +203,7 @@ async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
         &Message::Hidden {
             session: session.id(),
             start_pos: 0,
+            step_end: 2,
         },
     )
     .await

@@ -3,9 +3,7 @@
 //! generates; a node that stops announcing disappears after its announcements expire. Waits are
 //! wait-until loops with deadlines.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use neuroshard_core::internals::BlockingSession;
 use neuroshard_core::net::endpoint::resolve_peer_addr;
 use neuroshard_core::net::endpoint::EndpointOptions;

@@ -5,9 +5,7 @@
 //! recomputing the hops before it. The text must equal the undisturbed reference, the killed
 //! node must have served steps before the fault and its replica after it.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use neuroshard_core::wire::Codec;
 use neuroshard_core::GenerationConfig;
 use std::sync::{Arc, Mutex};

@@ -2,10 +2,8 @@
 //! top-5 logits after the prompt and 24 greedy tokens, unsplit and split at 10 and 10,20, in
 //! the default exact mode (Q4_1 blocks x f32 activations) and the f32 reference mode.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{Device, Tensor};
-use common::*;
 use neuroshard_core::{ComputeMode, EngineOptions};
 
 fn top5(logits: &[f32]) -> Vec<(u32, f32)> {

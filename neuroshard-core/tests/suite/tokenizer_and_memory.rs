@@ -1,9 +1,7 @@
 //! SmolLM2's tokenizer rebuilt from GGUF metadata, its chat template, and proof that a shard
 //! reads and keeps only its slice (loaded bytes and peak RSS of a separate process).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use neuroshard_core::{ChatMessage, Tokenizer, WeightFile};
 
 fn smollm2_tokenizer() -> Tokenizer {

@@ -1,10 +1,8 @@
 //! Every way a caller can misuse the engine gets a typed error, and sessions behave as
 //! documented: position-indexed overwrite, truncate, maximum length, close, idle expiry, limit.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use neuroshard_core::{EngineOptions, Error, ForwardRequest, ShardEngine, ShardInput};
 use std::time::Duration;
 

@@ -1,10 +1,8 @@
 //! Tiny GPT-2 and Llama fixtures vs Hugging Face transformers: logits, greedy continuation,
 //! loss, every parameter gradient and the loss after one AdamW step, for 1, 2 and 4 shards.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{Device, Tensor};
-use common::*;
 use neuroshard_core::{
     AdamWConfig, ComputeMode, EngineOptions, OutputGrad, ShardEngine, ShardInput, ShardOutput,
 };

@@ -3,9 +3,7 @@
 //! from peers (garbage, unknown session, huge length prefix, out-of-vocabulary tokens) answered
 //! or dropped while the node keeps serving.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use neuroshard_core::internals::BlockingSession;
 use neuroshard_core::internals::{write_message, Message, INFER_ALPN};
 use neuroshard_core::net::endpoint::{bind, EndpointOptions};
@@ -149,6 +147,7 @@ async fn hostile_peers_get_refused_and_the_node_keeps_serving() {
         &Message::Hidden {
             session: 424242,
             start_pos: 0,
+            step_end: 1,
         },
     )
     .await;

@@ -4,11 +4,8 @@
 //! of the next-token distributions. Teacher-forced agreement of 1.0 means the free-running
 //! greedy text is identical.
 
-#[path = "common/mod.rs"]
-mod common;
-
+use crate::common::*;
 use candle_core::{Device, Tensor};
-use common::*;
 use neuroshard_core::wire::{decode_frame, encode_frame, Codec, FrameMeta};
 use neuroshard_core::{
     EngineOptions, ForwardRequest, ShardEngine, ShardInput, ShardOutput, Tokenizer,

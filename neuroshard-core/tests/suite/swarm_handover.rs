@@ -5,9 +5,7 @@
 //! no refill and no replay anywhere, the leaving node must have served steps before and the
 //! replica after.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use neuroshard_core::wire::Codec;
 use neuroshard_core::GenerationConfig;
 use neuroshard_core::LeaveReport;

@@ -9,9 +9,7 @@
 //! SIGTERM a KV hand-over and nothing refilled at all. Every process is killed when the test
 //! ends, stalled ones included.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use neuroshard_core::net::endpoint::{parse_peer_addr, EndpointOptions};
 use neuroshard_core::net::now_ms;
 use neuroshard_core::Client;
