@@ -9,6 +9,7 @@
 //! Submodules: [`relay`] (the data path: steps, fills, replays), [`handover`] (leaving the
 //! swarm and moving KV caches), `sent` (the hidden states a hop sent, for replays).
 
+mod batcher;
 mod handover;
 mod relay;
 mod sent;
@@ -112,6 +113,8 @@ impl HopSession {
 
 struct Inner {
     engine: Arc<ShardEngine>,
+    /// One-position steps of all sessions go through here and run as batches.
+    batcher: batcher::DecodeBatcher,
     endpoint: Endpoint,
     model_id: String,
     sessions: Mutex<HashMap<u64, Arc<HopSession>>>,
@@ -386,6 +389,7 @@ impl Node {
         let inner = Arc::new(Inner {
             peers: Mutex::new(PeerSet::new(model_id.clone())),
             model_id,
+            batcher: batcher::DecodeBatcher::spawn(engine.clone()),
             engine,
             endpoint: endpoint.clone(),
             sessions: Mutex::new(HashMap::new()),

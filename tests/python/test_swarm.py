@@ -187,10 +187,14 @@ def test_twenty_interpreters_exit_cleanly() -> None:
 
 
 def test_decode_speed_matches_the_cli(client, swarm, smollm2_reference) -> None:
-    """Within 5% of the CLI's decode tokens/s, alternating runs, best of 3 each."""
-    tokens = 96
+    """Within 5% of the CLI's decode tokens/s, alternating runs, best of 5 each.
+
+    Single runs on the 2-core CI machine vary by up to ~8% (the swarm shares the cores with
+    whichever client runs); the best of five alternating runs is stable to a few percent.
+    """
+    tokens = 128
     py_best, cli_best = 0.0, 0.0
-    for _ in range(3):
+    for _ in range(5):
         out = client.generate_details(smollm2_reference["prompt"], max_tokens=tokens, ignore_eos=True)
         py_best = max(py_best, out["decode_tokens_per_sec"])
         cli = subprocess.run(

@@ -9,6 +9,7 @@
 
 use super::{HopSession, Inner};
 use crate::engine::ForwardRequest;
+use crate::error::Error;
 use crate::model::sampling::sample;
 use crate::model::shard::{ShardInput, ShardOutput};
 use crate::net::proto::{dial, read_message, write_message, Message, RouteHop};
@@ -261,21 +262,27 @@ impl Inner {
         start_pos: u32,
     ) -> Result<ShardOutput, Blame> {
         let me = self.endpoint.id();
-        let engine = self.engine.clone();
+        let rows = match &input {
+            ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
+        };
         let req = ForwardRequest::new(input)
             .session(hop.open.session, start_pos as usize)
             .layers(hop.layers())
             .last_logits_only();
         let t0 = std::time::Instant::now();
-        let out = tokio::task::spawn_blocking(move || engine.forward(req)).await;
+        // Decode steps batch with other sessions' (bit-identical results); prompts run alone.
+        let out = if rows == 1 {
+            self.batcher.run(req).await
+        } else {
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || engine.forward(req))
+                .await
+                .unwrap_or_else(|e| Err(Error::Internal(format!("compute task failed: {e}"))))
+        };
         self.counters
             .compute_us
             .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match out {
-            Ok(Ok(out)) => Ok(out),
-            Ok(Err(e)) => Err((me, e.to_string())),
-            Err(e) => Err((me, format!("compute task failed: {e}"))),
-        }
+        out.map_err(|e| (me, e.to_string()))
     }
 
     /// A fill: computes `input` at `start_pos` into the KV cache and passes it on as a fill

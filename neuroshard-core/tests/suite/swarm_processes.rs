@@ -413,3 +413,43 @@ fn separate_node_processes_generate_and_survive_every_fault() {
     disturb(&mut swarm, 1, Fault::Stop, &undisturbed);
     disturb(&mut swarm, 1, Fault::Term, &undisturbed);
 }
+
+/// `neuroshard generate` with `args`, 8 greedy tokens; its stdout (the generated text).
+fn generate_text(args: &[&str], prompt: &str) -> String {
+    let out = Command::new(bin())
+        .args(["--threads", "1", "generate"])
+        .args(args)
+        .args(["--prompt", prompt, "--max-tokens", "8", "--ignore-eos"])
+        .output()
+        .expect("run generate");
+    assert!(
+        out.status.success(),
+        "generate {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 text")
+}
+
+#[test]
+fn a_long_prompt_through_three_node_processes_equals_one_process() {
+    // ~2,000 tokens of prose: four chunks of 512 that pipeline hop to hop (the client's step
+    // deadline grows with the prompt instead of a fixed 30 s).
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").expect("GPL-3");
+    let tokenizer = neuroshard_core::Tokenizer::open(&smollm2()).expect("tokenizer");
+    let ids = tokenizer.encode(&text).expect("encode");
+    let prompt = tokenizer.decode(&ids[..2000]).expect("decode");
+    let mut swarm = Swarm::new();
+    // The first node, then two that join through it.
+    swarm.start(&[(0, 10)]);
+    swarm.start(&[(10, 20), (20, 30)]);
+    swarm.wait_converged();
+    let peers: Vec<String> = swarm.procs.iter().map(|p| p.addr.clone()).collect();
+    // Lossless frames between hops, so the text must equal the single process's exactly.
+    let mut args = vec!["--codec", "f32", "--peers"];
+    args.extend(peers.iter().map(String::as_str));
+    let over_swarm = generate_text(&args, &prompt);
+    let model = smollm2();
+    let alone = generate_text(&["--model", model.to_str().expect("utf-8 path")], &prompt);
+    assert!(!alone.trim().is_empty(), "no text generated");
+    assert_eq!(over_swarm, alone, "{}", swarm.logs());
+}

@@ -1,6 +1,6 @@
 //! `neuroshard bench`: prefill and decode tokens/s in one process, as JSON records.
 
-use crate::common::{load_pipeline, machine_name, write_json};
+use crate::common::{load_pipeline, machine_name, write_json, EngineArgs};
 use neuroshard_core::{generate, ComputeMode, Error, GenerationConfig, LogitsBackend};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,6 +30,8 @@ pub(crate) struct BenchArgs {
     /// Write results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 pub(crate) fn run(args: BenchArgs, threads: usize) -> Result<(), Error> {
@@ -41,11 +43,12 @@ pub(crate) fn run(args: BenchArgs, threads: usize) -> Result<(), Error> {
         decode_after_prompt,
         reps,
         json,
+        engine,
     } = args;
     let machine = machine_name();
     let mut results = Vec::new();
     for mode in modes {
-        let mut pipeline = load_pipeline(&model, &[], mode)?;
+        let mut pipeline = load_pipeline(&model, &[], engine.options(mode))?;
         let tokenizer = pipeline.tokenizer()?;
         // A realistic prompt: English text repeated to the requested length.
         let base = tokenizer.encode(

@@ -1,6 +1,9 @@
 //! What several subcommands share: sampling flags, the runtime, model loading, printing.
 
-use neuroshard_core::{ComputeMode, EngineOptions, Error, LocalPipeline, SamplingParams};
+use neuroshard_core::{
+    ComputeMode, EngineOptions, Error, KvDtype, LocalPipeline, SamplingParams,
+    DEFAULT_PREFILL_CHUNK,
+};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -55,27 +58,44 @@ pub(crate) fn print_piece(piece: &str) {
     let _ = stdout.flush();
 }
 
+/// Engine flags of the subcommands that load layers.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct EngineArgs {
+    /// Element type of the sessions' KV cache: f32, or f16 (half the memory).
+    #[arg(long, default_value = "f32")]
+    pub(crate) kv_dtype: KvDtype,
+    /// Long prompts run this many positions at a time, pipelined across nodes (0: one pass).
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    pub(crate) prefill_chunk: usize,
+}
+
+impl EngineArgs {
+    /// Engine options with these flags and compute mode `mode`.
+    pub(crate) fn options(&self, mode: ComputeMode) -> EngineOptions {
+        EngineOptions {
+            mode,
+            kv_dtype: self.kv_dtype,
+            prefill_chunk: self.prefill_chunk,
+            ..EngineOptions::default()
+        }
+    }
+}
+
 /// Loads the model as in-process shards cut at `split`, with progress on stderr.
 pub(crate) fn load_pipeline(
     model: &Path,
     split: &[usize],
-    mode: ComputeMode,
+    options: EngineOptions,
 ) -> Result<LocalPipeline, Error> {
     let t0 = Instant::now();
-    let pipeline = LocalPipeline::load_with_progress(
-        model,
-        split,
-        EngineOptions {
-            mode,
-            ..EngineOptions::default()
-        },
-        &mut |shard, done, total| {
+    let mode = options.mode;
+    let pipeline =
+        LocalPipeline::load_with_progress(model, split, options, &mut |shard, done, total| {
             eprint!("\rloading shard {shard}: {done}/{total} layers   ");
             if done == total {
                 eprintln!();
             }
-        },
-    )?;
+        })?;
     let ranges: Vec<String> = pipeline
         .shards()
         .iter()

@@ -1,6 +1,8 @@
 //! `neuroshard generate`: in-process shards (`--model`) or a swarm (`--peers`).
 
-use crate::common::{load_pipeline, print_piece, route_line, tokio_runtime, SamplingArgs};
+use crate::common::{
+    load_pipeline, print_piece, route_line, tokio_runtime, EngineArgs, SamplingArgs,
+};
 use neuroshard_core::{
     encode_prompt, generate, resolve_peers, runtime, Client, Codec, ComputeMode, Error,
     GenerationConfig, SwarmOptions, SwarmSession,
@@ -40,6 +42,8 @@ pub(crate) struct GenerateArgs {
     /// f16/f32 matrices to Q8_0: approximate).
     #[arg(long, default_value = "exact")]
     mode: ComputeMode,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
@@ -75,7 +79,7 @@ pub(crate) fn run(args: GenerateArgs, threads: usize) -> Result<(), Error> {
 }
 
 fn run_local(model: PathBuf, args: GenerateArgs, threads: usize) -> Result<(), Error> {
-    let mut pipeline = load_pipeline(&model, &args.split, args.mode)?;
+    let mut pipeline = load_pipeline(&model, &args.split, args.engine.options(args.mode))?;
     let tokenizer = pipeline.tokenizer()?;
     let prompt = encode_prompt(&tokenizer, &args.prompt, args.chat, args.system.as_deref())?;
     let out = generate(

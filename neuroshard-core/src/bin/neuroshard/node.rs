@@ -1,10 +1,8 @@
 //! `neuroshard node`: serve a slice of layers until Ctrl-C / SIGTERM, then leave gracefully.
 
-use crate::common::{data_dir, tokio_runtime};
+use crate::common::{data_dir, tokio_runtime, EngineArgs};
 use neuroshard_core::net::endpoint::{load_or_create_key, EndpointOptions};
-use neuroshard_core::{
-    resolve_peers, ComputeMode, EngineOptions, Error, Node, NodeOptions, ShardEngine,
-};
+use neuroshard_core::{resolve_peers, ComputeMode, Error, Node, NodeOptions, ShardEngine};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +36,8 @@ pub(crate) struct NodeArgs {
     /// Compute mode.
     #[arg(long, default_value = "exact")]
     mode: ComputeMode,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Accepted for compatibility with the seed's CLI: every node serves model info.
     #[arg(long)]
     entry: bool,
@@ -68,10 +68,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
     let engine = ShardEngine::load_with_progress(
         &args.model,
         args.start..args.end,
-        EngineOptions {
-            mode: args.mode,
-            ..EngineOptions::default()
-        },
+        args.engine.options(args.mode),
         |done, total| {
             eprint!("\rloading layers: {done}/{total}   ");
             if done == total {

@@ -1,10 +1,10 @@
 //! `neuroshard swarm`: a whole swarm in this process, and one generation through it.
 
 use crate::common::{
-    machine_name, print_piece, route_line, tokio_runtime, write_json, SamplingArgs,
+    machine_name, print_piece, route_line, tokio_runtime, write_json, EngineArgs, SamplingArgs,
 };
 use neuroshard_core::{
-    encode_prompt, Client, Codec, ComputeMode, EngineOptions, Error, GenerationConfig, LocalSwarm,
+    encode_prompt, Client, Codec, ComputeMode, Error, GenerationConfig, LocalSwarm,
 };
 use std::path::PathBuf;
 use std::time::Instant;
@@ -32,6 +32,8 @@ pub(crate) struct SwarmArgs {
     /// Compute mode of every node.
     #[arg(long, default_value = "exact")]
     mode: ComputeMode,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Codec of hidden states between nodes: f32, f16, bf16, q8, q4.
     #[arg(long, default_value = "f16")]
     codec: Codec,
@@ -49,10 +51,7 @@ pub(crate) struct SwarmArgs {
 pub(crate) fn run(args: SwarmArgs) -> Result<(), Error> {
     tokio_runtime()?.block_on(async move {
         let t0 = Instant::now();
-        let options = EngineOptions {
-            mode: args.mode,
-            ..EngineOptions::default()
-        };
+        let options = args.engine.options(args.mode);
         let swarm = LocalSwarm::start(&args.model, args.nodes, args.replicas, options, &mut |line| {
             eprintln!("{line}")
         })
