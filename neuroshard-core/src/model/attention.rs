@@ -11,6 +11,7 @@
 
 use crate::kernels::KernelPath;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Keys per block of the online softmax (and the f16 → f32 conversion unit).
@@ -46,8 +47,10 @@ impl KvRows<'_> {
         match self {
             KvRows::F32(v) => &v[range],
             KvRows::F16(v) => {
-                buf.clear();
-                buf.extend(v[range].iter().map(|x| x.to_f32()));
+                // `half`'s slice conversion uses F16C when the CPU has it (per-value
+                // conversion is ~10x slower).
+                buf.resize(range.len(), 0.0);
+                v[range].convert_to_f32_slice(buf);
                 buf
             }
         }

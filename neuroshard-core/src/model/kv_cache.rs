@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::attention::KvRows;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// Positions allocated by the first write when it is shorter.
 const MIN_CAPACITY: usize = 64;
@@ -39,19 +40,20 @@ impl std::str::FromStr for KvDtype {
     }
 }
 
-/// One stored value type of the cache.
+/// One stored value type of the cache; conversions work on whole slices (F16C when the CPU
+/// has it: converting value by value is ~10x slower).
 trait KvElem: Copy + Default + std::fmt::Debug {
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
+    fn store(dst: &mut [Self], src: &[f32]);
+    fn append_f32(src: &[Self], out: &mut Vec<f32>);
     fn rows(v: &[Self]) -> KvRows<'_>;
 }
 
 impl KvElem for f32 {
-    fn from_f32(x: f32) -> Self {
-        x
+    fn store(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
     }
-    fn to_f32(self) -> f32 {
-        self
+    fn append_f32(src: &[f32], out: &mut Vec<f32>) {
+        out.extend_from_slice(src);
     }
     fn rows(v: &[f32]) -> KvRows<'_> {
         KvRows::F32(v)
@@ -59,11 +61,13 @@ impl KvElem for f32 {
 }
 
 impl KvElem for f16 {
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
+    fn store(dst: &mut [f16], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
     }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+    fn append_f32(src: &[f16], out: &mut Vec<f32>) {
+        let at = out.len();
+        out.resize(at + src.len(), 0.0);
+        src.convert_to_f32_slice(&mut out[at..]);
     }
     fn rows(v: &[f16]) -> KvRows<'_> {
         KvRows::F16(v)
@@ -97,12 +101,8 @@ impl<T: KvElem> Sides<T> {
 
     /// Writes `k`, `v` (f32) at value offset `at`.
     fn put(&mut self, at: usize, k: &[f32], v: &[f32]) {
-        for (dst, src) in self.k[at..at + k.len()].iter_mut().zip(k) {
-            *dst = T::from_f32(*src);
-        }
-        for (dst, src) in self.v[at..at + v.len()].iter_mut().zip(v) {
-            *dst = T::from_f32(*src);
-        }
+        T::store(&mut self.k[at..at + k.len()], k);
+        T::store(&mut self.v[at..at + v.len()], v);
     }
 
     fn rows(&self, at: usize, n: usize) -> (KvRows<'_>, KvRows<'_>) {
@@ -111,8 +111,8 @@ impl<T: KvElem> Sides<T> {
 
     /// Appends `n` values from offset `at` of each side, as f32.
     fn gather(&self, at: usize, n: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) {
-        k.extend(self.k[at..at + n].iter().map(|x| x.to_f32()));
-        v.extend(self.v[at..at + n].iter().map(|x| x.to_f32()));
+        T::append_f32(&self.k[at..at + n], k);
+        T::append_f32(&self.v[at..at + n], v);
     }
 
     fn bytes(&self) -> usize {
