@@ -205,6 +205,21 @@ pub(crate) struct Linear {
 /// From this many input rows on, a quantised matrix is dequantised for a dense gemm.
 pub(crate) const DENSE_GEMM_ROWS: usize = 16;
 
+/// `x Wᵢᵀ` for each matrix `Wᵢ`, `x` holding `rows` rows: the block kernels for a few rows
+/// (decode), dequantised weights and the dense gemm for many (prefill chunks); the one choice
+/// for the buffer path and [`Linear::forward`] alike.
+pub(crate) fn project(parts: &[&QuantMatrix], x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
+    if rows < DENSE_GEMM_ROWS {
+        return QuantMatrix::matmul_fused(parts, x, rows);
+    }
+    let cols = x.len() / rows.max(1);
+    let xt = Tensor::from_slice(x, (rows, cols), &candle_core::Device::Cpu)?;
+    parts
+        .iter()
+        .map(|w| Ok(xt.matmul(&w.dequantize()?.t()?)?.flatten_all()?.to_vec1()?))
+        .collect()
+}
+
 impl Linear {
     /// y = x W (+ b) for x of shape `[..., in]`.
     pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
@@ -213,12 +228,16 @@ impl Linear {
         let rows: usize = dims[..last].iter().product();
         let x2 = x.reshape((rows, dims[last]))?;
         let y = match (&self.weight.quant, pass.track) {
-            // Many positions (prefill): dequantise the blocks once and use the dense gemm,
-            // which reuses each weight across rows far better than the per-row block kernel.
-            (Some(q), false) if rows >= DENSE_GEMM_ROWS => x2.matmul(&q.dequantize()?.t()?)?,
+            // Many positions (prefill) take the dense gemm, which reuses each weight across
+            // rows far better than the block kernels; a few take the block kernels.
             (Some(q), false) => {
                 let flat: Vec<f32> = x2.flatten_all()?.to_vec1()?;
-                Tensor::from_vec(q.matmul(&flat, rows)?, (rows, q.rows()), &Device::Cpu)?
+                let mut out = project(&[q], &flat, rows)?;
+                Tensor::from_vec(
+                    out.pop().unwrap_or_default(),
+                    (rows, q.rows()),
+                    &Device::Cpu,
+                )?
             }
             _ => {
                 let w = self.weight.get(pass)?;

@@ -11,8 +11,8 @@ use crate::model::config::ModelConfig;
 use crate::model::decode;
 use crate::model::kv_cache::LayerKv;
 use crate::model::layers::{
-    attention, merge_heads, split_heads, ComputeMode, KeysValues, Linear, Param, Pass, RmsNorm,
-    Rope, WeightLayout, DENSE_GEMM_ROWS,
+    attention, merge_heads, project, split_heads, ComputeMode, KeysValues, Linear, Param, Pass,
+    RmsNorm, Rope, WeightLayout,
 };
 use crate::model::weights::WeightFile;
 use candle_core::Tensor;
@@ -29,21 +29,6 @@ fn exactly<T, const N: usize>(outputs: Vec<T>, what: &str) -> Result<[T; N]> {
 pub(crate) struct RawScratch {
     h: Vec<f32>,
     attn: Vec<f32>,
-}
-
-/// `x Wᵢᵀ` for each matrix `Wᵢ`, `x` holding `rows` rows: the block kernels for a few rows
-/// (decode), dequantised weights and the dense gemm for many (prefill chunks), the same choice
-/// as [`Linear::forward`] makes at [`DENSE_GEMM_ROWS`].
-fn project(parts: &[&QuantMatrix], x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
-    if rows < DENSE_GEMM_ROWS {
-        return QuantMatrix::matmul_fused(parts, x, rows);
-    }
-    let cols = x.len() / rows.max(1);
-    let xt = Tensor::from_slice(x, (rows, cols), &candle_core::Device::Cpu)?;
-    parts
-        .iter()
-        .map(|w| Ok(xt.matmul(&w.dequantize()?.t()?)?.flatten_all()?.to_vec1()?))
-        .collect()
 }
 
 /// One Llama decoder layer.
