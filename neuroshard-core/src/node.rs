@@ -64,6 +64,10 @@ pub(crate) struct NodeCounters {
     pub(crate) handovers_in: AtomicU64,
     /// Microseconds spent computing steps and fills.
     pub(crate) compute_us: AtomicU64,
+    /// Hidden-state frame bytes sent to successors.
+    pub(crate) hidden_bytes_sent: AtomicU64,
+    /// Hidden-state frame bytes received from predecessors.
+    pub(crate) hidden_bytes_received: AtomicU64,
 }
 
 impl NodeCounters {
@@ -80,6 +84,9 @@ impl NodeCounters {
             sessions_opened: get(&self.sessions_opened),
             sessions_open: 0,
             compute_us: get(&self.compute_us),
+            hidden_bytes_sent: get(&self.hidden_bytes_sent),
+            hidden_bytes_received: get(&self.hidden_bytes_received),
+            ..NodeStats::default()
         }
     }
 }
@@ -654,8 +661,18 @@ impl Inner {
     }
 
     fn stats(&self) -> NodeStats {
+        let engine = self.engine.stats();
+        let (sessions_open, sent_state_bytes) = {
+            let sessions = lock(&self.sessions);
+            let sent: usize = sessions.values().map(|h| lock(&h.sent).bytes()).sum();
+            (sessions.len() as u64, sent as u64)
+        };
         NodeStats {
-            sessions_open: lock(&self.sessions).len() as u64,
+            sessions_open,
+            kv_cache_bytes: engine.kv_cache_bytes,
+            sent_state_bytes,
+            decode_batches: engine.decode_batches,
+            batched_steps: engine.batched_steps,
             ..self.counters.snapshot()
         }
     }

@@ -38,8 +38,9 @@ pub struct ModelInfo {
 /// Largest reply a client accepts for model info (a tokenizer with its merges is a few MB).
 pub(crate) const MAX_MODEL_INFO: usize = 64 << 20;
 
-/// A snapshot of a node's counters (operators and tests read them).
+/// A snapshot of a node's counters and memory (operators and tests read them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NodeStats {
     /// Steps computed (`Step` or `Hidden` messages processed).
     pub steps: u64,
@@ -59,6 +60,19 @@ pub struct NodeStats {
     pub sessions_open: u64,
     /// Time spent computing steps and fills, in microseconds.
     pub compute_us: u64,
+    /// Bytes held by the KV caches of the open sessions (allocated capacity).
+    pub kv_cache_bytes: u64,
+    /// Bytes held by the hidden states kept for replays (what this hop sent to its successor,
+    /// per open session, so a replacement successor can be refilled).
+    pub sent_state_bytes: u64,
+    /// Hidden-state frame bytes sent to successors (steps, fills and replays).
+    pub hidden_bytes_sent: u64,
+    /// Hidden-state frame bytes received from predecessors.
+    pub hidden_bytes_received: u64,
+    /// Decode batches of two or more sessions' steps run together.
+    pub decode_batches: u64,
+    /// Session steps that ran inside those batches.
+    pub batched_steps: u64,
 }
 
 /// One hop of a session's route, as the client planned it.

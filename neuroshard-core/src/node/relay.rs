@@ -7,14 +7,16 @@
 //! and passed on as a fill while the hop's index is below `through`; its reply travels back
 //! only once the whole chain is filled, so the client's retried step cannot overtake it.
 
-use super::{HopSession, Inner};
+use super::{HopSession, Inner, NodeCounters};
 use crate::engine::ForwardRequest;
 use crate::error::Error;
 use crate::model::sampling::sample;
 use crate::model::shard::{ShardInput, ShardOutput};
 use crate::net::proto::{dial, read_message, write_message, Message, RouteHop};
 use crate::net::{lock, NetError, NodeId};
-use crate::wire::{decode_frame, encode_frame, read_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
+use crate::wire::{
+    decode_frame, encode_frame, read_frame, Codec, FrameMeta, OwnedFrame, DEFAULT_MAX_FRAME,
+};
 use candle_core::{Device, Tensor};
 use iroh::endpoint::{Connection, RecvStream};
 use std::sync::atomic::Ordering;
@@ -87,7 +89,7 @@ impl Inner {
         let session = hop.open.session;
         let step_end = source.end();
         let mut successor: Option<(&RouteHop, iroh::endpoint::SendStream)> = None;
-        while let Some(chunk) = source.next().await {
+        while let Some(chunk) = source.next(&self.counters).await {
             let (input, start_pos) = chunk.map_err(|e| (me, e))?;
             let rows = match &input {
                 ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
@@ -118,6 +120,9 @@ impl Inner {
                     send.write_all(&frame)
                         .await
                         .map_err(|e| (next.node, format!("successor unreachable: {e}")))?;
+                    self.counters
+                        .hidden_bytes_sent
+                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 }
                 // Earlier chunks of a long step only fill the cache.
                 ShardOutput::Logits(l) if start_pos as usize + rows == step_end => self
@@ -163,7 +168,7 @@ impl Inner {
         let input = if hop.index == 0 {
             tokens_input(&tokens)
         } else {
-            hidden_input(recv).await
+            hidden_input(recv, &self.counters).await
         };
         let result = match input {
             Ok(input) => self.run_fill(&hop, input, start_pos, through).await,
@@ -374,6 +379,9 @@ impl Inner {
         send.write_all(frame)
             .await
             .map_err(|e| blame(e.to_string()))?;
+        self.counters
+            .hidden_bytes_sent
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
         send.finish().map_err(|e| blame(e.to_string()))?;
         match tokio::time::timeout(FILL_TIMEOUT, read_message(&mut recv)).await {
             Ok(Ok(Message::Ok)) => Ok(()),
@@ -530,7 +538,8 @@ impl ChunkSource {
     }
 
     /// The next chunk and its first position; `None` once the step's rows are all read.
-    async fn next(&mut self) -> Option<Result<(ShardInput, u32), String>> {
+    /// The next chunk; frame bytes read count into `counters`.
+    async fn next(&mut self, counters: &NodeCounters) -> Option<Result<(ShardInput, u32), String>> {
         match self {
             ChunkSource::Tokens {
                 tokens,
@@ -561,6 +570,7 @@ impl ChunkSource {
                     let frame = read_frame(recv, DEFAULT_MAX_FRAME)
                         .await
                         .map_err(|e| e.to_string())?;
+                    count_received(counters, &frame);
                     let frame = frame.as_frame();
                     let (dims, position) = (&frame.header.dims, frame.header.position as usize);
                     let rows = match dims[..] {
@@ -591,11 +601,23 @@ impl ChunkSource {
     }
 }
 
+/// Counts a received hidden-state frame (header and payload) into `counters`.
+fn count_received(counters: &NodeCounters, frame: &OwnedFrame) {
+    let bytes = frame.header().encoded_len() + frame.payload().len();
+    counters
+        .hidden_bytes_received
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
 /// A hidden-state frame read from `recv` as a hop's input.
-async fn hidden_input(recv: &mut RecvStream) -> Result<ShardInput, String> {
+async fn hidden_input(
+    recv: &mut RecvStream,
+    counters: &NodeCounters,
+) -> Result<ShardInput, String> {
     let frame = read_frame(recv, DEFAULT_MAX_FRAME)
         .await
         .map_err(|e| e.to_string())?;
+    count_received(counters, &frame);
     frame
         .as_frame()
         .to_tensor()

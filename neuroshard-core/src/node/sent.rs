@@ -15,6 +15,11 @@ impl SentStates {
         self.rows.len().checked_div(self.width).unwrap_or(0)
     }
 
+    /// Bytes the record holds.
+    pub(crate) fn bytes(&self) -> usize {
+        self.rows.capacity() * std::mem::size_of::<f32>()
+    }
+
     /// Row width (0 while empty).
     pub(crate) fn width(&self) -> usize {
         self.width

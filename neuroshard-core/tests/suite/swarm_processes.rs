@@ -416,18 +416,54 @@ fn separate_node_processes_generate_and_survive_every_fault() {
 
 /// `neuroshard generate` with `args`, 8 greedy tokens; its stdout (the generated text).
 fn generate_text(args: &[&str], prompt: &str) -> String {
-    let out = Command::new(bin())
+    finish_generate(spawn_generate(args, prompt, 8), args)
+}
+
+/// Starts `neuroshard generate` with `args` for `tokens` greedy tokens.
+fn spawn_generate(args: &[&str], prompt: &str, tokens: usize) -> Child {
+    Command::new(bin())
         .args(["--threads", "1", "generate"])
         .args(args)
-        .args(["--prompt", prompt, "--max-tokens", "8", "--ignore-eos"])
-        .output()
-        .expect("run generate");
+        .args([
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            &tokens.to_string(),
+            "--ignore-eos",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run generate")
+}
+
+/// Waits for a `generate` process; its stdout (the generated text).
+fn finish_generate(child: Child, args: &[&str]) -> String {
+    let out = child.wait_with_output().expect("wait generate");
     assert!(
         out.status.success(),
         "generate {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 text")
+}
+
+/// Every node's stats once it holds no session any more (closing is asynchronous to the
+/// client's exit), bounded in time.
+fn stats_when_idle(swarm: &Swarm) -> Vec<NodeStats> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats: Vec<NodeStats> = swarm
+            .procs
+            .iter()
+            .map(|p| swarm.stats(&p.addr).expect("stats"))
+            .collect();
+        if stats.iter().all(|s| s.sessions_open == 0) {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "sessions stayed open: {stats:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -452,4 +488,57 @@ fn a_long_prompt_through_three_node_processes_equals_one_process() {
     let alone = generate_text(&["--model", model.to_str().expect("utf-8 path")], &prompt);
     assert!(!alone.trim().is_empty(), "no text generated");
     assert_eq!(over_swarm, alone, "{}", swarm.logs());
+
+    // Accounting: each hop sent its successor the prompt's hidden states (f32 frames, 576
+    // values a position) and the successor counted the same bytes in; the last hop sends
+    // tokens only. With the session closed, no KV cache or replay record is left.
+    let stats = stats_when_idle(&swarm);
+    let prompt_bytes = 2000 * 576 * 4;
+    for hop in 0..2 {
+        assert!(
+            stats[hop].hidden_bytes_sent >= prompt_bytes,
+            "hop {hop}: {stats:?}"
+        );
+        assert_eq!(
+            stats[hop + 1].hidden_bytes_received,
+            stats[hop].hidden_bytes_sent,
+            "hop {hop}: {stats:?}"
+        );
+    }
+    assert_eq!(stats[2].hidden_bytes_sent, 0, "{stats:?}");
+    for s in &stats {
+        assert_eq!((s.kv_cache_bytes, s.sent_state_bytes), (0, 0), "{stats:?}");
+    }
+
+    // Separate node processes batch the decode steps of concurrent sessions, and every
+    // session's text equals its solo run's.
+    let prompts = [
+        "The capital of France is",
+        "Gravity is a force that",
+        "A good breakfast includes",
+        "The ocean is home to",
+    ];
+    let mut args = vec!["--peers"];
+    args.extend(peers.iter().map(String::as_str));
+    let solo: Vec<String> = prompts
+        .iter()
+        .map(|p| finish_generate(spawn_generate(&args, p, 24), &args))
+        .collect();
+    let before = stats_when_idle(&swarm);
+    let children: Vec<Child> = prompts
+        .iter()
+        .map(|p| spawn_generate(&args, p, 24))
+        .collect();
+    let together: Vec<String> = children
+        .into_iter()
+        .map(|c| finish_generate(c, &args))
+        .collect();
+    assert_eq!(together, solo, "concurrent sessions changed a text");
+    let after = stats_when_idle(&swarm);
+    let batched: u64 = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.batched_steps - b.batched_steps)
+        .sum();
+    assert!(batched > 0, "no decode batch formed: {after:?}");
 }

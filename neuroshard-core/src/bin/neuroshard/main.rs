@@ -4,6 +4,7 @@
 //! can be piped.
 
 mod bench;
+mod bench_sessions;
 mod common;
 mod generate;
 mod node;
@@ -45,6 +46,9 @@ enum Command {
     ShardInfo(shard_info::ShardInfoArgs),
     /// Measure prefill and decode tokens/s in one process and write JSON.
     Bench(bench::BenchArgs),
+    /// Measure aggregate decode tokens/s of many concurrent sessions on an in-process swarm
+    /// (nodes batch their steps) and check every session's text against its solo run.
+    BenchSessions(bench_sessions::BenchSessionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         Command::Peers(args) => peers::run(args),
         Command::ShardInfo(args) => shard_info::run(args),
         Command::Bench(args) => bench::run(args, info.threads),
+        Command::BenchSessions(args) => bench_sessions::run(args, info.threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

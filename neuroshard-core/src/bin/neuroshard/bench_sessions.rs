@@ -1,0 +1,207 @@
+//! `neuroshard bench-sessions`: aggregate decode tokens/s of many concurrent sessions on an
+//! in-process swarm of 1 or more nodes, each session's text checked against its solo run.
+//!
+//! The shape follows `llama-batched-bench -npp 16 -ntg 64 -npl 1,4,8,16`: every session has a
+//! short prompt and decodes a fixed number of tokens (greedy, end-of-sequence ignored), all
+//! sessions at once. The nodes batch the decode steps that reach them together
+//! (`node/batcher.rs`), so the aggregate rate grows with the session count while each
+//! session's tokens stay those of its solo run (batch invariance).
+
+use crate::common::{machine_name, tokio_runtime, write_json, EngineArgs};
+use neuroshard_core::{
+    Client, Codec, ComputeMode, Error, GenerationConfig, GenerationOutput, LocalSwarm,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Flags of `neuroshard bench-sessions`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchSessionsArgs {
+    /// Model path.
+    #[arg(long)]
+    model: PathBuf,
+    /// Swarm sizes to measure (nodes, one slice each).
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    nodes: Vec<usize>,
+    /// Concurrent session counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    sessions: Vec<usize>,
+    /// Prompt tokens per session.
+    #[arg(long, default_value_t = 16)]
+    prompt_tokens: usize,
+    /// Tokens each session decodes.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Compute mode of every node.
+    #[arg(long, default_value = "exact")]
+    mode: ComputeMode,
+    /// Codec of hidden states between nodes.
+    #[arg(long, default_value = "f16")]
+    codec: Codec,
+    /// Repetitions per (nodes, sessions) point; the best aggregate is reported.
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Write results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Session `s`'s prompt: the bench text rotated by `s` tokens, so sessions differ.
+fn prompt_for(base: &[u32], s: usize, len: usize) -> Vec<u32> {
+    base.iter().cycle().skip(s * 3).take(len).copied().collect()
+}
+
+/// Runs `prompts` at once through `swarm`; returns each output and the wall time of all.
+async fn run_all(
+    swarm: &Arc<LocalSwarm>,
+    client: &Client,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    codec: Codec,
+) -> Result<(Vec<GenerationOutput>, f64), Error> {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|prompt| {
+            let (swarm, client, prompt, config) = (
+                swarm.clone(),
+                client.clone(),
+                prompt.clone(),
+                config.clone(),
+            );
+            tokio::spawn(async move {
+                swarm
+                    .generate(&client, prompt, config, codec, Box::new(|_| {}))
+                    .await
+            })
+        })
+        .collect();
+    let mut outs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let out = task
+            .await
+            .map_err(|e| Error::Generation(format!("session task failed: {e}")))??;
+        outs.push(out);
+    }
+    Ok((outs, t0.elapsed().as_secs_f64()))
+}
+
+/// Decode tokens/s of sessions that ran at once: all decode steps over the longest decode
+/// window (the sessions decode side by side, so that window covers every one of them).
+fn aggregate_decode(outs: &[GenerationOutput]) -> f64 {
+    let steps: usize = outs.iter().map(|o| o.tokens.len().saturating_sub(1)).sum();
+    let window = outs
+        .iter()
+        .map(|o| o.decode_time.as_secs_f64())
+        .fold(0f64, f64::max);
+    steps as f64 / window.max(1e-9)
+}
+
+pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> {
+    let max_sessions = args.sessions.iter().copied().max().unwrap_or(1);
+    let config = GenerationConfig {
+        max_tokens: args.decode_tokens,
+        ignore_eos: true,
+        ..GenerationConfig::default()
+    };
+    let machine = machine_name();
+    let mut records = Vec::new();
+    tokio_runtime()?.block_on(async {
+        for &nodes in &args.nodes {
+            let options = args.engine.options(args.mode);
+            let swarm = Arc::new(
+                LocalSwarm::start(&args.model, nodes, 1, options, &mut |line| {
+                    eprintln!("{line}")
+                })
+                .await?,
+            );
+            let client = Client::bind_default().await?;
+            let base = swarm.tokenizer().encode(
+                "The history of computing is a story of machines that learned to share work. \
+                 Early computers filled rooms; later, networks of small machines cooperated. ",
+            )?;
+            let prompts: Vec<Vec<u32>> = (0..max_sessions)
+                .map(|s| prompt_for(&base, s, args.prompt_tokens))
+                .collect();
+            // Every session's solo text, the reference its batched run must reproduce.
+            let mut solo = Vec::with_capacity(max_sessions);
+            for prompt in &prompts {
+                let (mut outs, _) = run_all(
+                    &swarm,
+                    &client,
+                    std::slice::from_ref(prompt),
+                    &config,
+                    args.codec,
+                )
+                .await?;
+                solo.push(outs.remove(0).tokens);
+            }
+            let mut one_session = None;
+            for &n in &args.sessions {
+                let (mut best, mut best_wall) = (0f64, 0f64);
+                let before = swarm
+                    .nodes
+                    .iter()
+                    .map(|n| n.engine().stats())
+                    .collect::<Vec<_>>();
+                for _ in 0..args.reps.max(1) {
+                    let (outs, wall) =
+                        run_all(&swarm, &client, &prompts[..n], &config, args.codec).await?;
+                    for (s, out) in outs.iter().enumerate() {
+                        if out.tokens != solo[s] {
+                            return Err(Error::Generation(format!(
+                                "{nodes} node(s), {n} sessions: session {s}'s tokens differ \
+                                 from its solo run"
+                            )));
+                        }
+                    }
+                    let tokens: usize = outs.iter().map(|o| o.tokens.len()).sum();
+                    best = best.max(aggregate_decode(&outs));
+                    best_wall = best_wall.max(tokens as f64 / wall);
+                }
+                // How the nodes batched: decode steps per batch, over all nodes.
+                let (mut batches, mut batched) = (0u64, 0u64);
+                for (node, was) in swarm.nodes.iter().zip(&before) {
+                    let now = node.engine().stats();
+                    batches += now.decode_batches - was.decode_batches;
+                    batched += now.batched_steps - was.batched_steps;
+                }
+                let per_batch = batched as f64 / batches.max(1) as f64;
+                let base_rate = *one_session.get_or_insert(best);
+                eprintln!(
+                    "{nodes} node(s), {n:>2} sessions: {best:7.1} tok/s aggregate decode \
+                     ({:.2}x one session; {best_wall:.1} tok/s over the whole run), \
+                     {per_batch:.1} steps per node batch; texts equal their solo runs",
+                    best / base_rate
+                );
+                records.push(serde_json::json!({
+                    "name": format!("sessions_decode_nodes{nodes}_sessions{n}"),
+                    "unit": "tokens/s",
+                    "value": (best * 10.0).round() / 10.0,
+                    "over_one_session": (best / base_rate * 1000.0).round() / 1000.0,
+                    "whole_run_tokens_per_sec": (best_wall * 10.0).round() / 10.0,
+                    "steps_per_node_batch": (per_batch * 100.0).round() / 100.0,
+                    "nodes": nodes,
+                    "sessions": n,
+                    "prompt_tokens": args.prompt_tokens,
+                    "decode_tokens": args.decode_tokens,
+                    "mode": args.mode,
+                    "texts_equal_solo": true,
+                    "machine": machine,
+                    "threads": threads,
+                }));
+            }
+            client.shutdown().await;
+            swarm.shutdown().await;
+        }
+        Ok::<(), Error>(())
+    })?;
+    if let Some(path) = &args.json {
+        write_json(path, &serde_json::Value::Array(records))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
