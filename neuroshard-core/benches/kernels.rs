@@ -95,5 +95,36 @@ fn prefill(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, prefill);
+/// Decode batches: `m` sessions' one-position steps through a layer's gate matrix (Q4_1) and
+/// the LM head (Q8_0, 49152 x 576), against `m` one-input products: how much a batch gains by
+/// reading and unpacking each block once. Throughput in multiply-adds.
+fn batch(c: &mut Criterion) {
+    for (format, rows, cols) in [
+        (BlockFormat::Q4_1, 1536, 576),
+        (BlockFormat::Q8_0, 49152, 576),
+    ] {
+        let w = matrix(format, rows, cols, 3);
+        let mut group = c.benchmark_group(format!("batch/{format:?}/{rows}x{cols}"));
+        group.sample_size(10);
+        for m in [1usize, 8] {
+            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            group.throughput(Throughput::Elements((rows * cols * m) as u64));
+            group.bench_function(format!("{m}/batched"), |b| {
+                b.iter(|| w.matmul(black_box(&x), m).expect("matmul"))
+            });
+            if m > 1 {
+                group.bench_function(format!("{m}/one_by_one"), |b| {
+                    b.iter(|| {
+                        for row in x.chunks_exact(cols) {
+                            black_box(w.matmul(black_box(row), 1).expect("matmul"));
+                        }
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench, prefill, batch);
 criterion_main!(benches);

@@ -775,15 +775,22 @@ mod avx2 {
                 let blk = a.add(i * BB);
                 let bits = std::ptr::read_unaligned(blk as *const u16) as i32;
                 let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
-                let q = |at: usize| _mm256_cvtepi32_ps(widen::<true>(blk.add(2 + at)));
-                let q = [q(0), q(8), q(16), q(24)];
+                // The inputs' `q·x` chains advance step by step together (as in
+                // `row_inputs4`), each in the order `q8_block` runs it.
+                let mut s = [_mm256_setzero_ps(); R];
+                for j in 0..4 {
+                    let q = _mm256_cvtepi32_ps(widen::<true>(blk.add(2 + 8 * j)));
+                    for r in 0..R {
+                        let xv = _mm256_loadu_ps(x[r].add(i * BLOCK + 8 * j));
+                        s[r] = if j == 0 {
+                            _mm256_mul_ps(q, xv)
+                        } else {
+                            _mm256_fmadd_ps(q, xv, s[r])
+                        };
+                    }
+                }
                 for r in 0..R {
-                    let xp = x[r].add(i * BLOCK);
-                    let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
-                    s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
-                    s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
-                    s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s);
-                    acc[r][i % 2] = _mm256_fmadd_ps(d, s, acc[r][i % 2]);
+                    acc[r][i % 2] = _mm256_fmadd_ps(d, s[r], acc[r][i % 2]);
                 }
             }
         }
