@@ -9,7 +9,8 @@
 
 use crate::common::{machine_name, tokio_runtime, write_json, EngineArgs};
 use neuroshard_core::{
-    Client, Codec, ComputeMode, Error, GenerationConfig, GenerationOutput, LocalSwarm,
+    Client, Codec, ComputeMode, Error, ForwardRequest, GenerationConfig, GenerationOutput,
+    LocalSwarm, LogitsSelection, ShardEngine, ShardInput,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,12 +43,19 @@ pub(crate) struct BenchSessionsArgs {
     /// Repetitions per (nodes, sessions) point; the best aggregate is reported.
     #[arg(long, default_value_t = 1)]
     reps: usize,
+    /// Also measure the engine alone (batched `ShardEngine::forward_batch` steps, no network).
+    #[arg(long)]
+    engine_too: bool,
     /// Write results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineArgs,
 }
+
+/// The text the prompts are cut from.
+const BENCH_TEXT: &str = "The history of computing is a story of machines that learned to share \
+    work. Early computers filled rooms; later, networks of small machines cooperated. ";
 
 /// Session `s`'s prompt: the bench text rotated by `s` tokens, so sessions differ.
 fn prompt_for(base: &[u32], s: usize, len: usize) -> Vec<u32> {
@@ -89,6 +97,62 @@ async fn run_all(
     Ok((outs, t0.elapsed().as_secs_f64()))
 }
 
+/// The engine alone, no network: `n` sessions prefilled one by one, then `decode` greedy
+/// steps of all of them per [`ShardEngine::forward_batch`] call. Returns each session's tokens
+/// and the aggregate decode tokens/s (the node-independent ceiling of batching).
+fn engine_decode(
+    engine: &ShardEngine,
+    prompts: &[Vec<u32>],
+    decode: usize,
+) -> Result<(Vec<Vec<u32>>, f64), Error> {
+    let argmax = |out: &neuroshard_core::ShardOutput| -> Result<u32, Error> {
+        let (values, _) = out.to_f32_vec()?;
+        let (best, _) = values
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            );
+        Ok(best as u32)
+    };
+    let base = 1_000_000u64;
+    let mut tokens = Vec::with_capacity(prompts.len());
+    for (s, prompt) in prompts.iter().enumerate() {
+        let id = base + s as u64;
+        engine.open_session(id)?;
+        let out = engine.forward(ForwardRequest {
+            session: Some(id),
+            logits: LogitsSelection::Last,
+            ..ForwardRequest::new(ShardInput::tokens_from_slice(prompt, 1, prompt.len())?)
+        })?;
+        tokens.push(vec![argmax(&out)?]);
+    }
+    let t0 = Instant::now();
+    for step in 0..decode.saturating_sub(1) {
+        let reqs = tokens
+            .iter()
+            .enumerate()
+            .map(|(s, t)| {
+                Ok(ForwardRequest {
+                    session: Some(base + s as u64),
+                    start_pos: prompts[s].len() + step,
+                    logits: LogitsSelection::Last,
+                    ..ForwardRequest::new(ShardInput::tokens_from_slice(&t[step..], 1, 1)?)
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        for (t, out) in tokens.iter_mut().zip(engine.forward_batch(reqs)) {
+            t.push(argmax(&out?)?);
+        }
+    }
+    let rate = (prompts.len() * decode.saturating_sub(1)) as f64 / t0.elapsed().as_secs_f64();
+    for s in 0..prompts.len() {
+        engine.close_session(base + s as u64)?;
+    }
+    Ok((tokens, rate))
+}
+
 /// Decode tokens/s of sessions that ran at once: all decode steps over the longest decode
 /// window (the sessions decode side by side, so that window covers every one of them).
 fn aggregate_decode(outs: &[GenerationOutput]) -> f64 {
@@ -109,6 +173,36 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
     };
     let machine = machine_name();
     let mut records = Vec::new();
+    if args.engine_too {
+        // The layer count comes from the model's config (a one-layer load reads it).
+        let layers = ShardEngine::load(&args.model, 0..1, args.engine.options(args.mode))?
+            .config()
+            .num_layers;
+        let engine = ShardEngine::load(&args.model, 0..layers, args.engine.options(args.mode))?;
+        let tokenizer = neuroshard_core::Tokenizer::open(&args.model)?;
+        let base = tokenizer.encode(BENCH_TEXT)?;
+        let prompts: Vec<Vec<u32>> = (0..max_sessions)
+            .map(|s| prompt_for(&base, s, args.prompt_tokens))
+            .collect();
+        let mut one = None;
+        for &n in &args.sessions {
+            let (_, rate) = engine_decode(&engine, &prompts[..n], args.decode_tokens)?;
+            let base_rate = *one.get_or_insert(rate);
+            eprintln!(
+                "engine only, {n:>2} sessions: {rate:7.1} tok/s aggregate decode ({:.2}x one session)",
+                rate / base_rate
+            );
+            records.push(serde_json::json!({
+                "name": format!("sessions_decode_engine_sessions{n}"),
+                "unit": "tokens/s",
+                "value": (rate * 10.0).round() / 10.0,
+                "over_one_session": (rate / base_rate * 1000.0).round() / 1000.0,
+                "sessions": n,
+                "machine": machine,
+                "threads": threads,
+            }));
+        }
+    }
     tokio_runtime()?.block_on(async {
         for &nodes in &args.nodes {
             let options = args.engine.options(args.mode);
@@ -119,10 +213,7 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
                 .await?,
             );
             let client = Client::bind_default().await?;
-            let base = swarm.tokenizer().encode(
-                "The history of computing is a story of machines that learned to share work. \
-                 Early computers filled rooms; later, networks of small machines cooperated. ",
-            )?;
+            let base = swarm.tokenizer().encode(BENCH_TEXT)?;
             let prompts: Vec<Vec<u32>> = (0..max_sessions)
                 .map(|s| prompt_for(&base, s, args.prompt_tokens))
                 .collect();
