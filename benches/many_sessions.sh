@@ -6,6 +6,7 @@
 #   llama-batched-bench -m M -c 8192 -b 2048 -ub 512 -npp 16 -ntg 64 -npl 1,4,8,16 -t 2 -tb 2
 # (S_TG per row is the aggregate decode rate). The neuroshard side is
 #   neuroshard bench-sessions --nodes 1,3 --sessions 1,4,8,16 --prompt-tokens 16 --decode-tokens 64
+# plus the engine alone (--engine-too: batched ShardEngine::forward_batch steps, no network),
 # on an in-process swarm of 1 and of 3 nodes (each node batches the decode steps that reach it),
 # which also checks that every session's text equals its solo run's.
 #
@@ -43,7 +44,7 @@ for rep in $(seq 1 "$reps"); do
     -t "$threads" -tb "$threads" > "$runs/llama_$rep.out" 2> "$runs/llama_$rep.err"
   echo "== rep $rep: neuroshard" >&2
   RAYON_NUM_THREADS=$threads "$ns" --threads "$threads" bench-sessions --model "$model" \
-    --nodes 1,3 --sessions 1,4,8,16 --prompt-tokens 16 --decode-tokens 64 \
+    --engine-too --nodes 1,3 --sessions 1,4,8,16 --prompt-tokens 16 --decode-tokens 64 \
     --json "$runs/neuroshard_$rep.json" 2> "$runs/neuroshard_$rep.err"
   grep "sessions:" "$runs/neuroshard_$rep.err" >&2 || true
 done
@@ -74,7 +75,7 @@ for rep in range(1, reps + 1):
     for n, rate in llama(rep).items():
         best_llama[n] = max(best_llama.get(n, 0.0), rate)
     for r in json.load(open(os.path.join(runs, f"neuroshard_{rep}.json"))):
-        key = (r["nodes"], r["sessions"])
+        key = (r.get("nodes", 0), r["sessions"])  # nodes 0: the engine alone, no network
         if r["value"] > best_ns.get(key, {"value": 0.0})["value"]:
             best_ns[key] = r
 records = []
@@ -90,7 +91,8 @@ for (nodes, n), r in sorted(best_ns.items()):
         rec["over_llamacpp"] = round(r["value"] / best_llama[n], 3)
     records.append(rec)
 json.dump(records, open(out, "w"), indent=1)
-print(f"{'sessions':>8} {'llama.cpp':>10} " + " ".join(f"{f'{k} node(s)':>16}" for k in sorted({k[0] for k in best_ns})))
+label = lambda k: "engine only" if k == 0 else f"{k} node(s)"
+print(f"{'sessions':>8} {'llama.cpp':>10} " + " ".join(f"{label(k):>16}" for k in sorted({k[0] for k in best_ns})))
 for n in sorted(best_llama):
     cells = []
     for nodes in sorted({k[0] for k in best_ns}):
