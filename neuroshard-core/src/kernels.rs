@@ -481,6 +481,24 @@ mod avx2 {
         }
     }
 
+    /// A Q4_0/Q4_1 block's f16 header as `[d, m, 0, 0]` (Q4_1) or `[d, 0, 0, 0]` (Q4_0).
+    ///
+    /// # Safety
+    /// `blk` must point to one block of `FORMAT` (`Q40` or `Q41`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_header<const FORMAT: u8>(blk: *const u8) -> __m128 {
+        // SAFETY: the header (2 or 4 bytes) is inside the block.
+        let bits = unsafe {
+            if FORMAT == Q41 {
+                std::ptr::read_unaligned(blk as *const u32) as i32
+            } else {
+                std::ptr::read_unaligned(blk as *const u16) as i32
+            }
+        };
+        _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
+    }
+
     /// One Q4_0/Q4_1 block of one row: `acc += d · Σ q·x` and `offset += [d, m] · pair`.
     ///
     /// # Safety
@@ -497,13 +515,7 @@ mod avx2 {
         let min = FORMAT == Q41;
         // SAFETY: the caller guarantees the block is readable; every read stays inside it.
         unsafe {
-            // [d, m] (Q4_1) or [d, 0] (Q4_0) from the block's f16 header.
-            let bits = if min {
-                std::ptr::read_unaligned(blk as *const u32) as i32
-            } else {
-                std::ptr::read_unaligned(blk as *const u16) as i32
-            };
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+            let dm = q4_header::<FORMAT>(blk);
             let offset = _mm_fmadd_ps(dm, pair, offset);
             let qs = blk.add(if min { 4 } else { 2 });
             // Bytes 0-7: inputs 0-7 (low nibbles) and 16-23 (high); bytes 8-15: 8-15 and 24-31.
@@ -634,12 +646,7 @@ mod avx2 {
                 let blk = a.add(i * bb);
                 // The block unpacked once: [d, m] (or [d, 0]) and its 32 values as floats,
                 // in the order `q4_block` multiplies them.
-                let bits = if min {
-                    std::ptr::read_unaligned(blk as *const u32) as i32
-                } else {
-                    std::ptr::read_unaligned(blk as *const u16) as i32
-                };
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                let dm = q4_header::<FORMAT>(blk);
                 let d = _mm256_broadcastss_ps(dm);
                 let qs = blk.add(if min { 4 } else { 2 });
                 let (lo, hi) = (widen::<false>(qs), widen::<false>(qs.add(8)));
@@ -710,12 +717,7 @@ mod avx2 {
             for i in 0..nb {
                 let blk = a.add(i * bb);
                 // [d, m] (Q4_1) or [d, 0] (Q4_0), then the same pair for each of 4 inputs.
-                let bits = if min {
-                    std::ptr::read_unaligned(blk as *const u32) as i32
-                } else {
-                    std::ptr::read_unaligned(blk as *const u16) as i32
-                };
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                let dm = q4_header::<FORMAT>(blk);
                 let dm4 = _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(dm)));
                 off = _mm256_fmadd_ps(dm4, _mm256_loadu_ps(pairs4.add(8 * i)), off);
                 let qs = blk.add(if min { 4 } else { 2 });
