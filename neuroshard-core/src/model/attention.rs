@@ -514,8 +514,8 @@ mod tests {
             .iter()
             .map(|h| h.iter().map(|x| x.to_f32()).collect())
             .collect();
-        // One position (tasks by query head: each kv head converted once up front) and a
-        // 20-position step (tasks by tiles: converted block by block).
+        // One position and a 20-position step (both as tasks by kv group for an f16 cache,
+        // against tasks by query head and by tiles for f32).
         for (seq, path) in [1, 20]
             .into_iter()
             .flat_map(|s| paths().into_iter().map(move |p| (s, p)))

@@ -79,18 +79,21 @@ async fn serve(engine: Arc<ShardEngine>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
-        let expected: HashSet<u64> = previous.union(&last).copied().collect();
-        let missing = |jobs: &[Job]| {
-            let here: HashSet<u64> = jobs.iter().filter_map(|j| j.req.session).collect();
-            expected.difference(&here).count()
-        };
-        if missing(&jobs) > 0 {
-            let deadline = tokio::time::Instant::now() + (last_compute / 4).min(MAX_GATHER);
-            while jobs.len() < MAX_BATCH && missing(&jobs) > 0 {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(job)) => jobs.push(job),
-                    _ => break,
+        // Recent sessions that have not stepped again yet.
+        let mut missing: HashSet<u64> = previous.union(&last).copied().collect();
+        for id in jobs.iter().filter_map(|j| j.req.session) {
+            missing.remove(&id);
+        }
+        let deadline = tokio::time::Instant::now() + (last_compute / 4).min(MAX_GATHER);
+        while !missing.is_empty() && jobs.len() < MAX_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(job)) => {
+                    if let Some(id) = job.req.session {
+                        missing.remove(&id);
+                    }
+                    jobs.push(job);
                 }
+                _ => break,
             }
         }
         previous = std::mem::take(&mut last);

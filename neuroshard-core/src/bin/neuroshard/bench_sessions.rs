@@ -10,7 +10,7 @@
 use crate::common::{machine_name, tokio_runtime, write_json, EngineArgs};
 use neuroshard_core::{
     Client, Codec, ComputeMode, Error, ForwardRequest, GenerationConfig, GenerationOutput,
-    LocalSwarm, LogitsSelection, ShardEngine, ShardInput,
+    LocalSwarm, LogitsSelection, ShardEngine, ShardInput, Tokenizer, WeightFile,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -174,12 +174,16 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
     let machine = machine_name();
     let mut records = Vec::new();
     if args.engine_too {
-        // The layer count comes from the model's config (a one-layer load reads it).
-        let layers = ShardEngine::load(&args.model, 0..1, args.engine.options(args.mode))?
-            .config()
-            .num_layers;
-        let engine = ShardEngine::load(&args.model, 0..layers, args.engine.options(args.mode))?;
-        let tokenizer = neuroshard_core::Tokenizer::open(&args.model)?;
+        // One open of the file for the config, the whole model and the tokenizer.
+        let file = Arc::new(WeightFile::open(&args.model)?);
+        let layers = file.config().num_layers;
+        let tokenizer = Tokenizer::for_model(&file)?;
+        let engine = ShardEngine::from_file(
+            file,
+            0..layers,
+            args.engine.options(args.mode),
+            &mut |_, _| {},
+        )?;
         let base = tokenizer.encode(BENCH_TEXT)?;
         let prompts: Vec<Vec<u32>> = (0..max_sessions)
             .map(|s| prompt_for(&base, s, args.prompt_tokens))
