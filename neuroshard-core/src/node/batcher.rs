@@ -9,20 +9,57 @@
 //! for the sessions of the last two batches that have not stepped again yet: at most a quarter
 //! of the last batch's compute time and [`MAX_GATHER`]. A lone session never waits (nothing
 //! else is expected).
+//!
+//! Nodes of one process (an in-process swarm) share its cores. There, a small batch that
+//! starts while another node's batch computes only slows that batch down, and the sessions it
+//! expects are usually in that other batch: 8 sessions over 3 in-process nodes settled into
+//! batches of 7 and 1 that chased each other round the route. So while any other batch of
+//! the process computes, a batch holds on for its expected sessions (at most [`MAX_HOLD`]),
+//! and the groups merge. Separate processes never hold: their nodes may be on separate
+//! machines, where groups in different hops compute at the same time.
 
 use crate::engine::{ForwardRequest, ShardEngine};
 use crate::error::{Error, Result};
 use crate::model::shard::ShardOutput;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Most steps per batch (the engine's default session limit).
 const MAX_BATCH: usize = 64;
 
 /// The longest a batch waits for expected sessions.
 const MAX_GATHER: Duration = Duration::from_millis(5);
+
+/// The longest a batch holds on for expected sessions while another batch of this process
+/// computes (one trip of the group it waits for round an in-process route).
+const MAX_HOLD: Duration = Duration::from_millis(100);
+
+/// Batches computing in this process now, over every node's batcher.
+static COMPUTING: AtomicUsize = AtomicUsize::new(0);
+
+/// Woken whenever a batch of this process starts or finishes computing.
+static COMPUTE_CHANGED: Notify = Notify::const_new();
+
+/// Counts one batch in [`COMPUTING`] while it lives.
+struct Computing;
+
+impl Computing {
+    fn start() -> Self {
+        COMPUTING.fetch_add(1, Ordering::SeqCst);
+        COMPUTE_CHANGED.notify_waiters();
+        Computing
+    }
+}
+
+impl Drop for Computing {
+    fn drop(&mut self) {
+        COMPUTING.fetch_sub(1, Ordering::SeqCst);
+        COMPUTE_CHANGED.notify_waiters();
+    }
+}
 
 /// One queued step and where its result goes.
 struct Job {
@@ -79,30 +116,30 @@ async fn serve(engine: Arc<ShardEngine>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
-        // Recent sessions that have not stepped again yet.
+        // Recent sessions that have not stepped again yet (and are still open).
         let mut missing: HashSet<u64> = previous.union(&last).copied().collect();
         for id in jobs.iter().filter_map(|j| j.req.session) {
             missing.remove(&id);
         }
-        let deadline = tokio::time::Instant::now() + (last_compute / 4).min(MAX_GATHER);
-        while !missing.is_empty() && jobs.len() < MAX_BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(job)) => {
-                    if let Some(id) = job.req.session {
-                        missing.remove(&id);
-                    }
-                    jobs.push(job);
-                }
-                _ => break,
-            }
-        }
+        missing.retain(|&id| engine.session_len(id).is_ok());
+        gather(
+            &mut rx,
+            &mut jobs,
+            missing,
+            (last_compute / 4).min(MAX_GATHER),
+        )
+        .await;
         previous = std::mem::take(&mut last);
         last = jobs.iter().filter_map(|j| j.req.session).collect();
         let started = Instant::now();
         let (reqs, replies): (Vec<ForwardRequest>, Vec<_>) =
             jobs.into_iter().map(|j| (j.req, j.reply)).unzip();
         let engine = engine.clone();
-        let outs = tokio::task::spawn_blocking(move || engine.forward_batch(reqs)).await;
+        let outs = tokio::task::spawn_blocking(move || {
+            let _computing = Computing::start();
+            engine.forward_batch(reqs)
+        })
+        .await;
         last_compute = started.elapsed();
         match outs {
             Ok(outs) => {
@@ -114,6 +151,45 @@ async fn serve(engine: Arc<ShardEngine>, mut rx: mpsc::UnboundedReceiver<Job>) {
             Err(e) => {
                 for reply in replies {
                     let _ = reply.send(Err(Error::Internal(format!("decode batch failed: {e}"))));
+                }
+            }
+        }
+    }
+}
+
+/// Adds the `missing` sessions' steps to `jobs` as they arrive: for at most `window`, and,
+/// while another batch of this process computes, for at most [`MAX_HOLD`] (then `window` on
+/// from when the last such batch ended, [`MAX_GATHER`] on, for its answers to travel to the
+/// next hop, which starts computing them in turn).
+async fn gather(
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    jobs: &mut Vec<Job>,
+    mut missing: HashSet<u64>,
+    window: Duration,
+) {
+    let now = tokio::time::Instant::now();
+    let (mut deadline, hold) = (now + window, now + MAX_HOLD);
+    while !missing.is_empty() && jobs.len() < MAX_BATCH {
+        // Registered before the count is read, so that an end in between is not missed.
+        let changed = COMPUTE_CHANGED.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let others = COMPUTING.load(Ordering::SeqCst) > 0;
+        let until = if others { hold.max(deadline) } else { deadline };
+        tokio::select! {
+            job = tokio::time::timeout_at(until, rx.recv()) => match job {
+                Ok(Some(job)) => {
+                    if let Some(id) = job.req.session {
+                        missing.remove(&id);
+                    }
+                    jobs.push(job);
+                }
+                _ => return,
+            },
+            _ = &mut changed => {
+                if others {
+                    // The other batch ended: its answers go on to compute at another hop.
+                    deadline = deadline.max((tokio::time::Instant::now() + MAX_GATHER).min(hold));
                 }
             }
         }

@@ -117,13 +117,20 @@ async fn eight_concurrent_clients_get_correct_text_and_leave_no_session() {
         assert_eq!(node.stats().steps, 8 * 32, "{node:?}");
     }
     // Eight sessions decoding at once: their steps met on the nodes and ran as batches (each
-    // still equal to its single-process text, checked above).
-    let batched: u64 = swarm
-        .nodes
-        .iter()
-        .map(|n| n.engine().stats().batched_steps)
-        .sum();
-    assert!(batched > 0, "no decode batch formed on any node");
+    // still equal to its single-process text, checked above). The nodes share this process's
+    // cores, so a node's batch holds on for the sessions another node is computing, and the
+    // sessions merge into large batches instead of small groups chasing each other round the
+    // route (`node/batcher.rs`).
+    let (batches, batched) = swarm.nodes.iter().fold((0, 0), |(b, s), n| {
+        let stats = n.engine().stats();
+        (b + stats.decode_batches, s + stats.batched_steps)
+    });
+    let per_batch = batched as f64 / batches.max(1) as f64;
+    eprintln!("8 clients over 3 in-process nodes: {per_batch:.2} decode steps per batch");
+    assert!(
+        per_batch >= 5.0,
+        "8 concurrent sessions formed batches of {per_batch:.2} steps on average"
+    );
     swarm.shutdown().await;
 }
 
