@@ -92,6 +92,10 @@ phase "Rust examples"
 "$target/release/examples/generate" "$model" | grep -qF "$(cat "$expected")"
 "$target/release/examples/swarm" "$model" | grep -qF "$(cat "$expected")"
 NEUROSHARD_EXAMPLE_SECS=1 "$target/release/examples/node" "$model" 0 30 | grep -q '@127.0.0.1:'
+# The many-sessions bench, small (benches/many_sessions.sh runs the full one): it fails when a
+# batched session's text differs from its solo run.
+"$target/release/neuroshard" bench-sessions --model "$model" --nodes 1,3 --sessions 1,3 \
+  --decode-tokens 8 --engine-too --json "$target/bench_sessions_ci.json" 2>&1 | grep 'sessions:'
 # A project outside the workspace, built like a user's: the workspace lockfile pins every
 # version (cargo metadata only adds the project's own entry), then --locked.
 cp Cargo.lock examples/rust/Cargo.lock
