@@ -157,10 +157,10 @@ async fn serve(engine: Arc<ShardEngine>, mut rx: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
-/// Adds the `missing` sessions' steps to `jobs` as they arrive: for at most `window`, and,
-/// while another batch of this process computes, for at most [`MAX_HOLD`] (then `window` on
-/// from when the last such batch ended, [`MAX_GATHER`] on, for its answers to travel to the
-/// next hop, which starts computing them in turn).
+/// Adds the `missing` sessions' steps to `jobs` as they arrive, for at most `window`. While
+/// another batch of this process computes, it waits up to [`MAX_HOLD`] instead; after such a
+/// batch starts or ends it keeps waiting at least [`MAX_GATHER`] more (within [`MAX_HOLD`]),
+/// the time for that batch's answers to reach the next hop, which then computes them.
 async fn gather(
     rx: &mut mpsc::UnboundedReceiver<Job>,
     jobs: &mut Vec<Job>,
@@ -170,7 +170,7 @@ async fn gather(
     let now = tokio::time::Instant::now();
     let (mut deadline, hold) = (now + window, now + MAX_HOLD);
     while !missing.is_empty() && jobs.len() < MAX_BATCH {
-        // Registered before the count is read, so that an end in between is not missed.
+        // Registered before the count is read, so that a change in between is not missed.
         let changed = COMPUTE_CHANGED.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
@@ -188,7 +188,7 @@ async fn gather(
             },
             _ = &mut changed => {
                 if others {
-                    // The other batch ended: its answers go on to compute at another hop.
+                    // Another batch started or ended: what it computed goes on to a hop.
                     deadline = deadline.max((tokio::time::Instant::now() + MAX_GATHER).min(hold));
                 }
             }

@@ -57,9 +57,45 @@ pub(crate) struct BenchSessionsArgs {
 const BENCH_TEXT: &str = "The history of computing is a story of machines that learned to share \
     work. Early computers filled rooms; later, networks of small machines cooperated. ";
 
-/// Session `s`'s prompt: the bench text rotated by `s` tokens, so sessions differ.
-fn prompt_for(base: &[u32], s: usize, len: usize) -> Vec<u32> {
-    base.iter().cycle().skip(s * 3).take(len).copied().collect()
+/// `n` prompts of `len` tokens: the bench text, rotated by 3 tokens per session so that
+/// sessions differ.
+fn bench_prompts(tokenizer: &Tokenizer, n: usize, len: usize) -> Result<Vec<Vec<u32>>, Error> {
+    let base = tokenizer.encode(BENCH_TEXT)?;
+    Ok((0..n)
+        .map(|s| base.iter().cycle().skip(s * 3).take(len).copied().collect())
+        .collect())
+}
+
+/// `x` rounded to `1 / scale` for the JSON (`scale` 10: one decimal).
+fn rounded(x: f64, scale: f64) -> f64 {
+    (x * scale).round() / scale
+}
+
+/// The fields of every rate record: what was measured, its ratio to one session, and where.
+fn rate_record(
+    name: String,
+    rate: f64,
+    base_rate: f64,
+    sessions: usize,
+    machine: &str,
+    threads: usize,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut record = serde_json::Map::new();
+    for (key, value) in [
+        ("name", serde_json::json!(name)),
+        ("unit", serde_json::json!("tokens/s")),
+        ("value", serde_json::json!(rounded(rate, 10.0))),
+        (
+            "over_one_session",
+            serde_json::json!(rounded(rate / base_rate, 1000.0)),
+        ),
+        ("sessions", serde_json::json!(sessions)),
+        ("machine", serde_json::json!(machine)),
+        ("threads", serde_json::json!(threads)),
+    ] {
+        record.insert(key.to_string(), value);
+    }
+    record
 }
 
 /// One session's run: its output and when each of its tokens arrived at the client.
@@ -233,10 +269,7 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
             args.engine.options(args.mode),
             &mut |_, _| {},
         )?;
-        let base = tokenizer.encode(BENCH_TEXT)?;
-        let prompts: Vec<Vec<u32>> = (0..max_sessions)
-            .map(|s| prompt_for(&base, s, args.prompt_tokens))
-            .collect();
+        let prompts = bench_prompts(&tokenizer, max_sessions, args.prompt_tokens)?;
         let mut one = None;
         for &n in &args.sessions {
             let (_, rate) = engine_decode(&engine, &prompts[..n], args.decode_tokens)?;
@@ -245,15 +278,14 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
                 "engine only, {n:>2} sessions: {rate:7.1} tok/s aggregate decode ({:.2}x one session)",
                 rate / base_rate
             );
-            records.push(serde_json::json!({
-                "name": format!("sessions_decode_engine_sessions{n}"),
-                "unit": "tokens/s",
-                "value": (rate * 10.0).round() / 10.0,
-                "over_one_session": (rate / base_rate * 1000.0).round() / 1000.0,
-                "sessions": n,
-                "machine": machine,
-                "threads": threads,
-            }));
+            records.push(serde_json::Value::Object(rate_record(
+                format!("sessions_decode_engine_sessions{n}"),
+                rate,
+                base_rate,
+                n,
+                &machine,
+                threads,
+            )));
         }
     }
     tokio_runtime()?.block_on(async {
@@ -266,10 +298,7 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
                 .await?,
             );
             let client = Client::bind_default().await?;
-            let base = swarm.tokenizer().encode(BENCH_TEXT)?;
-            let prompts: Vec<Vec<u32>> = (0..max_sessions)
-                .map(|s| prompt_for(&base, s, args.prompt_tokens))
-                .collect();
+            let prompts = bench_prompts(swarm.tokenizer(), max_sessions, args.prompt_tokens)?;
             // Every session's solo text, the reference its batched run must reproduce.
             let mut solo = Vec::with_capacity(max_sessions);
             for prompt in &prompts {
@@ -324,24 +353,28 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
                      texts equal their solo runs",
                     best / base_rate
                 );
-                records.push(serde_json::json!({
-                    "name": format!("sessions_decode_nodes{nodes}_sessions{n}"),
-                    "unit": "tokens/s",
-                    "value": (best * 10.0).round() / 10.0,
-                    "over_one_session": (best / base_rate * 1000.0).round() / 1000.0,
+                let mut record = rate_record(
+                    format!("sessions_decode_nodes{nodes}_sessions{n}"),
+                    best,
+                    base_rate,
+                    n,
+                    &machine,
+                    threads,
+                );
+                if let serde_json::Value::Object(more) = serde_json::json!({
                     "measured_while": "every session decodes (as llama-batched-bench's S_TG)",
-                    "longest_decode_tokens_per_sec": (best_window * 10.0).round() / 10.0,
-                    "whole_run_tokens_per_sec": (best_wall * 10.0).round() / 10.0,
-                    "steps_per_node_batch": (per_batch * 100.0).round() / 100.0,
+                    "longest_decode_tokens_per_sec": rounded(best_window, 10.0),
+                    "whole_run_tokens_per_sec": rounded(best_wall, 10.0),
+                    "steps_per_node_batch": rounded(per_batch, 100.0),
                     "nodes": nodes,
-                    "sessions": n,
                     "prompt_tokens": args.prompt_tokens,
                     "decode_tokens": args.decode_tokens,
                     "mode": args.mode,
                     "texts_equal_solo": true,
-                    "machine": machine,
-                    "threads": threads,
-                }));
+                }) {
+                    record.extend(more);
+                }
+                records.push(serde_json::Value::Object(record));
             }
             client.shutdown().await;
             swarm.shutdown().await;
