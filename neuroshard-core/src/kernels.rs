@@ -757,6 +757,42 @@ mod avx2 {
         out
     }
 
+    /// Block `i` of one Q8_0 row (at `blk`) against `R` inputs: `acc[r] += d · Σ q·x[r]`, the
+    /// inputs' `q·x` chains advancing step by step together (as in `row_inputs4`), each in
+    /// the order [`q8_block`] runs it.
+    ///
+    /// # Safety
+    /// `blk` must point to one 34-byte block and each `x[r]` to at least `32·(i+1)` floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_block_inputs<const R: usize>(
+        blk: *const u8,
+        x: &[*const f32; R],
+        i: usize,
+        acc: &mut [__m256; R],
+    ) {
+        // SAFETY: the caller guarantees the block and the inputs' block `i` are readable.
+        unsafe {
+            let bits = std::ptr::read_unaligned(blk as *const u16) as i32;
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+            let mut s = [_mm256_setzero_ps(); R];
+            for j in 0..4 {
+                let q = _mm256_cvtepi32_ps(widen::<true>(blk.add(2 + 8 * j)));
+                for r in 0..R {
+                    let xv = _mm256_loadu_ps(x[r].add(i * BLOCK + 8 * j));
+                    s[r] = if j == 0 {
+                        _mm256_mul_ps(q, xv)
+                    } else {
+                        _mm256_fmadd_ps(q, xv, s[r])
+                    };
+                }
+            }
+            for r in 0..R {
+                acc[r] = _mm256_fmadd_ps(d, s[r], acc[r]);
+            }
+        }
+    }
+
     /// One Q8_0 weight row against `R` inputs, each chain as [`dot1_q8`] runs it (even and odd
     /// blocks in two accumulators).
     ///
@@ -770,35 +806,26 @@ mod avx2 {
         x: [*const f32; R],
     ) -> [f32; R] {
         const BB: usize = BlockFormat::Q8_0.block_bytes();
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // Even blocks into `even`, odd ones into `odd`, as `dot1_q8` does; two blocks per
+        // step so that both accumulators stay in registers (indexing by `i % 2` kept them in
+        // memory: a store and a reload per block and input).
+        let mut even = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
         // SAFETY: every block index is < nb.
         unsafe {
-            for i in 0..nb {
-                let blk = a.add(i * BB);
-                let bits = std::ptr::read_unaligned(blk as *const u16) as i32;
-                let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
-                // The inputs' `q·x` chains advance step by step together (as in
-                // `row_inputs4`), each in the order `q8_block` runs it.
-                let mut s = [_mm256_setzero_ps(); R];
-                for j in 0..4 {
-                    let q = _mm256_cvtepi32_ps(widen::<true>(blk.add(2 + 8 * j)));
-                    for r in 0..R {
-                        let xv = _mm256_loadu_ps(x[r].add(i * BLOCK + 8 * j));
-                        s[r] = if j == 0 {
-                            _mm256_mul_ps(q, xv)
-                        } else {
-                            _mm256_fmadd_ps(q, xv, s[r])
-                        };
-                    }
-                }
-                for r in 0..R {
-                    acc[r][i % 2] = _mm256_fmadd_ps(d, s[r], acc[r][i % 2]);
-                }
+            let mut i = 0;
+            while i + 1 < nb {
+                q8_block_inputs(a.add(i * BB), &x, i, &mut even);
+                q8_block_inputs(a.add((i + 1) * BB), &x, i + 1, &mut odd);
+                i += 2;
+            }
+            if i < nb {
+                q8_block_inputs(a.add(i * BB), &x, i, &mut even);
             }
         }
         let mut out = [0f32; R];
         for r in 0..R {
-            let s = hsum2(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_setzero_ps());
+            let s = hsum2(_mm256_add_ps(even[r], odd[r]), _mm256_setzero_ps());
             out[r] = _mm_cvtss_f32(s);
         }
         out
