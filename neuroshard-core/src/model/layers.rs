@@ -202,14 +202,21 @@ pub(crate) struct Linear {
     pub(crate) layout: WeightLayout,
 }
 
-/// From this many input rows on, a quantised matrix is dequantised for a dense gemm.
+/// From this many input rows on, a quantised matrix is dequantised for a dense gemm (unless
+/// the engine is chunk-invariant, see [`crate::engine::EngineOptions::chunk_invariant`]).
 pub(crate) const DENSE_GEMM_ROWS: usize = 16;
 
-/// `x Wᵢᵀ` for each matrix `Wᵢ`, `x` holding `rows` rows: the block kernels for a few rows
-/// (decode), dequantised weights and the dense gemm for many (prefill chunks); the one choice
-/// for the buffer path and [`Linear::forward`] alike.
-pub(crate) fn project(parts: &[&QuantMatrix], x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
-    if rows < DENSE_GEMM_ROWS {
+/// `x Wᵢᵀ` for each matrix `Wᵢ`, `x` holding `rows` rows: the block kernels below
+/// `dense_from` rows (decode), dequantised weights and the dense gemm from there on (prefill
+/// chunks); the one choice for the buffer path and [`Linear::forward`] alike. The two round
+/// differently, so `dense_from = usize::MAX` keeps every row's bits independent of `rows`.
+pub(crate) fn project(
+    parts: &[&QuantMatrix],
+    x: &[f32],
+    rows: usize,
+    dense_from: usize,
+) -> Result<Vec<Vec<f32>>> {
+    if rows < dense_from {
         return QuantMatrix::matmul_fused(parts, x, rows);
     }
     let cols = x.len() / rows.max(1);
@@ -232,7 +239,7 @@ impl Linear {
             // rows far better than the block kernels; a few take the block kernels.
             (Some(q), false) => {
                 let flat: Vec<f32> = x2.flatten_all()?.to_vec1()?;
-                let mut out = project(&[q], &flat, rows)?;
+                let mut out = project(&[q], &flat, rows, DENSE_GEMM_ROWS)?;
                 Tensor::from_vec(
                     out.pop().unwrap_or_default(),
                     (rows, q.rows()),

@@ -24,11 +24,24 @@ fn exactly<T, const N: usize>(outputs: Vec<T>, what: &str) -> Result<[T; N]> {
         .map_err(|_| Error::BadInput(format!("{what} projection count")))
 }
 
-/// Buffers reused across the layers of one [`LlamaBlock::forward_raw`] pass.
-#[derive(Debug, Default)]
+/// Buffers reused across the layers of one [`LlamaBlock::forward_raw`] pass, and the row
+/// count from which its products take the dense path (see [`project`]).
+#[derive(Debug)]
 pub(crate) struct RawScratch {
     h: Vec<f32>,
     attn: Vec<f32>,
+    dense_from: usize,
+}
+
+impl RawScratch {
+    /// Empty buffers; products of `dense_from` rows or more take the dense path.
+    pub(crate) fn new(dense_from: usize) -> Self {
+        RawScratch {
+            h: Vec::new(),
+            attn: Vec::new(),
+            dense_from,
+        }
+    }
 }
 
 /// One Llama decoder layer.
@@ -216,7 +229,10 @@ impl LlamaBlock {
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
         scratch.h.resize(x.len(), 0.0);
         self.input_norm.forward_raw(x, &mut scratch.h)?;
-        let [mut qs, mut ks, vs] = exactly(project(&[q, k, v], &scratch.h, seq)?, "q/k/v")?;
+        let [mut qs, mut ks, vs] = exactly(
+            project(&[q, k, v], &scratch.h, seq, scratch.dense_from)?,
+            "q/k/v",
+        )?;
         let (cos, sin) = rope.tables(start, seq)?;
         decode::rope(&mut qs, heads, hd, cos, sin, rope.interleaved);
         decode::rope(&mut ks, kv_heads, hd, cos, sin, rope.interleaved);
@@ -236,12 +252,15 @@ impl LlamaBlock {
             |g| cached.head(g),
             &mut scratch.attn,
         );
-        let [attn_out] = exactly(project(&[o], &scratch.attn, seq)?, "o")?;
+        let [attn_out] = exactly(project(&[o], &scratch.attn, seq, scratch.dense_from)?, "o")?;
         decode::add_assign(x, &attn_out);
         self.post_norm.forward_raw(x, &mut scratch.h)?;
-        let [mut g, u] = exactly(project(&[gate, up], &scratch.h, seq)?, "gate/up")?;
+        let [mut g, u] = exactly(
+            project(&[gate, up], &scratch.h, seq, scratch.dense_from)?,
+            "gate/up",
+        )?;
         decode::silu_mul(&mut g, &u);
-        let [mlp_out] = exactly(project(&[down], &g, seq)?, "down")?;
+        let [mlp_out] = exactly(project(&[down], &g, seq, scratch.dense_from)?, "down")?;
         decode::add_assign(x, &mlp_out);
         Ok(())
     }

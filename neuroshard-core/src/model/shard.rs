@@ -155,6 +155,8 @@ pub(crate) struct ShardModel {
     blocks: Vec<Block>,
     head: Option<Head>,
     rope: Option<Rope>,
+    /// Products of this many rows or more take the dense path ([`crate::model::layers::project`]).
+    dense_from: usize,
 }
 
 impl ShardModel {
@@ -249,6 +251,7 @@ impl ShardModel {
             blocks,
             head,
             rope,
+            dense_from: crate::model::layers::DENSE_GEMM_ROWS,
         })
     }
 
@@ -400,6 +403,16 @@ impl ShardModel {
         }
     }
 
+    /// Keeps every product of the buffer path on the block kernels, whatever its row count,
+    /// so that a position's result has the same bits however its input is chunked.
+    pub(crate) fn set_chunk_invariant(&mut self, on: bool) {
+        self.dense_from = if on {
+            usize::MAX
+        } else {
+            crate::model::layers::DENSE_GEMM_ROWS
+        };
+    }
+
     /// The buffer path ([`LlamaBlock::forward_raw`]): a batch-1 inference step through Llama
     /// layers held as block matrices, on plain buffers from the embedding (or received hidden
     /// state) to the logits. `None` when the step does not qualify; [`ShardModel::forward`]
@@ -435,7 +448,7 @@ impl ShardModel {
                 x.len()
             )));
         }
-        let mut scratch = RawScratch::default();
+        let mut scratch = RawScratch::new(self.dense_from);
         for (layer, block) in range.clone().zip(blocks) {
             let cache = &mut caches[layer - self.layers.start];
             block.forward_raw(&mut x, seq, start, rope, cache, &mut scratch)?;

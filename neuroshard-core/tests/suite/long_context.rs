@@ -1,5 +1,6 @@
 //! Long prompts on the real SmolLM2: chunked prefill against one pass (chunk sizes 1, 15, 16,
-//! 17 and 512 around the dense-product threshold), and the f16 KV cache against f32 with
+//! 17 and 512 around the dense-product threshold; bit for bit with a chunk-invariant engine),
+//! and the f16 KV cache against f32 with
 //! teacher forcing. The prompt is English prose from `/usr/share/common-licenses` (on every
 //! Debian machine).
 
@@ -95,13 +96,39 @@ fn chunked_prefill_matches_one_pass() {
     // Attention is chunk-invariant to the bit (chunk 512 = one pass gives 0); what differs is
     // the projections: chunks of 16 positions or more take the dense product of dequantised
     // weights, shorter ones the block kernels, which round differently (measured: 1.7e-4 for
-    // chunks of 1 and 15, 3-5e-5 for 16 and 17, whose last chunk is short).
+    // chunks of 1 and 15, 3-5e-5 for 16 and 17, whose last chunk is short). With the block
+    // kernels throughout, the difference is 0 (the chunk-invariant test below).
     for (chunk, diff) in worst {
         let bound = if chunk < 16 { 2.5e-4 } else { 1e-4 };
         assert!(
             diff <= bound,
             "chunk {chunk}: logits differ by {diff} (bound {bound})"
         );
+    }
+}
+
+/// With [`EngineOptions::chunk_invariant`], every product stays on the block kernels, whose
+/// rows never depend on how many rows share a call: every chunk size then gives every
+/// position's logits the bits of one pass (chunking itself adds no error at all).
+#[test]
+fn chunk_invariant_engine_gives_every_chunk_size_the_bits_of_one_pass() {
+    let ids = prose_tokens(300);
+    let options = |prefill_chunk| EngineOptions {
+        prefill_chunk,
+        chunk_invariant: true,
+        ..EngineOptions::default()
+    };
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).expect("logits");
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    let whole = bits(&prefill(&engine(options(0)), &ids, 1));
+    for chunk in [1, 15, 16, 17, 512] {
+        let logits = prefill(&engine(options(chunk)), &ids, 1);
+        let got = bits(&logits);
+        let differing = got.iter().zip(&whole).filter(|(a, b)| a != b).count();
+        eprintln!("chunk-invariant, chunk {chunk}: {differing} logits differ in their bits");
+        assert_eq!(differing, 0, "chunk {chunk}: logits differ from one pass");
     }
 }
 

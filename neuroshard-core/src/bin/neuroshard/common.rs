@@ -67,6 +67,10 @@ pub(crate) struct EngineArgs {
     /// Long prompts run this many positions at a time, pipelined across nodes (0: one pass).
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub(crate) prefill_chunk: usize,
+    /// Keep prefill on the block kernels too, so outputs have the same bits however a prompt
+    /// is chunked (slower prefill; for replicas compared bit for bit).
+    #[arg(long)]
+    pub(crate) chunk_invariant: bool,
 }
 
 impl EngineArgs {
@@ -76,6 +80,7 @@ impl EngineArgs {
             mode,
             kv_dtype: self.kv_dtype,
             prefill_chunk: self.prefill_chunk,
+            chunk_invariant: self.chunk_invariant,
             ..EngineOptions::default()
         }
     }
