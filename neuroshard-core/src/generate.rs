@@ -109,6 +109,9 @@ pub struct GenerationOutput {
     pub finish: FinishReason,
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
+    /// Leading prompt tokens that were already in the caches (a kept conversation) and were
+    /// not computed again.
+    pub cached_prompt_tokens: usize,
     /// Time to process the prompt and pick the first token.
     pub prefill_time: Duration,
     /// Time spent on the remaining tokens.
@@ -116,9 +119,18 @@ pub struct GenerationOutput {
 }
 
 impl GenerationOutput {
-    /// Prompt tokens per second.
+    /// How many positions the backend's caches hold after this generation: the prompt and
+    /// every generated token that was fed back (all of them when a stop token ended it; all
+    /// but the last otherwise, since the last one was never run).
+    pub fn positions_cached(&self) -> usize {
+        let unfed = usize::from(self.finish != FinishReason::Stop && !self.tokens.is_empty());
+        self.prompt_tokens + self.tokens.len() - unfed
+    }
+
+    /// Prompt tokens computed per second (cached ones not counted).
     pub fn prefill_tokens_per_sec(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+        (self.prompt_tokens - self.cached_prompt_tokens) as f64
+            / self.prefill_time.as_secs_f64().max(1e-9)
     }
 
     /// Generated tokens per second after the first.
@@ -154,6 +166,26 @@ pub fn generate_until(
     config: &GenerationConfig,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<GenerationOutput> {
+    generate_from(backend, tokenizer, prompt, 0, config, on_text)
+}
+
+/// [`generate_until`] on a backend whose caches already hold `prompt[..cached]` at positions
+/// `0..cached` (a kept conversation): only `prompt[cached..]` is fed, from position `cached`
+/// on, so earlier turns are not computed again. `cached` must be below `prompt.len()`.
+pub fn generate_from(
+    backend: &mut dyn TokenBackend,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    cached: usize,
+    config: &GenerationConfig,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<GenerationOutput> {
+    if cached >= prompt.len().max(1) {
+        return Err(Error::Generation(format!(
+            "{cached} cached positions leave nothing of a {}-token prompt to feed",
+            prompt.len()
+        )));
+    }
     config.sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::Generation("the prompt is empty".into()));
@@ -178,8 +210,8 @@ pub fn generate_until(
     let mut stream = TextStream::default();
     let start = Instant::now();
     let mut prefill_time = None;
-    let mut feed: Vec<u32> = prompt.to_vec();
-    let mut pos = 0;
+    let mut feed: Vec<u32> = prompt[cached..].to_vec();
+    let mut pos = cached;
     let finish = loop {
         if generated.len() >= config.max_tokens {
             break FinishReason::Length;
@@ -215,6 +247,7 @@ pub fn generate_until(
         text,
         finish,
         prompt_tokens: prompt.len(),
+        cached_prompt_tokens: cached,
         prefill_time,
         decode_time: start.elapsed().saturating_sub(prefill_time),
     })

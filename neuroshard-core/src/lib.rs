@@ -46,6 +46,8 @@ mod model;
 pub mod net;
 mod node;
 pub mod runtime;
+#[cfg(feature = "server")]
+mod server;
 mod swarm;
 mod swarm_session;
 pub mod wire;
@@ -61,8 +63,8 @@ pub use engine::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{
-    generate, generate_until, split_ranges, FinishReason, GenerationConfig, GenerationOutput,
-    LocalPipeline, LogitsBackend, StopStrings,
+    generate, generate_from, generate_until, split_ranges, FinishReason, GenerationConfig,
+    GenerationOutput, LocalPipeline, LogitsBackend, StopStrings,
 };
 /// Node keys and dialable addresses (iroh's types, re-exported so users need no iroh import).
 pub use iroh::{EndpointAddr, SecretKey};
@@ -76,10 +78,12 @@ pub use model::weights::{ModelFormat, WeightFile};
 pub use net::peers::{PeerInfo, PeerSet};
 pub use net::{ModelInfo, NetError, NodeId, NodeStats, RouteHop};
 pub use node::{model_id, LeaveHandle, LeaveReport, Node, NodeBuilder, NodeOptions};
+#[cfg(feature = "server")]
+pub use server::{ApiServer, ServeOptions};
 pub use swarm::{even_slices, LocalSwarm};
 pub use swarm_session::{
-    encode_prompt, resolve_peers, LogitsSession, OnText, PreparedGeneration, SwarmGeneration,
-    SwarmOptions, SwarmSession, TextRequest,
+    encode_prompt, resolve_peers, Conversation, LogitsSession, OnText, PreparedGeneration,
+    SwarmGeneration, SwarmOptions, SwarmSession, TextRequest,
 };
 pub use wire::Codec;
 

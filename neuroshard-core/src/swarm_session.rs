@@ -11,7 +11,7 @@
 use crate::client::{BlockingSession, Client, RemoteSession, Replanner, SessionStats};
 use crate::error::{Error, Result};
 use crate::generate::{
-    generate_until, FinishReason, GenerationConfig, GenerationOutput, StopStrings,
+    generate_from, generate_until, FinishReason, GenerationConfig, GenerationOutput, StopStrings,
 };
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
@@ -348,6 +348,26 @@ impl SwarmSession {
         })
     }
 
+    /// Opens a session that stays open across generations ([`Conversation`]): a chat that
+    /// resends its whole history each turn then only computes the new tokens. The last hop
+    /// samples with `sampling` for the conversation's life; a repetition penalty is refused,
+    /// since that hop only sees the tokens it sampled, not the later turns' prompts.
+    pub async fn open_conversation(&self, sampling: SamplingParams) -> Result<Conversation> {
+        sampling.validate()?;
+        if sampling.repetition_penalty != 1.0 {
+            return Err(Error::Generation(
+                "a kept conversation cannot use a repetition penalty".into(),
+            ));
+        }
+        let (session, failed) = self.open(&[], sampling, false).await?;
+        Ok(Conversation {
+            backend: Some(self.backend(session, failed)),
+            tokenizer: self.inner.tokenizer.clone(),
+            sampling,
+            cached: Vec::new(),
+        })
+    }
+
     /// Plans a route and opens a session on it (refusing hops are planned around).
     async fn open(
         &self,
@@ -567,6 +587,137 @@ impl Drop for LogitsSession {
     fn drop(&mut self) {
         if let Some(mut backend) = self.backend.take() {
             // Dropped on a runtime worker, blocking would panic: close in the background.
+            let handle = backend.handle.clone();
+            handle.spawn(async move { backend.session.close().await });
+        }
+    }
+}
+
+/// A swarm session kept open across generations, with the tokens its route's caches hold.
+/// Each [`Conversation::generate`] feeds only what follows the longest common prefix of its
+/// prompt and those tokens (rewinding the caches where they diverge), so turn N of a chat
+/// does not prefill turns 1..N-1 again. The draws depend only on (seed, position), so the
+/// output equals a fresh session's; bit for bit when the nodes are chunk-invariant
+/// ([`crate::EngineOptions::chunk_invariant`]), otherwise up to kernel rounding (earlier
+/// turns' tokens were computed one at a time, not in one prefill). Blocking: call it from a
+/// thread that is not a tokio worker.
+pub struct Conversation {
+    backend: Option<BlockingSession>,
+    tokenizer: Tokenizer,
+    sampling: SamplingParams,
+    /// Tokens whose keys and values the route's caches hold, by position.
+    cached: Vec<u32>,
+}
+
+impl std::fmt::Debug for Conversation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conversation")
+            .field("session", &self.backend.as_ref().map(|b| b.session.id()))
+            .field("cached", &self.cached.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conversation {
+    /// The sampling the last hop applies.
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.sampling
+    }
+
+    /// The tokens the route's caches hold, by position.
+    pub fn cached(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// How many leading tokens of `prompt` the caches already hold: the common prefix, less
+    /// one when it is the whole prompt (the last token must run to produce the next).
+    pub fn reusable(&self, prompt: &[u32]) -> usize {
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common.min(prompt.len().saturating_sub(1))
+    }
+
+    /// The session id on the route (`None` once closed).
+    pub fn id(&self) -> Option<u64> {
+        self.backend.as_ref().map(|b| b.session.id())
+    }
+
+    /// The route the session is on now (empty once closed).
+    pub fn route(&self) -> Vec<RouteHop> {
+        self.backend
+            .as_ref()
+            .map(|b| b.session.route().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Failovers and refills over the conversation's life.
+    pub fn recovery(&self) -> SessionStats {
+        self.backend
+            .as_ref()
+            .map(|b| b.session.stats)
+            .unwrap_or_default()
+    }
+
+    /// Generates from `prompt` (the whole conversation so far, as token ids), computing only
+    /// the tokens after [`Conversation::reusable`]`(prompt)`. A failed generation closes the
+    /// conversation (later calls fail at once).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<GenerationOutput> {
+        if config.sampling != self.sampling {
+            return Err(Error::Generation(
+                "a kept conversation samples with the parameters it was opened with".into(),
+            ));
+        }
+        let reuse = self.reusable(prompt);
+        let backend = self
+            .backend
+            .as_mut()
+            .ok_or_else(|| Error::Generation("the conversation is closed".into()))?;
+        // Until the generation succeeds the caches' content is unknown past `reuse`.
+        self.cached.truncate(reuse);
+        match generate_from(
+            backend,
+            Some(&self.tokenizer),
+            prompt,
+            reuse,
+            config,
+            on_text,
+        ) {
+            Ok(out) => {
+                self.cached = prompt.to_vec();
+                self.cached.extend_from_slice(&out.tokens);
+                self.cached.truncate(out.positions_cached());
+                Ok(out)
+            }
+            Err(e) => {
+                self.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the session on every hop and waits for it (dropping closes in the background).
+    pub fn close(&mut self) {
+        if let Some(mut backend) = self.backend.take() {
+            let handle = backend.handle.clone();
+            handle.block_on(backend.session.close());
+        }
+    }
+}
+
+impl Drop for Conversation {
+    fn drop(&mut self) {
+        if let Some(mut backend) = self.backend.take() {
+            // Dropped on a runtime worker (an evicted conversation), blocking would panic:
+            // close in the background.
             let handle = backend.handle.clone();
             handle.spawn(async move { backend.session.close().await });
         }

@@ -9,6 +9,7 @@ mod common;
 mod generate;
 mod node;
 mod peers;
+mod serve;
 mod shard_info;
 mod swarm;
 
@@ -49,6 +50,10 @@ enum Command {
     /// Measure aggregate decode tokens/s of many concurrent sessions on an in-process swarm
     /// (nodes batch their steps) and check every session's text against its solo run.
     BenchSessions(bench_sessions::BenchSessionsArgs),
+    /// Serve an OpenAI-compatible HTTP API (chat and text completions, streaming, models,
+    /// health, Prometheus metrics) over a swarm, or over one started in this process.
+    /// Prints the base URL as the first line on stdout.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args, info.threads),
         Command::Swarm(args) => swarm::run(args),
         Command::Node(args) => node::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Peers(args) => peers::run(args),
         Command::ShardInfo(args) => shard_info::run(args),
         Command::Bench(args) => bench::run(args, info.threads),
