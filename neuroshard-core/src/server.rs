@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::swarm_session::SwarmSession;
 use api::{ChatRequest, CompletionRequest, Endpoint, Job, Limits};
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State as AxumState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -165,9 +166,9 @@ fn router(state: Arc<State>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
-        // The handlers read the body themselves (size checked here, JSON errors in
-        // OpenAI's shape); axum's own limit is set above ours so that ours answers.
-        .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
+        // Bodies over the limit are refused while being read (never buffered whole); the
+        // handlers turn that rejection and JSON errors into OpenAI-shaped errors.
+        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -217,9 +218,9 @@ fn counted(state: &State, endpoint: &'static str, response: Response) -> Respons
 async fn chat_completions(
     AxumState(state): AxumState<Arc<State>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let response = match parse_job::<ChatRequest>(&state, &headers, &body, Endpoint::Chat) {
+    let response = match parse_job::<ChatRequest>(&state, &headers, body, Endpoint::Chat) {
         Ok(job) => run_job(state.clone(), job).await,
         Err(e) => e.into_response(),
     };
@@ -229,10 +230,10 @@ async fn chat_completions(
 async fn completions(
     AxumState(state): AxumState<Arc<State>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let response =
-        match parse_job::<CompletionRequest>(&state, &headers, &body, Endpoint::Completions) {
+        match parse_job::<CompletionRequest>(&state, &headers, body, Endpoint::Completions) {
             Ok(job) => run_job(state.clone(), job).await,
             Err(e) => e.into_response(),
         };
@@ -267,14 +268,15 @@ impl GenerationRequest for CompletionRequest {
 fn parse_job<R: GenerationRequest>(
     state: &State,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
 ) -> Result<Job, ApiError> {
     authorize(state, headers)?;
-    if body.len() > state.options.max_request_bytes {
-        return Err(ApiError::too_large(state.options.max_request_bytes));
-    }
-    let request: R = serde_json::from_slice(body).map_err(ApiError::bad_json)?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(state.options.max_request_bytes),
+        _ => ApiError::invalid(format!("could not read the request body: {e}"), None),
+    })?;
+    let request: R = serde_json::from_slice(&body).map_err(ApiError::bad_json)?;
     let prompt = request.prompt(state.swarm.tokenizer())?;
     api::job(
         endpoint,

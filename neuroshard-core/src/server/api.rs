@@ -164,12 +164,14 @@ pub(crate) fn chat_messages(request: &ChatRequest) -> Result<Vec<ChatMessage>, A
                     for part in parts {
                         match (part.kind.as_str(), &part.text) {
                             ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => return Err(ApiError::invalid(
-                                format!(
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    format!(
                                     "content parts of type `{kind}` are not supported (text only)"
                                 ),
-                                Some("messages"),
-                            )),
+                                    Some("messages"),
+                                ))
+                            }
                         }
                     }
                     text

@@ -9,6 +9,8 @@ mod errors_and_sessions;
 mod long_context;
 mod net_iroh;
 mod net_peers;
+#[cfg(feature = "server")]
+mod server_api;
 mod smollm2_reference;
 mod swarm_failover;
 #[cfg(feature = "internals")]
