@@ -90,7 +90,13 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), Error> {
             swarm,
             ServeOptions {
                 api_key: args.api_key.clone(),
-                model_name: args.model_name.clone(),
+                // A local swarm is also served under its file's name (`SmolLM2-...`).
+                model_name: args.model_name.clone().or_else(|| {
+                    args.model
+                        .as_ref()
+                        .and_then(|m| m.file_stem())
+                        .map(|s| s.to_string_lossy().into_owned())
+                }),
                 max_request_bytes: args.max_request_bytes,
                 max_concurrent: args.max_concurrent,
                 request_timeout: Duration::from_secs(args.request_timeout_s),
