@@ -112,7 +112,7 @@ rm -rf "$target/wheels"
 venv="$target/py-test-venv"
 rm -rf "$venv"
 python3 -m venv "$venv"
-"$venv/bin/pip" install -q numpy pytest mypy "$target"/wheels/neuroshard-*.whl
+"$venv/bin/pip" install -q numpy pytest mypy "openai>=1.40,<4" "$target"/wheels/neuroshard-*.whl
 
 # `pip install .` from the repo root builds the same extension in the same target dir (fresh).
 venv_src="$target/py-src-venv"

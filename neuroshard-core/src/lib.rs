@@ -37,6 +37,7 @@
 #![warn(unreachable_pub)]
 
 pub mod blocking;
+mod chat;
 mod client;
 mod engine;
 mod error;
@@ -56,6 +57,7 @@ pub mod wire;
 #[doc(hidden)]
 pub mod internals;
 
+pub use chat::{ChatReply, ChatSession};
 pub use client::{Client, RemoteSession, SessionStats};
 pub use engine::{
     causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest,

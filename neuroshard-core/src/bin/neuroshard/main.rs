@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_sessions;
+mod chat;
 mod common;
 mod generate;
 mod node;
@@ -54,6 +55,9 @@ enum Command {
     /// health, Prometheus metrics) over a swarm, or over one started in this process.
     /// Prints the base URL as the first line on stdout.
     Serve(serve::ServeArgs),
+    /// Chat in the terminal over a swarm (or one started in this process): multi-turn with
+    /// the model's chat template; /reset, /system TEXT, /quit; Ctrl-C stops an answer.
+    Chat(chat::ChatArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Swarm(args) => swarm::run(args),
         Command::Node(args) => node::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Peers(args) => peers::run(args),
         Command::ShardInfo(args) => shard_info::run(args),
         Command::Bench(args) => bench::run(args, info.threads),
