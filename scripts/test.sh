@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: formatting, clippy, docs, the Rust tests (optimised build), the C
 # API test (also under valgrind), the examples, and the Python package's tests against a wheel
-# installed into a fresh venv. Installs what it needs (the SmolLM2 model, maturin, numpy,
-# pytest, mypy) and is safe to run repeatedly. Prints the wall time of every phase.
+# installed into a fresh venv (with the `openai` package and the web chat in headless
+# Chromium). Installs what it needs (the SmolLM2 model, maturin, numpy, pytest, mypy, openai,
+# selenium, Debian's chromium and chromium-driver) and is safe to run repeatedly. Prints the
+# wall time of every phase.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -112,7 +114,8 @@ rm -rf "$target/wheels"
 venv="$target/py-test-venv"
 rm -rf "$venv"
 python3 -m venv "$venv"
-"$venv/bin/pip" install -q numpy pytest mypy "openai>=1.40,<4" "$target"/wheels/neuroshard-*.whl
+"$venv/bin/pip" install -q numpy pytest mypy "openai>=1.40,<4" "selenium>=4.20,<5" \
+  "$target"/wheels/neuroshard-*.whl
 
 # `pip install .` from the repo root builds the same extension in the same target dir (fresh).
 venv_src="$target/py-src-venv"
@@ -124,6 +127,12 @@ CARGO_TARGET_DIR="$target" "$venv_src/bin/pip" install -q .
 phase "Python stubs and types"
 (cd "$target" && "$venv/bin/python" -m mypy.stubtest neuroshard._native)
 "$venv/bin/python" -m mypy --strict examples/python
+
+phase "Chromium (web chat test)"
+# Debian's Chromium and ChromeDriver (playwright's own browser download is not reachable).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 
 phase "pytest"
 export NEUROSHARD_BIN="$target/release/neuroshard"

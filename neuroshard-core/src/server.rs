@@ -15,6 +15,7 @@ mod conversations;
 mod errors;
 mod generation;
 mod metrics;
+mod swarm_view;
 
 use crate::error::{Error, Result};
 use crate::swarm_session::SwarmSession;
@@ -69,6 +70,9 @@ impl Default for ServeOptions {
     }
 }
 
+/// A node's last probed (compute µs, steps) and its ms per step between probes.
+type StepTime = (u64, u64, Option<f64>);
+
 /// What every handler shares.
 #[derive(Debug)]
 pub(crate) struct State {
@@ -79,6 +83,31 @@ pub(crate) struct State {
     slots: Arc<Semaphore>,
     conversations: Conversations,
     metrics: Metrics,
+    /// The route of the current or last generation (the web page's swarm panel).
+    route: std::sync::Mutex<Option<swarm_view::RouteRecord>>,
+    /// Per node id: the last probed (compute µs, steps) and the compute time per step, in ms,
+    /// between the last two probes that saw steps.
+    step_times: std::sync::Mutex<std::collections::HashMap<String, StepTime>>,
+}
+
+impl State {
+    /// A node's compute time per step in ms from its latest counters: over the steps since
+    /// the previous probe, or its lifetime mean on the first; the last value while idle.
+    fn step_time(&self, node: &str, stats: &crate::net::NodeStats) -> Option<f64> {
+        let steps = stats.steps + stats.fills;
+        let mut times = crate::net::lock(&self.step_times);
+        let entry = times.entry(node.to_string()).or_insert((0, 0, None));
+        let (d_us, d_steps) = (
+            stats.compute_us.saturating_sub(entry.0),
+            steps.saturating_sub(entry.1),
+        );
+        if d_steps > 0 {
+            entry.2 = Some(d_us as f64 / d_steps as f64 / 1000.0);
+        }
+        entry.0 = stats.compute_us;
+        entry.1 = steps;
+        entry.2
+    }
 }
 
 /// A running server; [`ApiServer::shutdown`] stops it and closes the kept sessions.
@@ -105,6 +134,8 @@ impl ApiServer {
             slots: Arc::new(Semaphore::new(options.max_concurrent.max(1))),
             conversations: Conversations::new(options.kept_conversations),
             metrics: Metrics::default(),
+            route: std::sync::Mutex::new(None),
+            step_times: std::sync::Mutex::default(),
             served,
             swarm,
             options,
@@ -165,6 +196,20 @@ fn router(state: Arc<State>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/v1/swarm", get(swarm_json))
+        .route("/v1/swarm/events", get(swarm_events))
+        .route(
+            "/",
+            get(|| async { page(INDEX_HTML, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/chat.js",
+            get(|| async { page(CHAT_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/chat.css",
+            get(|| async { page(CHAT_CSS, "text/css; charset=utf-8") }),
+        )
         .fallback(not_found)
         // Bodies over the limit are refused while being read (never buffered whole); the
         // handlers turn that rejection and JSON errors into OpenAI-shaped errors.
@@ -540,6 +585,68 @@ async fn metrics_text(AxumState(state): AxumState<Arc<State>>, headers: HeaderMa
     };
     counted(&state, "metrics", response)
 }
+
+/// The web chat, embedded in the binary (no external asset).
+const INDEX_HTML: &str = include_str!("server/web/index.html");
+const CHAT_JS: &str = include_str!("server/web/chat.js");
+const CHAT_CSS: &str = include_str!("server/web/chat.css");
+
+/// A page asset, under a policy that only lets this server's own script and style run: model
+/// output that somehow became HTML could neither run inline script or event handlers nor
+/// load anything.
+fn page(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                 base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The swarm panel's data, once.
+async fn swarm_json(AxumState(state): AxumState<Arc<State>>, headers: HeaderMap) -> Response {
+    match authorize(&state, &headers) {
+        Ok(()) => Json(swarm_view::snapshot(&state).await).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The swarm panel's data now and every second after, as SSE, until the client leaves.
+async fn swarm_events(AxumState(state): AxumState<Arc<State>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(2);
+    tokio::spawn(async move {
+        loop {
+            let view = swarm_view::snapshot(&state).await;
+            if tx
+                .send(SseEvent::default().data(view.to_string()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(SWARM_VIEW_PERIOD).await;
+        }
+    });
+    let stream = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, std::convert::Infallible>,
+    );
+    Sse::new(stream).into_response()
+}
+
+/// How often the swarm panel refreshes.
+const SWARM_VIEW_PERIOD: Duration = Duration::from_secs(1);
 
 async fn not_found() -> Response {
     ApiError {

@@ -7,6 +7,7 @@
 use super::api::Job;
 use super::conversations::SamplingWish;
 use super::errors::ApiError;
+use super::swarm_view::RouteRecord;
 use super::State;
 use crate::generate::{FinishReason, GenerationConfig, StopStrings};
 use std::hash::{BuildHasher, Hasher};
@@ -37,6 +38,8 @@ pub(crate) struct Finished {
     /// Prompt tokens a kept conversation already held (not computed again).
     pub(crate) cached_tokens: usize,
     pub(crate) completion_tokens: usize,
+    /// Decode speed after the first token.
+    pub(crate) tokens_per_sec: f64,
 }
 
 /// Starts `job` (holding `permit`, its generation slot, until it ends).
@@ -115,6 +118,11 @@ async fn run(
         stop_tokens: Vec::new(),
         ignore_eos: false,
     };
+    *crate::net::lock(&state.route) = Some(RouteRecord {
+        hops: conversation.route(),
+        active: true,
+        tokens_per_sec: 0.0,
+    });
     let deadline = started + state.options.request_timeout;
     let failovers_before = conversation.recovery().failovers;
     let worker_state = state.clone();
@@ -171,6 +179,7 @@ async fn run(
                 prompt_tokens: out.prompt_tokens,
                 cached_tokens: out.cached_prompt_tokens,
                 completion_tokens: out.tokens.len(),
+                tokens_per_sec: out.decode_tokens_per_sec(),
             }
         });
         if tx.is_closed() {
@@ -192,6 +201,11 @@ async fn run(
         conversation.recovery().failovers - failovers_before,
         Ordering::Relaxed,
     );
+    *crate::net::lock(&state.route) = Some(RouteRecord {
+        hops: conversation.route(),
+        active: false,
+        tokens_per_sec: result.as_ref().map(|r| r.tokens_per_sec).unwrap_or(0.0),
+    });
     let result = result.map_err(ApiError::from_generation)?;
     if conversation.id().is_some() {
         let route = conversation.route();
