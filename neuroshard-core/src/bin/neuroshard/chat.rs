@@ -3,34 +3,18 @@
 //! `/reset`, `/system TEXT`, `/quit` (or Ctrl-D). Ctrl-C stops the current answer and the chat
 //! goes on.
 
-use crate::common::{print_piece, tokio_runtime, EngineArgs, SamplingArgs};
-use neuroshard_core::{
-    resolve_peers, ChatSession, Client, ComputeMode, Error, FinishReason, LocalSwarm, SwarmOptions,
-    SwarmSession,
-};
+use crate::common::{print_piece, tokio_runtime, SamplingArgs, SwarmSource};
+use neuroshard_core::{ChatSession, Error, FinishReason};
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Flags of `neuroshard chat`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct ChatArgs {
-    /// Chat through this swarm: addresses of any of its nodes.
-    #[arg(long, num_args = 1.., required_unless_present = "model")]
-    peers: Vec<String>,
-    /// Or start a swarm of `--nodes` nodes in this process from this model file.
-    #[arg(long, conflicts_with = "peers")]
-    model: Option<PathBuf>,
-    /// Nodes of the in-process swarm (with --model).
-    #[arg(long, default_value_t = 3)]
-    nodes: usize,
-    /// Compute mode of the in-process nodes.
-    #[arg(long, default_value = "exact")]
-    mode: ComputeMode,
     #[command(flatten)]
-    engine: EngineArgs,
+    swarm: SwarmSource,
     /// The system message (change it with /system TEXT).
     #[arg(long)]
     system: Option<String>,
@@ -46,29 +30,7 @@ const HELP: &str = "commands: /reset (new chat), /system TEXT (system message), 
 
 pub(crate) fn run(args: ChatArgs) -> Result<(), Error> {
     let runtime = tokio_runtime()?;
-    let (local, swarm) = runtime.block_on(async {
-        let local = match &args.model {
-            Some(model) => Some(
-                LocalSwarm::start(
-                    model,
-                    args.nodes,
-                    1,
-                    args.engine.options(args.mode),
-                    &mut |line| eprintln!("{line}"),
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        let peers = match &local {
-            Some(s) => s.addresses(),
-            None => args.peers.clone(),
-        };
-        let entries = resolve_peers(&peers).await?;
-        let client = Client::bind_default().await?;
-        let swarm = SwarmSession::connect(client, entries, SwarmOptions::default()).await?;
-        Ok::<_, Error>((local, swarm))
-    })?;
+    let (local, swarm) = runtime.block_on(args.swarm.connect())?;
     // Ctrl-C stops the answer being streamed; at the prompt it only reminds how to leave.
     let interrupted = Arc::new(AtomicBool::new(false));
     let answering = Arc::new(AtomicBool::new(false));

@@ -177,3 +177,84 @@ pub(crate) fn route_line(route: &[neuroshard_core::RouteHop]) -> String {
         .collect::<Vec<_>>()
         .join(" -> ")
 }
+
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn wait_for_shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Which swarm `serve` and `chat` talk to: an existing one (`--peers`), or one they start in
+/// this process (`--model`, `--nodes`).
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct SwarmSource {
+    /// An existing swarm: addresses of any of its nodes (`<id>@<ip:port>` or `host:port`).
+    #[arg(long, num_args = 1.., required_unless_present = "model")]
+    pub(crate) peers: Vec<String>,
+    /// Or start a swarm of `--nodes` nodes on 127.0.0.1 in this process from this model file.
+    #[arg(long, conflicts_with = "peers")]
+    pub(crate) model: Option<std::path::PathBuf>,
+    /// Nodes of the in-process swarm (with --model), each one slice of the layers.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) nodes: usize,
+    /// Compute mode of the in-process nodes.
+    #[arg(long, default_value = "exact")]
+    pub(crate) mode: ComputeMode,
+    #[command(flatten)]
+    pub(crate) engine: EngineArgs,
+    /// Codec of hidden states between nodes.
+    #[arg(long, default_value = "f16")]
+    pub(crate) codec: neuroshard_core::Codec,
+}
+
+impl SwarmSource {
+    /// Starts the in-process swarm if asked for, and connects to the swarm.
+    pub(crate) async fn connect(
+        &self,
+    ) -> Result<
+        (
+            Option<neuroshard_core::LocalSwarm>,
+            neuroshard_core::SwarmSession,
+        ),
+        Error,
+    > {
+        let local = match &self.model {
+            Some(model) => {
+                eprintln!("starting {} nodes from {}", self.nodes, model.display());
+                Some(
+                    neuroshard_core::LocalSwarm::start(
+                        model,
+                        self.nodes,
+                        1,
+                        self.engine.options(self.mode),
+                        &mut |line| eprintln!("{line}"),
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        let peers = match &local {
+            Some(swarm) => swarm.addresses(),
+            None => self.peers.clone(),
+        };
+        let entries = neuroshard_core::resolve_peers(&peers).await?;
+        let client = neuroshard_core::Client::bind_default().await?;
+        let options = neuroshard_core::SwarmOptions {
+            codec: self.codec,
+            ..neuroshard_core::SwarmOptions::default()
+        };
+        let swarm = neuroshard_core::SwarmSession::connect(client, entries, options).await?;
+        Ok((local, swarm))
+    }
+}

@@ -116,7 +116,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
             args.end,
             key_path.display()
         );
-        wait_for_shutdown_signal().await;
+        crate::common::wait_for_shutdown_signal().await;
         // Graceful: stop announcing, move live sessions (with their KV caches) to replicas.
         let leave = node.begin_leave().await;
         eprintln!(
@@ -130,20 +130,4 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
         );
         Ok(())
     })
-}
-
-/// Ctrl-C or SIGTERM.
-async fn wait_for_shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,33 +1,16 @@
 //! `neuroshard serve`: the OpenAI-compatible HTTP API over an existing swarm (`--peers`), or
 //! over a swarm started in this process (`--model PATH --nodes N`, for demos).
 
-use crate::common::{tokio_runtime, EngineArgs};
-use neuroshard_core::{
-    resolve_peers, ApiServer, Client, Codec, ComputeMode, Error, LocalSwarm, ServeOptions,
-    SwarmOptions, SwarmSession,
-};
+use crate::common::{tokio_runtime, wait_for_shutdown_signal, SwarmSource};
+use neuroshard_core::{ApiServer, Error, ServeOptions};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// Flags of `neuroshard serve`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// Serve this swarm: addresses of any of its nodes (`<id>@<ip:port>` or `host:port`).
-    #[arg(long, num_args = 1.., required_unless_present = "model")]
-    peers: Vec<String>,
-    /// Start a swarm of `--nodes` nodes on 127.0.0.1 in this process from this model file,
-    /// and serve it.
-    #[arg(long, conflicts_with = "peers")]
-    model: Option<PathBuf>,
-    /// Nodes of the in-process swarm (with --model), each one slice of the layers.
-    #[arg(long, default_value_t = 3)]
-    nodes: usize,
-    /// Compute mode of the in-process nodes.
-    #[arg(long, default_value = "exact")]
-    mode: ComputeMode,
     #[command(flatten)]
-    engine: EngineArgs,
+    swarm: SwarmSource,
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -52,39 +35,11 @@ pub(crate) struct ServeArgs {
     /// Conversations kept open so that a chat's next turn only sends its new tokens.
     #[arg(long, default_value_t = 16)]
     kept_conversations: usize,
-    /// Codec of hidden states between nodes.
-    #[arg(long, default_value = "f16")]
-    codec: Codec,
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<(), Error> {
     tokio_runtime()?.block_on(async move {
-        let local = match &args.model {
-            Some(model) => {
-                eprintln!("starting {} nodes from {}", args.nodes, model.display());
-                let swarm = LocalSwarm::start(
-                    model,
-                    args.nodes,
-                    1,
-                    args.engine.options(args.mode),
-                    &mut |line| eprintln!("{line}"),
-                )
-                .await?;
-                Some(swarm)
-            }
-            None => None,
-        };
-        let peers = match &local {
-            Some(swarm) => swarm.addresses(),
-            None => args.peers.clone(),
-        };
-        let entries = resolve_peers(&peers).await?;
-        let client = Client::bind_default().await?;
-        let options = SwarmOptions {
-            codec: args.codec,
-            ..SwarmOptions::default()
-        };
-        let swarm = SwarmSession::connect(client, entries, options).await?;
+        let (local, swarm) = args.swarm.connect().await?;
         let server = ApiServer::bind(
             args.http,
             swarm,
@@ -92,7 +47,8 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), Error> {
                 api_key: args.api_key.clone(),
                 // A local swarm is also served under its file's name (`SmolLM2-...`).
                 model_name: args.model_name.clone().or_else(|| {
-                    args.model
+                    args.swarm
+                        .model
                         .as_ref()
                         .and_then(|m| m.file_stem())
                         .map(|s| s.to_string_lossy().into_owned())
@@ -117,7 +73,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), Error> {
                 ""
             }
         );
-        wait_for_stop().await;
+        wait_for_shutdown_signal().await;
         eprintln!("stopping");
         server.shutdown().await?;
         if let Some(swarm) = local {
@@ -125,20 +81,4 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), Error> {
         }
         Ok(())
     })
-}
-
-/// Ctrl-C or SIGTERM.
-async fn wait_for_stop() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
