@@ -209,9 +209,8 @@ async fn run(
     let result = result.map_err(ApiError::from_generation)?;
     if conversation.id().is_some() {
         let route = conversation.route();
-        for evicted in state.conversations.put(conversation) {
-            drop(evicted); // closes in the background
-        }
+        // Evicted conversations close their sessions in the background when dropped.
+        drop(state.conversations.put(conversation));
         observe_hops(state.clone(), route);
     }
     Ok(result)

@@ -40,6 +40,19 @@ async fn session(swarm: &LocalSwarm) -> SwarmSession {
         .expect("connect")
 }
 
+/// The API server on a free 127.0.0.1 port, and its address.
+async fn serve(session: &SwarmSession, options: ServeOptions) -> (ApiServer, SocketAddr) {
+    let server = ApiServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        session.clone(),
+        options,
+    )
+    .await
+    .expect("bind");
+    let addr = server.local_addr();
+    (server, addr)
+}
+
 /// An HTTP answer: status, raw header block, body (de-chunked).
 struct Answer {
     status: u16,
@@ -234,14 +247,7 @@ async fn openai_api_over_a_local_swarm() {
         max_request_bytes: 64 * 1024,
         ..ServeOptions::default()
     };
-    let server = ApiServer::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        session.clone(),
-        options,
-    )
-    .await
-    .expect("bind");
-    let addr = server.local_addr();
+    let (server, addr) = serve(&session, options).await;
 
     // The bearer key: required everywhere but /health.
     let e = error_of(&http(addr, "GET", "/v1/models", None, None).await, 401);
@@ -542,24 +548,8 @@ async fn concurrent_streams_and_a_disconnect_leave_no_session() {
         kept_conversations: 0,
         ..ServeOptions::default()
     };
-    let server = ApiServer::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        session.clone(),
-        options,
-    )
-    .await
-    .expect("bind");
-    let addr = server.local_addr();
-    let prompts = [
-        "The future of AI is",
-        "Once upon a time",
-        "The capital of France is",
-        "def fibonacci(n):",
-        "My favourite food is",
-        "In 1969, astronauts",
-        "The best way to learn a language is",
-        "Water boils at",
-    ];
+    let (server, addr) = serve(&session, options).await;
+    let prompts = EIGHT_PROMPTS;
     let body = |p: &str, stream: bool| json!({"prompt": p, "temperature": 0, "max_tokens": 16, "stream": stream});
     let mut solo = Vec::new();
     for p in prompts {

@@ -16,17 +16,6 @@ use neuroshard_core::LocalSwarm;
 use neuroshard_core::{generate, ComputeMode, EngineOptions, GenerationConfig, SamplingParams};
 use std::time::Duration;
 
-const PROMPTS: [&str; 8] = [
-    "The future of AI is",
-    "Once upon a time",
-    "The capital of France is",
-    "def fibonacci(n):",
-    "My favourite food is",
-    "In 1969, astronauts",
-    "The best way to learn a language is",
-    "Water boils at",
-];
-
 fn fast() -> EngineOptions {
     EngineOptions {
         mode: ComputeMode::Fast,
@@ -51,7 +40,7 @@ async fn eight_concurrent_clients_get_correct_text_and_leave_no_session() {
         tokio::task::spawn_blocking(move || {
             let mut local =
                 LocalPipeline::load(smollm2(), &[], EngineOptions::default()).expect("local");
-            PROMPTS
+            EIGHT_PROMPTS
                 .iter()
                 .map(|p| {
                     local.reset().expect("reset");
@@ -67,7 +56,7 @@ async fn eight_concurrent_clients_get_correct_text_and_leave_no_session() {
     };
     let route = swarm.plan().expect("route");
     let mut tasks = Vec::new();
-    for (i, prompt) in PROMPTS.iter().enumerate() {
+    for (i, prompt) in EIGHT_PROMPTS.iter().enumerate() {
         let ids = tokenizer.encode(prompt).expect("enc");
         let (route, model_id, config) = (route.clone(), swarm.model_id.clone(), config.clone());
         tasks.push(tokio::spawn(async move {
@@ -106,7 +95,7 @@ async fn eight_concurrent_clients_get_correct_text_and_leave_no_session() {
     .await
     .expect("8 clients finish in time");
     for (i, tokens) in all {
-        assert_eq!(tokens, expected[i], "client {i} ({:?})", PROMPTS[i]);
+        assert_eq!(tokens, expected[i], "client {i} ({:?})", EIGHT_PROMPTS[i]);
     }
     for node in &swarm.nodes {
         assert_eq!(

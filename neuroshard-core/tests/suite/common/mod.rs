@@ -179,3 +179,15 @@ pub async fn smollm2_swarm(slices: usize, replicas: usize) -> neuroshard_core::L
     .await
     .expect("swarm")
 }
+
+/// Eight different prompts for concurrent-session tests.
+pub const EIGHT_PROMPTS: [&str; 8] = [
+    "The future of AI is",
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "My favourite food is",
+    "In 1969, astronauts",
+    "The best way to learn a language is",
+    "Water boils at",
+];
