@@ -42,6 +42,11 @@ model=$(scripts/fetch-model)
 phase "cargo fmt --check"
 cargo fmt --all -- --check
 
+phase "dependency graphs shared"
+# The wheel and the external example must build every dependency with the workspace's features,
+# or they compile the whole graph again (see neuroshard-py/Cargo.toml).
+scripts/check-dep-graphs
+
 phase "cargo clippy"
 cargo clippy --release --workspace --all-targets --features neuroshard-core/internals -- -D warnings
 
@@ -99,7 +104,8 @@ NEUROSHARD_EXAMPLE_SECS=1 "$target/release/examples/node" "$model" 0 30 | grep -
 "$target/release/neuroshard" bench-sessions --model "$model" --nodes 1,3 --sessions 1,3 \
   --decode-tokens 8 --engine-too --json "$target/bench_sessions_ci.json" 2>&1 | grep 'sessions:'
 # A project outside the workspace, built like a user's: the workspace lockfile pins every
-# version (cargo metadata only adds the project's own entry), then --locked.
+# version (cargo metadata only adds the project's own entry), then --locked. Its dependencies
+# are the workspace build's (scripts/check-dep-graphs); only neuroshard-core compiles again.
 cp Cargo.lock examples/rust/Cargo.lock
 cargo metadata --offline --format-version 1 --manifest-path examples/rust/Cargo.toml >/dev/null
 cargo run --release --locked --quiet --manifest-path examples/rust/Cargo.toml -- "$model" \
