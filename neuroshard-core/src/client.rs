@@ -16,7 +16,7 @@ use crate::net::proto::{
 use crate::net::proto::{ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO};
 use crate::net::recovery::{plan_refill, RefillPlan};
 use crate::net::route::RouteOptions;
-use crate::net::{lock, now_ms, NetError, NodeId};
+use crate::net::{lock, now_ms, NetError, NodeId, Reason};
 use crate::wire::{read_frame, Codec, DEFAULT_MAX_FRAME};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, SecretKey};
@@ -26,7 +26,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// What a hop sends a session's client, routed to the session's inbox.
+/// What a hop sends a session's client, routed to the session's inbox with the sender's
+/// authenticated id (the session accepts each kind only from the route members allowed to
+/// send it).
+#[derive(Debug)]
+struct FromHop {
+    /// The node that sent it (iroh authenticated the connection).
+    from: NodeId,
+    item: Inbound,
+}
+
+/// What a hop sends a session's client.
 #[derive(Debug)]
 enum Inbound {
     /// A control message (`Token`, `Error`, `Leaving`).
@@ -40,7 +50,7 @@ enum Inbound {
     },
 }
 
-type Inbox = mpsc::UnboundedSender<Inbound>;
+type Inbox = mpsc::UnboundedSender<FromHop>;
 
 struct Inner {
     endpoint: Endpoint,
@@ -112,9 +122,7 @@ impl Client {
         prompt: Vec<u32>,
         return_logits: bool,
     ) -> Result<RemoteSession, NetError> {
-        let session = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
+        let session = random_u64();
         let open = SessionOpen {
             session,
             client: self.id(),
@@ -124,6 +132,7 @@ impl Client {
             sampling,
             prompt,
             timestamp_ms: now_ms(),
+            nonce: random_u64(),
             handover: None,
             return_logits,
         };
@@ -155,13 +164,11 @@ impl Client {
             let reply = self.request(&hop, &Message::Open(signed.clone())).await;
             match reply {
                 Ok(Message::Ok) => session.opened.push(hop),
-                Ok(Message::Error { message, .. }) => {
+                Ok(Message::Error {
+                    reason, message, ..
+                }) => {
                     session.close().await;
-                    return Err(NetError::HopFailed {
-                        node: Some(hop.node),
-                        hop: hop.node.fmt_short().to_string(),
-                        message,
-                    });
+                    return Err(refused_by(&hop, reason, message));
                 }
                 Ok(other) => {
                     session.close().await;
@@ -170,11 +177,7 @@ impl Client {
                 Err(e) => {
                     session.close().await;
                     // Name the unreachable hop so a caller can plan around it.
-                    return Err(NetError::HopFailed {
-                        node: Some(hop.node),
-                        hop: hop.node.fmt_short().to_string(),
-                        message: e.to_string(),
-                    });
+                    return Err(hop_failed(&hop, e.to_string()));
                 }
             }
         }
@@ -233,17 +236,9 @@ impl Client {
                 .await
             {
                 Ok(session) => return Ok((session, exclude)),
-                Err(NetError::HopFailed {
-                    node: Some(n),
-                    hop,
-                    message,
-                }) => {
+                Err(e @ NetError::HopFailed { node: Some(n), .. }) => {
                     exclude.push(n);
-                    last = Some(NetError::HopFailed {
-                        node: Some(n),
-                        hop,
-                        message,
-                    });
+                    last = Some(e);
                 }
                 Err(e) => return Err(e),
             }
@@ -306,7 +301,10 @@ impl Client {
                         other => Inbound::Message(other),
                     };
                     if let Some(tx) = lock(&inner.sessions).get(&session) {
-                        let _ = tx.send(item);
+                        let _ = tx.send(FromHop {
+                            from: node_id,
+                            item,
+                        });
                     }
                 });
             }
@@ -378,12 +376,14 @@ impl Client {
             .request_addr(entry, &Message::GetModelInfo, MAX_MODEL_INFO)
             .await?
         {
-            Message::ModelInfo(info) => Ok(info),
-            Message::Error { hop, message, .. } => Err(NetError::HopFailed {
-                node: Some(hop),
-                hop: hop.fmt_short().to_string(),
-                message,
-            }),
+            Message::ModelInfo(info) => {
+                info.check()?;
+                Ok(info)
+            }
+            // The entry answered for itself, whoever it names.
+            Message::Error {
+                reason, message, ..
+            } => Err(blamed_by(entry.id, entry.id, reason, message)),
             other => Err(NetError::Malformed(format!(
                 "expected model info, got {other:?}"
             ))),
@@ -404,7 +404,7 @@ pub(crate) const DEFAULT_STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_mi
 pub struct RemoteSession {
     client: Client,
     open: SessionOpen,
-    rx: mpsc::UnboundedReceiver<Inbound>,
+    rx: mpsc::UnboundedReceiver<FromHop>,
     /// Deadline for one step of one position; a step of `n` positions (a prompt) gets
     /// `step_timeout + n · step_timeout_per_position`.
     pub step_timeout: Duration,
@@ -433,7 +433,15 @@ pub struct SessionStats {
     pub full_replays: u64,
     /// Hops moved to a replica with their KV cache (a node left gracefully).
     pub handovers: u64,
+    /// Reports ignored because their sender may not send them: tokens from any node but the
+    /// last hop, errors and leaving notices from nodes not on the route.
+    pub refused_reports: u64,
+    /// Failures blamed on a node that answered when probed: the accuser was routed around.
+    pub false_blames: u64,
 }
+
+/// Most entries kept in [`RemoteSession::events`] (a flood of forged reports cannot grow it).
+const MAX_EVENTS: usize = 256;
 
 impl std::fmt::Debug for RemoteSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -468,9 +476,11 @@ impl RemoteSession {
     async fn step_any(&mut self, tokens: &[u32], start_pos: usize) -> Result<StepResult, NetError> {
         // Reports of an earlier, failed attempt must not be mistaken for this step's; notices
         // of leaving hops are kept.
-        while let Ok(item) = self.rx.try_recv() {
-            if let Inbound::Message(msg) = item {
-                self.note(msg);
+        while let Ok(FromHop { from, item }) = self.rx.try_recv() {
+            if let Inbound::Message(msg @ Message::Leaving { .. }) = item {
+                if self.hop_index(from).is_some() {
+                    self.note(msg);
+                }
             }
         }
         self.fed.truncate(start_pos);
@@ -510,27 +520,43 @@ impl RemoteSession {
                     what: format!("the token at position {want}"),
                     ms: allowed.as_millis() as u64,
                 })?;
+            let Some(FromHop { from, item }) = item else {
+                return Err(NetError::Io("client shut down".into()));
+            };
+            let last = self.open.route.last().map(|h| h.node);
             match item {
-                Some(Inbound::Message(Message::Token {
+                // Results come from the route's last hop only: any other node (a route member
+                // included) could be steering the text.
+                Inbound::Message(Message::Token { .. }) | Inbound::Logits { .. }
+                    if Some(from) != last =>
+                {
+                    self.refuse_report(from, "a token");
+                }
+                Inbound::Message(Message::Token {
                     position, token, ..
-                })) if position == want => return Ok(StepResult::Token(token)),
-                Some(Inbound::Logits { position, values }) if position == want => {
+                }) if position == want => return Ok(StepResult::Token(token)),
+                Inbound::Logits { position, values } if position == want => {
                     return Ok(StepResult::Logits(values))
                 }
                 // A result of an earlier, retried step: stale.
-                Some(Inbound::Message(Message::Token { .. })) | Some(Inbound::Logits { .. }) => {
-                    continue
+                Inbound::Message(Message::Token { .. }) | Inbound::Logits { .. } => continue,
+                Inbound::Message(msg @ Message::Leaving { .. }) => {
+                    if self.hop_index(from).is_some() {
+                        self.note(msg);
+                    } else {
+                        self.refuse_report(from, "a leaving notice");
+                    }
                 }
-                Some(Inbound::Message(msg @ Message::Leaving { .. })) => self.note(msg),
-                Some(Inbound::Message(Message::Error { hop, message, .. })) => {
-                    return Err(NetError::HopFailed {
-                        node: Some(hop),
-                        hop: hop.fmt_short().to_string(),
-                        message,
-                    })
-                }
-                Some(_) => continue,
-                None => return Err(NetError::Io("client shut down".into())),
+                Inbound::Message(Message::Error {
+                    hop,
+                    reason,
+                    message,
+                    ..
+                }) => match self.blame_of(from, hop) {
+                    Some(blamed) => return Err(blamed_by(from, blamed, reason, message)),
+                    None => self.refuse_report(from, "an error"),
+                },
+                Inbound::Message(_) => continue,
             }
         }
     }
@@ -538,6 +564,35 @@ impl RemoteSession {
     /// The current route.
     pub fn route(&self) -> &[RouteHop] {
         &self.open.route
+    }
+
+    /// Where `node` is on the route.
+    fn hop_index(&self, node: NodeId) -> Option<usize> {
+        self.open.route.iter().position(|h| h.node == node)
+    }
+
+    /// Whom a step error from `from`, blaming `blamed`, accuses: a hop reports itself or its
+    /// successor. `None` when `from` is not on the route (the report is ignored); a member
+    /// blaming any other node is held to have failed itself.
+    fn blame_of(&self, from: NodeId, blamed: NodeId) -> Option<NodeId> {
+        let i = self.hop_index(from)?;
+        let successor = self.open.route.get(i + 1).map(|h| h.node);
+        Some(if blamed == from || Some(blamed) == successor {
+            blamed
+        } else {
+            from
+        })
+    }
+
+    /// Drops a report `from` a node that may not send it (counted and logged).
+    fn refuse_report(&mut self, from: NodeId, what: &str) {
+        self.stats.refused_reports += 1;
+        if self.events.len() < MAX_EVENTS {
+            self.events.push(format!(
+                "ignored {what} from {}, which may not send it",
+                from.fmt_short()
+            ));
+        }
     }
 
     /// Asks every hop of the route whether it is alive (each within `deadline`); returns the
@@ -586,13 +641,16 @@ impl RemoteSession {
         self.open.prompt = self.fed.clone();
         self.open.handover = handover;
         self.open.timestamp_ms = now_ms();
+        self.open.nonce = random_u64();
         let signed = SignedOpen::sign(&self.open, &self.client.inner.key)?;
         let mut opened = Vec::new();
         for hop in self.open.route.clone() {
             let reply = self.send_open(&hop, &signed).await;
             match reply {
                 Ok(Message::Ok) => opened.push(hop),
-                Ok(Message::Error { message, .. }) => return Err(hop_failed(&hop, message)),
+                Ok(Message::Error {
+                    reason, message, ..
+                }) => return Err(refused_by(&hop, reason, message)),
                 Ok(other) => return Err(hop_failed(&hop, format!("unexpected reply {other:?}"))),
                 Err(e) => return Err(hop_failed(&hop, e.to_string())),
             }
@@ -695,11 +753,21 @@ impl RemoteSession {
                 self.stats.refills += 1;
                 Ok(())
             }
-            Ok(Message::Error { hop, message, .. }) => Err(NetError::HopFailed {
-                node: Some(hop),
-                hop: hop.fmt_short().to_string(),
+            // A fill's failure travels back along the chain: the blamed node must be the target
+            // or a hop after it, or the target takes the blame itself.
+            Ok(Message::Error {
+                hop,
+                reason,
                 message,
-            }),
+                ..
+            }) => {
+                let at = |n: NodeId| route.iter().position(|h| h.node == n);
+                let blamed = match (at(target.node), at(hop)) {
+                    (Some(i), Some(j)) if j >= i => hop,
+                    _ => target.node,
+                };
+                Err(blamed_by(target.node, blamed, reason, message))
+            }
             Ok(other) => Err(hop_failed(&target, format!("unexpected reply {other:?}"))),
             Err(e) => Err(hop_failed(&target, e.to_string())),
         }
@@ -790,13 +858,41 @@ impl StepResult {
     }
 }
 
-/// A hop refused or could not be reached.
+/// A hop could not be reached, or its reply made no sense.
 fn hop_failed(hop: &RouteHop, message: String) -> NetError {
     NetError::HopFailed {
         node: Some(hop.node),
-        hop: hop.node.fmt_short().to_string(),
+        reason: None,
+        reporter: None,
         message,
     }
+}
+
+/// `hop` refused a request of this client, for `reason`.
+fn refused_by(hop: &RouteHop, reason: Reason, message: String) -> NetError {
+    NetError::HopFailed {
+        node: Some(hop.node),
+        reason: Some(reason),
+        reporter: None,
+        message,
+    }
+}
+
+/// `reporter` says that `blamed` (itself, or a node after it) failed, for `reason`.
+fn blamed_by(reporter: NodeId, blamed: NodeId, reason: Reason, message: String) -> NetError {
+    NetError::HopFailed {
+        node: Some(blamed),
+        reason: Some(reason),
+        reporter: (reporter != blamed).then_some(reporter),
+        message,
+    }
+}
+
+/// A random 64-bit value (session ids, open nonces): unpredictable to other peers.
+fn random_u64() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// Re-plans a route avoiding the given nodes (failover).
@@ -856,14 +952,32 @@ impl BlockingSession {
     }
 
     /// Finds the failed hops after `error`, re-plans and moves the session.
+    ///
+    /// A hop that blames another is not simply believed: every hop is probed first, and when
+    /// the blamed node answers, the accuser is routed around instead. A lying hop can then
+    /// only remove itself from the route, never an honest node.
     fn fail_over(&mut self, error: &NetError) -> Result<(), NetError> {
-        let mut failed: Vec<NodeId> = match error {
-            NetError::HopFailed { node: Some(n), .. } => vec![*n],
-            _ => Vec::new(),
-        };
         let probed = self
             .handle
             .block_on(self.session.probe(Duration::from_secs(2)));
+        let mut failed: Vec<NodeId> = match error {
+            NetError::HopFailed {
+                node: Some(blamed),
+                reporter: Some(accuser),
+                ..
+            } if !probed.contains(blamed) => {
+                self.session.stats.false_blames += 1;
+                self.session.events.push(format!(
+                    "{} blamed {}, which answers: routing around {}",
+                    accuser.fmt_short(),
+                    blamed.fmt_short(),
+                    accuser.fmt_short()
+                ));
+                vec![*accuser]
+            }
+            NetError::HopFailed { node: Some(n), .. } => vec![*n],
+            _ => Vec::new(),
+        };
         for n in probed {
             if !failed.contains(&n) {
                 failed.push(n);

@@ -6,3 +6,4 @@ pub use crate::kernels::{BlockFormat, KernelPath, QuantMatrix, BLOCK};
 pub use crate::net::proto::{
     read_message, write_message, Message, SessionOpen, SignedOpen, INFER_ALPN,
 };
+pub use crate::node::misbehaviour::Misbehaviour;

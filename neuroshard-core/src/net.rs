@@ -10,20 +10,24 @@
 //! - `membership`: when a node rejoins the gossip mesh and through whom;
 //! - [`route`]: plans the lowest-latency chain of hops covering every layer;
 //! - [`endpoint`]: the iroh endpoint (offline by default) and the node's persistent key;
+//! - [`refusal`]: the typed reasons a hop gives when it refuses or fails;
 //! - `proto`: messages of the inference protocol (internal; the data types a user sees are
 //!   re-exported here: [`RouteHop`], [`ModelInfo`], [`NodeStats`]).
 
+pub(crate) mod admission;
 pub mod announce;
 pub mod endpoint;
 pub(crate) mod membership;
 pub mod peers;
 pub(crate) mod proto;
 pub(crate) mod recovery;
+pub mod refusal;
 pub mod route;
 
 pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 pub use peers::{PeerEntry, PeerInfo, PeerSet};
 pub use proto::{ModelInfo, NodeStats, RouteHop};
+pub use refusal::{Reason, REASON_CODES_VERSION};
 pub use route::{Hop, Route, RouteOptions};
 
 /// Current time in ms since the Unix epoch (announcements, expiry and session-opens use it).
@@ -38,6 +42,17 @@ pub fn now_ms() -> u64 {
 /// removes), so a poisoned lock is recovered instead of propagated.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A node's short id, or `?`, for [`NetError::HopFailed`]'s message.
+fn short_id(node: &Option<NodeId>) -> String {
+    node.map(|n| n.fmt_short().to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// ` (reason)` for [`NetError::HopFailed`]'s message.
+fn reason_suffix(reason: Option<Reason>) -> String {
+    reason.map(|r| format!(" ({r})")).unwrap_or_default()
 }
 
 /// Node identity: the node's iroh public key.
@@ -105,12 +120,17 @@ pub enum NetError {
     #[error("io: {0}")]
     Io(String),
     /// A hop refused a request or failed a step.
-    #[error("hop {hop} failed: {message}")]
+    #[error("hop {} failed{}: {message}", short_id(.node), reason_suffix(*.reason))]
     HopFailed {
         /// The failing node, when known.
         node: Option<NodeId>,
-        /// Short id of the failing hop.
-        hop: String,
+        /// The hop's typed reason, when a hop gave one (none: it could not be reached, or
+        /// its reply made no sense).
+        reason: Option<Reason>,
+        /// The route member that reported the failure, when it was not the failing node
+        /// itself (a hop blaming its successor): failover probes the blamed node before it
+        /// believes the report.
+        reporter: Option<NodeId>,
         /// Its message.
         message: String,
     },

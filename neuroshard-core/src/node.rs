@@ -11,6 +11,8 @@
 
 mod batcher;
 mod handover;
+#[cfg(feature = "internals")]
+pub(crate) mod misbehaviour;
 mod relay;
 mod sent;
 
@@ -18,6 +20,7 @@ pub use handover::{LeaveHandle, LeaveReport};
 
 use crate::engine::ShardEngine;
 use crate::model::tokenizer::Tokenizer;
+use crate::net::admission::{check_route, OpenReplayGuard, Refusal, DEFAULT_OPEN_WINDOW_MS};
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::membership::Membership;
@@ -25,7 +28,7 @@ use crate::net::peers::PeerSet;
 use crate::net::proto::{
     read_message, write_message, Message, ModelInfo, NodeStats, SessionOpen, SignedOpen, INFER_ALPN,
 };
-use crate::net::{lock, now_ms, NetError, NodeId};
+use crate::net::{lock, now_ms, NetError, NodeId, Reason};
 use crate::wire::Codec;
 use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::Connection;
@@ -68,9 +71,16 @@ pub(crate) struct NodeCounters {
     pub(crate) hidden_bytes_sent: AtomicU64,
     /// Hidden-state frame bytes received from predecessors.
     pub(crate) hidden_bytes_received: AtomicU64,
+    /// Refusals and failures this node reported, by reason.
+    pub(crate) refusals: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl NodeCounters {
+    /// Counts one refusal or failure reported for `reason`.
+    pub(crate) fn refused(&self, reason: Reason) {
+        *lock(&self.refusals).entry(reason.name()).or_default() += 1;
+    }
+
     /// A snapshot (`sessions_open` is filled in by the node).
     pub(crate) fn snapshot(&self) -> NodeStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -86,6 +96,10 @@ impl NodeCounters {
             compute_us: get(&self.compute_us),
             hidden_bytes_sent: get(&self.hidden_bytes_sent),
             hidden_bytes_received: get(&self.hidden_bytes_received),
+            refusals: lock(&self.refusals)
+                .iter()
+                .map(|(reason, n)| (reason.to_string(), *n))
+                .collect(),
             ..NodeStats::default()
         }
     }
@@ -141,6 +155,13 @@ struct Inner {
     leaving: AtomicBool,
     /// Signalled whenever a session is removed (a leaving node waits for its sessions).
     sessions_changed: tokio::sync::Notify,
+    /// Session-opens accepted inside the replay window (a captured open is refused).
+    opens_seen: Mutex<OpenReplayGuard>,
+    /// See [`NodeOptions::read_deadline`].
+    read_deadline: Duration,
+    /// How this node lies (hostile-peer tests only).
+    #[cfg(feature = "internals")]
+    misbehaviour: Mutex<misbehaviour::Misbehaviour>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -175,6 +196,12 @@ pub struct NodeOptions {
     pub announce_ttl: Duration,
     /// Sessions the node accepts at once (announced as its capacity).
     pub capacity: u32,
+    /// How long a signed session-open stays acceptable: older ones, and any seen before,
+    /// are refused as replays.
+    pub open_window: Duration,
+    /// How long a peer may take to send a whole request, or the header of a data stream,
+    /// once it opened the stream: a slow sender (slow-loris) is cut off after it.
+    pub read_deadline: Duration,
 }
 
 impl Default for NodeOptions {
@@ -185,6 +212,8 @@ impl Default for NodeOptions {
             announce_every: Duration::from_secs(2),
             announce_ttl: Duration::from_secs(10),
             capacity: 64,
+            open_window: Duration::from_millis(DEFAULT_OPEN_WINDOW_MS),
+            read_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -412,6 +441,10 @@ impl Node {
             )),
             address_line: Mutex::new(address_line),
             sessions_changed: tokio::sync::Notify::new(),
+            opens_seen: Mutex::new(OpenReplayGuard::new(options.open_window.as_millis() as u64)),
+            read_deadline: options.read_deadline,
+            #[cfg(feature = "internals")]
+            misbehaviour: Mutex::default(),
         });
         let gossip = Gossip::builder().spawn(endpoint.clone());
         let router = Router::builder(endpoint)
@@ -544,6 +577,13 @@ impl Node {
         self.inner.stats()
     }
 
+    /// Makes this node lie from now on (hostile-peer tests; feature `internals` only).
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
+    pub fn misbehave(&self, how: misbehaviour::Misbehaviour) {
+        *lock(&self.inner.misbehaviour) = how;
+    }
+
     /// Verifies `signed` into the node's PeerSet and address book, as if gossip had delivered
     /// it (an in-process swarm introduces its nodes this way).
     pub fn learn(&self, signed: &SignedAnnouncement) -> Result<NodeId, NetError> {
@@ -624,9 +664,25 @@ impl Inner {
                     Ok((mut send, mut recv)) => {
                         let inner = self.clone();
                         tokio::spawn(async move {
-                            let reply = match read_message(&mut recv).await {
-                                Ok(msg) => inner.handle_request(remote, msg, &mut recv).await,
-                                Err(e) => inner.error_msg(0, e.to_string()),
+                            let request =
+                                tokio::time::timeout(inner.read_deadline, read_message(&mut recv));
+                            let reply = match request.await {
+                                Ok(Ok(msg)) => inner.handle_request(remote, msg, &mut recv).await,
+                                Ok(Err(e)) => {
+                                    inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                                    inner.error_msg(0, Reason::Malformed, e.to_string())
+                                }
+                                Err(_) => {
+                                    inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                                    inner.error_msg(
+                                        0,
+                                        Reason::OverLimit,
+                                        format!(
+                                            "request not received within {} ms",
+                                            inner.read_deadline.as_millis()
+                                        ),
+                                    )
+                                }
                             };
                             let _ = write_message(&mut send, &reply).await;
                             let _ = send.finish();
@@ -652,10 +708,13 @@ impl Inner {
         }
     }
 
-    fn error_msg(&self, session: u64, message: String) -> Message {
+    /// This node's refusal of a request about `session`.
+    fn error_msg(&self, session: u64, reason: Reason, message: String) -> Message {
+        self.counters.refused(reason);
         Message::Error {
             session,
             hop: self.endpoint.id(),
+            reason,
             message,
         }
     }
@@ -709,9 +768,9 @@ impl Inner {
         match msg {
             Message::Open(signed) => match self.open(remote, &signed) {
                 Ok(()) => Message::Ok,
-                Err(e) => {
+                Err((reason, message)) => {
                     self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    self.error_msg(0, e)
+                    self.error_msg(0, reason, message)
                 }
             },
             Message::Ping => Message::Ok,
@@ -727,7 +786,7 @@ impl Inner {
             }
             Message::GetModelInfo => match self.model_info() {
                 Ok(info) => Message::ModelInfo(info),
-                Err(e) => self.error_msg(0, e),
+                Err(e) => self.error_msg(0, Reason::Compute, e),
             },
             Message::Close { session } => {
                 let owned = lock(&self.sessions)
@@ -738,7 +797,11 @@ impl Inner {
                         self.drop_session(session);
                         Message::Ok
                     }
-                    _ => self.error_msg(session, format!("unknown session {session}")),
+                    _ => self.error_msg(
+                        session,
+                        Reason::UnknownSession,
+                        format!("unknown session {session}"),
+                    ),
                 }
             }
             Message::GetStats => Message::Stats(self.stats()),
@@ -766,42 +829,53 @@ impl Inner {
                 self.import(remote, session, layers, positions, sent_rows, recv)
                     .await
             }
-            other => self.error_msg(0, format!("unexpected request {other:?}")),
+            other => self.error_msg(
+                0,
+                Reason::Unexpected,
+                format!("unexpected request {other:?}"),
+            ),
         }
     }
 
-    fn open(&self, remote: NodeId, signed: &SignedOpen) -> Result<(), String> {
-        let open = signed.verify().map_err(|e| e.to_string())?;
+    /// Checks a session-open (signature, sender, model, route, freshness) and sets the
+    /// session up on this hop.
+    fn open(&self, remote: NodeId, signed: &SignedOpen) -> Result<(), Refusal> {
+        let open = signed
+            .verify()
+            .map_err(|e| (Reason::BadSignature, e.to_string()))?;
         if open.client != remote {
-            return Err("a session-open must be sent by the client that signed it".into());
+            return Err((
+                Reason::NotAllowed,
+                "a session-open must be sent by the client that signed it".into(),
+            ));
         }
         if open.model_id != self.model_id {
-            return Err(format!(
-                "model {} requested, this node serves {}",
-                open.model_id, self.model_id
+            return Err((
+                Reason::WrongModel,
+                format!(
+                    "model {} requested, this node serves {}",
+                    open.model_id, self.model_id
+                ),
             ));
         }
         let me = self.endpoint.id();
-        let index = open
-            .route
-            .iter()
-            .position(|h| h.node == me)
-            .ok_or("this node is not on the session's route")?;
+        let num_layers = self.engine.config().num_layers as u32;
+        let index = check_route(&open.route, num_layers, me)?;
         let layers = &open.route[index].layers;
         let slice = self.engine.layers();
-        if (layers.start as usize) < slice.start
-            || layers.end as usize > slice.end
-            || layers.start >= layers.end
-        {
-            return Err(format!(
-                "route asks layers {layers:?}, this node holds {slice:?}"
+        if (layers.start as usize) < slice.start || layers.end as usize > slice.end {
+            return Err((
+                Reason::BadRoute,
+                format!("route asks layers {layers:?}, this node holds {slice:?}"),
             ));
         }
-        let codec = Codec::from_u8(open.codec).map_err(|e| e.to_string())?;
+        let codec = Codec::from_u8(open.codec).map_err(|e| (Reason::Malformed, e.to_string()))?;
         let existing_hop = lock(&self.sessions).get(&open.session).cloned();
         if existing_hop.is_none() && self.leaving.load(Ordering::Relaxed) {
-            return Err("this node is leaving the swarm".into());
+            return Err((Reason::Leaving, "this node is leaving the swarm".into()));
         }
+        // Last, so that only opens this node would accept use up a nonce.
+        lock(&self.opens_seen).admit(open.client, open.nonce, open.timestamp_ms, now_ms())?;
         // The same client re-opening a session it holds here is a re-route after a failure:
         // adopt the new route and keep the KV cache (replayed positions overwrite it).
         let existing = lock(&self.sessions)
@@ -810,15 +884,18 @@ impl Inner {
         match existing {
             Some(client) if client == remote => {}
             Some(_) => {
-                return Err(format!(
-                    "session {} belongs to another client",
-                    open.session
+                return Err((
+                    Reason::NotAllowed,
+                    format!("session {} belongs to another client", open.session),
                 ))
             }
-            None => self
-                .engine
-                .open_session(open.session)
-                .map_err(|e| e.to_string())?,
+            None => self.engine.open_session(open.session).map_err(|e| {
+                let reason = match e.kind() {
+                    crate::ErrorKind::SessionsFull => Reason::OverLimit,
+                    _ => Reason::Compute,
+                };
+                (reason, e.to_string())
+            })?,
         }
         self.counters
             .sessions_opened

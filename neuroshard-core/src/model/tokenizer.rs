@@ -80,6 +80,23 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// Largest `tokenizer.json` accepted from a peer (Gemma's, among the largest, is 33 MB).
+pub(crate) const MAX_TOKENIZER_JSON: usize = 48 << 20;
+/// Largest chat template accepted from a peer (real ones are a few KB; tool-use ones ~40 KB).
+pub(crate) const MAX_CHAT_TEMPLATE: usize = 256 << 10;
+/// Most end-of-generation ids accepted from a peer.
+pub(crate) const MAX_EOS_IDS: usize = 64;
+/// Largest BOS text accepted from a peer.
+pub(crate) const MAX_BOS_TEXT: usize = 1 << 10;
+/// Template instructions one chat rendering may run: a template is code, from the model file
+/// or from a peer, and a loop must not hang the caller. A 100-message conversation with
+/// SmolLM2's template needs about 10,000.
+pub(crate) const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Deepest template recursion (macros, includes, nested loops).
+pub(crate) const TEMPLATE_RECURSION: usize = 64;
+/// Longest rendered chat prompt (far beyond any context window's text).
+pub(crate) const MAX_RENDERED_PROMPT: usize = 16 << 20;
+
 fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
@@ -286,8 +303,34 @@ impl Tokenizer {
         })
     }
 
-    /// Rebuilds a tokenizer exported by [`Tokenizer::export`].
+    /// Rebuilds a tokenizer exported by [`Tokenizer::export`]. The parts come from a peer,
+    /// so their sizes are checked first: a `tokenizer.json` of at most 48 MiB, a chat
+    /// template of at most 256 KiB, at most 64 EOS ids and a BOS text of at most 1 KiB.
     pub fn import(info: &TokenizerInfo) -> Result<Self> {
+        let too_big = |what: &str, len: usize, max: usize| {
+            Err(Error::Tokenizer(format!(
+                "{what} of {len} bytes from the entry node exceeds {max}"
+            )))
+        };
+        if info.json.len() > MAX_TOKENIZER_JSON {
+            return too_big("tokenizer.json", info.json.len(), MAX_TOKENIZER_JSON);
+        }
+        if let Some(t) = info
+            .chat_template
+            .as_ref()
+            .filter(|t| t.len() > MAX_CHAT_TEMPLATE)
+        {
+            return too_big("chat template", t.len(), MAX_CHAT_TEMPLATE);
+        }
+        if let Some((_, b)) = info.bos.as_ref().filter(|(_, b)| b.len() > MAX_BOS_TEXT) {
+            return too_big("BOS text", b.len(), MAX_BOS_TEXT);
+        }
+        if info.eos_ids.len() > MAX_EOS_IDS {
+            return Err(Error::Tokenizer(format!(
+                "{} end-of-generation ids from the entry node, at most {MAX_EOS_IDS} accepted",
+                info.eos_ids.len()
+            )));
+        }
         let inner: tokenizers::Tokenizer = info.json.parse().map_err(tok_err)?;
         Ok(Tokenizer {
             inner,
@@ -336,6 +379,9 @@ impl Tokenizer {
             .as_deref()
             .ok_or_else(|| Error::Tokenizer("this model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
+        // A template is code: bound its work, its depth and its output.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
@@ -356,16 +402,49 @@ impl Tokenizer {
             .first()
             .and_then(|&id| self.inner.id_to_token(id))
             .unwrap_or_default();
+        let mut out = BoundedText::default();
         env.get_template("chat")
             .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => bos,
-                    eos_token => eos,
-                })
+                t.render_captured_to(
+                    minijinja::context! {
+                        messages => messages,
+                        add_generation_prompt => add_generation_prompt,
+                        bos_token => bos,
+                        eos_token => eos,
+                    },
+                    &mut out,
+                )
+                .map(|_| ())
             })
-            .map_err(tok_err)
+            .map_err(|e| match out.overflowed {
+                true => Error::Tokenizer(format!(
+                    "the chat template rendered more than {MAX_RENDERED_PROMPT} bytes"
+                )),
+                false => tok_err(e),
+            })?;
+        String::from_utf8(out.bytes).map_err(tok_err)
+    }
+}
+
+/// A rendering sink that refuses to grow past [`MAX_RENDERED_PROMPT`].
+#[derive(Default)]
+struct BoundedText {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_PROMPT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered prompt too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

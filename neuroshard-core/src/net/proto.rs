@@ -8,7 +8,7 @@
 // Items the `internals` feature re-exports for this crate's own tests and benches stay `pub`.
 #![cfg_attr(not(feature = "internals"), allow(unreachable_pub, dead_code))]
 
-use super::{NetError, NodeId};
+use super::{NetError, NodeId, Reason};
 use crate::model::sampling::SamplingParams;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN of the inference protocol.
-pub const INFER_ALPN: &[u8] = b"neuroshard/infer/1";
+pub const INFER_ALPN: &[u8] = b"neuroshard/infer/2";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
 pub(crate) const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
@@ -35,8 +35,46 @@ pub struct ModelInfo {
     pub tokenizer: crate::model::tokenizer::TokenizerInfo,
 }
 
-/// Largest reply a client accepts for model info (a tokenizer with its merges is a few MB).
+/// Largest reply a client accepts for model info (a tokenizer with its merges is a few MB;
+/// Gemma's is 33 MB).
 pub(crate) const MAX_MODEL_INFO: usize = 64 << 20;
+/// Most layers a peer may say a model has: route planning and per-layer tables are sized by
+/// it. The largest open models have about 130.
+pub(crate) const MAX_MODEL_LAYERS: u32 = 1024;
+/// Longest context a peer may claim (4 Mi positions).
+pub(crate) const MAX_CONTEXT_LEN: u32 = 1 << 22;
+/// Longest model id accepted (ids are hex digests).
+pub(crate) const MAX_MODEL_ID_LEN: usize = 128;
+
+impl ModelInfo {
+    /// Checks the numbers an entry node sent before anything is sized by them (the tokenizer
+    /// is checked when it is imported: [`crate::Tokenizer::import`]).
+    pub fn check(&self) -> Result<(), NetError> {
+        let bad = |what: String| Err(NetError::Malformed(format!("model info: {what}")));
+        if self.layers == 0 || self.layers > MAX_MODEL_LAYERS {
+            return bad(format!(
+                "{} layers (accepted: 1..={MAX_MODEL_LAYERS})",
+                self.layers
+            ));
+        }
+        if self.context_len == 0 || self.context_len > MAX_CONTEXT_LEN {
+            return bad(format!(
+                "a context of {} positions (accepted: 1..={MAX_CONTEXT_LEN})",
+                self.context_len
+            ));
+        }
+        if self.model_id.is_empty()
+            || self.model_id.len() > MAX_MODEL_ID_LEN
+            || !self.model_id.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return bad(format!(
+                "a model id of {} bytes that is not alphanumeric",
+                self.model_id.len()
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// A snapshot of a node's counters and memory (operators and tests read them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +111,8 @@ pub struct NodeStats {
     pub decode_batches: u64,
     /// Session steps that ran inside those batches.
     pub batched_steps: u64,
+    /// Refusals and failures this node reported, by reason ([`Reason::name`]).
+    pub refusals: std::collections::BTreeMap<String, u64>,
 }
 
 /// One hop of a session's route, as the client planned it.
@@ -103,8 +143,12 @@ pub struct SessionOpen {
     pub sampling: SamplingParams,
     /// Prompt ids (the last hop needs the context for the repetition penalty).
     pub prompt: Vec<u32>,
-    /// When the client made the request (ms since the Unix epoch).
+    /// When the client made the request (ms since the Unix epoch). Hops refuse opens dated
+    /// outside their replay window.
     pub timestamp_ms: u64,
+    /// Random, fresh for every open the client signs: a hop refuses a (client, nonce) it has
+    /// seen inside the replay window, so a captured open cannot be sent again.
+    pub nonce: u64,
     /// KV hand-over this open authorises: `(from, to)` lets node `to` import the session's
     /// cache from node `from` (a node that is leaving the swarm).
     pub handover: Option<(NodeId, NodeId)>,
@@ -174,10 +218,12 @@ pub enum Message {
     Error {
         /// The session concerned (0 if none).
         session: u64,
-        /// The node that failed: the reporter itself, or its successor when that is
-        /// unreachable.
+        /// The node blamed: the reporter itself, or its successor when `reason` is
+        /// [`Reason::SuccessorUnreachable`]. Clients accept nothing else (see `client.rs`).
         hop: NodeId,
-        /// What went wrong.
+        /// Why, as a typed code.
+        reason: Reason,
+        /// Details for people (logs, error messages); never acted on.
         message: String,
     },
     /// Client to first hop: token ids at positions `start_pos..`.

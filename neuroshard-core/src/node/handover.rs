@@ -15,7 +15,7 @@
 use super::relay::FILL_TIMEOUT;
 use super::{HopSession, Inner, Node};
 use crate::net::proto::{read_message, request_on, write_message, Message, RouteHop, MAX_CONTROL};
-use crate::net::{lock, now_ms, NodeId};
+use crate::net::{lock, now_ms, NodeId, Reason};
 use crate::wire::{read_frame, write_frame, Codec, FrameMeta, DEFAULT_MAX_FRAME};
 use candle_core::Tensor;
 use iroh::endpoint::RecvStream;
@@ -161,11 +161,19 @@ impl Inner {
         to: RouteHop,
     ) -> Message {
         let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
-            return self.error_msg(session, format!("unknown session {session}"));
+            return self.error_msg(
+                session,
+                Reason::UnknownSession,
+                format!("unknown session {session}"),
+            );
         };
         if remote != hop.open.client {
             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return self.error_msg(session, "only the session's client may move it".into());
+            return self.error_msg(
+                session,
+                Reason::NotAllowed,
+                "only the session's client may move it".into(),
+            );
         }
         match self.send_cache(&hop, &to).await {
             Ok(()) => {
@@ -174,6 +182,7 @@ impl Inner {
             }
             Err(e) => self.error_msg(
                 session,
+                Reason::SuccessorUnreachable,
                 format!("hand-over to {}: {e}", to.node.fmt_short()),
             ),
         }
@@ -258,7 +267,7 @@ impl Inner {
             }
             Err(e) => {
                 self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                self.error_msg(session, e)
+                self.error_msg(session, Reason::NotAllowed, e)
             }
         }
     }

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::model::sampling::sample;
 use crate::model::shard::{ShardInput, ShardOutput};
 use crate::net::proto::{dial, read_message, write_message, Message, RouteHop};
-use crate::net::{lock, NetError, NodeId};
+use crate::net::{lock, NetError, NodeId, Reason};
 use crate::wire::{
     decode_frame, encode_frame, read_frame, Codec, FrameMeta, OwnedFrame, DEFAULT_MAX_FRAME,
 };
@@ -26,14 +26,49 @@ use std::time::Duration;
 /// Longest a fill (a whole prefix through several hops) may take before the sender gives up.
 pub(super) const FILL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A failure: the node to blame and what happened.
-type Blame = (NodeId, String);
+/// A failure: the node to blame, why, and what happened.
+pub(super) struct Blame {
+    /// This hop, or its successor (or a node further down, for a fill's relayed reply).
+    node: NodeId,
+    reason: Reason,
+    message: String,
+}
+
+impl Blame {
+    fn new(node: NodeId, reason: Reason, message: impl Into<String>) -> Self {
+        Blame {
+            node,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The successor `next` could not be reached or did not take the hidden states.
+    fn successor(next: &RouteHop, what: impl std::fmt::Display) -> Self {
+        Blame::new(
+            next.node,
+            Reason::SuccessorUnreachable,
+            format!("successor unreachable: {what}"),
+        )
+    }
+
+    /// The error a hop sends about `session`.
+    fn into_message(self, session: u64) -> Message {
+        Message::Error {
+            session,
+            hop: self.node,
+            reason: self.reason,
+            message: self.message,
+        }
+    }
+}
 
 impl Inner {
     pub(super) async fn handle_data(self: Arc<Self>, remote: NodeId, mut recv: RecvStream) {
-        let msg = match read_message(&mut recv).await {
-            Ok(m) => m,
-            Err(_) => return self.reject(),
+        let msg = match tokio::time::timeout(self.read_deadline, read_message(&mut recv)).await {
+            Ok(Ok(m)) => m,
+            // Garbage, or a header trickling in too slowly (slow-loris): dropped.
+            Ok(Err(_)) | Err(_) => return self.reject(),
         };
         let (session, start_pos) = match &msg {
             Message::Step {
@@ -76,8 +111,40 @@ impl Inner {
             }
             _ => return self.reject(),
         };
-        if let Err((failed, message)) = self.run_step(&hop, source).await {
-            self.report_node(&hop, failed, message).await;
+        #[cfg(feature = "internals")]
+        if self.misbehave_on_step(&hop, source.end()).await {
+            return;
+        }
+        if let Err(blame) = self.run_step(&hop, source).await {
+            self.report_node(&hop, blame).await;
+        }
+    }
+
+    /// Lies as the test told this node to, before the step `..step_end` runs; `true` when
+    /// the lie replaces the step.
+    #[cfg(feature = "internals")]
+    async fn misbehave_on_step(&self, hop: &HopSession, step_end: usize) -> bool {
+        use super::misbehaviour::Misbehaviour;
+        let how = *lock(&self.misbehaviour);
+        let Some(next) = hop.open.route.get(hop.index + 1) else {
+            return false;
+        };
+        match how {
+            Misbehaviour::ForgeToken(token) => {
+                let forged = Message::Token {
+                    session: hop.open.session,
+                    position: step_end as u32,
+                    token,
+                };
+                let _ = self.notify_client(hop, &forged).await;
+                false
+            }
+            Misbehaviour::BlameSuccessor => {
+                let lie = Blame::successor(next, "forged: the successor is fine");
+                self.report_node(hop, lie).await;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -90,7 +157,7 @@ impl Inner {
         let step_end = source.end();
         let mut successor: Option<(&RouteHop, iroh::endpoint::SendStream)> = None;
         while let Some(chunk) = source.next(&self.counters).await {
-            let (input, start_pos) = chunk.map_err(|e| (me, e))?;
+            let (input, start_pos) = chunk.map_err(|e| Blame::new(me, Reason::Malformed, e))?;
             let rows = match &input {
                 ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
             };
@@ -100,12 +167,12 @@ impl Inner {
                 ShardOutput::Hidden(h) => {
                     let frame = self
                         .encode_and_record(hop, start_pos, &h)
-                        .map_err(|e| (me, e))?;
+                        .map_err(|e| Blame::new(me, Reason::Compute, e))?;
                     let (next, send) = match &mut successor {
                         Some((next, send)) => (*next, send),
                         None => {
                             let next = hop.open.route.get(hop.index + 1).ok_or_else(|| {
-                                (me, "hidden state produced by the last hop".to_string())
+                                Blame::new(me, Reason::Compute, "hidden state on the last hop")
                             })?;
                             let msg = Message::Hidden {
                                 session,
@@ -119,7 +186,7 @@ impl Inner {
                     };
                     send.write_all(&frame)
                         .await
-                        .map_err(|e| (next.node, format!("successor unreachable: {e}")))?;
+                        .map_err(|e| Blame::successor(next, e))?;
                     self.counters
                         .hidden_bytes_sent
                         .fetch_add(frame.len() as u64, Ordering::Relaxed);
@@ -128,13 +195,12 @@ impl Inner {
                 ShardOutput::Logits(l) if start_pos as usize + rows == step_end => self
                     .send_token(hop, step_end, &l)
                     .await
-                    .map_err(|e| (me, e.to_string()))?,
+                    .map_err(|e| Blame::new(me, Reason::Compute, e.to_string()))?,
                 ShardOutput::Logits(_) => {}
             }
         }
         if let Some((next, mut send)) = successor {
-            send.finish()
-                .map_err(|e| (next.node, format!("successor unreachable: {e}")))?;
+            send.finish().map_err(|e| Blame::successor(next, e))?;
         }
         Ok(())
     }
@@ -156,12 +222,17 @@ impl Inner {
     ) -> Message {
         let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
             self.reject();
-            return self.error_msg(session, format!("unknown session {session}"));
+            return self.error_msg(
+                session,
+                Reason::UnknownSession,
+                format!("unknown session {session}"),
+            );
         };
         if remote != hop.feeder() || (hop.index == 0) == tokens.is_empty() {
             self.reject();
             return self.error_msg(
                 session,
+                Reason::NotAllowed,
                 "fill from a node that does not feed this hop".into(),
             );
         }
@@ -172,15 +243,11 @@ impl Inner {
         };
         let result = match input {
             Ok(input) => self.run_fill(&hop, input, start_pos, through).await,
-            Err(e) => Err((self.endpoint.id(), e)),
+            Err(e) => Err(Blame::new(self.endpoint.id(), Reason::Malformed, e)),
         };
         match result {
             Ok(()) => Message::Ok,
-            Err((failed, message)) => Message::Error {
-                session,
-                hop: failed,
-                message,
-            },
+            Err(blame) => blame.into_message(session),
         }
     }
 
@@ -195,11 +262,19 @@ impl Inner {
     ) -> Message {
         let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
             self.reject();
-            return self.error_msg(session, format!("unknown session {session}"));
+            return self.error_msg(
+                session,
+                Reason::UnknownSession,
+                format!("unknown session {session}"),
+            );
         };
         if remote != hop.open.client {
             self.reject();
-            return self.error_msg(session, "only the session's client may ask a replay".into());
+            return self.error_msg(
+                session,
+                Reason::NotAllowed,
+                "only the session's client may ask a replay".into(),
+            );
         }
         let rows = {
             let sent = lock(&hop.sent);
@@ -213,7 +288,7 @@ impl Inner {
         };
         let (rows, width) = match rows {
             Ok(r) => r,
-            Err(e) => return self.error_msg(session, e),
+            Err(e) => return self.error_msg(session, Reason::Malformed, e),
         };
         if upto == 0 {
             return Message::Ok;
@@ -221,6 +296,7 @@ impl Inner {
         let Some(next) = hop.open.route.get(hop.index + 1) else {
             return self.error_msg(
                 session,
+                Reason::Unexpected,
                 "the last hop has no successor to replay into".into(),
             );
         };
@@ -228,7 +304,7 @@ impl Inner {
         let frame = encode_frame(
             &match Tensor::from_vec(rows, (1, upto as usize, width), &Device::Cpu) {
                 Ok(t) => t,
-                Err(e) => return self.error_msg(session, e.to_string()),
+                Err(e) => return self.error_msg(session, Reason::Compute, e.to_string()),
             },
             Codec::F32,
             FrameMeta {
@@ -239,7 +315,7 @@ impl Inner {
         );
         let frame = match frame {
             Ok(f) => f,
-            Err(e) => return self.error_msg(session, e.to_string()),
+            Err(e) => return self.error_msg(session, Reason::Compute, e.to_string()),
         };
         let msg = Message::Fill {
             session,
@@ -250,11 +326,7 @@ impl Inner {
         self.counters.replays.fetch_add(1, Ordering::Relaxed);
         match self.send_fill(next, &msg, &frame).await {
             Ok(()) => Message::Ok,
-            Err((failed, message)) => Message::Error {
-                session,
-                hop: failed,
-                message,
-            },
+            Err(blame) => blame.into_message(session),
         }
     }
 
@@ -287,7 +359,7 @@ impl Inner {
         self.counters
             .compute_us
             .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-        out.map_err(|e| (me, e.to_string()))
+        out.map_err(|e| Blame::new(me, engine_reason(&e), e.to_string()))
     }
 
     /// A fill: computes `input` at `start_pos` into the KV cache and passes it on as a fill
@@ -312,10 +384,10 @@ impl Inner {
             .open
             .route
             .get(hop.index + 1)
-            .ok_or_else(|| (me, "hidden state produced by the last hop".to_string()))?;
+            .ok_or_else(|| Blame::new(me, Reason::Compute, "hidden state on the last hop"))?;
         let frame = self
             .encode_and_record(hop, start_pos, &h)
-            .map_err(|e| (me, e))?;
+            .map_err(|e| Blame::new(me, Reason::Compute, e))?;
         let msg = Message::Fill {
             session: hop.open.session,
             start_pos,
@@ -353,7 +425,7 @@ impl Inner {
         next: &RouteHop,
         msg: &Message,
     ) -> Result<iroh::endpoint::SendStream, Blame> {
-        let blame = |e: String| (next.node, format!("successor unreachable: {e}"));
+        let blame = |e: String| Blame::successor(next, e);
         let conn = self
             .connection(next.node, &next.addrs)
             .await
@@ -367,7 +439,7 @@ impl Inner {
 
     /// Sends a fill to the successor (bi stream) and waits until the chain behind it is filled.
     async fn send_fill(&self, next: &RouteHop, msg: &Message, frame: &[u8]) -> Result<(), Blame> {
-        let blame = |e: String| (next.node, format!("successor unreachable: {e}"));
+        let blame = |e: String| Blame::successor(next, e);
         let conn = self
             .connection(next.node, &next.addrs)
             .await
@@ -385,7 +457,13 @@ impl Inner {
         send.finish().map_err(|e| blame(e.to_string()))?;
         match tokio::time::timeout(FILL_TIMEOUT, read_message(&mut recv)).await {
             Ok(Ok(Message::Ok)) => Ok(()),
-            Ok(Ok(Message::Error { hop, message, .. })) => Err((hop, message)),
+            // The chain behind the successor failed: pass its blame on.
+            Ok(Ok(Message::Error {
+                hop,
+                reason,
+                message,
+                ..
+            })) => Err(Blame::new(hop, reason, message)),
             Ok(Ok(other)) => Err(blame(format!("unexpected reply {other:?}"))),
             Ok(Err(e)) => Err(blame(e.to_string())),
             Err(_) => Err(blame(format!(
@@ -476,14 +554,11 @@ impl Inner {
         send.finish().map_err(|e| NetError::Io(e.to_string()))
     }
 
-    /// Tells the client that `failed` (this hop or its successor) failed on its session.
-    async fn report_node(&self, hop: &HopSession, failed: NodeId, message: String) {
+    /// Tells the client who failed on its session (this hop or its successor), and why.
+    async fn report_node(&self, hop: &HopSession, blame: Blame) {
         self.reject();
-        let msg = Message::Error {
-            session: hop.open.session,
-            hop: failed,
-            message,
-        };
+        self.counters.refused(blame.reason);
+        let msg = blame.into_message(hop.open.session);
         let _ = self.notify_client(hop, &msg).await;
     }
 
@@ -623,4 +698,18 @@ async fn hidden_input(
         .to_tensor()
         .map(ShardInput::Hidden)
         .map_err(|e| e.to_string())
+}
+
+/// The reason a failed engine call gives the client: limits are the caller's to respect, bad
+/// input is the caller's fault, anything else failed here.
+fn engine_reason(error: &Error) -> Reason {
+    use crate::ErrorKind as K;
+    match error.kind() {
+        K::BadInput | K::HiddenSize | K::HiddenDtype | K::TokenOutOfRange | K::PositionGap => {
+            Reason::Malformed
+        }
+        K::UnknownSession => Reason::UnknownSession,
+        K::SessionsFull | K::SessionTooLong => Reason::OverLimit,
+        _ => Reason::Compute,
+    }
 }

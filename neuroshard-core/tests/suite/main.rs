@@ -6,6 +6,8 @@ mod common;
 
 mod batched_decode;
 mod errors_and_sessions;
+#[cfg(feature = "internals")]
+mod hostile_peers;
 mod long_context;
 mod net_iroh;
 mod net_peers;

@@ -160,6 +160,7 @@ async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
         sampling: SamplingParams::greedy(),
         prompt: vec![1, 2],
         timestamp_ms: 0,
+        nonce: 77,
         handover: None,
         return_logits: false,
     };
