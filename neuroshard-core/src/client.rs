@@ -10,10 +10,13 @@ use crate::generate::TokenBackend;
 use crate::model::sampling::SamplingParams;
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::peers::PeerSet;
+use crate::net::peers::MAX_PEERS;
 use crate::net::proto::{
     dial, read_message, request_on, write_message, Message, RouteHop, SessionOpen, SignedOpen,
 };
-use crate::net::proto::{ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO};
+use crate::net::proto::{
+    ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO, MAX_STEP_POSITIONS, PEERS_PAGE,
+};
 use crate::net::recovery::{plan_refill, RefillPlan};
 use crate::net::route::RouteOptions;
 use crate::net::{lock, now_ms, NetError, NodeId, Reason};
@@ -56,6 +59,8 @@ struct Inner {
     endpoint: Endpoint,
     key: SecretKey,
     conns: Mutex<HashMap<NodeId, Connection>>,
+    /// Per-node gates so that a node is dialed once at a time.
+    dialing: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     sessions: Mutex<HashMap<u64, Inbox>>,
 }
 
@@ -82,6 +87,7 @@ impl Client {
                 endpoint,
                 key,
                 conns: Mutex::new(HashMap::new()),
+                dialing: Mutex::default(),
                 sessions: Mutex::new(HashMap::new()),
             }),
         })
@@ -155,6 +161,7 @@ impl Client {
             rx,
             step_timeout: Duration::from_secs(30),
             step_timeout_per_position: DEFAULT_STEP_TIMEOUT_PER_POSITION,
+            max_step_positions: MAX_STEP_POSITIONS as usize,
             opened: Vec::new(),
             leaving: Vec::new(),
             stats: SessionStats::default(),
@@ -259,12 +266,22 @@ impl Client {
         node: NodeId,
         addrs: &[std::net::SocketAddr],
     ) -> Result<Connection, NetError> {
-        if let Some(c) = lock(&self.inner.conns).get(&node) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        let live = |conns: &HashMap<NodeId, Connection>| {
+            conns
+                .get(&node)
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+        };
+        if let Some(c) = live(&lock(&self.inner.conns)) {
+            return Ok(c);
         }
-        lock(&self.inner.conns).remove(&node);
+        // One dial per node at a time (concurrent sessions of one client): a second
+        // connection would replace the first in the table and close it under its streams.
+        let gate = lock(&self.inner.dialing).entry(node).or_default().clone();
+        let _dialing = gate.lock().await;
+        if let Some(c) = live(&lock(&self.inner.conns)) {
+            return Ok(c);
+        }
         let conn = dial(&self.inner.endpoint, node, addrs).await?;
         lock(&self.inner.conns).insert(node, conn.clone());
         let node_id = node;
@@ -331,19 +348,33 @@ impl Client {
         entry: &EndpointAddr,
         model_id: &str,
     ) -> Result<PeerSet, NetError> {
-        let reply = self
-            .request_addr(entry, &Message::GetPeers, MAX_MODEL_INFO)
-            .await?;
-        let Message::Peers(list) = reply else {
-            return Err(NetError::Malformed(format!(
-                "expected peers, got {reply:?}"
-            )));
-        };
         let mut peers = PeerSet::new(model_id);
-        let now = now_ms();
-        for signed in &list {
-            // Invalid or foreign announcements are skipped, not fatal.
-            let _ = peers.insert(signed, now);
+        // Page through the entry's view; a page over the limit or past MAX_PEERS in all ends
+        // it (a hostile entry cannot make the client hold more).
+        let mut from = 0usize;
+        while from < MAX_PEERS {
+            let request = Message::GetPeers { from: from as u32 };
+            let reply = self.request_addr(entry, &request, MAX_CONTROL).await?;
+            let Message::Peers(page) = reply else {
+                return Err(NetError::Malformed(format!(
+                    "expected peers, got {reply:?}"
+                )));
+            };
+            if page.len() > PEERS_PAGE {
+                return Err(NetError::Malformed(format!(
+                    "a page of {} peers, at most {PEERS_PAGE} expected",
+                    page.len()
+                )));
+            }
+            let now = now_ms();
+            for signed in &page {
+                // Invalid or foreign announcements are skipped, not fatal.
+                let _ = peers.insert(signed, now);
+            }
+            if page.len() < PEERS_PAGE {
+                break;
+            }
+            from += page.len();
         }
         Ok(peers)
     }
@@ -410,6 +441,9 @@ pub struct RemoteSession {
     pub step_timeout: Duration,
     /// Extra time per position of a step (see `step_timeout`).
     pub step_timeout_per_position: Duration,
+    /// Most positions per step: longer inputs go as several steps (default
+    /// [`crate::net::MAX_STEP_POSITIONS`], what nodes accept by default).
+    pub max_step_positions: usize,
     opened: Vec<RouteHop>,
     /// Token ids fed so far, by position (the context a replacement hop needs).
     fed: Vec<u32>,
@@ -473,7 +507,24 @@ impl RemoteSession {
         self.step_any(tokens, start_pos).await?.logits()
     }
 
+    /// One step of any length: inputs longer than `max_step_positions` go as several steps
+    /// (the tokens sampled at the ends of the earlier ones are not used).
     async fn step_any(&mut self, tokens: &[u32], start_pos: usize) -> Result<StepResult, NetError> {
+        let cap = self.max_step_positions.max(1);
+        let (mut start, mut rest) = (start_pos, tokens);
+        while rest.len() > cap {
+            self.step_once(&rest[..cap], start).await?;
+            start += cap;
+            rest = &rest[cap..];
+        }
+        self.step_once(rest, start).await
+    }
+
+    async fn step_once(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+    ) -> Result<StepResult, NetError> {
         // Reports of an earlier, failed attempt must not be mistaken for this step's; notices
         // of leaving hops are kept.
         while let Ok(FromHop { from, item }) = self.rx.try_recv() {
@@ -587,6 +638,11 @@ impl RemoteSession {
     /// Drops a report `from` a node that may not send it (counted and logged).
     fn refuse_report(&mut self, from: NodeId, what: &str) {
         self.stats.refused_reports += 1;
+        tracing::warn!(
+            session = self.open.session,
+            peer = %from.fmt_short(),
+            "ignored {what} from a node that may not send it"
+        );
         if self.events.len() < MAX_EVENTS {
             self.events.push(format!(
                 "ignored {what} from {}, which may not send it",
@@ -967,6 +1023,11 @@ impl BlockingSession {
                 ..
             } if !probed.contains(blamed) => {
                 self.session.stats.false_blames += 1;
+                tracing::warn!(
+                    accuser = %accuser.fmt_short(),
+                    blamed = %blamed.fmt_short(),
+                    "a blamed node answers: routing around its accuser"
+                );
                 self.session.events.push(format!(
                     "{} blamed {}, which answers: routing around {}",
                     accuser.fmt_short(),

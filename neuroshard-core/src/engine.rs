@@ -303,6 +303,18 @@ impl ShardEngine {
         self.sessions.limits.max_len
     }
 
+    /// KV-cache bytes one session holds at its longest ([`Self::max_session_len`] positions
+    /// over this slice's layers): what a node's admission control reserves per session.
+    pub fn kv_bytes_per_session(&self) -> u64 {
+        let c = self.config();
+        let value_bytes = match self.options.kv_dtype {
+            crate::KvDtype::F32 => 4,
+            crate::KvDtype::F16 => 2,
+        };
+        let per_position = 2 * c.num_kv_heads * c.head_dim * value_bytes;
+        (self.model.layers.len() * per_position * self.max_session_len()) as u64
+    }
+
     /// The weights' identity: base model, slice, optimizer steps.
     pub fn version(&self) -> WeightVersion {
         WeightVersion {

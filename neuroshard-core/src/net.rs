@@ -25,8 +25,8 @@ pub mod refusal;
 pub mod route;
 
 pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
-pub use peers::{PeerEntry, PeerInfo, PeerSet};
-pub use proto::{ModelInfo, NodeStats, RouteHop};
+pub use peers::{PeerEntry, PeerInfo, PeerSet, TrackRecord};
+pub use proto::{ModelInfo, NodeStats, RouteHop, MAX_STEP_POSITIONS, PEERS_PAGE};
 pub use refusal::{Reason, REASON_CODES_VERSION};
 pub use route::{Hop, Route, RouteOptions};
 
@@ -95,6 +95,14 @@ pub enum NetError {
         node: String,
         /// How far ahead of our clock.
         ahead_ms: u64,
+    },
+    /// An announcement refused by policy (a TTL too long, a full view).
+    #[error("announcement from {node} refused: {why}")]
+    Refused {
+        /// Short node id.
+        node: String,
+        /// Why.
+        why: String,
     },
     /// Another protocol version.
     #[error("node {node} speaks protocol {theirs}, we speak {ours}")]

@@ -26,7 +26,8 @@ use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::membership::Membership;
 use crate::net::peers::PeerSet;
 use crate::net::proto::{
-    read_message, write_message, Message, ModelInfo, NodeStats, SessionOpen, SignedOpen, INFER_ALPN,
+    read_message, write_message, Message, ModelInfo, NodeStats, SessionOpen, SignedOpen,
+    INFER_ALPN, MAX_STEP_POSITIONS, PEERS_PAGE,
 };
 use crate::net::{lock, now_ms, NetError, NodeId, Reason};
 use crate::wire::Codec;
@@ -140,6 +141,8 @@ struct Inner {
     model_id: String,
     sessions: Mutex<HashMap<u64, Arc<HopSession>>>,
     conns: Mutex<HashMap<NodeId, Connection>>,
+    /// Per-peer gates so that a peer is dialed once at a time (see `Inner::connection`).
+    dialing: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     counters: NodeCounters,
     /// The swarm as gossip has shown it (this node's own announcement included).
     peers: Mutex<PeerSet>,
@@ -159,6 +162,12 @@ struct Inner {
     opens_seen: Mutex<OpenReplayGuard>,
     /// See [`NodeOptions::read_deadline`].
     read_deadline: Duration,
+    /// See [`NodeOptions::max_sessions_per_client`].
+    max_sessions_per_client: usize,
+    /// See [`NodeOptions::max_step_positions`].
+    max_step_positions: usize,
+    /// See [`NodeOptions::memory_budget`].
+    memory_budget: Option<u64>,
     /// How this node lies (hostile-peer tests only).
     #[cfg(feature = "internals")]
     misbehaviour: Mutex<misbehaviour::Misbehaviour>,
@@ -202,6 +211,18 @@ pub struct NodeOptions {
     /// How long a peer may take to send a whole request, or the header of a data stream,
     /// once it opened the stream: a slow sender (slow-loris) is cut off after it.
     pub read_deadline: Duration,
+    /// Sessions one client may hold on this node at once (a flood from one identity is
+    /// refused while others are served).
+    pub max_sessions_per_client: usize,
+    /// Most positions one step may carry here (clients split longer inputs into steps of
+    /// [`crate::net::MAX_STEP_POSITIONS`]); a longer step is refused with
+    /// `over-limit` before anything is computed.
+    pub max_step_positions: usize,
+    /// Node-wide memory for sessions, in bytes: each session reserves its longest KV cache
+    /// ([`ShardEngine::kv_bytes_per_session`]) and the hidden states it may keep for replays;
+    /// an open that does not fit is refused with `over-limit`. `None`: sessions are bounded
+    /// by `capacity` alone.
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for NodeOptions {
@@ -214,6 +235,9 @@ impl Default for NodeOptions {
             capacity: 64,
             open_window: Duration::from_millis(DEFAULT_OPEN_WINDOW_MS),
             read_deadline: Duration::from_secs(10),
+            max_sessions_per_client: 16,
+            max_step_positions: MAX_STEP_POSITIONS as usize,
+            memory_budget: None,
         }
     }
 }
@@ -430,6 +454,7 @@ impl Node {
             endpoint: endpoint.clone(),
             sessions: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::default(),
             counters: NodeCounters::default(),
             lookup,
             model_info: OnceLock::new(),
@@ -443,6 +468,9 @@ impl Node {
             sessions_changed: tokio::sync::Notify::new(),
             opens_seen: Mutex::new(OpenReplayGuard::new(options.open_window.as_millis() as u64)),
             read_deadline: options.read_deadline,
+            max_sessions_per_client: options.max_sessions_per_client,
+            max_step_positions: options.max_step_positions,
+            memory_budget: options.memory_budget,
             #[cfg(feature = "internals")]
             misbehaviour: Mutex::default(),
         });
@@ -657,7 +685,18 @@ impl Inner {
 
     async fn serve_connection(self: Arc<Self>, conn: Connection) {
         let remote = conn.remote_id();
-        lock(&self.conns).insert(remote, conn.clone());
+        // A live connection already in the table (one this node dialed) stays: the table may
+        // be its only holder, and replacing it would close it under streams in flight. This
+        // one is held by this loop either way.
+        {
+            let mut conns = lock(&self.conns);
+            if conns
+                .get(&remote)
+                .is_none_or(|c| c.close_reason().is_some())
+            {
+                conns.insert(remote, conn.clone());
+            }
+        }
         loop {
             tokio::select! {
                 bi = conn.accept_bi() => match bi {
@@ -667,13 +706,29 @@ impl Inner {
                             let request =
                                 tokio::time::timeout(inner.read_deadline, read_message(&mut recv));
                             let reply = match request.await {
-                                Ok(Ok(msg)) => inner.handle_request(remote, msg, &mut recv).await,
+                                Ok(Ok(msg)) => {
+                                    let what = msg.kind();
+                                    let reply = inner.handle_request(remote, msg, &mut recv).await;
+                                    if let Message::Error { reason, message, .. } = &reply {
+                                        tracing::warn!(
+                                            peer = %remote.fmt_short(),
+                                            request = what,
+                                            %reason,
+                                            "refused: {message}"
+                                        );
+                                    }
+                                    reply
+                                }
                                 Ok(Err(e)) => {
                                     inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
                                     inner.error_msg(0, Reason::Malformed, e.to_string())
                                 }
                                 Err(_) => {
                                     inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                                    tracing::warn!(
+                                        peer = %remote.fmt_short(),
+                                        "cut off a request stream past the read deadline"
+                                    );
                                     inner.error_msg(
                                         0,
                                         Reason::OverLimit,
@@ -774,15 +829,19 @@ impl Inner {
                 }
             },
             Message::Ping => Message::Ok,
-            Message::GetPeers => {
+            Message::GetPeers { from } => {
                 let me = self.endpoint.id();
                 let peers = lock(&self.peers);
-                let mut list: Vec<_> = peers
-                    .iter()
-                    .map(|(id, e)| (*id == me, e.signed.clone()))
-                    .collect();
-                list.sort_by_key(|(mine, _)| !*mine);
-                Message::Peers(list.into_iter().map(|(_, s)| s).collect())
+                // Own first, then by id: a stable order to page through.
+                let mut list: Vec<_> = peers.iter().collect();
+                list.sort_by_key(|(id, _)| (**id != me, *id.as_bytes()));
+                Message::Peers(
+                    list.into_iter()
+                        .skip(from as usize)
+                        .take(PEERS_PAGE)
+                        .map(|(_, e)| e.signed.clone())
+                        .collect(),
+                )
             }
             Message::GetModelInfo => match self.model_info() {
                 Ok(info) => Message::ModelInfo(info),
@@ -837,6 +896,53 @@ impl Inner {
         }
     }
 
+    /// Admission control for a new session of `client`: its per-client cap and the node's
+    /// memory budget (every open session reserves its longest KV cache and the hidden states
+    /// it may keep for replays).
+    fn admit_new_session(&self, client: NodeId) -> Result<(), Refusal> {
+        let sessions = lock(&self.sessions);
+        let held = sessions
+            .values()
+            .filter(|h| h.open.client == client)
+            .count();
+        if held >= self.max_sessions_per_client {
+            return Err((
+                Reason::OverLimit,
+                format!(
+                    "this client holds {held} sessions here, at most {} allowed",
+                    self.max_sessions_per_client
+                ),
+            ));
+        }
+        if let Some(budget) = self.memory_budget {
+            let per_session = self.session_reservation();
+            let reserved = per_session * sessions.len() as u64;
+            if reserved + per_session > budget {
+                return Err((
+                    Reason::OverLimit,
+                    format!(
+                        "memory budget: {} sessions reserve {reserved} bytes, one more needs \
+                         {per_session} of the {budget} allowed",
+                        sessions.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes one session may hold here at its longest: its KV cache, plus (on every hop but
+    /// the last) the f32 hidden states it keeps for replays.
+    fn session_reservation(&self) -> u64 {
+        let max_len = self.engine.max_session_len() as u64;
+        let sent = if self.engine.is_last() {
+            0
+        } else {
+            max_len * self.engine.config().hidden_size as u64 * 4
+        };
+        self.engine.kv_bytes_per_session() + sent
+    }
+
     /// Checks a session-open (signature, sender, model, route, freshness) and sets the
     /// session up on this hop.
     fn open(&self, remote: NodeId, signed: &SignedOpen) -> Result<(), Refusal> {
@@ -873,6 +979,9 @@ impl Inner {
         let existing_hop = lock(&self.sessions).get(&open.session).cloned();
         if existing_hop.is_none() && self.leaving.load(Ordering::Relaxed) {
             return Err((Reason::Leaving, "this node is leaving the swarm".into()));
+        }
+        if existing_hop.is_none() {
+            self.admit_new_session(open.client)?;
         }
         // Last, so that only opens this node would accept use up a nonce.
         lock(&self.opens_seen).admit(open.client, open.nonce, open.timestamp_ms, now_ms())?;

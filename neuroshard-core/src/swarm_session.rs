@@ -16,7 +16,7 @@ use crate::generate::{
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::net::endpoint::resolve_peer_addr;
-use crate::net::peers::{PeerInfo, PeerSet};
+use crate::net::peers::{PeerInfo, PeerSet, TrackRecord};
 use crate::net::proto::{ModelInfo, RouteHop};
 use crate::net::route::RouteOptions;
 use crate::net::{now_ms, NetError, NodeId};
@@ -112,6 +112,8 @@ struct Inner {
     info: ModelInfo,
     tokenizer: Tokenizer,
     options: SwarmOptions,
+    /// How generations through each node ended (route cost: probation, failure rate).
+    track: Arc<std::sync::Mutex<TrackRecord>>,
 }
 
 /// A client's handle on one swarm: generate and stream text, or step a session that returns
@@ -176,6 +178,7 @@ impl SwarmSession {
                             info,
                             tokenizer,
                             options,
+                            track: Arc::default(),
                         }),
                     });
                 }
@@ -226,13 +229,15 @@ impl SwarmSession {
     /// The swarm's verified announcements, from the first entry that answers and is not in
     /// `avoid`.
     pub async fn peer_set(&self, avoid: &[NodeId]) -> Result<PeerSet, NetError> {
-        fetch_peer_set(
+        let mut peers = fetch_peer_set(
             &self.inner.client,
             &self.inner.entries,
             self.model_id(),
             avoid,
         )
-        .await
+        .await?;
+        crate::net::lock(&self.inner.track).apply(&mut peers);
+        Ok(peers)
     }
 
     /// The nodes of the swarm and what they serve, ordered by layers.
@@ -272,6 +277,7 @@ impl SwarmSession {
             backend: self.backend(session, failed),
             tokenizer: self.inner.tokenizer.clone(),
             prompt,
+            track: self.inner.track.clone(),
         })
     }
 
@@ -420,6 +426,7 @@ pub struct PreparedGeneration {
     backend: BlockingSession,
     tokenizer: Tokenizer,
     prompt: Vec<u32>,
+    track: Arc<std::sync::Mutex<TrackRecord>>,
 }
 
 impl std::fmt::Debug for PreparedGeneration {
@@ -442,6 +449,7 @@ impl PreparedGeneration {
             mut backend,
             tokenizer,
             prompt,
+            track,
         } = self;
         let mut on_text = on_text;
         let (out, mut backend) = tokio::task::spawn_blocking(move || {
@@ -457,6 +465,18 @@ impl PreparedGeneration {
         .await
         .map_err(|e| Error::Internal(format!("generation task failed: {e}")))?;
         backend.session.close().await;
+        {
+            // The nodes given up on failed; the final route served the answer.
+            let mut track = crate::net::lock(&track);
+            for node in &backend.failed {
+                track.record(*node, false);
+            }
+            if out.is_ok() {
+                for hop in backend.session.route() {
+                    track.record(hop.node, true);
+                }
+            }
+        }
         Ok(SwarmGeneration {
             output: out?,
             recovery: backend.session.stats,

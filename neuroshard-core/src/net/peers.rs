@@ -9,6 +9,20 @@ use std::collections::HashMap;
 
 /// How far in the future an announcement may be dated (clock skew tolerance).
 pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
+/// Longest an announcement may stay valid after it was made: a node must re-announce, so
+/// a dead or lying node leaves every view within this time.
+pub const MAX_ANNOUNCE_TTL_MS: u64 = 5 * 60_000;
+/// Most nodes one view holds: past it, unknown nodes are refused until entries expire (a
+/// flood of fresh identities cannot grow it without bound).
+pub const MAX_PEERS: usize = 4096;
+/// Sessions a node must have served without failing before it counts as proven.
+pub const PROBATION_SESSIONS: u32 = 3;
+/// Route-cost penalty of a node on probation (ms): proven nodes win ties by far, an unproven
+/// one is still used where nothing else holds its layers.
+pub const PROBATION_PENALTY_MS: f64 = 50.0;
+/// Route-cost penalty per unit of failure rate (ms): a node failing half its sessions costs
+/// as much as 100 ms of latency.
+pub const FAILURE_PENALTY_MS: f64 = 200.0;
 
 /// What the PeerSet knows about one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,9 +35,29 @@ pub struct PeerEntry {
     pub latency_ms: Option<f64>,
     /// Banned until this time (ms), if banned.
     pub banned_until_ms: Option<u64>,
+    /// Sessions (or steps) through this node that completed, as this view recorded them.
+    pub successes: u32,
+    /// Failures this view blamed on the node (after probing).
+    pub failures: u32,
 }
 
 impl PeerEntry {
+    /// Whether the node is still on probation: too few successes recorded here to trust a
+    /// route to it over proven nodes.
+    pub fn on_probation(&self) -> bool {
+        self.successes < PROBATION_SESSIONS
+    }
+
+    /// Failures over recorded outcomes (0 when nothing was recorded).
+    pub fn failure_rate(&self) -> f64 {
+        let total = self.successes + self.failures;
+        if total == 0 {
+            0.0
+        } else {
+            self.failures as f64 / total as f64
+        }
+    }
+
     /// Whether the node can take a new session now.
     pub fn usable(&self, now_ms: u64) -> bool {
         let a = &self.announcement;
@@ -48,6 +82,40 @@ pub struct PeerInfo {
     pub address: String,
     /// Milliseconds until its announcement expires.
     pub expires_in_ms: u64,
+}
+
+/// How sessions through each node ended, as one client saw them. It outlives the
+/// [`PeerSet`]s fetched from entry nodes (each is a fresh view), and is applied to each before
+/// planning ([`TrackRecord::apply`]), so probation and failure rates carry over.
+#[derive(Debug, Clone, Default)]
+pub struct TrackRecord {
+    outcomes: HashMap<NodeId, (u32, u32)>,
+}
+
+impl TrackRecord {
+    /// Records a session through `node` that ended well (`ok`) or failed on it. At most
+    /// [`MAX_PEERS`] nodes are tracked; past that, new nodes stay untracked (on probation).
+    pub fn record(&mut self, node: NodeId, ok: bool) {
+        if !self.outcomes.contains_key(&node) && self.outcomes.len() >= MAX_PEERS {
+            return;
+        }
+        let (good, bad) = self.outcomes.entry(node).or_default();
+        if ok {
+            *good = good.saturating_add(1);
+        } else {
+            *bad = bad.saturating_add(1);
+        }
+    }
+
+    /// Sets every tracked node's outcomes in `peers`.
+    pub fn apply(&self, peers: &mut PeerSet) {
+        for (node, &(successes, failures)) in &self.outcomes {
+            if let Some(e) = peers.peers.get_mut(node) {
+                e.successes = successes;
+                e.failures = failures;
+            }
+        }
+    }
 }
 
 /// The swarm as this node sees it: one entry per node of our model and protocol.
@@ -130,6 +198,15 @@ impl PeerSet {
                 now_ms,
             });
         }
+        if ann.expires_ms.saturating_sub(ann.timestamp_ms) > MAX_ANNOUNCE_TTL_MS {
+            return Err(NetError::Refused {
+                node: short(),
+                why: format!(
+                    "announcement valid for {} ms, at most {MAX_ANNOUNCE_TTL_MS} accepted",
+                    ann.expires_ms.saturating_sub(ann.timestamp_ms)
+                ),
+            });
+        }
         if ann.timestamp_ms > now_ms + MAX_CLOCK_SKEW_MS {
             return Err(NetError::FromTheFuture {
                 node: short(),
@@ -142,6 +219,15 @@ impl PeerSet {
                     node: short(),
                     timestamp_ms: ann.timestamp_ms,
                     last_ms: last,
+                });
+            }
+        }
+        if !self.peers.contains_key(&node) && self.peers.len() >= MAX_PEERS {
+            self.expire(now_ms);
+            if self.peers.len() >= MAX_PEERS {
+                return Err(NetError::Refused {
+                    node: short(),
+                    why: format!("this view already holds {MAX_PEERS} nodes"),
                 });
             }
         }
@@ -159,6 +245,8 @@ impl PeerSet {
                         signed: signed.clone(),
                         latency_ms: None,
                         banned_until_ms: None,
+                        successes: 0,
+                        failures: 0,
                     },
                 );
             }
@@ -177,7 +265,31 @@ impl PeerSet {
         for id in &gone {
             self.peers.remove(id);
         }
+        // A replay of anything older than the longest TTL is refused as expired anyway, so
+        // the replay marks of nodes no longer present can go.
+        let horizon = now_ms.saturating_sub(MAX_ANNOUNCE_TTL_MS + MAX_CLOCK_SKEW_MS);
+        let peers = &self.peers;
+        self.newest
+            .retain(|node, ts| *ts >= horizon || peers.contains_key(node));
         gone
+    }
+
+    /// Replay marks kept (nodes seen, present or recently gone).
+    pub fn replay_marks(&self) -> usize {
+        self.newest.len()
+    }
+
+    /// Records how a session (or step) through `node` ended: `ok`, or a failure blamed on it.
+    /// Route cost rises with the failure rate, and a node leaves probation after
+    /// [`PROBATION_SESSIONS`] successes.
+    pub fn record_outcome(&mut self, node: &NodeId, ok: bool) {
+        if let Some(e) = self.peers.get_mut(node) {
+            if ok {
+                e.successes = e.successes.saturating_add(1);
+            } else {
+                e.failures = e.failures.saturating_add(1);
+            }
+        }
     }
 
     /// Removes a node at once (it said goodbye, or is known dead).

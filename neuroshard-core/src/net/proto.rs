@@ -43,6 +43,13 @@ pub(crate) const MAX_MODEL_INFO: usize = 64 << 20;
 pub(crate) const MAX_MODEL_LAYERS: u32 = 1024;
 /// Longest context a peer may claim (4 Mi positions).
 pub(crate) const MAX_CONTEXT_LEN: u32 = 1 << 22;
+/// Most positions one `Step` (or `Hidden` step) carries: clients split longer inputs into
+/// steps of this many positions, and nodes refuse longer ones by default, so one message
+/// cannot buy minutes of compute. Within a step, hops still pipeline chunks.
+pub const MAX_STEP_POSITIONS: u32 = 2048;
+/// Announcements per `Peers` reply: replies stay small, and a client pages through a big
+/// swarm (at most [`super::peers::MAX_PEERS`] nodes in all).
+pub const PEERS_PAGE: usize = 128;
 /// Longest model id accepted (ids are hex digests).
 pub(crate) const MAX_MODEL_ID_LEN: usize = 128;
 
@@ -199,9 +206,14 @@ pub enum Message {
     Open(SignedOpen),
     /// Request (bi stream): are you alive? Replied with `Ok`.
     Ping,
-    /// Request (bi stream): the signed announcements this node knows (replied with `Peers`).
-    GetPeers,
-    /// Reply: signed announcements, the node's own first.
+    /// Request (bi stream): one page of the signed announcements this node knows, from
+    /// index `from` (replied with `Peers`, at most [`PEERS_PAGE`] of them).
+    GetPeers {
+        /// Index of the first announcement wanted (the node's own is index 0).
+        from: u32,
+    },
+    /// Reply: a page of signed announcements, the node's own first, then by node id. A page
+    /// shorter than [`PEERS_PAGE`] is the last.
     Peers(Vec<super::SignedAnnouncement>),
     /// Request (bi stream): what a client needs to run the model (replied with `ModelInfo`).
     GetModelInfo,
@@ -321,6 +333,34 @@ pub enum Message {
         /// The token id.
         token: u32,
     },
+}
+
+impl Message {
+    /// The message's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Open(_) => "open",
+            Message::Ping => "ping",
+            Message::GetPeers { .. } => "get-peers",
+            Message::Peers(_) => "peers",
+            Message::GetModelInfo => "get-model-info",
+            Message::ModelInfo(_) => "model-info",
+            Message::Close { .. } => "close",
+            Message::Ok => "ok",
+            Message::Error { .. } => "error",
+            Message::Step { .. } => "step",
+            Message::Hidden { .. } => "hidden",
+            Message::Replay { .. } => "replay",
+            Message::Fill { .. } => "fill",
+            Message::Leaving { .. } => "leaving",
+            Message::Handover { .. } => "handover",
+            Message::Import { .. } => "import",
+            Message::GetStats => "get-stats",
+            Message::Stats(_) => "stats",
+            Message::Logits { .. } => "logits",
+            Message::Token { .. } => "token",
+        }
+    }
 }
 
 /// Dials `node` at `addrs` for the inference protocol, giving up after [`DIAL_TIMEOUT`].

@@ -71,8 +71,17 @@ impl Default for RouteOptions {
 fn hop_cost(e: &PeerEntry, layers: usize, opts: &RouteOptions) -> f64 {
     let a = &e.announcement;
     let load = a.load as f64 / a.capacity.max(1) as f64;
+    // A new node must prove itself before a route prefers it over known-good ones (a
+    // Sybil announcing every layer at zero load would otherwise win every route); a node
+    // that fails gets dearer with its failure rate.
+    let trust = if e.on_probation() {
+        super::peers::PROBATION_PENALTY_MS
+    } else {
+        0.0
+    } + super::peers::FAILURE_PENALTY_MS * e.failure_rate();
     e.latency_ms.unwrap_or(opts.default_latency_ms)
         + opts.per_layer_ms * layers as f64 * (1.0 + load)
+        + trust
 }
 
 impl PeerSet {

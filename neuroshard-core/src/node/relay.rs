@@ -19,6 +19,7 @@ use crate::wire::{
 };
 use candle_core::{Device, Tensor};
 use iroh::endpoint::{Connection, RecvStream};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +87,23 @@ impl Inner {
         // states: iroh has authenticated `remote`.
         if remote != hop.feeder() {
             return self.reject();
+        }
+        let positions = match &msg {
+            Message::Step { tokens, .. } => tokens.len(),
+            Message::Hidden { step_end, .. } => step_end.saturating_sub(start_pos) as usize,
+            _ => 0,
+        };
+        if positions > self.max_step_positions {
+            let me = self.endpoint.id();
+            let over = Blame::new(
+                me,
+                Reason::OverLimit,
+                format!(
+                    "a step of {positions} positions, at most {} per step here",
+                    self.max_step_positions
+                ),
+            );
+            return self.report_node(&hop, over).await;
         }
         let source = match msg {
             Message::Step { tokens, .. } if hop.index == 0 && !tokens.is_empty() => {
@@ -490,12 +508,19 @@ impl Inner {
             .map_err(|e| NetError::Malformed(e.to_string()))?;
         let token = {
             let mut context = lock(&hop.context);
-            // Positions 0..position are the tokens fed so far; a retried step overwrites.
-            context.truncate(position);
-            let t = sample(&row, &hop.open.sampling, position, &context)
-                .map_err(|e| NetError::Malformed(e.to_string()))?;
-            context.push(t);
-            t
+            if position < hop.open.prompt.len() {
+                // The end of a chunk inside the prompt (a long prompt arrives in several
+                // steps): the prompt stays the context, and this token is not fed back.
+                sample(&row, &hop.open.sampling, position, &context[..position])
+                    .map_err(|e| NetError::Malformed(e.to_string()))?
+            } else {
+                // Positions 0..position are the tokens fed so far; a retried step overwrites.
+                context.truncate(position);
+                let t = sample(&row, &hop.open.sampling, position, &context)
+                    .map_err(|e| NetError::Malformed(e.to_string()))?;
+                context.push(t);
+                t
+            }
         };
         let msg = Message::Token {
             session: hop.open.session,
@@ -558,6 +583,13 @@ impl Inner {
     async fn report_node(&self, hop: &HopSession, blame: Blame) {
         self.reject();
         self.counters.refused(blame.reason);
+        tracing::warn!(
+            session = hop.open.session,
+            blamed = %blame.node.fmt_short(),
+            reason = %blame.reason,
+            "step failed: {}",
+            blame.message
+        );
         let msg = blame.into_message(hop.open.session);
         let _ = self.notify_client(hop, &msg).await;
     }
@@ -568,12 +600,23 @@ impl Inner {
         node: NodeId,
         addrs: &[std::net::SocketAddr],
     ) -> Result<Connection, NetError> {
-        if let Some(c) = lock(&self.conns).get(&node) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        let live = |conns: &HashMap<NodeId, Connection>| {
+            conns
+                .get(&node)
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+        };
+        if let Some(c) = live(&lock(&self.conns)) {
+            return Ok(c);
         }
-        lock(&self.conns).remove(&node);
+        // One dial per peer at a time: concurrent steps that all find no connection would
+        // otherwise each dial, and the connections dropped from the table close as soon as
+        // their last stream is dropped, taking data still in flight with them.
+        let gate = lock(&self.dialing).entry(node).or_default().clone();
+        let _dialing = gate.lock().await;
+        if let Some(c) = live(&lock(&self.conns)) {
+            return Ok(c);
+        }
         let conn = dial(&self.endpoint, node, addrs).await?;
         lock(&self.conns).insert(node, conn.clone());
         Ok(conn)

@@ -423,3 +423,140 @@ async fn slow_loris_streams_are_cut_off_and_honest_steps_still_run() {
     attacker.close().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_past_the_per_client_cap_or_the_memory_budget_are_refused() {
+    use neuroshard_core::{EngineOptions, Node, NodeOptions, ShardEngine};
+    let engine = ShardEngine::load(smollm2(), 0..30, EngineOptions::default()).expect("load");
+    // The last hop keeps no hidden states: a session reserves its longest KV cache.
+    let per_session = engine.kv_bytes_per_session();
+    assert!(per_session > 0);
+    let node = Node::spawn_with(
+        std::sync::Arc::new(engine),
+        iroh::SecretKey::generate(),
+        NodeOptions {
+            max_sessions_per_client: 2,
+            memory_budget: Some(3 * per_session + per_session / 2),
+            ..NodeOptions::default()
+        },
+    )
+    .await
+    .expect("node");
+    let route = vec![RouteHop {
+        node: node.id(),
+        layers: 0..30,
+        addrs: node.addr().ip_addrs().copied().collect(),
+    }];
+    let model_id = neuroshard_core::model_id(node.engine());
+    let open = |client: &neuroshard_core::Client| {
+        let (client, route, model_id) = (client.clone(), route.clone(), model_id.clone());
+        async move {
+            client
+                .open_session(
+                    route,
+                    &model_id,
+                    Codec::F16,
+                    SamplingParams::greedy(),
+                    vec![],
+                )
+                .await
+        }
+    };
+    let over_limit = |r: Result<neuroshard_core::RemoteSession, NetError>| match r {
+        Err(NetError::HopFailed {
+            reason: Some(Reason::OverLimit),
+            message,
+            ..
+        }) => message,
+        other => panic!("expected an over-limit refusal, got {other:?}"),
+    };
+    let (a, b, c) = (new_client().await, new_client().await, new_client().await);
+    let mut held = vec![open(&a).await.expect("a1"), open(&a).await.expect("a2")];
+    let refused = over_limit(open(&a).await);
+    assert!(refused.contains("at most 2"), "{refused}");
+    held.push(open(&b).await.expect("b1"));
+    let refused = over_limit(open(&c).await);
+    assert!(refused.contains("memory budget"), "{refused}");
+    assert_eq!(node.stats().sessions_open, 3);
+    assert_eq!(node.stats().refusals.get("over-limit"), Some(&2));
+    // Closing one frees its reservation, and the refused client gets in; its session works.
+    held.remove(0).close().await;
+    let mut session = open(&c).await.expect("c1 after a close");
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    assert_eq!(session.step(&prompt, 0).await.expect("step"), expected[0]);
+    session.close().await;
+    for mut s in held {
+        s.close().await;
+    }
+    for client in [a, b, c] {
+        client.shutdown().await;
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_steps_are_refused_and_clients_split_long_inputs() {
+    use neuroshard_core::{EngineOptions, Node, NodeOptions, ShardEngine};
+    let engine = ShardEngine::load(smollm2(), 0..30, EngineOptions::default()).expect("load");
+    let node = Node::spawn_with(
+        std::sync::Arc::new(engine),
+        iroh::SecretKey::generate(),
+        NodeOptions {
+            max_step_positions: 2,
+            ..NodeOptions::default()
+        },
+    )
+    .await
+    .expect("node");
+    let route = vec![RouteHop {
+        node: node.id(),
+        layers: 0..30,
+        addrs: node.addr().ip_addrs().copied().collect(),
+    }];
+    let model_id = neuroshard_core::model_id(node.engine());
+    let client = new_client().await;
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    let mut session = client
+        .open_session(
+            route,
+            &model_id,
+            Codec::F16,
+            SamplingParams::greedy(),
+            prompt.clone(),
+        )
+        .await
+        .expect("open");
+    session.step_timeout = Duration::from_secs(10);
+    // The whole 5-token prompt in one step: refused before any compute.
+    let steps_before = node.stats().steps;
+    match session.step(&prompt, 0).await {
+        Err(NetError::HopFailed {
+            reason: Some(Reason::OverLimit),
+            message,
+            ..
+        }) => assert!(message.contains("at most 2"), "{message}"),
+        other => panic!("expected an over-limit refusal, got {other:?}"),
+    }
+    assert_eq!(
+        node.stats().steps,
+        steps_before,
+        "the long step was computed"
+    );
+    // Split into steps of 2, 2 and 1, the prompt gives the reference continuation.
+    session.max_step_positions = 2;
+    let mut context = prompt.clone();
+    for want in &expected[..4] {
+        let start = if context.len() == prompt.len() {
+            0
+        } else {
+            context.len() - 1
+        };
+        let token = session.step(&context[start..], start).await.expect("step");
+        assert_eq!(token, *want);
+        context.push(token);
+    }
+    assert!(node.stats().steps >= 3 + 3, "{:?}", node.stats());
+    session.close().await;
+    client.shutdown().await;
+    node.shutdown().await;
+}

@@ -261,3 +261,90 @@ fn overlapping_slices_and_replicas() {
         "{err}"
     );
 }
+
+#[test]
+fn ttl_caps_and_pruning_bound_the_view() {
+    let mut peers = PeerSet::new(MODEL);
+    // An announcement valid for an hour: refused (a node must re-announce within 5 min).
+    let k = key(40);
+    let mut long = announce(&k, 0..30, T0);
+    long.expires_ms = T0 + 3_600_000;
+    let long = SignedAnnouncement::sign(&long, &k).expect("sign");
+    assert!(matches!(
+        peers.insert(&long, T0),
+        Err(NetError::Refused { .. })
+    ));
+    // A flood of fresh identities fills the view to its cap and no further.
+    for i in 0..neuroshard_core::net::peers::MAX_PEERS as u32 {
+        let mut seed = [0u8; 32];
+        seed[..4].copy_from_slice(&i.to_le_bytes());
+        seed[31] = 7;
+        let k = iroh::SecretKey::from_bytes(&seed);
+        peers
+            .insert(&signed(&k, 0..30, T0), T0)
+            .expect("under the cap");
+    }
+    let late = key(41);
+    assert!(matches!(
+        peers.insert(&signed(&late, 0..30, T0), T0),
+        Err(NetError::Refused { .. })
+    ));
+    // Once the flood expires, the view empties and new nodes are accepted again; the replay
+    // marks of the gone nodes are pruned after the longest TTL.
+    let later = T0 + 20_000;
+    peers
+        .insert(&signed(&late, 0..30, later), later)
+        .expect("after expiry");
+    assert_eq!(peers.len(), 1);
+    assert!(peers.replay_marks() > 1);
+    let much_later = later + 10 * 60_000;
+    peers.expire(much_later);
+    assert_eq!(peers.replay_marks(), 0);
+}
+
+#[test]
+fn a_sybil_claiming_every_layer_does_not_beat_proven_nodes() {
+    let mut peers = PeerSet::new(MODEL);
+    let honest = [key(50), key(51), key(52)];
+    for (k, layers) in honest.iter().zip([0..10, 10..20, 20..30]) {
+        peers.insert(&signed(k, layers, T0), T0).expect("honest");
+    }
+    let sybil = key(53);
+    peers.insert(&signed(&sybil, 0..30, T0), T0).expect("sybil");
+    let opts = RouteOptions::default();
+    // Nothing proven yet: one hop beats three.
+    let route = peers.plan_route(30, T0, &opts).expect("route");
+    assert_eq!(route.hops.len(), 1);
+    // The honest nodes served sessions; the new node has not: it loses every route.
+    let mut track = neuroshard_core::net::TrackRecord::default();
+    for _ in 0..neuroshard_core::net::peers::PROBATION_SESSIONS {
+        for k in &honest {
+            track.record(k.public(), true);
+        }
+    }
+    track.apply(&mut peers);
+    let route = peers.plan_route(30, T0, &opts).expect("route");
+    let nodes: Vec<_> = route.hops.iter().map(|h| h.node).collect();
+    assert_eq!(nodes, honest.iter().map(|k| k.public()).collect::<Vec<_>>());
+    // A proven node that keeps failing loses to a replica that does not.
+    let replica = key(54);
+    peers
+        .insert(&signed(&replica, 10..20, T0), T0)
+        .expect("replica");
+    for _ in 0..3 {
+        track.record(replica.public(), true);
+    }
+    for _ in 0..3 {
+        track.record(honest[1].public(), false);
+    }
+    track.apply(&mut peers);
+    let route = peers.plan_route(30, T0, &opts).expect("route");
+    assert_eq!(route.hops[1].node, replica.public());
+    // Without the proven middle alternatives, the unproven node still serves.
+    let opts = RouteOptions {
+        exclude: vec![honest[1].public(), replica.public()],
+        ..RouteOptions::default()
+    };
+    let route = peers.plan_route(30, T0, &opts).expect("route");
+    assert!(route.hops.iter().any(|h| h.node == sybil.public()));
+}

@@ -28,6 +28,10 @@ struct Cli {
     /// Compute threads (default: RAYON_NUM_THREADS, else the cores idle at start-up).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Log level of NeuroShard's own events on stderr (refused and failed requests with their
+    /// reason, failovers): off, error, warn, info, debug or trace. Other crates log errors only.
+    #[arg(long, global = true, default_value = "warn")]
+    log: tracing_subscriber::filter::LevelFilter,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,8 +64,27 @@ enum Command {
     Chat(chat::ChatArgs),
 }
 
+/// Logs to stderr: NeuroShard's events at `level`, every other crate's errors only (iroh is
+/// chatty below that).
+fn init_logging(level: tracing_subscriber::filter::LevelFilter) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = Targets::new()
+        .with_default(LevelFilter::ERROR.min(level))
+        .with_target("neuroshard_core", level)
+        .with_target("neuroshard", level);
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    let _ = tracing_subscriber::registry()
+        .with(layer)
+        .with(filter)
+        .try_init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log);
     // The one process-wide thread setting, before any tensor work or thread start. The CLI
     // owns its process, so it also turns on the busy-core watcher.
     let info = runtime::init(&RuntimeConfig {
