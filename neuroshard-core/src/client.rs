@@ -8,11 +8,12 @@
 
 use crate::generate::TokenBackend;
 use crate::model::sampling::SamplingParams;
+use crate::net::connections::Connections;
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::peers::PeerSet;
 use crate::net::peers::MAX_PEERS;
 use crate::net::proto::{
-    dial, read_message, request_on, write_message, Message, RouteHop, SessionOpen, SignedOpen,
+    read_message, request_on, write_message, Message, RouteHop, SessionOpen, SignedOpen,
 };
 use crate::net::proto::{
     ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO, MAX_STEP_POSITIONS, PEERS_PAGE,
@@ -58,9 +59,7 @@ type Inbox = mpsc::UnboundedSender<FromHop>;
 struct Inner {
     endpoint: Endpoint,
     key: SecretKey,
-    conns: Mutex<HashMap<NodeId, Connection>>,
-    /// Per-node gates so that a node is dialed once at a time.
-    dialing: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    conns: Connections,
     sessions: Mutex<HashMap<u64, Inbox>>,
 }
 
@@ -86,8 +85,7 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoint,
                 key,
-                conns: Mutex::new(HashMap::new()),
-                dialing: Mutex::default(),
+                conns: Connections::default(),
                 sessions: Mutex::new(HashMap::new()),
             }),
         })
@@ -266,24 +264,14 @@ impl Client {
         node: NodeId,
         addrs: &[std::net::SocketAddr],
     ) -> Result<Connection, NetError> {
-        let live = |conns: &HashMap<NodeId, Connection>| {
-            conns
-                .get(&node)
-                .filter(|c| c.close_reason().is_none())
-                .cloned()
-        };
-        if let Some(c) = live(&lock(&self.inner.conns)) {
-            return Ok(c);
+        let (conn, dialed) = self
+            .inner
+            .conns
+            .get_or_dial(&self.inner.endpoint, node, addrs)
+            .await?;
+        if !dialed {
+            return Ok(conn);
         }
-        // One dial per node at a time (concurrent sessions of one client): a second
-        // connection would replace the first in the table and close it under its streams.
-        let gate = lock(&self.inner.dialing).entry(node).or_default().clone();
-        let _dialing = gate.lock().await;
-        if let Some(c) = live(&lock(&self.inner.conns)) {
-            return Ok(c);
-        }
-        let conn = dial(&self.inner.endpoint, node, addrs).await?;
-        lock(&self.inner.conns).insert(node, conn.clone());
         let node_id = node;
         let inner = self.inner.clone();
         let incoming = conn.clone();

@@ -16,6 +16,7 @@
 
 pub(crate) mod admission;
 pub mod announce;
+pub(crate) mod connections;
 pub mod endpoint;
 pub(crate) mod membership;
 pub mod peers;

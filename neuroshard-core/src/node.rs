@@ -22,6 +22,7 @@ use crate::engine::ShardEngine;
 use crate::model::tokenizer::Tokenizer;
 use crate::net::admission::{check_route, OpenReplayGuard, Refusal, DEFAULT_OPEN_WINDOW_MS};
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
+use crate::net::connections::Connections;
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::membership::Membership;
 use crate::net::peers::PeerSet;
@@ -140,9 +141,7 @@ struct Inner {
     endpoint: Endpoint,
     model_id: String,
     sessions: Mutex<HashMap<u64, Arc<HopSession>>>,
-    conns: Mutex<HashMap<NodeId, Connection>>,
-    /// Per-peer gates so that a peer is dialed once at a time (see `Inner::connection`).
-    dialing: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    conns: Connections,
     counters: NodeCounters,
     /// The swarm as gossip has shown it (this node's own announcement included).
     peers: Mutex<PeerSet>,
@@ -453,8 +452,7 @@ impl Node {
             engine,
             endpoint: endpoint.clone(),
             sessions: Mutex::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
-            dialing: Mutex::default(),
+            conns: Connections::default(),
             counters: NodeCounters::default(),
             lookup,
             model_info: OnceLock::new(),
@@ -685,18 +683,7 @@ impl Inner {
 
     async fn serve_connection(self: Arc<Self>, conn: Connection) {
         let remote = conn.remote_id();
-        // A live connection already in the table (one this node dialed) stays: the table may
-        // be its only holder, and replacing it would close it under streams in flight. This
-        // one is held by this loop either way.
-        {
-            let mut conns = lock(&self.conns);
-            if conns
-                .get(&remote)
-                .is_none_or(|c| c.close_reason().is_some())
-            {
-                conns.insert(remote, conn.clone());
-            }
-        }
+        self.conns.adopt(remote, &conn);
         loop {
             tokio::select! {
                 bi = conn.accept_bi() => match bi {
@@ -754,13 +741,7 @@ impl Inner {
                 },
             }
         }
-        let mut conns = lock(&self.conns);
-        if conns
-            .get(&remote)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            conns.remove(&remote);
-        }
+        self.conns.forget(remote, &conn);
     }
 
     /// This node's refusal of a request about `session`.

@@ -12,14 +12,13 @@ use crate::engine::ForwardRequest;
 use crate::error::Error;
 use crate::model::sampling::sample;
 use crate::model::shard::{ShardInput, ShardOutput};
-use crate::net::proto::{dial, read_message, write_message, Message, RouteHop};
+use crate::net::proto::{read_message, write_message, Message, RouteHop};
 use crate::net::{lock, NetError, NodeId, Reason};
 use crate::wire::{
     decode_frame, encode_frame, read_frame, Codec, FrameMeta, OwnedFrame, DEFAULT_MAX_FRAME,
 };
 use candle_core::{Device, Tensor};
 use iroh::endpoint::{Connection, RecvStream};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -600,25 +599,7 @@ impl Inner {
         node: NodeId,
         addrs: &[std::net::SocketAddr],
     ) -> Result<Connection, NetError> {
-        let live = |conns: &HashMap<NodeId, Connection>| {
-            conns
-                .get(&node)
-                .filter(|c| c.close_reason().is_none())
-                .cloned()
-        };
-        if let Some(c) = live(&lock(&self.conns)) {
-            return Ok(c);
-        }
-        // One dial per peer at a time: concurrent steps that all find no connection would
-        // otherwise each dial, and the connections dropped from the table close as soon as
-        // their last stream is dropped, taking data still in flight with them.
-        let gate = lock(&self.dialing).entry(node).or_default().clone();
-        let _dialing = gate.lock().await;
-        if let Some(c) = live(&lock(&self.conns)) {
-            return Ok(c);
-        }
-        let conn = dial(&self.endpoint, node, addrs).await?;
-        lock(&self.conns).insert(node, conn.clone());
+        let (conn, _) = self.conns.get_or_dial(&self.endpoint, node, addrs).await?;
         Ok(conn)
     }
 }

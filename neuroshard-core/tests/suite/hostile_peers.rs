@@ -19,6 +19,55 @@ fn greedy_config(tokens: usize) -> GenerationConfig {
     }
 }
 
+/// `tokens` greedy tokens from `prompt` through the swarm, with the session's recovery stats.
+async fn greedy_generation(
+    swarm: &neuroshard_core::LocalSwarm,
+    client: &neuroshard_core::Client,
+    prompt: &[u32],
+    tokens: usize,
+) -> neuroshard_core::Result<(
+    neuroshard_core::GenerationOutput,
+    neuroshard_core::SessionStats,
+)> {
+    swarm
+        .generate_with_stats(
+            client,
+            prompt.to_vec(),
+            greedy_config(tokens),
+            Codec::F16,
+            Box::new(|_| {}),
+        )
+        .await
+}
+
+/// A node serving every SmolLM2 layer with the options `options` builds from its engine, with
+/// its one-hop route and model id.
+async fn whole_model_node(
+    options: impl FnOnce(&neuroshard_core::ShardEngine) -> neuroshard_core::NodeOptions,
+) -> (neuroshard_core::Node, Vec<RouteHop>, String) {
+    let engine = neuroshard_core::ShardEngine::load(
+        smollm2(),
+        0..30,
+        neuroshard_core::EngineOptions::default(),
+    )
+    .expect("load");
+    let options = options(&engine);
+    let node = neuroshard_core::Node::spawn_with(
+        std::sync::Arc::new(engine),
+        iroh::SecretKey::generate(),
+        options,
+    )
+    .await
+    .expect("node");
+    let route = vec![RouteHop {
+        node: node.id(),
+        layers: 0..30,
+        addrs: node.addr().ip_addrs().copied().collect(),
+    }];
+    let model_id = neuroshard_core::model_id(node.engine());
+    (node, route, model_id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_members_can_neither_forge_tokens_nor_get_an_honest_node_excluded() {
     let swarm = smollm2_swarm(3, 2).await;
@@ -34,14 +83,7 @@ async fn route_members_can_neither_forge_tokens_nor_get_an_honest_node_excluded(
             node.misbehave(Misbehaviour::ForgeToken(forged));
         }
     }
-    let (out, stats) = swarm
-        .generate_with_stats(
-            &client,
-            prompt.clone(),
-            greedy_config(expected.len()),
-            Codec::F16,
-            Box::new(|_| {}),
-        )
+    let (out, stats) = greedy_generation(&swarm, &client, &prompt, expected.len())
         .await
         .expect("generate despite forged tokens");
     assert_eq!(out.tokens, expected, "forged tokens steered the text");
@@ -66,14 +108,7 @@ async fn route_members_can_neither_forge_tokens_nor_get_an_honest_node_excluded(
         .expect("middle hop");
     accuser.misbehave(Misbehaviour::BlameSuccessor);
     let accuser_steps = accuser.stats().steps;
-    let (out, stats) = swarm
-        .generate_with_stats(
-            &client,
-            prompt.clone(),
-            greedy_config(expected.len()),
-            Codec::F16,
-            Box::new(|_| {}),
-        )
+    let (out, stats) = greedy_generation(&swarm, &client, &prompt, expected.len())
         .await
         .expect("generate despite a false blame");
     assert_eq!(out.tokens, expected, "text changed after the false blame");
@@ -341,19 +376,11 @@ async fn absurd_model_info_and_hostile_templates_are_refused_before_use() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_streams_are_cut_off_and_honest_steps_still_run() {
-    use neuroshard_core::{EngineOptions, Node, NodeOptions, ShardEngine};
-    let engine = ShardEngine::load(smollm2(), 0..30, EngineOptions::default()).expect("load");
-    let options = NodeOptions {
+    let (node, route, model_id) = whole_model_node(|_| neuroshard_core::NodeOptions {
         read_deadline: Duration::from_millis(300),
-        ..NodeOptions::default()
-    };
-    let node = Node::spawn_with(
-        std::sync::Arc::new(engine),
-        iroh::SecretKey::generate(),
-        options,
-    )
-    .await
-    .expect("node");
+        ..neuroshard_core::NodeOptions::default()
+    })
+    .await;
     let attacker = bind(iroh::SecretKey::generate(), &EndpointOptions::default())
         .await
         .expect("attacker");
@@ -399,12 +426,6 @@ async fn slow_loris_streams_are_cut_off_and_honest_steps_still_run() {
 
     // An honest client still gets the reference token from the same node.
     let client = new_client().await;
-    let route = vec![RouteHop {
-        node: node.id(),
-        layers: 0..30,
-        addrs: node.addr().ip_addrs().copied().collect(),
-    }];
-    let model_id = neuroshard_core::model_id(node.engine());
     let mut session = client
         .open_session(
             route,
@@ -426,28 +447,17 @@ async fn slow_loris_streams_are_cut_off_and_honest_steps_still_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_past_the_per_client_cap_or_the_memory_budget_are_refused() {
-    use neuroshard_core::{EngineOptions, Node, NodeOptions, ShardEngine};
-    let engine = ShardEngine::load(smollm2(), 0..30, EngineOptions::default()).expect("load");
-    // The last hop keeps no hidden states: a session reserves its longest KV cache.
-    let per_session = engine.kv_bytes_per_session();
-    assert!(per_session > 0);
-    let node = Node::spawn_with(
-        std::sync::Arc::new(engine),
-        iroh::SecretKey::generate(),
-        NodeOptions {
+    let (node, route, model_id) = whole_model_node(|engine| {
+        // The last hop keeps no hidden states: a session reserves its longest KV cache.
+        let per_session = engine.kv_bytes_per_session();
+        assert!(per_session > 0);
+        neuroshard_core::NodeOptions {
             max_sessions_per_client: 2,
             memory_budget: Some(3 * per_session + per_session / 2),
-            ..NodeOptions::default()
-        },
-    )
-    .await
-    .expect("node");
-    let route = vec![RouteHop {
-        node: node.id(),
-        layers: 0..30,
-        addrs: node.addr().ip_addrs().copied().collect(),
-    }];
-    let model_id = neuroshard_core::model_id(node.engine());
+            ..neuroshard_core::NodeOptions::default()
+        }
+    })
+    .await;
     let open = |client: &neuroshard_core::Client| {
         let (client, route, model_id) = (client.clone(), route.clone(), model_id.clone());
         async move {
@@ -496,24 +506,11 @@ async fn sessions_past_the_per_client_cap_or_the_memory_budget_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_steps_are_refused_and_clients_split_long_inputs() {
-    use neuroshard_core::{EngineOptions, Node, NodeOptions, ShardEngine};
-    let engine = ShardEngine::load(smollm2(), 0..30, EngineOptions::default()).expect("load");
-    let node = Node::spawn_with(
-        std::sync::Arc::new(engine),
-        iroh::SecretKey::generate(),
-        NodeOptions {
-            max_step_positions: 2,
-            ..NodeOptions::default()
-        },
-    )
-    .await
-    .expect("node");
-    let route = vec![RouteHop {
-        node: node.id(),
-        layers: 0..30,
-        addrs: node.addr().ip_addrs().copied().collect(),
-    }];
-    let model_id = neuroshard_core::model_id(node.engine());
+    let (node, route, model_id) = whole_model_node(|_| neuroshard_core::NodeOptions {
+        max_step_positions: 2,
+        ..neuroshard_core::NodeOptions::default()
+    })
+    .await;
     let client = new_client().await;
     let (prompt, expected) = smollm2_prompt_and_greedy();
     let mut session = client
