@@ -968,10 +968,7 @@ impl Inner {
         lock(&self.opens_seen).admit(open.client, open.nonce, open.timestamp_ms, now_ms())?;
         // The same client re-opening a session it holds here is a re-route after a failure:
         // adopt the new route and keep the KV cache (replayed positions overwrite it).
-        let existing = lock(&self.sessions)
-            .get(&open.session)
-            .map(|s| s.open.client);
-        match existing {
+        match existing_hop.as_ref().map(|h| h.open.client) {
             Some(client) if client == remote => {}
             Some(_) => {
                 return Err((
