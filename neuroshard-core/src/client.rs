@@ -139,6 +139,7 @@ impl Client {
             nonce: random_u64(),
             handover: None,
             return_logits,
+            adapter: None,
         };
         self.open_signed(open, &self.inner.key).await
     }

@@ -52,6 +52,12 @@ pub struct EngineOptions {
     /// 512-token prefill runs at ~0.7x (SmolLM2 Q4_1, 2 threads: 214-226 against 300-333
     /// tokens/s). Replicas compared bit for bit (exact voting) should turn this on.
     pub chunk_invariant: bool,
+    /// Refuse to load unless the model's id equals this one ([`Error::WrongWeights`]):
+    /// `--model-id` on the command line.
+    pub expected_model_id: Option<String>,
+    /// A manifest file to check the slice's tensors against, instead of hashing the whole
+    /// file once (see [`WeightFile::identity`]): `--manifest` on the command line.
+    pub manifest: Option<std::path::PathBuf>,
 }
 
 /// Default [`EngineOptions::prefill_chunk`]: long enough that the dense products keep every
@@ -68,6 +74,8 @@ impl Default for EngineOptions {
             kv_dtype: KvDtype::F32,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             chunk_invariant: false,
+            expected_model_id: None,
+            manifest: None,
         }
     }
 }
@@ -76,7 +84,8 @@ impl Default for EngineOptions {
 /// announcements, session-opens and receipts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct WeightVersion {
-    /// blake3 of the base model's header (see [`WeightFile::model_hash`]).
+    /// The base model's id, which commits to every weight byte (see
+    /// [`WeightFile::identity`]), as its 32 bytes.
     pub model_hash: [u8; 32],
     /// The slice these weights belong to.
     pub layers: Range<usize>,
@@ -182,6 +191,7 @@ struct Counters {
 /// One contiguous layer slice of one model, ready to serve and train.
 pub struct ShardEngine {
     file: Arc<WeightFile>,
+    identity: crate::model::identity::ModelIdentity,
     model: ShardModel,
     options: EngineOptions,
     sessions: SessionTable,
@@ -233,6 +243,24 @@ impl ShardEngine {
         options: EngineOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        if let Some(path) = &options.manifest {
+            file.use_manifest(crate::model::identity::ModelManifest::read(path)?)?;
+        }
+        // Before any tensor loads: from here on every tensor read is checked against the
+        // manifest, and a pinned id fails fast, before the slice is read.
+        let identity = file.identity()?;
+        if let Some(expected) = &options.expected_model_id {
+            crate::model::identity::check_model_id(expected)?;
+            if *expected != identity.id {
+                return Err(Error::WrongWeights {
+                    path: file.path().to_path_buf(),
+                    reason: format!(
+                        "its model id is {}, but {expected} was asked for",
+                        identity.id
+                    ),
+                });
+            }
+        }
         let (tensors_before, bytes_before) = (file.tensors_loaded(), file.bytes_loaded());
         let mut model = ShardModel::load(&file, layers.clone(), options.mode, progress)?;
         model.set_chunk_invariant(options.chunk_invariant);
@@ -253,6 +281,7 @@ impl ShardEngine {
             tensors_loaded: file.tensors_loaded() - tensors_before,
             bytes_loaded: file.bytes_loaded() - bytes_before,
             file,
+            identity,
             model,
             options,
             sessions,
@@ -270,6 +299,17 @@ impl ShardEngine {
     /// The opened model file (tokenizer metadata, model hash).
     pub fn weight_file(&self) -> &Arc<WeightFile> {
         &self.file
+    }
+
+    /// The model id (64 hex digits), which commits to every weight byte, the tokenizer and
+    /// the chat template: nodes and clients of one swarm agree on it.
+    pub fn model_id(&self) -> &str {
+        &self.identity.id
+    }
+
+    /// The model's identity: its id and the commitment entry nodes send to clients.
+    pub fn identity(&self) -> &crate::model::identity::ModelIdentity {
+        &self.identity
     }
 
     /// The slice this engine holds.
@@ -318,7 +358,7 @@ impl ShardEngine {
     /// The weights' identity: base model, slice, optimizer steps.
     pub fn version(&self) -> WeightVersion {
         WeightVersion {
-            model_hash: self.file.model_hash(),
+            model_hash: self.identity.digest,
             layers: self.model.layers.clone(),
             updates: self.updates.load(Ordering::SeqCst),
         }

@@ -41,6 +41,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The file's weights are not the ones its manifest or a pinned model id names (a
+    /// changed or tampered file, or a manifest of another model).
+    #[error("wrong weights in {path}: {reason}")]
+    WrongWeights {
+        /// The model file.
+        path: PathBuf,
+        /// Which tensor or id differs, and how.
+        reason: String,
+    },
+
     /// The model's architecture is not one the engine implements.
     #[error("unsupported architecture `{0}` (supported: llama, gpt2)")]
     UnsupportedArchitecture(String),
@@ -203,6 +213,8 @@ pub enum ErrorKind {
     UnknownFormat,
     /// [`Error::CorruptModel`].
     CorruptModel,
+    /// [`Error::WrongWeights`].
+    WrongWeights,
     /// [`Error::UnsupportedArchitecture`].
     UnsupportedArchitecture,
     /// [`Error::UnsupportedDtype`].
@@ -257,6 +269,7 @@ impl ErrorKind {
         ErrorKind::ModelFile,
         ErrorKind::UnknownFormat,
         ErrorKind::CorruptModel,
+        ErrorKind::WrongWeights,
         ErrorKind::UnsupportedArchitecture,
         ErrorKind::UnsupportedDtype,
         ErrorKind::InvalidConfig,
@@ -288,6 +301,7 @@ impl ErrorKind {
             ErrorKind::ModelFile => "ModelFile",
             ErrorKind::UnknownFormat => "UnknownFormat",
             ErrorKind::CorruptModel => "CorruptModel",
+            ErrorKind::WrongWeights => "WrongWeights",
             ErrorKind::UnsupportedArchitecture => "UnsupportedArchitecture",
             ErrorKind::UnsupportedDtype => "UnsupportedDtype",
             ErrorKind::InvalidConfig => "InvalidConfig",
@@ -328,6 +342,10 @@ impl ErrorKind {
                 reason: "example".into(),
             },
             ErrorKind::CorruptModel => Error::CorruptModel {
+                path: "x.gguf".into(),
+                reason: "example".into(),
+            },
+            ErrorKind::WrongWeights => Error::WrongWeights {
                 path: "x.gguf".into(),
                 reason: "example".into(),
             },
@@ -390,6 +408,7 @@ impl Error {
             Error::ModelFile { .. } => ErrorKind::ModelFile,
             Error::UnknownFormat { .. } => ErrorKind::UnknownFormat,
             Error::CorruptModel { .. } => ErrorKind::CorruptModel,
+            Error::WrongWeights { .. } => ErrorKind::WrongWeights,
             Error::UnsupportedArchitecture(_) => ErrorKind::UnsupportedArchitecture,
             Error::UnsupportedDtype { .. } => ErrorKind::UnsupportedDtype,
             Error::InvalidConfig(_) => ErrorKind::InvalidConfig,

@@ -71,6 +71,9 @@ pub use generate::{
 /// Node keys and dialable addresses (iroh's types, re-exported so users need no iroh import).
 pub use iroh::{EndpointAddr, SecretKey};
 pub use model::config::{Architecture, ModelConfig};
+pub use model::identity::{
+    check_model_id, ModelCommitment, ModelIdentity, ModelManifest, TensorDigest, MODEL_ID_VERSION,
+};
 pub use model::kv_cache::KvDtype;
 pub use model::layers::ComputeMode;
 pub use model::sampling::SamplingParams;

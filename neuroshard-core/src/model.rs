@@ -4,6 +4,7 @@ pub(crate) mod attention;
 pub(crate) mod config;
 pub(crate) mod decode;
 pub(crate) mod gpt2;
+pub(crate) mod identity;
 pub(crate) mod kv_cache;
 pub(crate) mod layers;
 pub(crate) mod llama;

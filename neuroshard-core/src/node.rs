@@ -257,12 +257,9 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// The model id nodes and clients agree on: hex of the model hash.
+/// The model id nodes and clients agree on ([`ShardEngine::model_id`]).
 pub fn model_id(engine: &ShardEngine) -> String {
-    engine.weight_file().model_hash()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    engine.model_id().to_string()
 }
 
 /// Where a [`NodeBuilder`] gets its slice.
@@ -676,6 +673,7 @@ impl Inner {
                     layers: self.engine.config().num_layers as u32,
                     context_len: self.engine.max_session_len() as u32,
                     tokenizer,
+                    commitment: self.engine.identity().commitment,
                 })
             })
             .clone()
@@ -943,6 +941,12 @@ impl Inner {
                     "model {} requested, this node serves {}",
                     open.model_id, self.model_id
                 ),
+            ));
+        }
+        if let Some(adapter) = &open.adapter {
+            return Err((
+                Reason::WrongModel,
+                format!("adapter `{adapter}` requested, this node serves the base weights only"),
             ));
         }
         let me = self.endpoint.id();

@@ -35,6 +35,10 @@ pub struct SwarmOptions {
     pub step_timeout: Duration,
     /// Most failovers for one step.
     pub max_failovers: usize,
+    /// The model id this client insists on (`--model-id`): entries that serve another
+    /// model are skipped, and with them every node of another model. `None` trusts the
+    /// first entry that answers (trust on first use).
+    pub model_id: Option<String>,
 }
 
 impl Default for SwarmOptions {
@@ -43,6 +47,7 @@ impl Default for SwarmOptions {
             codec: Codec::F16,
             step_timeout: Duration::from_secs(30),
             max_failovers: 3,
+            model_id: None,
         }
     }
 }
@@ -158,9 +163,26 @@ impl SwarmSession {
         entries: Vec<EndpointAddr>,
         options: SwarmOptions,
     ) -> Result<SwarmSession> {
+        if let Some(pinned) = &options.model_id {
+            crate::model::identity::check_model_id(pinned)?;
+        }
         let mut last_error = None;
         for (i, entry) in entries.iter().enumerate() {
             match client.fetch_model_info(entry).await {
+                // The info is self-consistent (checked on receipt), so a matching id means
+                // the tokenizer and template are the pinned model's too.
+                Ok(info)
+                    if options
+                        .model_id
+                        .as_ref()
+                        .is_some_and(|m| *m != info.model_id) =>
+                {
+                    last_error = Some(NetError::WrongModel {
+                        node: entry.id.fmt_short().to_string(),
+                        theirs: info.model_id,
+                        ours: options.model_id.clone().unwrap_or_default(),
+                    });
+                }
                 Ok(info) => {
                     let tokenizer = Tokenizer::import(&info.tokenizer)?;
                     let mut ordered = vec![entry.clone()];

@@ -62,9 +62,11 @@ pub(crate) fn status_of(kind: ErrorKind) -> ns_status {
         K::UnknownFormat | K::UnsupportedArchitecture | K::UnsupportedDtype => {
             ns_status::UnsupportedModel
         }
-        K::CorruptModel | K::InvalidConfig | K::MissingTensor | K::TensorShape => {
-            ns_status::CorruptModel
-        }
+        K::CorruptModel
+        | K::WrongWeights
+        | K::InvalidConfig
+        | K::MissingTensor
+        | K::TensorShape => ns_status::CorruptModel,
         K::SliceOutOfRange => ns_status::SliceOutOfRange,
         K::BadInput | K::HiddenSize | K::HiddenDtype | K::TokenOutOfRange => ns_status::BadInput,
         K::UnknownSession

@@ -32,6 +32,12 @@ create_exception!(
 );
 create_exception!(
     _native,
+    WrongWeightsError,
+    NeuroShardError,
+    "neuroshard_core::Error::WrongWeights."
+);
+create_exception!(
+    _native,
     UnsupportedArchitectureError,
     NeuroShardError,
     "neuroshard_core::Error::UnsupportedArchitecture."
@@ -176,6 +182,7 @@ pub(crate) fn to_py(error: Error) -> PyErr {
         ErrorKind::ModelFile => ModelFileError::new_err(message),
         ErrorKind::UnknownFormat => UnknownFormatError::new_err(message),
         ErrorKind::CorruptModel => CorruptModelError::new_err(message),
+        ErrorKind::WrongWeights => WrongWeightsError::new_err(message),
         ErrorKind::UnsupportedArchitecture => UnsupportedArchitectureError::new_err(message),
         ErrorKind::UnsupportedDtype => UnsupportedDtypeError::new_err(message),
         ErrorKind::InvalidConfig => InvalidConfigError::new_err(message),
@@ -209,6 +216,7 @@ fn class_name(kind: ErrorKind) -> &'static str {
         ErrorKind::ModelFile => "ModelFileError",
         ErrorKind::UnknownFormat => "UnknownFormatError",
         ErrorKind::CorruptModel => "CorruptModelError",
+        ErrorKind::WrongWeights => "WrongWeightsError",
         ErrorKind::UnsupportedArchitecture => "UnsupportedArchitectureError",
         ErrorKind::UnsupportedDtype => "UnsupportedDtypeError",
         ErrorKind::InvalidConfig => "InvalidConfigError",
@@ -262,6 +270,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ModelFileError", py.get_type::<ModelFileError>())?;
     m.add("UnknownFormatError", py.get_type::<UnknownFormatError>())?;
     m.add("CorruptModelError", py.get_type::<CorruptModelError>())?;
+    m.add("WrongWeightsError", py.get_type::<WrongWeightsError>())?;
     m.add(
         "UnsupportedArchitectureError",
         py.get_type::<UnsupportedArchitectureError>(),

@@ -73,6 +73,7 @@ from ._native import (  # noqa: E402
     UnsupportedArchitectureError,
     UnsupportedDtypeError,
     WireError,
+    WrongWeightsError,
 )
 from ._fetch import fetch_model  # noqa: E402
 
@@ -184,4 +185,5 @@ __all__ = [
     "UnsupportedArchitectureError",
     "UnsupportedDtypeError",
     "WireError",
+    "WrongWeightsError",
 ]

@@ -303,10 +303,8 @@ impl Tokenizer {
         })
     }
 
-    /// Rebuilds a tokenizer exported by [`Tokenizer::export`]. The parts come from a peer,
-    /// so their sizes are checked first: a `tokenizer.json` of at most 48 MiB, a chat
-    /// template of at most 256 KiB, at most 64 EOS ids and a BOS text of at most 1 KiB.
-    pub fn import(info: &TokenizerInfo) -> Result<Self> {
+    /// Checks the sizes [`Tokenizer::import`] accepts, before anything is parsed or hashed.
+    pub(crate) fn check_sizes(info: &TokenizerInfo) -> Result<()> {
         let too_big = |what: &str, len: usize, max: usize| {
             Err(Error::Tokenizer(format!(
                 "{what} of {len} bytes from the entry node exceeds {max}"
@@ -331,6 +329,14 @@ impl Tokenizer {
                 info.eos_ids.len()
             )));
         }
+        Ok(())
+    }
+
+    /// Rebuilds a tokenizer exported by [`Tokenizer::export`]. The parts come from a peer,
+    /// so their sizes are checked first: a `tokenizer.json` of at most 48 MiB, a chat
+    /// template of at most 256 KiB, at most 64 EOS ids and a BOS text of at most 1 KiB.
+    pub fn import(info: &TokenizerInfo) -> Result<Self> {
+        Self::check_sizes(info)?;
         let inner: tokenizers::Tokenizer = info.json.parse().map_err(tok_err)?;
         Ok(Tokenizer {
             inner,

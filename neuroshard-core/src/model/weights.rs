@@ -11,14 +11,16 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+use crate::model::identity::{self, Digest, ModelIdentity, ModelManifest, TensorDigest};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// On-disk format of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,9 +78,34 @@ pub struct WeightFile {
     format: ModelFormat,
     config: ModelConfig,
     model_hash: [u8; 32],
+    /// Names the cached manifest of exactly this file: header hash, lengths, mtimes.
+    cache_key: Digest,
     backend: Backend,
+    /// Per-tensor hashes every later load is checked against, once known.
+    manifest: OnceLock<Arc<ModelManifest>>,
+    identity: OnceLock<ModelIdentity>,
     tensors_loaded: AtomicU64,
     bytes_loaded: AtomicU64,
+    tensors_verified: AtomicU64,
+}
+
+/// Manifests computed in this process, by cache key (tests and `LocalSwarm` open the same
+/// file many times).
+fn manifest_memo() -> &'static Mutex<HashMap<Digest, Arc<ModelManifest>>> {
+    static MEMO: OnceLock<Mutex<HashMap<Digest, Arc<ModelManifest>>>> = OnceLock::new();
+    MEMO.get_or_init(Mutex::default)
+}
+
+/// Feeds a file's length and modification time into a cache key: a file rewritten in place
+/// (a fine-tune with the same tensor table) gets a new key, so a stale manifest is not used.
+fn hash_file_stamp(hasher: &mut blake3::Hasher, meta: &std::fs::Metadata) {
+    hasher.update(&meta.len().to_le_bytes());
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    hasher.update(&mtime.to_le_bytes());
 }
 
 impl std::fmt::Debug for WeightFile {
@@ -216,17 +243,28 @@ impl WeightFile {
         reader.read_exact(&mut header).map_err(io_err(path))?;
         hasher.update(&header);
         hasher.update(&file_len.to_le_bytes());
+        let model_hash = *hasher.finalize().as_bytes();
+        let mut key = blake3::Hasher::new();
+        key.update(&model_hash);
+        hash_file_stamp(
+            &mut key,
+            &reader.get_ref().metadata().map_err(io_err(path))?,
+        );
         Ok(WeightFile {
             path: path.to_path_buf(),
             format: ModelFormat::Gguf,
             config,
-            model_hash: *hasher.finalize().as_bytes(),
+            model_hash,
+            cache_key: *key.finalize().as_bytes(),
             backend: Backend::Gguf {
                 content,
                 file: Mutex::new(reader),
             },
+            manifest: OnceLock::new(),
+            identity: OnceLock::new(),
             tensors_loaded: AtomicU64::new(0),
             bytes_loaded: AtomicU64::new(0),
+            tensors_verified: AtomicU64::new(0),
         })
     }
 
@@ -276,9 +314,12 @@ impl WeightFile {
         let config = ModelConfig::from_hf_json(&config_text)?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(config_text.as_bytes());
+        let mut stamps = blake3::Hasher::new();
         for file in &files {
             let mut f = File::open(file).map_err(io_err(file))?;
-            let len = f.metadata().map_err(io_err(file))?.len();
+            let meta = f.metadata().map_err(io_err(file))?;
+            hash_file_stamp(&mut stamps, &meta);
+            let len = meta.len();
             let mut n = [0u8; 8];
             f.read_exact(&mut n).map_err(io_err(file))?;
             let header_len = u64::from_le_bytes(n);
@@ -300,14 +341,20 @@ impl WeightFile {
                 path: dir.to_path_buf(),
                 reason: e.to_string(),
             })?;
+        let model_hash = *hasher.finalize().as_bytes();
+        stamps.update(&model_hash);
         Ok(WeightFile {
             path: dir.to_path_buf(),
             format: ModelFormat::Safetensors,
             config,
-            model_hash: *hasher.finalize().as_bytes(),
+            model_hash,
+            cache_key: *stamps.finalize().as_bytes(),
             backend: Backend::Safetensors { tensors },
+            manifest: OnceLock::new(),
+            identity: OnceLock::new(),
             tensors_loaded: AtomicU64::new(0),
             bytes_loaded: AtomicU64::new(0),
+            tensors_verified: AtomicU64::new(0),
         })
     }
 
@@ -326,9 +373,183 @@ impl WeightFile {
         &self.config
     }
 
-    /// blake3 of the model's header data: identical on every node that opened the same file.
+    /// blake3 of the model's header data (metadata and tensor table): identical on every
+    /// node that opened the same file. It does not cover the weights: see
+    /// [`WeightFile::identity`] for the id that does.
     pub fn model_hash(&self) -> [u8; 32] {
         self.model_hash
+    }
+
+    /// The model's identity (its id commits to every tensor, the tokenizer and the template).
+    ///
+    /// The first call gets the manifest: the one given to [`WeightFile::use_manifest`], else
+    /// one computed earlier for this very file (by this process, or cached on disk in
+    /// `$NEUROSHARD_CACHE_DIR`, else `$XDG_CACHE_HOME/neuroshard`, else
+    /// `~/.cache/neuroshard`), else it hashes every tensor of the file once and caches the
+    /// result. From then on every [`WeightFile::load`] checks the tensor it reads against the
+    /// manifest.
+    pub fn identity(&self) -> Result<ModelIdentity> {
+        if let Some(id) = self.identity.get() {
+            return Ok(id.clone());
+        }
+        let commitment = self.manifest()?.commitment()?;
+        let tokenizer = crate::model::tokenizer::Tokenizer::for_model(self)
+            .and_then(|t| t.export())
+            .ok();
+        let digest = commitment.model_digest(tokenizer.as_ref());
+        let identity = ModelIdentity {
+            id: identity::hex(&digest),
+            digest,
+            commitment,
+        };
+        Ok(self.identity.get_or_init(|| identity).clone())
+    }
+
+    /// Makes `manifest` the one this file's tensors are checked against (a node that must
+    /// not read the whole file gets it from whoever published the model). Refused when it
+    /// was made for another header, or when a different manifest is in use already.
+    pub fn use_manifest(&self, manifest: ModelManifest) -> Result<()> {
+        manifest.check()?;
+        if manifest.header != identity::hex(&self.model_hash) {
+            return Err(self.wrong_weights(format!(
+                "the manifest was made for a file with header {}, this file's header hashes \
+                 to {}",
+                manifest.header,
+                identity::hex(&self.model_hash)
+            )));
+        }
+        let manifest = Arc::new(manifest);
+        let used = self.manifest.get_or_init(|| manifest.clone());
+        if **used != *manifest {
+            return Err(Error::InvalidConfig(
+                "a different manifest is in use for this model file already".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the manifest of this file is cached on disk, if a cache directory is known.
+    pub fn manifest_cache_path(&self) -> Option<PathBuf> {
+        identity::cache_dir().map(|dir| {
+            dir.join("manifests")
+                .join(format!("{}.json", identity::hex(&self.cache_key)))
+        })
+    }
+
+    /// The manifest in use, found or computed as [`WeightFile::identity`] describes.
+    pub fn manifest(&self) -> Result<Arc<ModelManifest>> {
+        if let Some(m) = self.manifest.get() {
+            return Ok(m.clone());
+        }
+        let memo = lock_memo()?.get(&self.cache_key).cloned();
+        let manifest = match memo {
+            Some(m) => m,
+            None => {
+                let cached = self.manifest_cache_path().and_then(|path| {
+                    let m = ModelManifest::read(&path).ok()?;
+                    (m.header == identity::hex(&self.model_hash)).then_some(m)
+                });
+                let m = match cached {
+                    Some(m) => m,
+                    None => {
+                        let m = self.compute_manifest()?;
+                        if let Some(path) = self.manifest_cache_path() {
+                            // A cache that cannot be written costs a rehash next time, nothing more.
+                            if let Err(e) = m.write(&path) {
+                                tracing::debug!(path = %path.display(), error = %e, "manifest not cached");
+                            }
+                        }
+                        m
+                    }
+                };
+                let m = Arc::new(m);
+                lock_memo()?.insert(self.cache_key, m.clone());
+                m
+            }
+        };
+        Ok(self.manifest.get_or_init(|| manifest).clone())
+    }
+
+    /// Hashes every tensor of the file (reads all of it): the manifest of this file.
+    pub fn compute_manifest(&self) -> Result<ModelManifest> {
+        let mut digests = Vec::new();
+        let mut push = |name: &str, data: &[u8]| {
+            digests.push(TensorDigest {
+                name: name.to_string(),
+                bytes: data.len() as u64,
+                hash: identity::hex(blake3::hash(data).as_bytes()),
+            })
+        };
+        match &self.backend {
+            Backend::Gguf { content, .. } => {
+                for name in content.tensor_infos.keys() {
+                    push(name, &self.read_gguf_bytes(name)?);
+                }
+            }
+            Backend::Safetensors { tensors } => {
+                for (name, view) in tensors.tensors() {
+                    push(&name, view.data());
+                }
+            }
+        }
+        Ok(ModelManifest::new(self.model_hash, digests))
+    }
+
+    /// Tensors whose bytes were checked against the manifest as they loaded.
+    pub fn tensors_verified(&self) -> u64 {
+        self.tensors_verified.load(Ordering::Relaxed)
+    }
+
+    fn wrong_weights(&self, reason: String) -> Error {
+        Error::WrongWeights {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    /// Checks one tensor's stored bytes against the manifest, when one is in use.
+    fn verify(&self, stored: &str, data: &[u8]) -> Result<()> {
+        let Some(manifest) = self.manifest.get() else {
+            return Ok(());
+        };
+        let expected = manifest.tensor(stored).ok_or_else(|| {
+            self.wrong_weights(format!("tensor `{stored}` is not in the model's manifest"))
+        })?;
+        let actual = identity::hex(blake3::hash(data).as_bytes());
+        if expected.bytes != data.len() as u64 || expected.hash != actual {
+            return Err(self.wrong_weights(format!(
+                "tensor `{stored}` hashes to {actual} ({} bytes); the manifest says {} ({} \
+                 bytes). The file changed or is not the model its manifest describes{}",
+                data.len(),
+                expected.hash,
+                expected.bytes,
+                self.manifest_cache_path()
+                    .map(|p| format!(" (a stale cache? delete {})", p.display()))
+                    .unwrap_or_default()
+            )));
+        }
+        self.tensors_verified.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The stored bytes of one GGUF tensor (one seek and one read).
+    fn read_gguf_bytes(&self, stored: &str) -> Result<Vec<u8>> {
+        let Backend::Gguf { content, file } = &self.backend else {
+            return Err(Error::Internal("not a GGUF file".into()));
+        };
+        let info = content
+            .tensor_infos
+            .get(stored)
+            .ok_or_else(|| Error::MissingTensor(stored.to_string()))?;
+        let dtype = info.ggml_dtype;
+        let size = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let mut data = vec![0u8; size];
+        let mut reader = file.lock().map_err(Error::poisoned("weight file reader"))?;
+        reader
+            .seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
+            .and_then(|_| reader.read_exact(&mut data))
+            .map_err(io_err(&self.path))?;
+        Ok(data)
     }
 
     /// GGUF metadata (tokenizer, chat template), when the model is a GGUF file.
@@ -384,13 +605,18 @@ impl WeightFile {
             reason: format!("tensor `{stored}`: {e}"),
         };
         let (raw, bytes) = match &self.backend {
-            Backend::Gguf { content, file } => {
-                let mut reader = file.lock().map_err(Error::poisoned("weight file reader"))?;
-                let q = content
-                    .tensor(&mut *reader, &stored, &Device::Cpu)
-                    .map_err(corrupt)?;
-                let bytes = q.storage_size_in_bytes() as u64;
-                (RawTensor::Quantized(q), bytes)
+            Backend::Gguf { content, .. } => {
+                let data = self.read_gguf_bytes(&stored)?;
+                self.verify(&stored, &data)?;
+                let info = &content.tensor_infos[&stored];
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    info.ggml_dtype,
+                    &data,
+                    info.shape.dims().to_vec(),
+                    &Device::Cpu,
+                )
+                .map_err(corrupt)?;
+                (RawTensor::Quantized(q), data.len() as u64)
             }
             Backend::Safetensors { tensors } => {
                 let view = tensors.get(&stored).map_err(corrupt)?;
@@ -405,6 +631,7 @@ impl WeightFile {
                         dtype: format!("{dtype:?}"),
                     });
                 }
+                self.verify(&stored, view.data())?;
                 let t = tensors.load(&stored, &Device::Cpu).map_err(corrupt)?;
                 (RawTensor::Dense(t), bytes)
             }
@@ -421,6 +648,12 @@ impl WeightFile {
         self.bytes_loaded.fetch_add(bytes, Ordering::Relaxed);
         Ok(raw)
     }
+}
+
+fn lock_memo() -> Result<std::sync::MutexGuard<'static, HashMap<Digest, Arc<ModelManifest>>>> {
+    manifest_memo()
+        .lock()
+        .map_err(Error::poisoned("manifest memo"))
 }
 
 #[cfg(test)]

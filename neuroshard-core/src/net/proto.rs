@@ -1,4 +1,4 @@
-//! Messages of the inference protocol (`neuroshard/infer/1`), postcard-encoded.
+//! Messages of the inference protocol (`neuroshard/infer/3`), postcard-encoded.
 //!
 //! Control requests (open, close) use a bi-directional stream: one request, one reply. The data
 //! plane uses one uni-directional stream per message: `Step` (client to first hop), `Hidden`
@@ -16,7 +16,7 @@ use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN of the inference protocol.
-pub const INFER_ALPN: &[u8] = b"neuroshard/infer/2";
+pub const INFER_ALPN: &[u8] = b"neuroshard/infer/3";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
 pub(crate) const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
@@ -33,6 +33,9 @@ pub struct ModelInfo {
     pub context_len: u32,
     /// Tokenizer, chat template, EOS ids.
     pub tokenizer: crate::model::tokenizer::TokenizerInfo,
+    /// Header hash and tensors root of the model: with `tokenizer` they hash to `model_id`,
+    /// so the client checks that the tokenizer and template are the model's own.
+    pub commitment: crate::model::identity::ModelCommitment,
 }
 
 /// Largest reply a client accepts for model info (a tokenizer with its merges is a few MB;
@@ -77,6 +80,17 @@ impl ModelInfo {
             return bad(format!(
                 "a model id of {} bytes that is not alphanumeric",
                 self.model_id.len()
+            ));
+        }
+        // Sizes first (import checks them again), so the hash below runs on bounded input.
+        crate::model::tokenizer::Tokenizer::check_sizes(&self.tokenizer)
+            .map_err(|e| NetError::Malformed(format!("model info: {e}")))?;
+        let hashed = self.commitment.model_id(Some(&self.tokenizer));
+        if hashed != self.model_id {
+            return bad(format!(
+                "the tokenizer and chat template served hash to model id {hashed}, not to the \
+                 {} the entry claims: they are not that model's",
+                self.model_id
             ));
         }
         Ok(())
@@ -162,6 +176,10 @@ pub struct SessionOpen {
     /// The last hop returns the logits of each step (`Logits` + an f32 frame) instead of
     /// sampling a token: the client decodes itself (beam search, constrained decoding).
     pub return_logits: bool,
+    /// Weights on top of the base model the session runs: a trained adapter's name, or
+    /// `None` for the base weights (which `model_id` names). Nodes serve the base only
+    /// until training lands, and refuse other adapters.
+    pub adapter: Option<String>,
 }
 
 /// A [`SessionOpen`] signed by the client's key.

@@ -170,6 +170,7 @@ async fn replayed_stale_and_malformed_session_opens_get_typed_refusals() {
         nonce,
         handover: None,
         return_logits: false,
+        adapter: None,
     };
     let signed = |o: &SessionOpen| Message::Open(SignedOpen::sign(o, &key).expect("sign"));
 
@@ -280,12 +281,16 @@ async fn fake_entry(reply: Message) -> (iroh::Endpoint, iroh::EndpointAddr) {
 async fn absurd_model_info_and_hostile_templates_are_refused_before_use() {
     let file = WeightFile::open(smollm2()).expect("model");
     let tokenizer = Tokenizer::for_model(&file).expect("tokenizer");
+    let identity = file.identity().expect("identity");
     let honest = ModelInfo {
-        model_id: "0123456789abcdef".into(),
+        model_id: identity.id.clone(),
         layers: 30,
         context_len: 8192,
         tokenizer: tokenizer.export().expect("export"),
+        commitment: identity.commitment,
     };
+    let mut other_template = honest.tokenizer.clone();
+    other_template.chat_template = Some("{{ messages[0].content }}".into());
     let client = new_client().await;
     let mut cases = Vec::new();
     for (name, info) in [
@@ -307,6 +312,13 @@ async fn absurd_model_info_and_hostile_templates_are_refused_before_use() {
             "huge context",
             ModelInfo {
                 context_len: u32::MAX,
+                ..honest.clone()
+            },
+        ),
+        (
+            "a template that is not the model's",
+            ModelInfo {
+                tokenizer: other_template,
                 ..honest.clone()
             },
         ),

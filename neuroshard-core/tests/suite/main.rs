@@ -9,6 +9,7 @@ mod errors_and_sessions;
 #[cfg(feature = "internals")]
 mod hostile_peers;
 mod long_context;
+mod model_identity;
 mod net_iroh;
 mod net_peers;
 #[cfg(feature = "server")]

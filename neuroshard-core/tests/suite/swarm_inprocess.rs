@@ -163,6 +163,7 @@ async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
         nonce: 77,
         handover: None,
         return_logits: false,
+        adapter: None,
     };
     let err = client
         .open_signed(open, &iroh::SecretKey::generate())

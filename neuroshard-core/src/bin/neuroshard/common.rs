@@ -71,6 +71,15 @@ pub(crate) struct EngineArgs {
     /// is chunked (slower prefill; for replicas compared bit for bit).
     #[arg(long)]
     pub(crate) chunk_invariant: bool,
+    /// Insist on this model id (64 hex digits, as `neuroshard model-id MODEL` prints): a
+    /// node refuses to load other weights, a client ignores entries and nodes that serve
+    /// another model and checks the tokenizer and template it receives against the id.
+    #[arg(long)]
+    pub(crate) model_id: Option<String>,
+    /// Check the slice's tensors against this manifest (`neuroshard model-id MODEL
+    /// --manifest-out FILE`) instead of hashing the whole model file once.
+    #[arg(long)]
+    pub(crate) manifest: Option<PathBuf>,
 }
 
 impl EngineArgs {
@@ -81,6 +90,8 @@ impl EngineArgs {
             kv_dtype: self.kv_dtype,
             prefill_chunk: self.prefill_chunk,
             chunk_invariant: self.chunk_invariant,
+            expected_model_id: self.model_id.clone(),
+            manifest: self.manifest.clone(),
             ..EngineOptions::default()
         }
     }
@@ -252,6 +263,7 @@ impl SwarmSource {
         let client = neuroshard_core::Client::bind_default().await?;
         let options = neuroshard_core::SwarmOptions {
             codec: self.codec,
+            model_id: self.engine.model_id.clone(),
             ..neuroshard_core::SwarmOptions::default()
         };
         let swarm = neuroshard_core::SwarmSession::connect(client, entries, options).await?;

@@ -114,6 +114,7 @@ fn run_remote(args: GenerateArgs) -> Result<(), Error> {
         let options = SwarmOptions {
             codec: args.codec,
             step_timeout: Duration::from_millis(args.step_timeout_ms),
+            model_id: args.engine.model_id.clone(),
             ..SwarmOptions::default()
         };
         let swarm = SwarmSession::connect(client.clone(), entries, options).await?;

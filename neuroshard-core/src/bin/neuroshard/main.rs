@@ -8,6 +8,7 @@ mod bench_sessions;
 mod chat;
 mod common;
 mod generate;
+mod model_id;
 mod node;
 mod peers;
 mod serve;
@@ -59,6 +60,9 @@ enum Command {
     /// health, Prometheus metrics) over a swarm, or over one started in this process.
     /// Prints the base URL as the first line on stdout.
     Serve(serve::ServeArgs),
+    /// Print a model file's id (it commits to every weight, the tokenizer and the chat
+    /// template), hashing the whole file once; optionally write its manifest.
+    ModelId(model_id::ModelIdArgs),
     /// Chat in the terminal over a swarm (or one started in this process): multi-turn with
     /// the model's chat template; /reset, /system TEXT, /quit; Ctrl-C stops an answer.
     Chat(chat::ChatArgs),
@@ -104,6 +108,7 @@ fn main() -> ExitCode {
         Command::Node(args) => node::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::ModelId(args) => model_id::run(args),
         Command::Peers(args) => peers::run(args),
         Command::ShardInfo(args) => shard_info::run(args),
         Command::Bench(args) => bench::run(args, info.threads),

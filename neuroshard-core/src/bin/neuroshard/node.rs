@@ -77,12 +77,15 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
         },
     )?;
     eprintln!(
-        "loaded layers {}..{} of {} in {:.2}s ({:.1} MB read)",
+        "loaded layers {}..{} of {} in {:.2}s ({:.1} MB read, {} tensors checked against \
+         model id {})",
         args.start,
         args.end,
         args.model.display(),
         t0.elapsed().as_secs_f64(),
-        engine.stats().bytes_loaded as f64 / 1e6
+        engine.stats().bytes_loaded as f64 / 1e6,
+        engine.weight_file().tensors_verified(),
+        engine.model_id()
     );
     tokio_runtime()?.block_on(async move {
         let bootstrap = if args.peers.is_empty() {
