@@ -19,7 +19,6 @@ mod sent;
 pub use handover::{LeaveHandle, LeaveReport};
 
 use crate::engine::ShardEngine;
-use crate::model::tokenizer::Tokenizer;
 use crate::net::admission::{check_route, OpenReplayGuard, Refusal, DEFAULT_OPEN_WINDOW_MS};
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::connections::Connections;
@@ -665,9 +664,7 @@ impl Inner {
     fn model_info(&self) -> Result<ModelInfo, String> {
         self.model_info
             .get_or_init(|| {
-                let tokenizer = Tokenizer::for_model(self.engine.weight_file())
-                    .and_then(|t| t.export())
-                    .map_err(|e| e.to_string())?;
+                let tokenizer = self.engine.weight_file().served_tokenizer()?.clone();
                 Ok(ModelInfo {
                     model_id: self.model_id.clone(),
                     layers: self.engine.config().num_layers as u32,

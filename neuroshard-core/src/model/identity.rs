@@ -64,6 +64,17 @@ pub struct TensorDigest {
     pub hash: String,
 }
 
+impl TensorDigest {
+    /// The digest of `data` stored under `name`.
+    pub fn of(name: &str, data: &[u8]) -> Self {
+        TensorDigest {
+            name: name.to_string(),
+            bytes: data.len() as u64,
+            hash: hex(blake3::hash(data).as_bytes()),
+        }
+    }
+}
+
 /// Per-tensor hashes of one model file: what a node checks its slice against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelManifest {
@@ -324,11 +335,7 @@ mod tests {
     use super::*;
 
     fn digest(name: &str, data: &[u8]) -> TensorDigest {
-        TensorDigest {
-            name: name.into(),
-            bytes: data.len() as u64,
-            hash: hex(blake3::hash(data).as_bytes()),
-        }
+        TensorDigest::of(name, data)
     }
 
     fn manifest() -> ModelManifest {

@@ -12,6 +12,7 @@
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::identity::{self, Digest, ModelIdentity, ModelManifest, TensorDigest};
+use crate::model::tokenizer::TokenizerInfo;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -84,6 +85,8 @@ pub struct WeightFile {
     /// Per-tensor hashes every later load is checked against, once known.
     manifest: OnceLock<Arc<ModelManifest>>,
     identity: OnceLock<ModelIdentity>,
+    /// The tokenizer as entry nodes serve it, exported once: the id hashes exactly these bytes.
+    served_tokenizer: OnceLock<std::result::Result<TokenizerInfo, String>>,
     tensors_loaded: AtomicU64,
     bytes_loaded: AtomicU64,
     tensors_verified: AtomicU64,
@@ -208,7 +211,8 @@ impl WeightFile {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let file_len = reader.get_ref().metadata().map_err(io_err(path))?.len();
+        let file_meta = reader.get_ref().metadata().map_err(io_err(path))?;
+        let file_len = file_meta.len();
         // Every tensor must lie inside the file: catches truncated downloads at open time.
         for (name, info) in &content.tensor_infos {
             if !gguf_dtype_supported(info.ggml_dtype) {
@@ -246,10 +250,7 @@ impl WeightFile {
         let model_hash = *hasher.finalize().as_bytes();
         let mut key = blake3::Hasher::new();
         key.update(&model_hash);
-        hash_file_stamp(
-            &mut key,
-            &reader.get_ref().metadata().map_err(io_err(path))?,
-        );
+        hash_file_stamp(&mut key, &file_meta);
         Ok(WeightFile {
             path: path.to_path_buf(),
             format: ModelFormat::Gguf,
@@ -262,6 +263,7 @@ impl WeightFile {
             },
             manifest: OnceLock::new(),
             identity: OnceLock::new(),
+            served_tokenizer: OnceLock::new(),
             tensors_loaded: AtomicU64::new(0),
             bytes_loaded: AtomicU64::new(0),
             tensors_verified: AtomicU64::new(0),
@@ -352,6 +354,7 @@ impl WeightFile {
             backend: Backend::Safetensors { tensors },
             manifest: OnceLock::new(),
             identity: OnceLock::new(),
+            served_tokenizer: OnceLock::new(),
             tensors_loaded: AtomicU64::new(0),
             bytes_loaded: AtomicU64::new(0),
             tensors_verified: AtomicU64::new(0),
@@ -393,16 +396,26 @@ impl WeightFile {
             return Ok(id.clone());
         }
         let commitment = self.manifest()?.commitment()?;
-        let tokenizer = crate::model::tokenizer::Tokenizer::for_model(self)
-            .and_then(|t| t.export())
-            .ok();
-        let digest = commitment.model_digest(tokenizer.as_ref());
+        let digest = commitment.model_digest(self.served_tokenizer().ok());
         let identity = ModelIdentity {
             id: identity::hex(&digest),
             digest,
             commitment,
         };
         Ok(self.identity.get_or_init(|| identity).clone())
+    }
+
+    /// The tokenizer exported from this file (what entry nodes serve and the model id
+    /// hashes), built once; the error text when the file has no usable tokenizer.
+    pub(crate) fn served_tokenizer(&self) -> std::result::Result<&TokenizerInfo, String> {
+        self.served_tokenizer
+            .get_or_init(|| {
+                crate::model::tokenizer::Tokenizer::for_model(self)
+                    .and_then(|t| t.export())
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// Makes `manifest` the one this file's tensors are checked against (a node that must
@@ -473,22 +486,15 @@ impl WeightFile {
     /// Hashes every tensor of the file (reads all of it): the manifest of this file.
     pub fn compute_manifest(&self) -> Result<ModelManifest> {
         let mut digests = Vec::new();
-        let mut push = |name: &str, data: &[u8]| {
-            digests.push(TensorDigest {
-                name: name.to_string(),
-                bytes: data.len() as u64,
-                hash: identity::hex(blake3::hash(data).as_bytes()),
-            })
-        };
         match &self.backend {
             Backend::Gguf { content, .. } => {
                 for name in content.tensor_infos.keys() {
-                    push(name, &self.read_gguf_bytes(name)?);
+                    digests.push(TensorDigest::of(name, &self.read_gguf_bytes(name)?));
                 }
             }
             Backend::Safetensors { tensors } => {
                 for (name, view) in tensors.tensors() {
-                    push(&name, view.data());
+                    digests.push(TensorDigest::of(&name, view.data()));
                 }
             }
         }
@@ -515,12 +521,13 @@ impl WeightFile {
         let expected = manifest.tensor(stored).ok_or_else(|| {
             self.wrong_weights(format!("tensor `{stored}` is not in the model's manifest"))
         })?;
-        let actual = identity::hex(blake3::hash(data).as_bytes());
-        if expected.bytes != data.len() as u64 || expected.hash != actual {
+        let actual = TensorDigest::of(stored, data);
+        if actual != *expected {
             return Err(self.wrong_weights(format!(
-                "tensor `{stored}` hashes to {actual} ({} bytes); the manifest says {} ({} \
+                "tensor `{stored}` hashes to {} ({} bytes); the manifest says {} ({} \
                  bytes). The file changed or is not the model its manifest describes{}",
-                data.len(),
+                actual.hash,
+                actual.bytes,
                 expected.hash,
                 expected.bytes,
                 self.manifest_cache_path()
