@@ -10,6 +10,7 @@
 //! - `membership`: when a node rejoins the gossip mesh and through whom;
 //! - [`route`]: plans the lowest-latency chain of hops covering every layer;
 //! - [`endpoint`]: the iroh endpoint (offline by default) and the node's persistent key;
+//! - [`limits`]: per-peer caps on connections, streams and request rate;
 //! - [`refusal`]: the typed reasons a hop gives when it refuses or fails;
 //! - `proto`: messages of the inference protocol (internal; the data types a user sees are
 //!   re-exported here: [`RouteHop`], [`ModelInfo`], [`NodeStats`]).
@@ -18,6 +19,7 @@ pub(crate) mod admission;
 pub mod announce;
 pub(crate) mod connections;
 pub mod endpoint;
+pub mod limits;
 pub(crate) mod membership;
 pub mod peers;
 pub(crate) mod proto;

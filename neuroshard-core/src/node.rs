@@ -23,6 +23,7 @@ use crate::net::admission::{check_route, OpenReplayGuard, Refusal, DEFAULT_OPEN_
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::connections::Connections;
 use crate::net::endpoint::{bind, EndpointOptions};
+use crate::net::limits::{ConnectionGate, PeerLimits, RequestRate, StreamGate, StreamPermit};
 use crate::net::membership::Membership;
 use crate::net::peers::PeerSet;
 use crate::net::proto::{
@@ -164,6 +165,14 @@ struct Inner {
     max_sessions_per_client: usize,
     /// See [`NodeOptions::max_step_positions`].
     max_step_positions: usize,
+    /// Streams in flight per peer ([`PeerLimits::max_streams_per_peer`]).
+    streams: Arc<StreamGate>,
+    /// Requests per second per peer ([`PeerLimits::requests_per_second`]).
+    request_rate: Mutex<RequestRate>,
+    /// Incoming connections, capped per peer and in total (an endpoint hook).
+    gate: ConnectionGate,
+    /// Multi-position steps computing at once ([`NodeOptions::compute_slots`]).
+    pub(crate) compute_slots: tokio::sync::Semaphore,
     /// See [`NodeOptions::memory_budget`].
     memory_budget: Option<u64>,
     /// How this node lies (hostile-peer tests only).
@@ -221,6 +230,13 @@ pub struct NodeOptions {
     /// an open that does not fit is refused with `over-limit`. `None`: sessions are bounded
     /// by `capacity` alone.
     pub memory_budget: Option<u64>,
+    /// Per-peer caps on connections, streams and request rate, and the node-wide connection
+    /// cap.
+    pub limits: PeerLimits,
+    /// Prompt steps (more than one position) computing at once; more wait their turn without
+    /// holding a thread. Each uses every compute thread, so more only split the cores; decode
+    /// steps run in the decode batch beside them.
+    pub compute_slots: usize,
 }
 
 impl Default for NodeOptions {
@@ -236,6 +252,8 @@ impl Default for NodeOptions {
             max_sessions_per_client: 16,
             max_step_positions: MAX_STEP_POSITIONS as usize,
             memory_budget: None,
+            limits: PeerLimits::default(),
+            compute_slots: 2,
         }
     }
 }
@@ -438,6 +456,8 @@ impl Node {
         let mut endpoint_options = options.endpoint.clone();
         endpoint_options.alpns = vec![INFER_ALPN.to_vec(), iroh_gossip::ALPN.to_vec()];
         endpoint_options.lookup = Some(lookup.clone());
+        let gate = ConnectionGate::new(options.limits);
+        endpoint_options.gate = Some(gate.clone());
         let endpoint = bind(key, &endpoint_options).await?;
         let address_line = crate::net::endpoint::serve_address_line(&endpoint).await;
         let model_id = model_id(&engine);
@@ -464,6 +484,10 @@ impl Node {
             read_deadline: options.read_deadline,
             max_sessions_per_client: options.max_sessions_per_client,
             max_step_positions: options.max_step_positions,
+            streams: StreamGate::new(options.limits.max_streams_per_peer),
+            request_rate: Mutex::new(RequestRate::new(&options.limits)),
+            gate,
+            compute_slots: tokio::sync::Semaphore::new(options.compute_slots.max(1)),
             memory_budget: options.memory_budget,
             #[cfg(feature = "internals")]
             misbehaviour: Mutex::default(),
@@ -599,6 +623,11 @@ impl Node {
         self.inner.stats()
     }
 
+    /// Incoming connections the node holds now (capped by [`PeerLimits::max_connections`]).
+    pub fn connections_held(&self) -> usize {
+        self.inner.gate.held()
+    }
+
     /// Makes this node lie from now on (hostile-peer tests; feature `internals` only).
     #[cfg(feature = "internals")]
     #[doc(hidden)]
@@ -682,61 +711,111 @@ impl Inner {
         loop {
             tokio::select! {
                 bi = conn.accept_bi() => match bi {
-                    Ok((mut send, mut recv)) => {
+                    Ok((send, recv)) => {
+                        // Admitted here, in the order the peer opened its streams, so the
+                        // caps hold exactly whatever the task scheduler does.
+                        let admitted = self.admit_request(remote);
                         let inner = self.clone();
                         tokio::spawn(async move {
-                            let request =
-                                tokio::time::timeout(inner.read_deadline, read_message(&mut recv));
-                            let reply = match request.await {
-                                Ok(Ok(msg)) => {
-                                    let what = msg.kind();
-                                    let reply = inner.handle_request(remote, msg, &mut recv).await;
-                                    if let Message::Error { reason, message, .. } = &reply {
-                                        tracing::warn!(
-                                            peer = %remote.fmt_short(),
-                                            request = what,
-                                            %reason,
-                                            "refused: {message}"
-                                        );
-                                    }
-                                    reply
-                                }
-                                Ok(Err(e)) => {
-                                    inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                                    inner.error_msg(0, Reason::Malformed, e.to_string())
-                                }
-                                Err(_) => {
-                                    inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                                    tracing::warn!(
-                                        peer = %remote.fmt_short(),
-                                        "cut off a request stream past the read deadline"
-                                    );
-                                    inner.error_msg(
-                                        0,
-                                        Reason::OverLimit,
-                                        format!(
-                                            "request not received within {} ms",
-                                            inner.read_deadline.as_millis()
-                                        ),
-                                    )
-                                }
-                            };
-                            let _ = write_message(&mut send, &reply).await;
-                            let _ = send.finish();
+                            inner.serve_request(remote, admitted, send, recv).await
                         });
                     }
                     Err(_) => break,
                 },
                 uni = conn.accept_uni() => match uni {
-                    Ok(recv) => {
-                        let inner = self.clone();
-                        tokio::spawn(async move { inner.handle_data(remote, recv).await });
-                    }
+                    Ok(mut recv) => match self.streams.try_acquire(remote) {
+                        Ok(permit) => {
+                            let inner = self.clone();
+                            tokio::spawn(async move {
+                                inner.handle_data(remote, recv).await;
+                                drop(permit);
+                            });
+                        }
+                        Err((reason, message)) => {
+                            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                            self.counters.refused(reason);
+                            tracing::warn!(peer = %remote.fmt_short(), %reason, "stopped a data stream: {message}");
+                            let _ = recv.stop(iroh::endpoint::VarInt::from_u32(
+                                crate::net::limits::OVER_LIMIT_CLOSE_CODE,
+                            ));
+                        }
+                    },
                     Err(_) => break,
                 },
             }
         }
         self.conns.forget(remote, &conn);
+    }
+
+    /// A stream permit for one more request of `remote`, within its stream cap and its
+    /// request rate.
+    fn admit_request(&self, remote: NodeId) -> Result<StreamPermit, Refusal> {
+        let permit = self.streams.try_acquire(remote)?;
+        lock(&self.request_rate).admit(remote, now_ms())?;
+        Ok(permit)
+    }
+
+    /// Serves one request stream that [`Inner::admit_request`] admitted (or refused): read
+    /// by the read deadline, answered, finished.
+    async fn serve_request(
+        self: Arc<Self>,
+        remote: NodeId,
+        admitted: Result<StreamPermit, Refusal>,
+        mut send: iroh::endpoint::SendStream,
+        mut recv: iroh::endpoint::RecvStream,
+    ) {
+        let reply = match admitted {
+            Err((reason, message)) => {
+                // Refused unread: a flood costs the node one small reply per stream.
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %remote.fmt_short(), %reason, "refused a request: {message}");
+                self.error_msg(0, reason, message)
+            }
+            Ok(_permit) => {
+                let request = tokio::time::timeout(self.read_deadline, read_message(&mut recv));
+                match request.await {
+                    Ok(Ok(msg)) => {
+                        let what = msg.kind();
+                        let reply = self.handle_request(remote, msg, &mut recv).await;
+                        if let Message::Error {
+                            reason, message, ..
+                        } = &reply
+                        {
+                            tracing::warn!(
+                                peer = %remote.fmt_short(),
+                                request = what,
+                                %reason,
+                                "refused: {message}"
+                            );
+                        }
+                        reply
+                    }
+                    Ok(Err(e)) => {
+                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        self.error_msg(0, Reason::Malformed, e.to_string())
+                    }
+                    Err(_) => {
+                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            peer = %remote.fmt_short(),
+                            "cut off a request stream past the read deadline"
+                        );
+                        self.error_msg(
+                            0,
+                            Reason::OverLimit,
+                            format!(
+                                "request not received within {} ms",
+                                self.read_deadline.as_millis()
+                            ),
+                        )
+                    }
+                }
+            }
+        };
+        // Replies go out under the same deadline: a peer that never reads its reply cannot
+        // hold the stream (and its permit) open.
+        let _ = tokio::time::timeout(self.read_deadline, write_message(&mut send, &reply)).await;
+        let _ = send.finish();
     }
 
     /// This node's refusal of a request about `session`.
@@ -757,13 +836,23 @@ impl Inner {
             let sent: usize = sessions.values().map(|h| lock(&h.sent).bytes()).sum();
             (sessions.len() as u64, sent as u64)
         };
+        let mut counted = self.counters.snapshot();
+        // Connections the endpoint hook refused never reached the protocol: count them here.
+        let refused_connections = self.gate.refused();
+        if refused_connections > 0 {
+            counted.rejected += refused_connections;
+            *counted
+                .refusals
+                .entry(Reason::OverLimit.name().to_string())
+                .or_default() += refused_connections;
+        }
         NodeStats {
             sessions_open,
             kv_cache_bytes: engine.kv_cache_bytes,
             sent_state_bytes,
             decode_batches: engine.decode_batches,
             batched_steps: engine.batched_steps,
-            ..self.counters.snapshot()
+            ..counted
         }
     }
 

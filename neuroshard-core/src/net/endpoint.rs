@@ -26,6 +26,60 @@ pub struct EndpointOptions {
     pub lookup: Option<MemoryLookup>,
     /// Find (and be found by) nodes on the local network with mDNS. Off by default.
     pub mdns: bool,
+    /// QUIC limits on what a peer may open and buffer on one connection.
+    pub transport: TransportLimits,
+    /// Refuses incoming connections past per-peer and node-wide caps (nodes set it).
+    pub gate: Option<super::limits::ConnectionGate>,
+}
+
+/// QUIC transport limits of an endpoint: what one peer may open and make this endpoint
+/// buffer on one connection. QUIC's defaults let a peer's data sit unread up to an unbounded
+/// connection window; these bound it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TransportLimits {
+    /// Request (bidirectional) streams a peer may have open at once on one connection; more
+    /// wait (QUIC flow control) without costing this endpoint anything.
+    pub max_bidi_streams: u32,
+    /// Data (unidirectional) streams a peer may have open at once on one connection.
+    pub max_uni_streams: u32,
+    /// Bytes a peer may send on one stream before this endpoint reads them.
+    pub stream_receive_window: u32,
+    /// Bytes a peer may send over all streams of one connection before this endpoint reads
+    /// them: the most one connection buffers.
+    pub receive_window: u32,
+    /// A connection silent this long is closed.
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            max_bidi_streams: 64,
+            max_uni_streams: 128,
+            // A 2,048-position f16 hidden-state frame of a 576-wide model is 2.4 MB.
+            stream_receive_window: 4 << 20,
+            receive_window: 8 << 20,
+            idle_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+impl TransportLimits {
+    /// The iroh transport config with these limits.
+    fn quic_config(&self) -> Result<iroh::endpoint::QuicTransportConfig, NetError> {
+        use iroh::endpoint::{QuicTransportConfig, VarInt};
+        let idle = self
+            .idle_timeout
+            .try_into()
+            .map_err(|e| NetError::Malformed(format!("idle timeout: {e}")))?;
+        Ok(QuicTransportConfig::builder()
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_bidi_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(self.max_uni_streams))
+            .stream_receive_window(VarInt::from_u32(self.stream_receive_window))
+            .receive_window(VarInt::from_u32(self.receive_window))
+            .max_idle_timeout(Some(idle))
+            .build())
+    }
 }
 
 impl Default for EndpointOptions {
@@ -37,6 +91,8 @@ impl Default for EndpointOptions {
             alpns: Vec::new(),
             lookup: None,
             mdns: false,
+            transport: TransportLimits::default(),
+            gate: None,
         }
     }
 }
@@ -45,7 +101,11 @@ impl Default for EndpointOptions {
 pub async fn bind(key: SecretKey, options: &EndpointOptions) -> Result<Endpoint, NetError> {
     let mut builder = Endpoint::builder(presets::Minimal)
         .secret_key(key)
-        .alpns(options.alpns.clone());
+        .alpns(options.alpns.clone())
+        .transport_config(options.transport.quic_config()?);
+    if let Some(gate) = &options.gate {
+        builder = builder.hooks(gate.clone());
+    }
     if options.relays {
         builder = builder.relay_mode(RelayMode::Default);
     } else {

@@ -368,6 +368,13 @@ impl Inner {
         let out = if rows == 1 {
             self.batcher.run(req).await
         } else {
+            // Waits its turn without holding a thread: a flood of prompt steps queues here
+            // instead of parking the blocking pool.
+            let _slot = self
+                .compute_slots
+                .acquire()
+                .await
+                .map_err(|e| Blame::new(me, Reason::Compute, e.to_string()))?;
             let engine = self.engine.clone();
             tokio::task::spawn_blocking(move || engine.forward(req))
                 .await

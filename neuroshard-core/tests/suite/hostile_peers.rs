@@ -42,7 +42,7 @@ async fn greedy_generation(
 
 /// A node serving every SmolLM2 layer with the options `options` builds from its engine, with
 /// its one-hop route and model id.
-async fn whole_model_node(
+pub(crate) async fn whole_model_node(
     options: impl FnOnce(&neuroshard_core::ShardEngine) -> neuroshard_core::NodeOptions,
 ) -> (neuroshard_core::Node, Vec<RouteHop>, String) {
     let engine = neuroshard_core::ShardEngine::load(
@@ -120,7 +120,7 @@ async fn route_members_can_neither_forge_tokens_nor_get_an_honest_node_excluded(
 }
 
 /// One request on a fresh bi stream of `conn`, with a deadline.
-async fn ask(conn: &iroh::endpoint::Connection, msg: &Message) -> Message {
+pub(crate) async fn ask(conn: &iroh::endpoint::Connection, msg: &Message) -> Message {
     let (mut send, mut recv) = conn.open_bi().await.expect("bi");
     neuroshard_core::internals::write_message(&mut send, msg)
         .await
@@ -135,7 +135,7 @@ async fn ask(conn: &iroh::endpoint::Connection, msg: &Message) -> Message {
     .expect("a reply")
 }
 
-fn reason_of(reply: &Message) -> Reason {
+pub(crate) fn reason_of(reply: &Message) -> Reason {
     match reply {
         Message::Error { reason, .. } => *reason,
         other => panic!("expected a refusal, got {other:?}"),

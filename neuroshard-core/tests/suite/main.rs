@@ -7,6 +7,8 @@ mod common;
 mod batched_decode;
 mod errors_and_sessions;
 #[cfg(feature = "internals")]
+mod floods;
+#[cfg(feature = "internals")]
 mod hostile_peers;
 mod long_context;
 mod model_identity;
