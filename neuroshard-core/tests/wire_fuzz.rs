@@ -150,3 +150,214 @@ fn huge_declared_lengths_allocate_nothing_large() {
         LARGEST.load(Ordering::Relaxed)
     );
 }
+
+/// Control messages (postcard behind a length prefix) from hostile peers: every decoder a
+/// node or client runs on them, on random and mutated messages.
+#[cfg(feature = "internals")]
+mod control {
+    use super::*;
+    use neuroshard_core::internals::{read_message, Message, SessionOpen, SignedOpen};
+    use neuroshard_core::net::{Announcement, ModelInfo, Reason, RouteHop, SignedAnnouncement};
+    use neuroshard_core::{ModelCommitment, SamplingParams, TokenizerInfo};
+
+    /// Serde preallocates at most 1 MiB for a sequence whatever length it claims; beyond
+    /// that, memory follows the bytes that really arrived.
+    const MAX_ALLOC: usize = 1 << 20;
+
+    fn framed(msg: &Message) -> Vec<u8> {
+        let body = postcard::to_allocvec(msg).expect("encode");
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+
+    fn valid_messages() -> Vec<Vec<u8>> {
+        let key = iroh::SecretKey::from_bytes(&[7; 32]);
+        let hop = RouteHop {
+            node: key.public(),
+            layers: 0..30,
+            addrs: vec!["127.0.0.1:4000".parse().expect("addr")],
+        };
+        let open = SessionOpen {
+            session: 9,
+            client: key.public(),
+            model_id: "ab".repeat(32),
+            route: vec![hop.clone()],
+            codec: 1,
+            sampling: SamplingParams::greedy(),
+            prompt: vec![1, 2, 3],
+            timestamp_ms: 1_700_000_000_000,
+            nonce: 5,
+            handover: None,
+            return_logits: false,
+            adapter: None,
+        };
+        let announcement = Announcement {
+            protocol_version: neuroshard_core::net::PROTOCOL_VERSION,
+            node: key.public(),
+            model_id: "ab".repeat(32),
+            weight_updates: 0,
+            layers: 0..30,
+            capacity: 64,
+            load: 1,
+            addrs: vec!["127.0.0.1:4000".parse().expect("addr")],
+            entry: true,
+            timestamp_ms: 1_700_000_000_000,
+            expires_ms: 1_700_000_060_000,
+        };
+        let info = ModelInfo {
+            model_id: "ab".repeat(32),
+            layers: 30,
+            context_len: 8192,
+            tokenizer: TokenizerInfo {
+                json: "{\"model\":{}}".into(),
+                chat_template: Some("{{ messages }}".into()),
+                eos_ids: vec![2],
+                bos: Some((1, "<s>".into())),
+                add_bos: true,
+            },
+            commitment: ModelCommitment {
+                header: [3; 32],
+                tensors: [4; 32],
+            },
+        };
+        [
+            Message::Open(SignedOpen::sign(&open, &key).expect("sign")),
+            Message::Ping,
+            Message::GetPeers { from: 3 },
+            Message::Peers(vec![
+                SignedAnnouncement::sign(&announcement, &key)
+                    .expect("sign");
+                3
+            ]),
+            Message::GetModelInfo,
+            Message::ModelInfo(info),
+            Message::Close { session: 9 },
+            Message::Error {
+                session: 9,
+                hop: key.public(),
+                reason: Reason::OverLimit,
+                message: "too much".into(),
+            },
+            Message::Step {
+                session: 9,
+                start_pos: 4,
+                tokens: vec![5, 6, 7],
+            },
+            Message::Fill {
+                session: 9,
+                start_pos: 0,
+                through: 3,
+                tokens: vec![1, 2],
+            },
+            Message::Leaving {
+                session: 9,
+                node: key.public(),
+                replacement: Some(hop.clone()),
+            },
+            Message::Handover {
+                session: 9,
+                to: hop,
+            },
+            Message::Token {
+                session: 9,
+                position: 3,
+                token: 8,
+            },
+        ]
+        .iter()
+        .map(framed)
+        .collect()
+    }
+
+    /// Reads one message and runs every check a receiver runs on what it decoded.
+    fn exercise_message(bytes: &[u8], rt: &tokio::runtime::Runtime) {
+        CASES.fetch_add(1, Ordering::Relaxed);
+        ARMED.store(1, Ordering::Relaxed);
+        let mut reader = bytes;
+        match rt.block_on(read_message(&mut reader)) {
+            Ok(Message::Open(signed)) => {
+                let _ = signed.verify();
+            }
+            Ok(Message::ModelInfo(info)) => {
+                let _ = info.check();
+            }
+            Ok(Message::Peers(page)) => {
+                for signed in &page {
+                    let _ = signed.verify();
+                }
+            }
+            _ => {}
+        }
+        ARMED.store(0, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn hostile_control_messages_never_panic_or_overallocate() {
+        let _turn = serial();
+        let rt = runtime();
+        let messages = valid_messages();
+        let config = ProptestConfig {
+            cases: 50_000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        };
+        let before = CASES.load(Ordering::Relaxed);
+        LARGEST.store(0, Ordering::Relaxed);
+        // Random bytes behind a length prefix that mostly matches them.
+        let random = (
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::option::of(any::<u32>()),
+        );
+        TestRunner::new(config.clone())
+            .run(&random, |(body, claimed)| {
+                let len = claimed.unwrap_or(body.len() as u32);
+                let mut bytes = len.to_le_bytes().to_vec();
+                bytes.extend(body);
+                exercise_message(&bytes, &rt);
+                prop_assert!(LARGEST.load(Ordering::Relaxed) <= MAX_ALLOC);
+                Ok(())
+            })
+            .expect("random messages");
+        // Valid messages with a few bytes overwritten and maybe cut short.
+        let mutation = (
+            0usize..messages.len(),
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            proptest::option::of(any::<prop::sample::Index>()),
+        );
+        TestRunner::new(config)
+            .run(&mutation, |(which, edits, cut)| {
+                let mut bytes = messages[which].clone();
+                for (at, value) in edits {
+                    let i = at.index(bytes.len());
+                    bytes[i] = value;
+                }
+                if let Some(cut) = cut {
+                    bytes.truncate(cut.index(bytes.len() + 1));
+                }
+                exercise_message(&bytes, &rt);
+                prop_assert!(LARGEST.load(Ordering::Relaxed) <= MAX_ALLOC);
+                Ok(())
+            })
+            .expect("mutated messages");
+        let ran = CASES.load(Ordering::Relaxed) - before;
+        assert!(ran >= 100_000, "only {ran} inputs exercised");
+        // Unmodified, every seed decodes: the mutations start from real messages.
+        for bytes in &messages {
+            let mut reader = &bytes[..];
+            rt.block_on(read_message(&mut reader))
+                .expect("a valid seed");
+        }
+    }
+
+    #[test]
+    fn a_claimed_megabyte_allocates_only_what_arrives() {
+        let _turn = serial();
+        let mut bytes = ((1u32 << 20) - 1).to_le_bytes().to_vec();
+        bytes.extend([0u8; 16]);
+        LARGEST.store(0, Ordering::Relaxed);
+        exercise_message(&bytes, &runtime());
+        let largest = LARGEST.load(Ordering::Relaxed);
+        assert!(largest <= 64 << 10, "allocated {largest}");
+    }
+}

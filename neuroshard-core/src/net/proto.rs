@@ -450,9 +450,17 @@ pub(crate) async fn read_message_limited<R: AsyncRead + Unpin>(
             "control message of {len} bytes exceeds {max}"
         )));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)
+    // Memory grows with the bytes that really arrive, not with the length a peer claims.
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    r.take(len as u64)
+        .read_to_end(&mut body)
         .await
         .map_err(|e| NetError::Io(e.to_string()))?;
+    if body.len() != len {
+        return Err(NetError::Io(format!(
+            "control message cut short: {} of {len} bytes",
+            body.len()
+        )));
+    }
     postcard::from_bytes(&body).map_err(|e| NetError::Malformed(e.to_string()))
 }

@@ -146,9 +146,8 @@ async fn one_identity_cannot_flood_connections_streams_or_requests() {
     node.shutdown().await;
 }
 
-/// Opens a session on `route` with a fresh client and checks its first greedy token against
-/// the reference.
-async fn honest_first_token(route: &[RouteHop], model_id: &str) {
+/// `n` greedy tokens of the reference prompt, from a session a fresh client opens on `route`.
+async fn greedy_session(route: &[RouteHop], model_id: &str, n: usize) -> Vec<u32> {
     let client = new_client().await;
     let mut session = client
         .open_session(
@@ -160,10 +159,22 @@ async fn honest_first_token(route: &[RouteHop], model_id: &str) {
         )
         .await
         .expect("open");
-    let (prompt, expected) = smollm2_prompt_and_greedy();
-    assert_eq!(session.step(&prompt, 0).await.expect("step"), expected[0]);
+    let (prompt, _) = smollm2_prompt_and_greedy();
+    let mut tokens = vec![session.step(&prompt, 0).await.expect("prompt step")];
+    for i in 1..n {
+        let pos = prompt.len() + i - 1;
+        tokens.push(session.step(&[tokens[i - 1]], pos).await.expect("decode"));
+    }
     session.close().await;
     client.shutdown().await;
+    tokens
+}
+
+/// Checks the first greedy token of a fresh client's session on `route` against the
+/// reference.
+async fn honest_first_token(route: &[RouteHop], model_id: &str) {
+    let (_, expected) = smollm2_prompt_and_greedy();
+    assert_eq!(greedy_session(route, model_id, 1).await, expected[..1]);
 }
 
 /// What one Sybil identity got from the node.
@@ -370,5 +381,71 @@ async fn a_hundred_fresh_identities_get_typed_refusals_and_the_honest_session_ru
     for (endpoint, _) in kept {
         endpoint.close().await;
     }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_honest_sessions_get_the_reference_text_while_one_client_floods() {
+    const HONEST: usize = 16;
+    const TOKENS: usize = 8;
+    let (node, route, model_id) = whole_model_node(|_| NodeOptions::default()).await;
+    let (_, expected) = smollm2_prompt_and_greedy();
+
+    // The flooder sends pings 64 at a time, each batch with a garbage data stream, until
+    // every honest session is done.
+    let flooder = attacker().await;
+    let conn = flooder
+        .connect(node.addr(), INFER_ALPN)
+        .await
+        .expect("connect");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let (mut answered, mut refused) = (0u64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut batch = tokio::task::JoinSet::new();
+                for _ in 0..64 {
+                    let conn = conn.clone();
+                    batch.spawn(async move { try_ask(&conn, &Message::Ping).await });
+                }
+                if let Ok(mut uni) = conn.open_uni().await {
+                    let _ = uni.write_all(&[0xff; 64]).await;
+                    let _ = uni.finish();
+                }
+                while let Some(reply) = batch.join_next().await {
+                    match reply.expect("ping task") {
+                        Some(Message::Ok) => answered += 1,
+                        Some(other) => {
+                            assert_eq!(reason_of(&other), Reason::OverLimit, "{other:?}");
+                            refused += 1;
+                        }
+                        None => panic!("the flooder's connection was dropped"),
+                    }
+                }
+            }
+            (answered, refused)
+        })
+    };
+
+    let mut honest = tokio::task::JoinSet::new();
+    for _ in 0..HONEST {
+        let (route, model_id) = (route.clone(), model_id.clone());
+        honest.spawn(async move { greedy_session(&route, &model_id, TOKENS).await });
+    }
+    while let Some(tokens) = honest.join_next().await {
+        assert_eq!(tokens.expect("honest session"), expected[..TOKENS]);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, refused) = flood.await.expect("flood task");
+    eprintln!("flood beside {HONEST} sessions: {answered} pings answered, {refused} refused");
+    assert!(
+        refused > 0,
+        "the flood was never limited ({answered} answered)"
+    );
+    let stats = node.stats();
+    assert!(stats.decode_batches > 0, "{stats:?}");
+    assert_eq!(stats.sessions_open, 0, "{stats:?}");
+    flooder.close().await;
     node.shutdown().await;
 }

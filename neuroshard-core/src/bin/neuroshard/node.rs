@@ -2,11 +2,54 @@
 
 use crate::common::{data_dir, tokio_runtime, EngineArgs};
 use neuroshard_core::net::endpoint::{load_or_create_key, EndpointOptions};
+use neuroshard_core::net::limits::PeerLimits;
 use neuroshard_core::{resolve_peers, ComputeMode, Error, Node, NodeOptions, ShardEngine};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What one node lets peers use (defaults fit a laptop; see docs/security.md).
+#[derive(clap::Args, Debug)]
+struct LimitArgs {
+    /// Memory for sessions' KV caches and replay states, in MB; an open that does not fit is
+    /// refused `over-limit` (default: bounded by the session count alone).
+    #[arg(long)]
+    memory_budget_mb: Option<u64>,
+    /// Sessions one client identity may hold open at once.
+    #[arg(long, default_value_t = NodeOptions::default().max_sessions_per_client)]
+    max_sessions_per_client: usize,
+    /// Incoming connections held at once, from all peers.
+    #[arg(long, default_value_t = PeerLimits::default().max_connections)]
+    max_connections: usize,
+    /// Incoming connections held at once from one peer.
+    #[arg(long, default_value_t = PeerLimits::default().max_connections_per_peer)]
+    max_connections_per_peer: usize,
+    /// Streams (requests and steps) in flight from one peer.
+    #[arg(long, default_value_t = PeerLimits::default().max_streams_per_peer)]
+    max_streams_per_peer: usize,
+    /// Requests per second from one peer (steps excepted), with a burst of twice that.
+    #[arg(long, default_value_t = PeerLimits::default().requests_per_second)]
+    requests_per_second: u32,
+}
+
+impl LimitArgs {
+    /// These limits on top of `options`.
+    fn apply(&self, options: NodeOptions) -> NodeOptions {
+        NodeOptions {
+            memory_budget: self.memory_budget_mb.map(|mb| mb.saturating_mul(1 << 20)),
+            max_sessions_per_client: self.max_sessions_per_client,
+            limits: PeerLimits {
+                max_connections: self.max_connections,
+                max_connections_per_peer: self.max_connections_per_peer,
+                max_streams_per_peer: self.max_streams_per_peer,
+                requests_per_second: self.requests_per_second,
+                request_burst: self.requests_per_second.saturating_mul(2),
+            },
+            ..options
+        }
+    }
+}
 
 /// Flags of `neuroshard node`.
 #[derive(clap::Args, Debug)]
@@ -38,6 +81,8 @@ pub(crate) struct NodeArgs {
     mode: ComputeMode,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Accepted for compatibility with the seed's CLI: every node serves model info.
     #[arg(long)]
     entry: bool,
@@ -93,7 +138,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
         } else {
             resolve_peers(&args.peers).await?
         };
-        let options = NodeOptions {
+        let options = args.limits.apply(NodeOptions {
             endpoint: EndpointOptions {
                 bind: std::net::SocketAddr::new(args.bind, args.port),
                 relays: args.relays,
@@ -103,7 +148,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
             },
             bootstrap,
             ..NodeOptions::default()
-        };
+        });
         let node = Node::builder_for(Arc::new(engine))
             .key(key)
             .options(options)
