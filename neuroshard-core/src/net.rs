@@ -29,7 +29,7 @@ pub mod route;
 
 pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 pub use peers::{PeerEntry, PeerInfo, PeerSet, TrackRecord};
-pub use proto::{ModelInfo, NodeStats, RouteHop, MAX_STEP_POSITIONS, PEERS_PAGE};
+pub use proto::{ModelInfo, NodeStats, RouteHop, INFER_ALPN, MAX_STEP_POSITIONS, PEERS_PAGE};
 pub use refusal::{Reason, REASON_CODES_VERSION};
 pub use route::{Hop, Route, RouteOptions};
 

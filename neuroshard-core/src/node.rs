@@ -734,7 +734,7 @@ impl Inner {
                         Err((reason, message)) => {
                             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
                             self.counters.refused(reason);
-                            tracing::warn!(peer = %remote.fmt_short(), %reason, "stopped a data stream: {message}");
+                            tracing::debug!(peer = %remote.fmt_short(), %reason, "stopped a data stream: {message}");
                             let _ = recv.stop(iroh::endpoint::VarInt::from_u32(
                                 crate::net::limits::OVER_LIMIT_CLOSE_CODE,
                             ));
@@ -751,7 +751,20 @@ impl Inner {
     /// request rate.
     fn admit_request(&self, remote: NodeId) -> Result<StreamPermit, Refusal> {
         let permit = self.streams.try_acquire(remote)?;
-        lock(&self.request_rate).admit(remote, now_ms())?;
+        let mut rate = lock(&self.request_rate);
+        if let Err(refusal) = rate.admit(remote, now_ms()) {
+            if rate.ignores_refusals(&remote) {
+                drop(rate);
+                tracing::warn!(
+                    peer = %remote.fmt_short(),
+                    "disconnected and banned for {} s: it kept sending past its refusals",
+                    crate::net::limits::BAN_MS / 1000
+                );
+                self.gate
+                    .disconnect(remote, "kept sending requests past its refusals");
+            }
+            return Err(refusal);
+        }
         Ok(permit)
     }
 
@@ -766,9 +779,10 @@ impl Inner {
     ) {
         let reply = match admitted {
             Err((reason, message)) => {
-                // Refused unread: a flood costs the node one small reply per stream.
+                // Refused unread: a flood costs the node one small reply per stream. Logged
+                // at debug only: a warning per refusal would let a flood fill the log.
                 self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(peer = %remote.fmt_short(), %reason, "refused a request: {message}");
+                tracing::debug!(peer = %remote.fmt_short(), %reason, "refused a request: {message}");
                 self.error_msg(0, reason, message)
             }
             Ok(_permit) => {

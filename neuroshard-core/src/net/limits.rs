@@ -11,7 +11,7 @@
 //! in admission, and the QUIC transport limits of [`super::endpoint::TransportLimits`].
 
 use super::admission::Refusal;
-use super::{lock, NodeId, Reason};
+use super::{lock, now_ms, NodeId, Reason};
 use iroh::endpoint::WeakConnectionHandle;
 use iroh::endpoint::{AfterHandshakeOutcome, Connection, EndpointHooks, Side, VarInt};
 use std::collections::HashMap;
@@ -62,8 +62,20 @@ const MAX_TRACKED_PEERS: usize = 1 << 16;
 pub(crate) struct RequestRate {
     per_second: f64,
     burst: f64,
-    buckets: HashMap<NodeId, (f64, u64)>,
+    buckets: HashMap<NodeId, Bucket>,
 }
+
+/// One peer's request budget: `tokens` left, and `strikes` (refusals, draining at the same
+/// rate as tokens return), as of `at_ms`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    strikes: f64,
+    at_ms: u64,
+}
+
+/// How long a peer that ignores its refusals stays banned.
+pub(crate) const BAN_MS: u64 = 10_000;
 
 impl RequestRate {
     /// Buckets for `limits`' rate and burst.
@@ -87,25 +99,40 @@ impl RequestRate {
             }
         }
         let (per_second, burst) = (self.per_second, self.burst);
-        let (tokens, at) = self.buckets.entry(peer).or_insert((burst, now_ms));
-        let refill = now_ms.saturating_sub(*at) as f64 / 1000.0 * per_second;
-        *tokens = (*tokens + refill).min(burst);
-        *at = now_ms;
-        if *tokens < 1.0 {
+        let bucket = self.buckets.entry(peer).or_insert(Bucket {
+            tokens: burst,
+            strikes: 0.0,
+            at_ms: now_ms,
+        });
+        let elapsed = now_ms.saturating_sub(bucket.at_ms) as f64 / 1000.0 * per_second;
+        bucket.tokens = (bucket.tokens + elapsed).min(burst);
+        bucket.strikes = (bucket.strikes - elapsed).max(0.0);
+        bucket.at_ms = now_ms;
+        if bucket.tokens < 1.0 {
+            bucket.strikes += 1.0;
             return Err((
                 Reason::OverLimit,
                 format!("more than {per_second} requests per second from this peer"),
             ));
         }
-        *tokens -= 1.0;
+        bucket.tokens -= 1.0;
         Ok(())
+    }
+
+    /// Whether `peer` goes on sending after its refusals: more than a burst of them
+    /// recently. Such a peer is disconnected and banned for [`BAN_MS`], since answering each
+    /// of its requests would cost more than the requests.
+    pub(crate) fn ignores_refusals(&self, peer: &NodeId) -> bool {
+        self.buckets
+            .get(peer)
+            .is_some_and(|b| b.strikes > self.burst)
     }
 
     /// Forgets the buckets that have refilled by `now_ms` (they hold nothing to remember).
     fn prune(&mut self, now_ms: u64) {
         let (per_second, burst) = (self.per_second, self.burst);
-        self.buckets.retain(|_, (tokens, at)| {
-            *tokens + now_ms.saturating_sub(*at) as f64 / 1000.0 * per_second < burst
+        self.buckets.retain(|_, b| {
+            b.tokens + now_ms.saturating_sub(b.at_ms) as f64 / 1000.0 * per_second < burst
         });
     }
 
@@ -182,11 +209,15 @@ impl Drop for StreamPermit {
 #[derive(Debug, Default)]
 struct ConnectionTable {
     by_peer: HashMap<NodeId, Vec<WeakConnectionHandle>>,
+    /// Peers refused until the given time (ms since the epoch).
+    banned: HashMap<NodeId, u64>,
 }
 
 impl ConnectionTable {
-    /// Forgets connections that are closed or dropped.
+    /// Forgets connections that are closed or dropped, and bans that ended.
     fn prune(&mut self) {
+        let now = now_ms();
+        self.banned.retain(|_, until| *until > now);
         self.by_peer.retain(|_, conns| {
             conns.retain(|weak| {
                 weak.upgrade()
@@ -249,10 +280,31 @@ impl ConnectionGate {
         table.total()
     }
 
+    /// Closes every connection of `peer` with [`OVER_LIMIT_CLOSE_CODE`] and refuses its new
+    /// ones for [`BAN_MS`].
+    pub(crate) fn disconnect(&self, peer: NodeId, why: &str) {
+        let mut table = lock(&self.table);
+        table.banned.insert(peer, now_ms() + BAN_MS);
+        for weak in table.by_peer.remove(&peer).unwrap_or_default() {
+            if let Some(conn) = weak.upgrade() {
+                conn.close(
+                    VarInt::from_u32(OVER_LIMIT_CLOSE_CODE),
+                    format!("over-limit: {why}").as_bytes(),
+                );
+            }
+        }
+    }
+
     fn check(&self, conn: &Connection) -> Result<(), String> {
         let peer = conn.remote_id();
         let mut table = lock(&self.table);
         table.prune();
+        if let Some(until) = table.banned.get(&peer) {
+            return Err(format!(
+                "over-limit: this peer is banned for {} ms more, for ignoring refusals",
+                until.saturating_sub(now_ms())
+            ));
+        }
         let held = table.by_peer.get(&peer).map_or(0, Vec::len);
         admit_connection(held, table.total(), &self.limits)?;
         table
@@ -326,6 +378,25 @@ mod tests {
             rate.admit(a, 60_000).expect("refilled");
         }
         assert!(rate.admit(a, 60_000).is_err());
+    }
+
+    #[test]
+    fn a_peer_that_sends_on_past_a_burst_of_refusals_is_marked() {
+        let mut rate = RequestRate::new(&limits());
+        let a = peer(1);
+        for _ in 0..3 {
+            rate.admit(a, 0).expect("within the burst");
+        }
+        // The burst is 3: three refusals are tolerated, the fourth marks the peer.
+        for _ in 0..3 {
+            assert!(rate.admit(a, 0).is_err());
+            assert!(!rate.ignores_refusals(&a));
+        }
+        assert!(rate.admit(a, 0).is_err());
+        assert!(rate.ignores_refusals(&a));
+        // Strikes drain at the request rate: after a quiet second the peer starts clean.
+        rate.admit(a, 1_000).expect("refilled");
+        assert!(!rate.ignores_refusals(&a));
     }
 
     #[test]

@@ -46,6 +46,11 @@ pub(crate) struct BenchSessionsArgs {
     /// Also measure the engine alone (batched `ShardEngine::forward_batch` steps, no network).
     #[arg(long)]
     engine_too: bool,
+    /// Also run every point while one hostile client floods every node with requests
+    /// (garbage, 64 at a time, plus garbage data streams), and report decode latency p95
+    /// with and without it.
+    #[arg(long)]
+    flood: bool,
     /// Write results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -96,6 +101,106 @@ fn rate_record(
         record.insert(key.to_string(), value);
     }
     record
+}
+
+/// A hostile client flooding nodes until stopped: batches of 64 garbage requests on fresh
+/// streams of one connection per node, each batch with a garbage data stream, dialing again
+/// whenever a node disconnects or refuses it. Counts the requests answered (each with a
+/// refusal).
+struct Flood {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+    endpoint: iroh::Endpoint,
+}
+
+impl Flood {
+    /// Starts flooding `nodes` from a fresh identity.
+    async fn start(nodes: &[neuroshard_core::Node]) -> Result<Self, Error> {
+        let endpoint = neuroshard_core::net::endpoint::bind(
+            iroh::SecretKey::generate(),
+            &neuroshard_core::net::endpoint::EndpointOptions::default(),
+        )
+        .await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for node in nodes {
+            let (endpoint, addr, stop) = (endpoint.clone(), node.addr(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut sent = 0u64;
+                // A length prefix and 12 bytes that are no message.
+                let garbage = [12, 0, 0, 0, 0xff, 0xfe, 0xfd, 0xfc, 1, 2, 3, 4, 5, 6, 7, 8];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Disconnected (or refused while banned): dial again, as a real
+                    // flooder would; every attempt costs the node a handshake.
+                    let Ok(conn) = endpoint
+                        .connect(addr.clone(), neuroshard_core::net::INFER_ALPN)
+                        .await
+                    else {
+                        // The node is unreachable: do not spin.
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && conn.close_reason().is_none()
+                    {
+                        let mut batch = tokio::task::JoinSet::new();
+                        for _ in 0..64 {
+                            let conn = conn.clone();
+                            batch.spawn(async move {
+                                let (mut send, mut recv) = conn.open_bi().await.ok()?;
+                                send.write_all(&garbage).await.ok()?;
+                                send.finish().ok()?;
+                                recv.read_to_end(1 << 16).await.ok()
+                            });
+                        }
+                        if let Ok(mut uni) = conn.open_uni().await {
+                            let _ = uni.write_all(&[0xff; 64]).await;
+                            let _ = uni.finish();
+                        }
+                        while let Some(done) = batch.join_next().await {
+                            if matches!(done, Ok(Some(_))) {
+                                sent += 1;
+                            }
+                        }
+                    }
+                    // A refused connection closes right after its handshake.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn.closed())
+                        .await;
+                }
+                sent
+            }));
+        }
+        Ok(Self {
+            stop,
+            tasks,
+            endpoint,
+        })
+    }
+
+    /// Stops the flood; returns the requests that were answered (each with a refusal).
+    async fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut answered = 0;
+        for task in self.tasks {
+            answered += task.await.unwrap_or(0);
+        }
+        self.endpoint.close().await;
+        answered
+    }
+}
+
+/// The 95th percentile of the gaps between consecutive tokens of each session, in ms.
+fn decode_latency_p95_ms(runs: &[Timed]) -> f64 {
+    let mut gaps: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.arrivals.windows(2))
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+        .collect();
+    if gaps.is_empty() {
+        return 0.0;
+    }
+    gaps.sort_by(f64::total_cmp);
+    gaps[((gaps.len() - 1) as f64 * 0.95).round() as usize]
 }
 
 /// One session's run: its output and when each of its tokens arrived at the client.
@@ -315,6 +420,7 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
             let mut one_session = None;
             for &n in &args.sessions {
                 let (mut best, mut best_window, mut best_wall) = (0f64, 0f64, 0f64);
+                let mut p95 = f64::INFINITY;
                 let before = swarm
                     .nodes
                     .iter()
@@ -332,11 +438,38 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
                         }
                     }
                     let tokens: usize = runs.iter().map(|r| r.out.tokens.len()).sum();
+                    p95 = p95.min(decode_latency_p95_ms(&runs));
                     let window = aggregate_decode(&runs);
                     best = best.max(all_decoding_rate(&runs).unwrap_or(window));
                     best_window = best_window.max(window);
                     best_wall = best_wall.max(tokens as f64 / wall);
                 }
+                // The same point beside a flooding client: texts and latency.
+                let flooded = if args.flood {
+                    let flood = Flood::start(&swarm.nodes).await?;
+                    let (runs, _) =
+                        run_all(&swarm, &client, &prompts[..n], &config, args.codec).await?;
+                    let answered = flood.stop().await;
+                    if runs
+                        .iter()
+                        .zip(&solo)
+                        .any(|(run, solo)| &run.out.tokens != solo)
+                    {
+                        return Err(Error::Generation(format!(
+                            "{nodes} node(s), {n} sessions: a text changed under the flood"
+                        )));
+                    }
+                    let rate = all_decoding_rate(&runs).unwrap_or(aggregate_decode(&runs));
+                    let flood_p95 = decode_latency_p95_ms(&runs);
+                    eprintln!(
+                        "{nodes} node(s), {n:>2} sessions under a flood: {rate:7.1} tok/s, \
+                         decode p95 {flood_p95:.1} ms (alone {p95:.1} ms), {answered} flood \
+                         requests answered with refusals; texts equal their solo runs"
+                    );
+                    Some((rate, flood_p95, answered))
+                } else {
+                    None
+                };
                 // How the nodes batched: decode steps per batch, over all nodes.
                 let (mut batches, mut batched) = (0u64, 0u64);
                 for (node, was) in swarm.nodes.iter().zip(&before) {
@@ -373,6 +506,21 @@ pub(crate) fn run(args: BenchSessionsArgs, threads: usize) -> Result<(), Error> 
                     "texts_equal_solo": true,
                 }) {
                     record.extend(more);
+                }
+                record.insert(
+                    "decode_p95_ms".into(),
+                    serde_json::json!(rounded(p95, 10.0)),
+                );
+                if let Some((rate, flood_p95, answered)) = flooded {
+                    if let serde_json::Value::Object(more) = serde_json::json!({
+                        "flood_tokens_per_sec": rounded(rate, 10.0),
+                        "flood_decode_p95_ms": rounded(flood_p95, 10.0),
+                        "flood_p95_over_alone": rounded(flood_p95 / p95.max(1e-9), 1000.0),
+                        "flood_requests_answered": answered,
+                        "flood_texts_equal_solo": true,
+                    }) {
+                        record.extend(more);
+                    }
                 }
                 records.push(serde_json::Value::Object(record));
             }
