@@ -494,6 +494,7 @@ impl Node {
         });
         let gossip = Gossip::builder().spawn(endpoint.clone());
         let router = Router::builder(endpoint)
+            .incoming_filter(inner.gate.incoming_filter())
             .accept(INFER_ALPN, InferProtocol(inner.clone()))
             .accept(iroh_gossip::ALPN, gossip.clone())
             .spawn();

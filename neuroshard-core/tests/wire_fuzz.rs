@@ -3,7 +3,7 @@
 
 use neuroshard_core::wire::{decode_frame, encode_slice, read_frame, Codec, FrameMeta};
 use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
+use proptest::test_runner::{TestCaseError, TestRunner};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -39,6 +39,34 @@ static CASES: AtomicUsize = AtomicUsize::new(0);
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `check` on `config.cases` copies of `seeds`, each with a few bytes overwritten and
+/// maybe cut short; a failing case panics, named by `what`.
+fn run_mutations(
+    seeds: &[Vec<u8>],
+    config: ProptestConfig,
+    what: &str,
+    check: impl Fn(&[u8]) -> Result<(), TestCaseError>,
+) {
+    let mutation = (
+        0usize..seeds.len(),
+        proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        proptest::option::of(any::<prop::sample::Index>()),
+    );
+    TestRunner::new(config)
+        .run(&mutation, |(which, edits, cut)| {
+            let mut bytes = seeds[which].clone();
+            for (at, value) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            check(&bytes)
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 fn valid_frames() -> Vec<Vec<u8>> {
@@ -110,26 +138,11 @@ fn hostile_frames_never_panic_or_overallocate() {
         })
         .expect("random frames");
     // Valid frames with a few bytes overwritten and maybe cut short.
-    let mutation = (
-        0usize..frames.len(),
-        proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
-        proptest::option::of(any::<prop::sample::Index>()),
-    );
-    TestRunner::new(config)
-        .run(&mutation, |(which, edits, cut)| {
-            let mut bytes = frames[which].clone();
-            for (at, value) in edits {
-                let i = at.index(bytes.len());
-                bytes[i] = value;
-            }
-            if let Some(cut) = cut {
-                bytes.truncate(cut.index(bytes.len() + 1));
-            }
-            exercise(&bytes, &rt);
-            prop_assert!(LARGEST.load(Ordering::Relaxed) <= 8 * MAX_FRAME);
-            Ok(())
-        })
-        .expect("mutated frames");
+    run_mutations(&frames, config, "mutated frames", |bytes| {
+        exercise(bytes, &rt);
+        prop_assert!(LARGEST.load(Ordering::Relaxed) <= 8 * MAX_FRAME);
+        Ok(())
+    });
     let ran = CASES.load(Ordering::Relaxed) - before;
     assert!(ran >= 100_000, "only {ran} inputs exercised");
 }
@@ -320,26 +333,11 @@ mod control {
             })
             .expect("random messages");
         // Valid messages with a few bytes overwritten and maybe cut short.
-        let mutation = (
-            0usize..messages.len(),
-            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
-            proptest::option::of(any::<prop::sample::Index>()),
-        );
-        TestRunner::new(config)
-            .run(&mutation, |(which, edits, cut)| {
-                let mut bytes = messages[which].clone();
-                for (at, value) in edits {
-                    let i = at.index(bytes.len());
-                    bytes[i] = value;
-                }
-                if let Some(cut) = cut {
-                    bytes.truncate(cut.index(bytes.len() + 1));
-                }
-                exercise_message(&bytes, &rt);
-                prop_assert!(LARGEST.load(Ordering::Relaxed) <= MAX_ALLOC);
-                Ok(())
-            })
-            .expect("mutated messages");
+        run_mutations(&messages, config, "mutated messages", |bytes| {
+            exercise_message(bytes, &rt);
+            prop_assert!(LARGEST.load(Ordering::Relaxed) <= MAX_ALLOC);
+            Ok(())
+        });
         let ran = CASES.load(Ordering::Relaxed) - before;
         assert!(ran >= 100_000, "only {ran} inputs exercised");
         // Unmodified, every seed decodes: the mutations start from real messages.

@@ -211,6 +211,9 @@ struct ConnectionTable {
     by_peer: HashMap<NodeId, Vec<WeakConnectionHandle>>,
     /// Peers refused until the given time (ms since the epoch).
     banned: HashMap<NodeId, u64>,
+    /// The socket addresses banned peers used, refused before the handshake (a redial from
+    /// them costs the node one refusal packet, no cryptography) until the given time.
+    banned_addrs: HashMap<std::net::SocketAddr, u64>,
 }
 
 impl ConnectionTable {
@@ -218,6 +221,7 @@ impl ConnectionTable {
     fn prune(&mut self) {
         let now = now_ms();
         self.banned.retain(|_, until| *until > now);
+        self.banned_addrs.retain(|_, until| *until > now);
         self.by_peer.retain(|_, conns| {
             conns.retain(|weak| {
                 weak.upgrade()
@@ -284,15 +288,41 @@ impl ConnectionGate {
     /// ones for [`BAN_MS`].
     pub(crate) fn disconnect(&self, peer: NodeId, why: &str) {
         let mut table = lock(&self.table);
-        table.banned.insert(peer, now_ms() + BAN_MS);
+        let until = now_ms() + BAN_MS;
+        table.banned.insert(peer, until);
         for weak in table.by_peer.remove(&peer).unwrap_or_default() {
             if let Some(conn) = weak.upgrade() {
+                for path in conn.paths().iter() {
+                    if let iroh::TransportAddr::Ip(addr) = path.remote_addr() {
+                        table.banned_addrs.insert(*addr, until);
+                    }
+                }
                 conn.close(
                     VarInt::from_u32(OVER_LIMIT_CLOSE_CODE),
                     format!("over-limit: {why}").as_bytes(),
                 );
             }
         }
+    }
+
+    /// The router's filter of incoming connections: refuses those from the socket address of
+    /// a banned peer before any handshake work.
+    pub fn incoming_filter(&self) -> iroh::protocol::IncomingFilter {
+        let (table, refused) = (self.table.clone(), self.refused.clone());
+        Arc::new(move |incoming: &iroh::endpoint::Incoming| {
+            if let iroh::endpoint::IncomingAddr::Ip(addr) = incoming.remote_addr() {
+                let now = now_ms();
+                if lock(&table)
+                    .banned_addrs
+                    .get(&addr)
+                    .is_some_and(|until| *until > now)
+                {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    return iroh::protocol::IncomingFilterOutcome::Reject;
+                }
+            }
+            iroh::protocol::IncomingFilterOutcome::Accept
+        })
     }
 
     fn check(&self, conn: &Connection) -> Result<(), String> {

@@ -119,6 +119,23 @@ async fn route_members_can_neither_forge_tokens_nor_get_an_honest_node_excluded(
     swarm.shutdown().await;
 }
 
+/// A greedy session with f16 frames that `client` opens on `route`.
+pub(crate) async fn open_greedy(
+    client: &neuroshard_core::Client,
+    route: Vec<RouteHop>,
+    model_id: &str,
+) -> Result<neuroshard_core::RemoteSession, NetError> {
+    client
+        .open_session(
+            route,
+            model_id,
+            Codec::F16,
+            SamplingParams::greedy(),
+            Vec::new(),
+        )
+        .await
+}
+
 /// One request on a fresh bi stream of `conn`, with a deadline.
 pub(crate) async fn ask(conn: &iroh::endpoint::Connection, msg: &Message) -> Message {
     let (mut send, mut recv) = conn.open_bi().await.expect("bi");
@@ -438,16 +455,7 @@ async fn slow_loris_streams_are_cut_off_and_honest_steps_still_run() {
 
     // An honest client still gets the reference token from the same node.
     let client = new_client().await;
-    let mut session = client
-        .open_session(
-            route,
-            &model_id,
-            Codec::F16,
-            SamplingParams::greedy(),
-            Vec::new(),
-        )
-        .await
-        .expect("open");
+    let mut session = open_greedy(&client, route, &model_id).await.expect("open");
     let (prompt, expected) = smollm2_prompt_and_greedy();
     assert_eq!(session.step(&prompt, 0).await.expect("step"), expected[0]);
     session.close().await;
@@ -472,17 +480,7 @@ async fn sessions_past_the_per_client_cap_or_the_memory_budget_are_refused() {
     .await;
     let open = |client: &neuroshard_core::Client| {
         let (client, route, model_id) = (client.clone(), route.clone(), model_id.clone());
-        async move {
-            client
-                .open_session(
-                    route,
-                    &model_id,
-                    Codec::F16,
-                    SamplingParams::greedy(),
-                    vec![],
-                )
-                .await
-        }
+        async move { open_greedy(&client, route, &model_id).await }
     };
     let over_limit = |r: Result<neuroshard_core::RemoteSession, NetError>| match r {
         Err(NetError::HopFailed {
