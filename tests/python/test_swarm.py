@@ -131,7 +131,10 @@ def test_node_serves_and_sees_its_peers(swarm) -> None:
 
 
 SIGINT_SCRIPT = """
-import sys, neuroshard
+import signal, sys, neuroshard
+# A shell that starts the suite in the background (`cmd &` without job control) makes SIGINT
+# ignored for the whole tree, and Python then installs no handler: restore Python's own.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 swarm = neuroshard.LocalSwarm(neuroshard.fetch_model(), nodes=3)
 client = neuroshard.Client(peers=[swarm.address])
 print("ready", flush=True)
