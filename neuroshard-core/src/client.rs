@@ -21,6 +21,9 @@ use crate::net::proto::{
 use crate::net::recovery::{plan_refill, RefillPlan};
 use crate::net::route::RouteOptions;
 use crate::net::{lock, now_ms, NetError, NodeId, Reason};
+use crate::protocol::client_session::{
+    ClientSession, Failure, GiveUp, Recovery, Report, SessionStats, Verdict,
+};
 use crate::wire::{read_frame, Codec, DEFAULT_MAX_FRAME};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, SecretKey};
@@ -153,6 +156,7 @@ impl Client {
         let signed = SignedOpen::sign(&open, signer)?;
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.inner.sessions).insert(open.session, tx);
+        let machine = ClientSession::new(open.session, route_ids(&open.route), 0);
         let mut session = RemoteSession {
             client: self.clone(),
             fed: open.prompt.clone(),
@@ -163,8 +167,8 @@ impl Client {
             max_step_positions: MAX_STEP_POSITIONS as usize,
             opened: Vec::new(),
             leaving: Vec::new(),
-            stats: SessionStats::default(),
-            events: Vec::new(),
+            machine,
+            attempt: 0,
         };
         for hop in session.open.route.clone() {
             let reply = self.request(&hop, &Message::Open(signed.clone())).await;
@@ -438,33 +442,13 @@ pub struct RemoteSession {
     fed: Vec<u32>,
     /// Hops that announced they are leaving, with the replica they proposed.
     leaving: Vec<(NodeId, Option<RouteHop>)>,
-    /// How the session recovered from failures and moves.
-    pub stats: SessionStats,
-    /// What went wrong during recoveries, in order (for logs).
-    pub events: Vec<String>,
+    /// The IO-less session machine: which reports to believe, how a failed step recovers,
+    /// the recovery counters and the event log.
+    machine: ClientSession,
+    /// Steps sent so far (each one's attempt number): hops drop attempts older than one
+    /// they have run, so a stalled stream cannot overwrite a retry's newer positions.
+    attempt: u64,
 }
-
-/// How a session recovered so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SessionStats {
-    /// Routes re-planned after a failure.
-    pub failovers: u64,
-    /// New hops refilled from their predecessor's sent hidden states (or, for a new first
-    /// hop, from the client's token ids) without recomputing the hops before them.
-    pub refills: u64,
-    /// Failures recovered by recomputing the whole context from position 0.
-    pub full_replays: u64,
-    /// Hops moved to a replica with their KV cache (a node left gracefully).
-    pub handovers: u64,
-    /// Reports ignored because their sender may not send them: tokens from any node but the
-    /// last hop, errors and leaving notices from nodes not on the route.
-    pub refused_reports: u64,
-    /// Failures blamed on a node that answered when probed: the accuser was routed around.
-    pub false_blames: u64,
-}
-
-/// Most entries kept in [`RemoteSession::events`] (a flood of forged reports cannot grow it).
-const MAX_EVENTS: usize = 256;
 
 impl std::fmt::Debug for RemoteSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -506,7 +490,11 @@ impl RemoteSession {
             start += cap;
             rest = &rest[cap..];
         }
-        self.step_once(rest, start).await
+        let result = self.step_once(rest, start).await?;
+        // Only the whole step (every chunk) renews the failover budget: a step whose later
+        // chunk keeps failing must not earn fresh tries from its earlier chunks.
+        self.machine.step_succeeded();
+        Ok(result)
     }
 
     async fn step_once(
@@ -518,7 +506,7 @@ impl RemoteSession {
         // of leaving hops are kept.
         while let Ok(FromHop { from, item }) = self.rx.try_recv() {
             if let Inbound::Message(msg @ Message::Leaving { .. }) = item {
-                if self.hop_index(from).is_some() {
+                if self.machine.hop_index(from).is_some() {
                     self.note(msg);
                 }
             }
@@ -542,14 +530,17 @@ impl RemoteSession {
             .open_uni()
             .await
             .map_err(|e| NetError::Io(e.to_string()))?;
+        self.attempt += 1;
         let msg = Message::Step {
             session: self.open.session,
+            attempt: self.attempt,
             start_pos: start_pos as u32,
             tokens: tokens.to_vec(),
         };
         write_message(&mut send, &msg).await?;
         send.finish().map_err(|e| NetError::Io(e.to_string()))?;
         let want = (start_pos + tokens.len()) as u32;
+        self.machine.begin_step(want);
         // A long prompt takes longer: the deadline grows with the positions in flight.
         let allowed = self.step_timeout + self.step_timeout_per_position * tokens.len() as u32;
         let deadline = tokio::time::Instant::now() + allowed;
@@ -563,40 +554,46 @@ impl RemoteSession {
             let Some(FromHop { from, item }) = item else {
                 return Err(NetError::Io("client shut down".into()));
             };
-            let last = self.open.route.last().map(|h| h.node);
-            match item {
-                // Results come from the route's last hop only: any other node (a route member
-                // included) could be steering the text.
-                Inbound::Message(Message::Token { .. }) | Inbound::Logits { .. }
-                    if Some(from) != last =>
-                {
-                    self.refuse_report(from, "a token");
+            let report = match &item {
+                Inbound::Message(Message::Token { position, .. }) => Report::Token {
+                    position: *position,
+                },
+                Inbound::Logits { position, .. } => Report::Logits {
+                    position: *position,
+                },
+                Inbound::Message(Message::Error { hop, reason, .. }) => Report::Error {
+                    blamed: *hop,
+                    reason: *reason,
+                },
+                Inbound::Message(Message::Leaving { .. }) => Report::Leaving,
+                Inbound::Message(_) => continue,
+            };
+            match (self.machine.report(from, report), item) {
+                (Verdict::Result, Inbound::Message(Message::Token { token, .. })) => {
+                    return Ok(StepResult::Token(token))
                 }
-                Inbound::Message(Message::Token {
-                    position, token, ..
-                }) if position == want => return Ok(StepResult::Token(token)),
-                Inbound::Logits { position, values } if position == want => {
+                (Verdict::Result, Inbound::Logits { values, .. }) => {
                     return Ok(StepResult::Logits(values))
                 }
-                // A result of an earlier, retried step: stale.
-                Inbound::Message(Message::Token { .. }) | Inbound::Logits { .. } => continue,
-                Inbound::Message(msg @ Message::Leaving { .. }) => {
-                    if self.hop_index(from).is_some() {
-                        self.note(msg);
-                    } else {
-                        self.refuse_report(from, "a leaving notice");
-                    }
+                (Verdict::Leaving, Inbound::Message(msg)) => self.note(msg),
+                (
+                    Verdict::Failed(Failure::Blamed {
+                        blamed, accuser, ..
+                    }),
+                    Inbound::Message(Message::Error {
+                        reason, message, ..
+                    }),
+                ) => {
+                    return Err(NetError::HopFailed {
+                        node: Some(blamed),
+                        reason: Some(reason),
+                        reporter: accuser,
+                        message,
+                    })
                 }
-                Inbound::Message(Message::Error {
-                    hop,
-                    reason,
-                    message,
-                    ..
-                }) => match self.blame_of(from, hop) {
-                    Some(blamed) => return Err(blamed_by(from, blamed, reason, message)),
-                    None => self.refuse_report(from, "an error"),
-                },
-                Inbound::Message(_) => continue,
+                // Stale results, refused reports (counted by the machine), and pairs the
+                // mapping above cannot produce.
+                _ => continue,
             }
         }
     }
@@ -606,38 +603,19 @@ impl RemoteSession {
         &self.open.route
     }
 
-    /// Where `node` is on the route.
-    fn hop_index(&self, node: NodeId) -> Option<usize> {
-        self.open.route.iter().position(|h| h.node == node)
+    /// How the session recovered from failures and moves so far.
+    pub fn stats(&self) -> SessionStats {
+        self.machine.stats()
     }
 
-    /// Whom a step error from `from`, blaming `blamed`, accuses: a hop reports itself or its
-    /// successor. `None` when `from` is not on the route (the report is ignored); a member
-    /// blaming any other node is held to have failed itself.
-    fn blame_of(&self, from: NodeId, blamed: NodeId) -> Option<NodeId> {
-        let i = self.hop_index(from)?;
-        let successor = self.open.route.get(i + 1).map(|h| h.node);
-        Some(if blamed == from || Some(blamed) == successor {
-            blamed
-        } else {
-            from
-        })
+    /// What went wrong during recoveries, in order (bounded, for logs).
+    pub fn events(&self) -> &[String] {
+        self.machine.events()
     }
 
-    /// Drops a report `from` a node that may not send it (counted and logged).
-    fn refuse_report(&mut self, from: NodeId, what: &str) {
-        self.stats.refused_reports += 1;
-        tracing::warn!(
-            session = self.open.session,
-            peer = %from.fmt_short(),
-            "ignored {what} from a node that may not send it"
-        );
-        if self.events.len() < MAX_EVENTS {
-            self.events.push(format!(
-                "ignored {what} from {}, which may not send it",
-                from.fmt_short()
-            ));
-        }
+    /// Hands the event log over (a generation's result carries it).
+    pub fn take_events(&mut self) -> Vec<String> {
+        self.machine.take_events()
     }
 
     /// Asks every hop of the route whether it is alive (each within `deadline`); returns the
@@ -682,6 +660,7 @@ impl RemoteSession {
         route: Vec<RouteHop>,
         handover: Option<(NodeId, NodeId)>,
     ) -> Result<(), NetError> {
+        self.machine.moved(route_ids(&route));
         self.open.route = route;
         self.open.prompt = self.fed.clone();
         self.open.handover = handover;
@@ -795,7 +774,7 @@ impl RemoteSession {
         .unwrap_or_else(|_| Err(NetError::Io("no reply to the refill".into())));
         match reply {
             Ok(Message::Ok) => {
-                self.stats.refills += 1;
+                self.machine.stats_mut().refills += 1;
                 Ok(())
             }
             // A fill's failure travels back along the chain: the blamed node must be the target
@@ -845,9 +824,9 @@ impl RemoteSession {
         let moved =
             tokio::time::timeout(self.step_timeout, self.client.request(&old[i], &msg)).await;
         if matches!(moved, Ok(Ok(Message::Ok))) {
-            self.stats.handovers += 1;
+            self.machine.stats_mut().handovers += 1;
         } else {
-            self.events.push(format!(
+            self.machine.log(format!(
                 "hand-over from {} failed ({moved:?}); refilling the replica",
                 leaving.fmt_short()
             ));
@@ -933,6 +912,29 @@ fn blamed_by(reporter: NodeId, blamed: NodeId, reason: Reason, message: String) 
     }
 }
 
+/// The node ids of a route, first hop first.
+fn route_ids(route: &[RouteHop]) -> Vec<NodeId> {
+    route.iter().map(|h| h.node).collect()
+}
+
+/// What the session machine makes of a failed step's error: a named node (with its accuser,
+/// when another node named it) or nobody (a deadline, a broken stream).
+fn failure_of(error: &NetError) -> Failure {
+    match error {
+        NetError::HopFailed {
+            node: Some(blamed),
+            reason,
+            reporter,
+            ..
+        } => Failure::Blamed {
+            blamed: *blamed,
+            accuser: *reporter,
+            reason: *reason,
+        },
+        _ => Failure::Unattributed,
+    }
+}
+
 /// A random 64-bit value (session ids, open nonces): unpredictable to other peers.
 fn random_u64() -> u64 {
     std::collections::hash_map::RandomState::new()
@@ -946,13 +948,15 @@ pub type Replanner = Box<dyn FnMut(&[NodeId]) -> Result<Vec<RouteHop>, NetError>
 /// Runs a [`RemoteSession`] from synchronous code (e.g. [`crate::generate`] on a blocking
 /// thread) through a tokio runtime handle. Do not use it on a runtime worker thread.
 ///
-/// With a `replanner`, a failed step fails over: the failed hop is identified (named by the
-/// error, or found by probing every hop), the route is re-planned without it, the session is
-/// moved to the new route, the new hops are refilled from their predecessor's sent hidden
-/// states ([`RemoteSession::refill`]) and the step is retried; if the refill fails, the whole
-/// context is replayed from position 0. KV caches are
-/// position-indexed and draws depend only on (seed, position), so the text continues exactly
-/// as it would have without the failure.
+/// With a `replanner`, a failed step fails over, as the session machine
+/// (`protocol::client_session`) directs: every hop is probed, and the failed one (named by the
+/// error and still silent, or found by the probe) is excluded; a node blamed by another but
+/// answering gets its accuser excluded instead. The route is re-planned without them, the
+/// session moved to it, the new hops refilled from their predecessor's sent hidden states
+/// ([`RemoteSession::refill`]) and the step retried; if the refill fails, the whole context is
+/// replayed from position 0. A failure that names nobody while every hop answers retries on
+/// the same route. KV caches are position-indexed and draws depend only on (seed, position),
+/// so the text continues exactly as it would have without the failure.
 pub struct BlockingSession {
     /// The session.
     pub session: RemoteSession,
@@ -961,21 +965,20 @@ pub struct BlockingSession {
     /// Context length of the model.
     pub context_len: usize,
     /// Re-plans around failed nodes; `None` disables failover.
-    pub replanner: Option<Replanner>,
-    /// Nodes given up on so far.
-    pub failed: Vec<NodeId>,
-    /// Most failovers for one step.
-    pub max_failovers: usize,
+    replanner: Option<Replanner>,
 }
 
 impl std::fmt::Debug for BlockingSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlockingSession")
             .field("session", &self.session)
-            .field("failed", &self.failed)
+            .field("failed", &self.failed())
             .finish_non_exhaustive()
     }
 }
+
+/// Failures one step recovers from by default.
+pub(crate) const DEFAULT_MAX_FAILOVERS: u32 = 3;
 
 impl BlockingSession {
     /// A session without failover.
@@ -985,112 +988,111 @@ impl BlockingSession {
             handle,
             context_len,
             replanner: None,
-            failed: Vec::new(),
-            max_failovers: 3,
         }
     }
 
-    /// Enables failover with `replanner`.
+    /// Enables failover with `replanner` (at most [`DEFAULT_MAX_FAILOVERS`] per step).
     pub fn with_failover(mut self, replanner: Replanner) -> Self {
         self.replanner = Some(replanner);
+        self.session
+            .machine
+            .set_max_failovers(DEFAULT_MAX_FAILOVERS);
         self
     }
 
-    /// Finds the failed hops after `error`, re-plans and moves the session.
-    ///
-    /// A hop that blames another is not simply believed: every hop is probed first, and when
-    /// the blamed node answers, the accuser is routed around instead. A lying hop can then
-    /// only remove itself from the route, never an honest node.
-    fn fail_over(&mut self, error: &NetError) -> Result<(), NetError> {
-        let probed = self
-            .handle
-            .block_on(self.session.probe(Duration::from_secs(2)));
-        let mut failed: Vec<NodeId> = match error {
-            NetError::HopFailed {
-                node: Some(blamed),
-                reporter: Some(accuser),
-                ..
-            } if !probed.contains(blamed) => {
-                self.session.stats.false_blames += 1;
-                tracing::warn!(
-                    accuser = %accuser.fmt_short(),
-                    blamed = %blamed.fmt_short(),
-                    "a blamed node answers: routing around its accuser"
-                );
-                self.session.events.push(format!(
-                    "{} blamed {}, which answers: routing around {}",
-                    accuser.fmt_short(),
-                    blamed.fmt_short(),
-                    accuser.fmt_short()
-                ));
-                vec![*accuser]
-            }
-            NetError::HopFailed { node: Some(n), .. } => vec![*n],
-            _ => Vec::new(),
-        };
-        for n in probed {
-            if !failed.contains(&n) {
-                failed.push(n);
-            }
-        }
-        if failed.is_empty() {
-            return Err(NetError::Io(format!(
-                "step failed but every hop answers: {error}"
-            )));
-        }
-        for n in failed {
-            if !self.failed.contains(&n) {
-                self.failed.push(n);
-            }
-        }
-        let replanner = self
-            .replanner
-            .as_mut()
-            .ok_or_else(|| NetError::Io("failover disabled".into()))?;
-        let route = replanner(&self.failed)?;
-        self.handle.block_on(self.session.reroute(route))
+    /// Most failures one step recovers from (0 turns failover off).
+    pub fn set_max_failovers(&mut self, max: u32) {
+        self.session.machine.set_max_failovers(max);
     }
-}
 
-impl BlockingSession {
-    /// One step with failover: retried on a re-planned route after a failure, refilling the
-    /// new hops (or, failing that, replaying `context` from position 0).
+    /// Treats `nodes` as failed from the start (routes avoid them).
+    pub fn exclude(&mut self, nodes: &[NodeId]) {
+        self.session.machine.exclude(nodes);
+    }
+
+    /// Nodes given up on so far.
+    pub fn failed(&self) -> &[NodeId] {
+        self.session.machine.failed()
+    }
+
+    /// One step with failover, driven by the session machine: probe, re-plan, refill (or
+    /// replay `context` from position 0), retry, until the step succeeds or its tries run out.
     fn step_with_failover(
         &mut self,
         tokens: &[u32],
         start_pos: usize,
         context: &[u32],
     ) -> Result<StepResult, NetError> {
-        let mut result = self
-            .handle
-            .block_on(self.session.step_any(tokens, start_pos));
-        let mut tries = 0;
-        while let Err(error) = &result {
-            if self.replanner.is_none() || tries >= self.max_failovers {
-                break;
-            }
-            tries += 1;
-            self.session
-                .events
-                .push(format!("step at {start_pos} failed: {error}"));
-            let old = self.session.route().to_vec();
-            self.fail_over(error)?;
-            self.session.stats.failovers += 1;
-            // Refill only the new hops from their predecessor, then retry the step; if that
-            // fails, recompute everything (hops that kept their cache overwrite it with the
-            // same values).
-            let refilled = self.handle.block_on(self.session.refill(&old, start_pos));
-            result = if refilled.is_ok() {
-                self.handle
-                    .block_on(self.session.step_any(tokens, start_pos))
-            } else {
-                self.session.stats.full_replays += 1;
-                let end = (start_pos + tokens.len()).min(context.len());
-                self.handle
-                    .block_on(self.session.step_any(&context[..end], 0))
-            };
+        let mut error = match self.block_on_step(tokens, start_pos) {
+            Ok(result) => return Ok(result),
+            Err(error) => error,
+        };
+        if self.replanner.is_none() {
+            return Err(error);
         }
-        result
+        let mut recovery = self.session.machine.step_failed(failure_of(&error));
+        // The route before the move, for the refill plan.
+        let mut old = self.session.route().to_vec();
+        loop {
+            let outcome = match recovery {
+                Recovery::GiveUp(why) => {
+                    if let GiveUp::Exhausted { tries } = why {
+                        tracing::warn!(tries, "step at {start_pos} failed for good: {error}");
+                    }
+                    return Err(error);
+                }
+                Recovery::Probe => {
+                    self.session
+                        .machine
+                        .log(format!("step at {start_pos} failed: {error}"));
+                    let dead = self
+                        .handle
+                        .block_on(self.session.probe(Duration::from_secs(2)));
+                    recovery = self.session.machine.probed(&dead);
+                    continue;
+                }
+                Recovery::Replan { exclude } => {
+                    let replanner = self
+                        .replanner
+                        .as_mut()
+                        .ok_or_else(|| NetError::Io("failover disabled".into()))?;
+                    // No route without the failed nodes: the step fails with why.
+                    let route = replanner(&exclude)?;
+                    old = self.session.route().to_vec();
+                    let ids = route_ids(&route);
+                    match self.handle.block_on(self.session.reroute(route)) {
+                        Ok(()) => {
+                            recovery = self.session.machine.rerouted(ids);
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Recovery::Refill => {
+                    let refilled = self.handle.block_on(self.session.refill(&old, start_pos));
+                    recovery = self.session.machine.refilled(refilled.is_ok());
+                    continue;
+                }
+                Recovery::Retry => self.block_on_step(tokens, start_pos),
+                Recovery::Replay => {
+                    let end = (start_pos + tokens.len()).min(context.len());
+                    self.block_on_step(&context[..end], 0)
+                }
+            };
+            match outcome {
+                Ok(result) => return Ok(result),
+                Err(e) => {
+                    recovery = self.session.machine.step_failed(failure_of(&e));
+                    error = e;
+                }
+            }
+        }
+    }
+
+    /// Runs one step of the session on the runtime.
+    fn block_on_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<StepResult, NetError> {
+        self.handle
+            .block_on(self.session.step_any(tokens, start_pos))
     }
 
     /// The logits predicting position `start_pos + tokens.len()`, for a session opened with

@@ -46,6 +46,7 @@ mod kernels;
 mod model;
 pub mod net;
 mod node;
+mod protocol;
 pub mod runtime;
 #[cfg(feature = "server")]
 mod server;
@@ -58,7 +59,7 @@ pub mod wire;
 pub mod internals;
 
 pub use chat::{ChatReply, ChatSession};
-pub use client::{Client, RemoteSession, SessionStats};
+pub use client::{Client, RemoteSession};
 pub use engine::{
     causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest,
     OutputGrad, SessionId, ShardEngine, WeightVersion, DEFAULT_PREFILL_CHUNK,
@@ -83,6 +84,7 @@ pub use model::weights::{ModelFormat, WeightFile};
 pub use net::peers::{PeerInfo, PeerSet};
 pub use net::{ModelInfo, NetError, NodeId, NodeStats, RouteHop};
 pub use node::{model_id, LeaveHandle, LeaveReport, Node, NodeBuilder, NodeOptions};
+pub use protocol::client_session::SessionStats;
 #[cfg(feature = "server")]
 pub use server::{ApiServer, ServeOptions};
 pub use swarm::{even_slices, LocalSwarm};

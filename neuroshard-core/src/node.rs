@@ -31,6 +31,7 @@ use crate::net::proto::{
     INFER_ALPN, MAX_STEP_POSITIONS, PEERS_PAGE,
 };
 use crate::net::{lock, now_ms, NetError, NodeId, Reason};
+use crate::protocol::hop_session::HopState;
 use crate::wire::Codec;
 use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::Connection;
@@ -116,6 +117,9 @@ struct HopSession {
     /// Hidden states sent to the successor, by position (kept across re-opens that keep the
     /// hop's layers, so a replacement successor can be refilled from here).
     sent: Arc<Mutex<SentStates>>,
+    /// The IO-less hop machine: who may feed this hop, how a step's chunks follow one
+    /// another and where each chunk's output goes.
+    state: Mutex<HopState>,
 }
 
 impl HopSession {
@@ -127,10 +131,7 @@ impl HopSession {
 
     /// The only node allowed to feed this hop: the client (first hop) or the predecessor.
     fn feeder(&self) -> NodeId {
-        match self.index {
-            0 => self.open.client,
-            i => self.open.route[i - 1].node,
-        }
+        lock(&self.state).feeder()
     }
 }
 
@@ -1095,12 +1096,24 @@ impl Inner {
         let session = open.session;
         let context = Mutex::new(open.prompt.clone());
         // What this hop sent stays valid while its layers stay the same.
-        let sent = match existing_hop {
+        let sent = match &existing_hop {
             Some(old) if old.layers() == (layers.start as usize..layers.end as usize) => {
                 old.sent.clone()
             }
             _ => Arc::default(),
         };
+        let route: Vec<NodeId> = open.route.iter().map(|h| h.node).collect();
+        let mut state = HopState::new(open.client, &route, index, self.max_step_positions)
+            .ok_or_else(|| {
+                (
+                    Reason::BadRoute,
+                    "this node is not on the route".to_string(),
+                )
+            })?;
+        // Attempts seen before the re-open stay stale after it.
+        if let Some(old) = &existing_hop {
+            state.inherit(&lock(&old.state));
+        }
         lock(&self.sessions).insert(
             session,
             Arc::new(HopSession {
@@ -1109,6 +1122,7 @@ impl Inner {
                 codec,
                 context,
                 sent,
+                state: Mutex::new(state),
             }),
         );
         Ok(())

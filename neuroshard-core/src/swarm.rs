@@ -3,7 +3,7 @@
 //! the announcements and generates through the chained relay. Used by `neuroshard swarm`, the
 //! demo and tests.
 
-use crate::client::{BlockingSession, Client, SessionStats};
+use crate::client::{BlockingSession, Client};
 use crate::engine::{EngineOptions, ShardEngine};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig, GenerationOutput};
@@ -16,6 +16,7 @@ use crate::net::peers::PeerSet;
 use crate::net::proto::RouteHop;
 use crate::net::route::RouteOptions;
 use crate::node::{model_id, Node};
+use crate::protocol::client_session::SessionStats;
 use crate::wire::Codec;
 use std::ops::Range;
 use std::path::Path;
@@ -247,7 +248,7 @@ impl LocalSwarm {
         .await
         .map_err(|e| Error::Generation(format!("generation task failed: {e}")))?;
         session.close().await;
-        Ok((out?, session.stats))
+        Ok((out?, session.stats()))
     }
 
     /// Stops every node.

@@ -8,7 +8,7 @@
 //! session on it and runs [`crate::generate`] through it. A failed step is retried on a route
 //! re-planned around the failed node, asking every entry in turn for the current swarm.
 
-use crate::client::{BlockingSession, Client, RemoteSession, Replanner, SessionStats};
+use crate::client::{BlockingSession, Client, RemoteSession, Replanner};
 use crate::error::{Error, Result};
 use crate::generate::{
     generate_from, generate_until, FinishReason, GenerationConfig, GenerationOutput, StopStrings,
@@ -20,6 +20,7 @@ use crate::net::peers::{PeerInfo, PeerSet, TrackRecord};
 use crate::net::proto::{ModelInfo, RouteHop};
 use crate::net::route::RouteOptions;
 use crate::net::{now_ms, NetError, NodeId};
+use crate::protocol::client_session::SessionStats;
 use crate::wire::Codec;
 use iroh::EndpointAddr;
 use std::ops::ControlFlow;
@@ -34,7 +35,7 @@ pub struct SwarmOptions {
     /// How long one step may take before the client probes the route and fails over.
     pub step_timeout: Duration,
     /// Most failovers for one step.
-    pub max_failovers: usize,
+    pub max_failovers: u32,
     /// The model id this client insists on (`--model-id`): entries that serve another
     /// model are skipped, and with them every node of another model. `None` trusts the
     /// first entry that answers (trust on first use).
@@ -437,8 +438,8 @@ impl SwarmSession {
         });
         let mut backend =
             BlockingSession::new(session, handle, self.context_len()).with_failover(replanner);
-        backend.failed = failed;
-        backend.max_failovers = self.inner.options.max_failovers;
+        backend.exclude(&failed);
+        backend.set_max_failovers(self.inner.options.max_failovers);
         backend
     }
 }
@@ -490,7 +491,7 @@ impl PreparedGeneration {
         {
             // The nodes given up on failed; the final route served the answer.
             let mut track = crate::net::lock(&track);
-            for node in &backend.failed {
+            for node in backend.failed() {
                 track.record(*node, false);
             }
             if out.is_ok() {
@@ -501,8 +502,8 @@ impl PreparedGeneration {
         }
         Ok(SwarmGeneration {
             output: out?,
-            recovery: backend.session.stats,
-            events: std::mem::take(&mut backend.session.events),
+            recovery: backend.session.stats(),
+            events: backend.session.take_events(),
             route: backend.session.route().to_vec(),
         })
     }
@@ -700,7 +701,7 @@ impl Conversation {
     pub fn recovery(&self) -> SessionStats {
         self.backend
             .as_ref()
-            .map(|b| b.session.stats)
+            .map(|b| b.session.stats())
             .unwrap_or_default()
     }
 

@@ -254,6 +254,7 @@ mod control {
             },
             Message::Step {
                 session: 9,
+                attempt: 3,
                 start_pos: 4,
                 tokens: vec![5, 6, 7],
             },

@@ -1,4 +1,4 @@
-//! Messages of the inference protocol (`neuroshard/infer/3`), postcard-encoded.
+//! Messages of the inference protocol (`neuroshard/infer/4`), postcard-encoded.
 //!
 //! Control requests (open, close) use a bi-directional stream: one request, one reply. The data
 //! plane uses one uni-directional stream per message: `Step` (client to first hop), `Hidden`
@@ -16,7 +16,7 @@ use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN of the inference protocol.
-pub const INFER_ALPN: &[u8] = b"neuroshard/infer/3";
+pub const INFER_ALPN: &[u8] = b"neuroshard/infer/4";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
 pub(crate) const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
@@ -260,6 +260,9 @@ pub enum Message {
     Step {
         /// The session.
         session: u64,
+        /// The client's attempt number: grows with every step it sends in the session (a
+        /// retry is a new attempt). Hops drop attempts they have seen or older ones.
+        attempt: u64,
         /// Position of the first token.
         start_pos: u32,
         /// The tokens.
@@ -270,6 +273,8 @@ pub enum Message {
     Hidden {
         /// The session.
         session: u64,
+        /// The attempt of the client's step this relays (see [`Message::Step`]).
+        attempt: u64,
         /// Position of the first row.
         start_pos: u32,
         /// Position after the step's last row: the last hop samples the token there.

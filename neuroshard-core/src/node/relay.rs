@@ -14,6 +14,7 @@ use crate::model::sampling::sample;
 use crate::model::shard::{ShardInput, ShardOutput};
 use crate::net::proto::{read_message, write_message, Message, RouteHop};
 use crate::net::{lock, NetError, NodeId, Reason};
+use crate::protocol::hop_session::{ChunkOutput, Refused, StepInput, Ticket};
 use crate::wire::{
     decode_frame, encode_frame, read_frame, Codec, FrameMeta, OwnedFrame, DEFAULT_MAX_FRAME,
 };
@@ -70,69 +71,71 @@ impl Inner {
             // Garbage, or a header trickling in too slowly (slow-loris): dropped.
             Ok(Err(_)) | Err(_) => return self.reject(),
         };
-        let (session, start_pos) = match &msg {
+        let (session, attempt, start_pos) = match &msg {
             Message::Step {
-                session, start_pos, ..
+                session,
+                attempt,
+                start_pos,
+                ..
             }
             | Message::Hidden {
-                session, start_pos, ..
-            } => (*session, *start_pos),
+                session,
+                attempt,
+                start_pos,
+                ..
+            } => (*session, *attempt, *start_pos),
             _ => return self.reject(),
         };
         let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
             return self.reject();
         };
-        // Only the session's client may start a step, only the predecessor may send hidden
-        // states: iroh has authenticated `remote`.
-        if remote != hop.feeder() {
-            return self.reject();
-        }
-        let positions = match &msg {
-            Message::Step { tokens, .. } => tokens.len(),
-            Message::Hidden { step_end, .. } => step_end.saturating_sub(start_pos) as usize,
-            _ => 0,
-        };
-        if positions > self.max_step_positions {
-            let me = self.endpoint.id();
-            let over = Blame::new(
-                me,
-                Reason::OverLimit,
-                format!(
-                    "a step of {positions} positions, at most {} per step here",
-                    self.max_step_positions
-                ),
-            );
-            return self.report_node(&hop, over).await;
-        }
-        let source = match msg {
-            Message::Step { tokens, .. } if hop.index == 0 && !tokens.is_empty() => {
-                let end = start_pos as usize + tokens.len();
-                ChunkSource::Tokens {
-                    tokens,
-                    next: start_pos as usize,
-                    // 0: the whole step in one chunk.
-                    chunk: match self.engine.prefill_chunk() {
-                        0 => usize::MAX,
-                        c => c,
-                    },
-                    end,
-                }
-            }
-            Message::Hidden { step_end, .. } if hop.index > 0 && step_end > start_pos => {
-                ChunkSource::Frames {
-                    recv,
-                    next: start_pos as usize,
-                    end: step_end as usize,
-                    session,
-                }
-            }
+        let (input, end) = match &msg {
+            Message::Step { tokens, .. } => (StepInput::Tokens, start_pos as usize + tokens.len()),
+            Message::Hidden { step_end, .. } => (StepInput::Hidden, *step_end as usize),
             _ => return self.reject(),
+        };
+        // The machine checks the sender (iroh has authenticated `remote`: only the client
+        // may feed the first hop, only the predecessor the others), the kind of input and
+        // the step's size; a newer step supersedes one still in flight.
+        let begun = lock(&hop.state).begin_step(remote, input, attempt, start_pos as usize, end);
+        let ticket = match begun {
+            Ok(ticket) => ticket,
+            Err(Refused::Report(reason, message)) => {
+                let me = self.endpoint.id();
+                return self
+                    .report_node(&hop, Blame::new(me, reason, message))
+                    .await;
+            }
+            // A duplicate or a stream overtaken by its retry: not hostile, not to be run.
+            Err(Refused::Stale) => {
+                tracing::debug!(session, attempt, "dropped a stale step attempt");
+                return;
+            }
+            Err(Refused::Silently | Refused::Superseded) => return self.reject(),
+        };
+        let source = match msg {
+            Message::Step { tokens, .. } => ChunkSource::Tokens {
+                tokens,
+                next: start_pos as usize,
+                // 0: the whole step in one chunk.
+                chunk: match self.engine.prefill_chunk() {
+                    0 => usize::MAX,
+                    c => c,
+                },
+                end,
+            },
+            _ => ChunkSource::Frames {
+                recv,
+                next: start_pos as usize,
+                end,
+                session,
+            },
         };
         #[cfg(feature = "internals")]
         if self.misbehave_on_step(&hop, source.end()).await {
             return;
         }
-        if let Err(blame) = self.run_step(&hop, source).await {
+        if let Err(blame) = self.run_step(&hop, ticket, attempt, source).await {
             self.report_node(&hop, blame).await;
         }
     }
@@ -168,7 +171,16 @@ impl Inner {
     /// A live step, chunk by chunk: each chunk is computed and passed on at once on one
     /// stream to the successor (which computes it while this hop computes the next one: long
     /// prompts pipeline across hops); the last hop samples after the step's last chunk.
-    async fn run_step(&self, hop: &Arc<HopSession>, mut source: ChunkSource) -> Result<(), Blame> {
+    ///
+    /// The hop machine decides each chunk's fate before it is computed: a chunk out of
+    /// order is the feeder's fault, and a step superseded by a newer one stops quietly.
+    async fn run_step(
+        &self,
+        hop: &Arc<HopSession>,
+        ticket: Ticket,
+        attempt: u64,
+        mut source: ChunkSource,
+    ) -> Result<(), Blame> {
         let me = self.endpoint.id();
         let session = hop.open.session;
         let step_end = source.end();
@@ -178,10 +190,19 @@ impl Inner {
             let rows = match &input {
                 ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
             };
+            let fate = lock(&hop.state).chunk(ticket, start_pos as usize, rows);
+            let fate = match fate {
+                Ok(fate) => fate,
+                Err(Refused::Report(reason, message)) => {
+                    return Err(Blame::new(me, reason, message))
+                }
+                // A retry of this step took over: its driver sends the result.
+                Err(Refused::Superseded | Refused::Silently | Refused::Stale) => return Ok(()),
+            };
             let out = self.compute(hop, input, start_pos).await?;
             self.counters.steps.fetch_add(1, Ordering::Relaxed);
-            match out {
-                ShardOutput::Hidden(h) => {
+            match (out, fate) {
+                (ShardOutput::Hidden(h), ChunkOutput::SendOn { .. }) => {
                     let frame = self
                         .encode_and_record(hop, start_pos, &h)
                         .map_err(|e| Blame::new(me, Reason::Compute, e))?;
@@ -193,6 +214,7 @@ impl Inner {
                             })?;
                             let msg = Message::Hidden {
                                 session,
+                                attempt,
                                 start_pos,
                                 step_end: step_end as u32,
                             };
@@ -208,13 +230,24 @@ impl Inner {
                         .hidden_bytes_sent
                         .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 }
-                // Earlier chunks of a long step only fill the cache.
-                ShardOutput::Logits(l) if start_pos as usize + rows == step_end => self
+                (ShardOutput::Logits(l), ChunkOutput::Sample) => self
                     .send_token(hop, step_end, &l)
                     .await
                     .map_err(|e| Blame::new(me, Reason::Compute, e.to_string()))?,
-                ShardOutput::Logits(_) => {}
+                // Earlier chunks of a long step only fill the cache.
+                (ShardOutput::Logits(_), ChunkOutput::CacheOnly) => {}
+                (_, fate) => {
+                    return Err(Blame::new(
+                        me,
+                        Reason::Compute,
+                        format!("the engine's output does not fit the chunk's fate {fate:?}"),
+                    ))
+                }
             }
+        }
+        match lock(&hop.state).end_step(ticket) {
+            Ok(()) | Err(Refused::Superseded | Refused::Silently | Refused::Stale) => {}
+            Err(Refused::Report(reason, message)) => return Err(Blame::new(me, reason, message)),
         }
         if let Some((next, mut send)) = successor {
             send.finish().map_err(|e| Blame::successor(next, e))?;
@@ -683,24 +716,19 @@ impl ChunkSource {
                         [1, rows, _] if rows > 0 => rows,
                         _ => return Err(format!("hidden-state frame of shape {dims:?}")),
                     };
-                    if frame.header.session != *session
-                        || position != *next
-                        || position + rows > *end
-                    {
+                    // Where the frame sits in the step is the hop machine's to check.
+                    if frame.header.session != *session {
                         return Err(format!(
-                            "hidden-state frame for session {} at {position}..{}, expected \
-                             session {session} at {next} (step ends at {end})",
-                            frame.header.session,
-                            position + rows
+                            "hidden-state frame for session {}, expected session {session}",
+                            frame.header.session
                         ));
                     }
                     let input = frame.to_tensor().map_err(|e| e.to_string())?;
-                    Ok((ShardInput::Hidden(input), rows))
+                    Ok((ShardInput::Hidden(input), position, rows))
                 };
-                let start = *next as u32;
-                Some(read.await.map(|(input, rows)| {
-                    *next += rows;
-                    (input, start)
+                Some(read.await.map(|(input, position, rows)| {
+                    *next = position.saturating_add(rows);
+                    (input, position as u32)
                 }))
             }
         }

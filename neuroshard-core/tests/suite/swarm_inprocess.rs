@@ -204,6 +204,8 @@ async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
         &mut send,
         &Message::Hidden {
             session: session.id(),
+            // Newer than any attempt: only the sender makes it refused.
+            attempt: u64::MAX,
             start_pos: 0,
             step_end: 2,
         },

@@ -152,6 +152,7 @@ async fn hostile_peers_get_refused_and_the_node_keeps_serving() {
         &mut unknown,
         &Message::Hidden {
             session: 424242,
+            attempt: 1,
             start_pos: 0,
             step_end: 1,
         },
