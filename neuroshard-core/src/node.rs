@@ -753,21 +753,36 @@ impl Inner {
     /// request rate.
     fn admit_request(&self, remote: NodeId) -> Result<StreamPermit, Refusal> {
         let permit = self.streams.try_acquire(remote)?;
-        let mut rate = lock(&self.request_rate);
-        if let Err(refusal) = rate.admit(remote, now_ms()) {
-            if rate.ignores_refusals(&remote) {
-                drop(rate);
-                tracing::warn!(
-                    peer = %remote.fmt_short(),
-                    "disconnected and banned for {} s: it kept sending past its refusals",
-                    crate::net::limits::BAN_MS / 1000
-                );
-                self.gate
-                    .disconnect(remote, "kept sending requests past its refusals");
-            }
+        let admitted = lock(&self.request_rate).admit(remote, now_ms());
+        if let Err(refusal) = admitted {
+            self.ban_if_abusive(remote);
             return Err(refusal);
         }
         Ok(permit)
+    }
+
+    /// Counts an undecodable request or data stream of `remote` against it (many refusals'
+    /// worth: honest peers never send one), banning it once it has too many.
+    fn strike_malformed(&self, remote: NodeId) {
+        lock(&self.request_rate).strike_malformed(remote, now_ms());
+        self.ban_if_abusive(remote);
+    }
+
+    /// Disconnects and bans `remote` when it keeps sending past its refusals.
+    fn ban_if_abusive(&self, remote: NodeId) {
+        if !lock(&self.request_rate).ignores_refusals(&remote) {
+            return;
+        }
+        let banned = self
+            .gate
+            .disconnect(remote, "kept sending requests past its refusals");
+        if banned {
+            tracing::warn!(
+                peer = %remote.fmt_short(),
+                "disconnected and banned for {} s: it kept sending past its refusals",
+                crate::net::limits::BAN_MS / 1000
+            );
+        }
     }
 
     /// Serves one request stream that [`Inner::admit_request`] admitted (or refused): read
@@ -808,6 +823,9 @@ impl Inner {
                     }
                     Ok(Err(e)) => {
                         self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        if matches!(e, NetError::Malformed(_)) {
+                            self.strike_malformed(remote);
+                        }
                         self.error_msg(0, Reason::Malformed, e.to_string())
                     }
                     Err(_) => {

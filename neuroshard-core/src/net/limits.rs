@@ -74,6 +74,10 @@ struct Bucket {
     at_ms: u64,
 }
 
+/// Refusals one undecodable message counts as (see [`RequestRate::strike_malformed`]):
+/// with the default burst of 200, the 21st garbage message gets its sender banned.
+pub(crate) const MALFORMED_STRIKES: f64 = 10.0;
+
 /// How long a peer that ignores its refusals stays banned.
 pub(crate) const BAN_MS: u64 = 10_000;
 
@@ -98,6 +102,21 @@ impl RequestRate {
                 ));
             }
         }
+        let per_second = self.per_second;
+        let bucket = self.bucket(peer, now_ms);
+        if bucket.tokens < 1.0 {
+            bucket.strikes += 1.0;
+            return Err((
+                Reason::OverLimit,
+                format!("more than {per_second} requests per second from this peer"),
+            ));
+        }
+        bucket.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// `peer`'s bucket, refilled (and its strikes drained) up to `now_ms`.
+    fn bucket(&mut self, peer: NodeId, now_ms: u64) -> &mut Bucket {
         let (per_second, burst) = (self.per_second, self.burst);
         let bucket = self.buckets.entry(peer).or_insert(Bucket {
             tokens: burst,
@@ -108,15 +127,19 @@ impl RequestRate {
         bucket.tokens = (bucket.tokens + elapsed).min(burst);
         bucket.strikes = (bucket.strikes - elapsed).max(0.0);
         bucket.at_ms = now_ms;
-        if bucket.tokens < 1.0 {
-            bucket.strikes += 1.0;
-            return Err((
-                Reason::OverLimit,
-                format!("more than {per_second} requests per second from this peer"),
-            ));
+        bucket
+    }
+
+    /// Counts a message from `peer` that does not decode (a garbage request or data
+    /// stream) as [`MALFORMED_STRIKES`] refusals: an honest peer of this protocol version
+    /// never sends one, so a handful of them is a flood, and the peer is banned long before
+    /// a burst of them has cost the node a burst of replies. Peers past the table's cap are
+    /// not tracked (their requests are refused anyway).
+    pub(crate) fn strike_malformed(&mut self, peer: NodeId, now_ms: u64) {
+        if self.buckets.len() >= MAX_TRACKED_PEERS && !self.buckets.contains_key(&peer) {
+            return;
         }
-        bucket.tokens -= 1.0;
-        Ok(())
+        self.bucket(peer, now_ms).strikes += MALFORMED_STRIKES;
     }
 
     /// Whether `peer` goes on sending after its refusals: more than a burst of them
@@ -285,10 +308,15 @@ impl ConnectionGate {
     }
 
     /// Closes every connection of `peer` with [`OVER_LIMIT_CLOSE_CODE`] and refuses its new
-    /// ones for [`BAN_MS`].
-    pub(crate) fn disconnect(&self, peer: NodeId, why: &str) {
+    /// ones for [`BAN_MS`]. `false` when it was banned already (the streams still in flight
+    /// of a banned peer change nothing).
+    pub(crate) fn disconnect(&self, peer: NodeId, why: &str) -> bool {
         let mut table = lock(&self.table);
-        let until = now_ms() + BAN_MS;
+        let now = now_ms();
+        if table.banned.get(&peer).is_some_and(|until| *until > now) {
+            return false;
+        }
+        let until = now + BAN_MS;
         table.banned.insert(peer, until);
         for weak in table.by_peer.remove(&peer).unwrap_or_default() {
             if let Some(conn) = weak.upgrade() {
@@ -303,6 +331,7 @@ impl ConnectionGate {
                 );
             }
         }
+        true
     }
 
     /// The router's filter of incoming connections: refuses those from the socket address of
@@ -426,6 +455,27 @@ mod tests {
         assert!(rate.ignores_refusals(&a));
         // Strikes drain at the request rate: after a quiet second the peer starts clean.
         rate.admit(a, 1_000).expect("refilled");
+        assert!(!rate.ignores_refusals(&a));
+    }
+
+    #[test]
+    fn undecodable_messages_get_a_peer_marked_within_a_few() {
+        let limits = PeerLimits {
+            request_burst: 200,
+            ..limits()
+        };
+        let mut rate = RequestRate::new(&limits);
+        let (a, b) = (peer(1), peer(2));
+        for _ in 0..20 {
+            rate.strike_malformed(a, 0);
+        }
+        // 20 garbage messages are 200 refusals' worth: not yet past the burst.
+        assert!(!rate.ignores_refusals(&a));
+        rate.strike_malformed(a, 0);
+        assert!(rate.ignores_refusals(&a));
+        // Other peers are not touched, and the strikes drain like refusals.
+        assert!(!rate.ignores_refusals(&b));
+        rate.admit(a, 10_000).expect("refilled");
         assert!(!rate.ignores_refusals(&a));
     }
 

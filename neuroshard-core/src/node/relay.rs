@@ -68,7 +68,12 @@ impl Inner {
     pub(super) async fn handle_data(self: Arc<Self>, remote: NodeId, mut recv: RecvStream) {
         let msg = match tokio::time::timeout(self.read_deadline, read_message(&mut recv)).await {
             Ok(Ok(m)) => m,
-            // Garbage, or a header trickling in too slowly (slow-loris): dropped.
+            // Garbage counts heavily against its sender (honest peers never send it).
+            Ok(Err(NetError::Malformed(_))) => {
+                self.strike_malformed(remote);
+                return self.reject();
+            }
+            // A broken stream, or a header trickling in too slowly (slow-loris): dropped.
             Ok(Err(_)) | Err(_) => return self.reject(),
         };
         let (session, attempt, start_pos) = match &msg {

@@ -468,3 +468,39 @@ async fn sixteen_honest_sessions_get_the_reference_text_while_one_client_floods(
     flooder.close().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_garbage_is_banned_within_a_few_messages() {
+    let (node, route, model_id) = whole_model_node(|_| NodeOptions::default()).await;
+    let flooder = attacker().await;
+    let conn = flooder
+        .connect(node.addr(), INFER_ALPN)
+        .await
+        .expect("connect");
+    // A length prefix and 12 bytes that are no message, one request at a time, answered
+    // `malformed` until the node has seen enough of them.
+    let garbage = [12, 0, 0, 0, 0xff, 0xfe, 0xfd, 0xfc, 1, 2, 3, 4, 5, 6, 7, 8];
+    let mut answered = 0;
+    for _ in 0..200 {
+        let Ok((mut send, mut recv)) = conn.open_bi().await else {
+            break;
+        };
+        let _ = send.write_all(&garbage).await;
+        let _ = send.finish();
+        match neuroshard_core::internals::read_message(&mut recv).await {
+            Ok(reply) => {
+                assert_eq!(reason_of(&reply), Reason::Malformed, "{reply:?}");
+                answered += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let reason = refusal_of(&conn).await;
+    assert!(reason.contains("past its refusals"), "{reason}");
+    // The default burst (200) over 10 refusals per undecodable message: banned at the 21st.
+    assert!(answered <= 21, "{answered} garbage requests answered before the ban");
+    assert!(answered >= 15, "banned after only {answered}");
+    honest_first_token(&route, &model_id).await;
+    flooder.close().await;
+    node.shutdown().await;
+}
