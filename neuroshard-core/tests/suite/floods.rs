@@ -498,7 +498,10 @@ async fn a_peer_sending_garbage_is_banned_within_a_few_messages() {
     let reason = refusal_of(&conn).await;
     assert!(reason.contains("past its refusals"), "{reason}");
     // The default burst (200) over 10 refusals per undecodable message: banned at the 21st.
-    assert!(answered <= 21, "{answered} garbage requests answered before the ban");
+    assert!(
+        answered <= 21,
+        "{answered} garbage requests answered before the ban"
+    );
     assert!(answered >= 15, "banned after only {answered}");
     honest_first_token(&route, &model_id).await;
     flooder.close().await;
