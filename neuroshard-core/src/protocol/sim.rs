@@ -874,3 +874,16 @@ fn losing_every_replica_of_a_range_fails_with_a_typed_reason_not_a_hang() {
     assert_eq!(run.tokens, reference(&[1, 2, 3], 1));
     assert!(run.gave_up.is_some());
 }
+
+#[test]
+fn a_stalled_hops_late_stream_does_not_cut_its_successors_cache() {
+    // Node 0 (first hop) stalls at step 1: the client times out, finds every hop alive and
+    // retries; the stalled stream reaches node 3 some 20 steps later (a step takes 4 ticks,
+    // the stall 80), and must be dropped as stale.
+    let prompt = [4, 5, 6];
+    let run = run(&prompt, 40, vec![Fault::Stall { node: 0, at: 1 }]);
+    assert_eq!(run.gave_up, None);
+    assert_eq!(run.tokens, reference(&prompt, 40));
+    assert_eq!(run.excluded, Vec::<NodeId>::new());
+    assert_eq!(run.stats.retries, 1);
+}
