@@ -13,7 +13,8 @@ use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::peers::PeerSet;
 use crate::net::peers::MAX_PEERS;
 use crate::net::proto::{
-    read_message, request_on, write_message, Message, RouteHop, SessionOpen, SignedOpen,
+    read_message, request_on, route_nodes, write_message, Message, RouteHop, SessionOpen,
+    SignedOpen,
 };
 use crate::net::proto::{
     ModelInfo, NodeStats, MAX_CONTROL, MAX_MODEL_INFO, MAX_STEP_POSITIONS, PEERS_PAGE,
@@ -156,7 +157,7 @@ impl Client {
         let signed = SignedOpen::sign(&open, signer)?;
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.inner.sessions).insert(open.session, tx);
-        let machine = ClientSession::new(open.session, route_ids(&open.route), 0);
+        let machine = ClientSession::new(open.session, route_nodes(&open.route), 0);
         let mut session = RemoteSession {
             client: self.clone(),
             fed: open.prompt.clone(),
@@ -660,7 +661,7 @@ impl RemoteSession {
         route: Vec<RouteHop>,
         handover: Option<(NodeId, NodeId)>,
     ) -> Result<(), NetError> {
-        self.machine.moved(route_ids(&route));
+        self.machine.moved(route_nodes(&route));
         self.open.route = route;
         self.open.prompt = self.fed.clone();
         self.open.handover = handover;
@@ -912,11 +913,6 @@ fn blamed_by(reporter: NodeId, blamed: NodeId, reason: Reason, message: String) 
     }
 }
 
-/// The node ids of a route, first hop first.
-fn route_ids(route: &[RouteHop]) -> Vec<NodeId> {
-    route.iter().map(|h| h.node).collect()
-}
-
 /// What the session machine makes of a failed step's error: a named node (with its accuser,
 /// when another node named it) or nobody (a deadline, a broken stream).
 fn failure_of(error: &NetError) -> Failure {
@@ -1031,8 +1027,9 @@ impl BlockingSession {
             return Err(error);
         }
         let mut recovery = self.session.machine.step_failed(failure_of(&error));
-        // The route before the move, for the refill plan.
-        let mut old = self.session.route().to_vec();
+        // The route before the move, for the refill plan (a refill always follows a re-plan,
+        // which sets it).
+        let mut old = Vec::new();
         loop {
             let outcome = match recovery {
                 Recovery::GiveUp(why) => {
@@ -1059,7 +1056,7 @@ impl BlockingSession {
                     // No route without the failed nodes: the step fails with why.
                     let route = replanner(&exclude)?;
                     old = self.session.route().to_vec();
-                    let ids = route_ids(&route);
+                    let ids = route_nodes(&route);
                     match self.handle.block_on(self.session.reroute(route)) {
                         Ok(()) => {
                             recovery = self.session.machine.rerouted(ids);

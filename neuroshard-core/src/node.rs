@@ -1120,7 +1120,7 @@ impl Inner {
             }
             _ => Arc::default(),
         };
-        let route: Vec<NodeId> = open.route.iter().map(|h| h.node).collect();
+        let route = crate::net::proto::route_nodes(&open.route);
         let mut state = HopState::new(open.client, &route, index, self.max_step_positions)
             .ok_or_else(|| {
                 (

@@ -147,6 +147,11 @@ pub struct RouteHop {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// The nodes of `route`, first hop first (what the protocol machines know of a route).
+pub(crate) fn route_nodes(route: &[RouteHop]) -> Vec<NodeId> {
+    route.iter().map(|h| h.node).collect()
+}
+
 /// What the client asks every hop to set up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionOpen {

@@ -76,28 +76,35 @@ impl Inner {
             // A broken stream, or a header trickling in too slowly (slow-loris): dropped.
             Ok(Err(_)) | Err(_) => return self.reject(),
         };
-        let (session, attempt, start_pos) = match &msg {
+        let (session, attempt, start_pos, input, end) = match &msg {
             Message::Step {
                 session,
                 attempt,
                 start_pos,
-                ..
-            }
-            | Message::Hidden {
+                tokens,
+            } => (
+                *session,
+                *attempt,
+                *start_pos,
+                StepInput::Tokens,
+                *start_pos as usize + tokens.len(),
+            ),
+            Message::Hidden {
                 session,
                 attempt,
                 start_pos,
-                ..
-            } => (*session, *attempt, *start_pos),
+                step_end,
+            } => (
+                *session,
+                *attempt,
+                *start_pos,
+                StepInput::Hidden,
+                *step_end as usize,
+            ),
             _ => return self.reject(),
         };
         let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
             return self.reject();
-        };
-        let (input, end) = match &msg {
-            Message::Step { tokens, .. } => (StepInput::Tokens, start_pos as usize + tokens.len()),
-            Message::Hidden { step_end, .. } => (StepInput::Hidden, *step_end as usize),
-            _ => return self.reject(),
         };
         // The machine checks the sender (iroh has authenticated `remote`: only the client
         // may feed the first hop, only the predecessor the others), the kind of input and

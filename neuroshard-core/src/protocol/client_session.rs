@@ -344,13 +344,10 @@ impl ClientSession {
     pub(crate) fn probed(&mut self, dead: &[NodeId]) -> Recovery {
         // Out of order (no probe was asked for): a driver bug, answered without touching
         // the step in flight.
-        if !matches!(self.phase, Phase::Probing { .. }) {
-            return Recovery::GiveUp(GiveUp::Exhausted { tries: self.tries });
-        }
-        let Phase::Probing { failure } = std::mem::replace(&mut self.phase, Phase::Replanning)
-        else {
+        let Phase::Probing { failure } = &self.phase else {
             return Recovery::GiveUp(GiveUp::Exhausted { tries: self.tries });
         };
+        let failure = failure.clone();
         let mut excluded: Vec<NodeId> = match failure {
             Failure::Blamed {
                 blamed,

@@ -18,7 +18,7 @@
 
 use super::client_session::{ClientSession, Failure, Recovery, Report, Verdict};
 use super::hop_session::{ChunkOutput, HopState, Refused, StepInput};
-use crate::net::proto::RouteHop;
+use crate::net::proto::{route_nodes as ids, RouteHop};
 use crate::net::recovery::{plan_refill, RefillPlan};
 use crate::net::refusal::Reason;
 use crate::net::NodeId;
@@ -225,10 +225,6 @@ fn node_id(seed: u64) -> NodeId {
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     bytes[8] = 0x5a;
     iroh::SecretKey::from_bytes(&bytes).public()
-}
-
-fn ids(route: &[RouteHop]) -> Vec<NodeId> {
-    route.iter().map(|h| h.node).collect()
 }
 
 /// The result of one attempt at a step.
