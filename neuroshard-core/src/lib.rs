@@ -39,6 +39,7 @@
 pub mod blocking;
 mod chat;
 mod client;
+pub mod consensus;
 mod engine;
 mod error;
 mod generate;
@@ -59,6 +60,7 @@ pub mod wire;
 pub mod internals;
 
 pub use chat::{ChatReply, ChatSession};
+pub use consensus::Consensus;
 pub use client::{Client, RemoteSession};
 pub use engine::{
     causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest,

@@ -1,0 +1,456 @@
+//! Trust: redundant execution, voting, reputation and signed receipts, against lying nodes.
+//!
+//! A replicated range runs each step on k replicas. Every receiver of their outputs (each
+//! replica of the next range, or the client for the last one) runs the same [`Consensus`]
+//! rule on the k signed ballots, so honest receivers go on with identical bytes and no single
+//! node decides. IO-less like [`crate::protocol`]: the network code hands ballots in and acts
+//! on the verdicts; `consensus/sim.rs` (tests) runs it against lying replicas.
+//!
+//! - [`compare`]: `exact` (blake3 of the bytes) and `tolerant` (per-position relative L2 and
+//!   max-abs over every coordinate) comparison of two outputs.
+//! - [`vote`]: the fixed rule (largest pairwise-agreeing group, a strict majority of k; the
+//!   group's lowest node id's bytes go forward).
+//! - [`receipt`]: ed25519 receipts chained per node, replay and window checks, fraud proofs
+//!   (one signer, one input, two outputs) and upstream proofs (one sender, two frames).
+//! - [`reputation`]: scores, probation, bans with backoff, pinned trust, who votes and who
+//!   referees, persisted across restarts.
+//!
+//! Evidence rule: a node loses score only on evidence anyone can check: its own signed
+//! receipt for an input against a majority's signed receipts for the same input
+//! ([`DeviationEvidence`]), or a [`FraudProof`]. A ballot that cannot be pinned on its sender
+//! (a bad signature, a receipt for another output, a different input hash without the
+//! upstream's signature on it) is only a missed answer: a temporary ban, like a timeout.
+
+#[cfg(any(test, feature = "adversary"))]
+pub mod adversary;
+pub mod compare;
+pub mod receipt;
+pub mod reputation;
+#[cfg(test)]
+mod sim;
+pub mod vote;
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use compare::{distance, Comparison, Distance, FrameDtype, Tolerance, VoteOutput};
+pub use receipt::{
+    FraudProof, Hash, InputContext, Receipt, ReceiptChain, ReceiptCheck, ReceiptError,
+    SignedFrame, SignedReceipt, UpstreamProof, Work,
+};
+pub use reputation::{Reputation, ReputationPolicy, Standing, TrustState, Voters};
+pub use vote::{tally, Accepted, Ballot, VoteOutcome, MAX_REDUNDANCY};
+
+use crate::net::NodeId;
+
+/// One replica's signed answer for one step, as a receiver got it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedBallot {
+    /// The connection's authenticated peer (who sent it).
+    pub from: NodeId,
+    /// The output frame's element type.
+    pub dtype: FrameDtype,
+    /// Values per position.
+    pub width: usize,
+    /// The output frame's payload bytes.
+    pub bytes: Vec<u8>,
+    /// What the sender computed from; its receipt's input hash is this one's hash.
+    pub input: InputContext,
+    /// The sender's receipt for it.
+    pub receipt: SignedReceipt,
+    /// The sender's signature on these bytes as a frame it sent. Receivers share the claims
+    /// they got: two claims by one sender for one step with different bytes prove it sent
+    /// two inputs ([`UpstreamProof`]), even when its receipt names neither.
+    pub frame: Option<SignedFrame>,
+    /// The sender's upstream's signature on the input frame it was given, when it has one:
+    /// replicas fed different inputs by one upstream show it with this.
+    pub upstream: Option<SignedFrame>,
+}
+
+/// Receipts and outputs that show a deviation: anyone re-runs the vote on them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviationEvidence {
+    /// The replicas the vote expected.
+    pub expected: Vec<NodeId>,
+    /// The comparison the vote used.
+    pub comparison: Comparison,
+    /// The ballots, the accused's among them.
+    pub ballots: Vec<SignedBallot>,
+    /// The node shown to deviate.
+    pub accused: NodeId,
+}
+
+impl DeviationEvidence {
+    /// Checks the evidence: every receipt verifies, names its ballot's bytes and the same
+    /// input, and the vote over them puts `accused` outside an accepted majority.
+    pub fn verify(&self) -> Result<NodeId, ReceiptError> {
+        let mut step = None;
+        let mut ballots = Vec::with_capacity(self.ballots.len());
+        for b in &self.ballots {
+            let (receipt, output) = checked_ballot(b)?;
+            let key = b.input.step_key();
+            if *step.get_or_insert(key) != key {
+                return Err(ReceiptError::NotAProof("ballots for different inputs"));
+            }
+            ballots.push(Ballot {
+                node: receipt.node,
+                output,
+            });
+        }
+        match tally(&self.expected, &ballots, &self.comparison) {
+            VoteOutcome::Accepted(a) if a.deviating.contains(&self.accused) => Ok(self.accused),
+            _ => Err(ReceiptError::NotAProof("the vote does not single out the accused")),
+        }
+    }
+}
+
+/// A ballot whose receipt verifies, is the sender's own and names the bytes sent.
+fn checked_ballot(b: &SignedBallot) -> Result<(Receipt, VoteOutput), ReceiptError> {
+    let receipt = b.receipt.verify()?;
+    if receipt.node != b.from {
+        return Err(ReceiptError::NotAProof("a receipt signed by another node"));
+    }
+    let output = VoteOutput::from_bytes(b.dtype, b.width, &b.bytes)
+        .ok_or(ReceiptError::NotAProof("a frame that is not whole values"))?;
+    if output.hash != receipt.output {
+        return Err(ReceiptError::NotAProof("a receipt for other bytes"));
+    }
+    if b.input.hash() != receipt.input {
+        return Err(ReceiptError::NotAProof("a receipt for another input"));
+    }
+    Ok((receipt, output))
+}
+
+/// Evidence a vote produced, for gossip and for the node's records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Evidence {
+    /// A replica's output deviated from an accepted majority.
+    Deviation(DeviationEvidence),
+    /// A replica signed two outputs for one input.
+    Fraud(FraudProof),
+    /// An upstream sent different inputs to two replicas.
+    Upstream(UpstreamProof),
+}
+
+/// What one vote decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// The tally over the ballots that could be pinned on their senders.
+    pub outcome: VoteOutcome,
+    /// The accepted bytes (the winner's ballot), when a majority agreed.
+    pub accepted: Option<SignedBallot>,
+    /// Evidence found in this vote (already applied to the reputation table).
+    pub evidence: Vec<Evidence>,
+    /// Expected replicas whose ballots could not count (missing, unverifiable, or for another
+    /// input); each got a temporary ban.
+    pub unaccounted: Vec<NodeId>,
+}
+
+/// The trust machinery one node or client runs: comparison rule, receipt checks, reputation
+/// and the evidence it has seen.
+pub struct Consensus {
+    comparison: Comparison,
+    reputation: Reputation,
+    receipts: ReceiptCheck,
+    /// (signer, input hash) -> a receipt it signed for that input: a second output for the
+    /// same key is a fraud proof.
+    signed_inputs: HashMap<(NodeId, Hash), (SignedReceipt, u64)>,
+    /// (sender, session, position, count) -> a frame it signed: a second frame for the same
+    /// step is an upstream proof.
+    signed_frames: HashMap<(NodeId, u64, u64, u32), (SignedFrame, u64)>,
+    /// Ids of the evidence already applied, so gossip that echoes it does not apply it twice.
+    applied: HashMap<Hash, u64>,
+    window_ms: u64,
+    pruned_at: u64,
+}
+
+/// A stable id for a piece of evidence (blake3 of its encoding).
+pub fn evidence_id(evidence: &Evidence) -> Hash {
+    let body = postcard::to_allocvec(evidence).unwrap_or_default();
+    blake3::derive_key("neuroshard evidence v1", &body)
+}
+
+impl Consensus {
+    /// A consensus under `comparison` with an existing reputation table.
+    pub fn new(comparison: Comparison, reputation: Reputation) -> Self {
+        Consensus {
+            comparison,
+            reputation,
+            receipts: ReceiptCheck::default(),
+            signed_inputs: HashMap::new(),
+            signed_frames: HashMap::new(),
+            applied: HashMap::new(),
+            window_ms: receipt::DEFAULT_RECEIPT_WINDOW_MS,
+            pruned_at: 0,
+        }
+    }
+
+    /// The comparison rule.
+    pub fn comparison(&self) -> &Comparison {
+        &self.comparison
+    }
+
+    /// The reputation table.
+    pub fn reputation(&self) -> &Reputation {
+        &self.reputation
+    }
+
+    /// The reputation table, to pin nodes or expire bans.
+    pub fn reputation_mut(&mut self) -> &mut Reputation {
+        &mut self.reputation
+    }
+
+    /// Forgets what is older than the receipt window (its replays fail the window anyway):
+    /// memory stays bounded by one window's receipts.
+    fn prune(&mut self, now_ms: u64) {
+        if now_ms.saturating_sub(self.pruned_at) <= self.window_ms {
+            return;
+        }
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        self.signed_inputs.retain(|_, (_, t)| *t >= horizon);
+        self.signed_frames.retain(|_, (_, t)| *t >= horizon);
+        self.applied.retain(|_, t| *t >= horizon);
+        self.pruned_at = now_ms;
+    }
+
+    /// Remembers a receipt seen anywhere (a ballot, gossip); returns the fraud proof when its
+    /// signer already signed another output for the same input.
+    pub fn observe(&mut self, signed: &SignedReceipt, now_ms: u64) -> Option<FraudProof> {
+        // A receipt already remembered needs no second signature check (gossip echoes).
+        let unverified: Receipt = postcard::from_bytes(&signed.body).ok()?;
+        let known = self.signed_inputs.get(&(unverified.node, unverified.input));
+        if known.is_some_and(|(k, _)| k == signed) {
+            return None;
+        }
+        let receipt = signed.verify().ok()?;
+        self.observe_verified(signed, &receipt, now_ms)
+    }
+
+    /// [`Consensus::observe`] for a receipt whose signature the caller verified.
+    fn observe_verified(
+        &mut self,
+        signed: &SignedReceipt,
+        receipt: &Receipt,
+        now_ms: u64,
+    ) -> Option<FraudProof> {
+        self.prune(now_ms);
+        match self.signed_inputs.get(&(receipt.node, receipt.input)) {
+            Some((earlier, _)) => FraudProof::new(earlier.clone(), signed.clone()).ok(),
+            None => {
+                self.signed_inputs
+                    .insert((receipt.node, receipt.input), (signed.clone(), now_ms));
+                None
+            }
+        }
+    }
+
+    /// Remembers a frame claim seen anywhere; returns the upstream proof when its sender
+    /// already signed other bytes for the same step.
+    pub fn observe_frame(&mut self, signed: &SignedFrame, now_ms: u64) -> Option<UpstreamProof> {
+        let unverified: receipt::FrameClaim = postcard::from_bytes(&signed.body).ok()?;
+        let key = (
+            unverified.sender,
+            unverified.session,
+            unverified.position,
+            unverified.count,
+        );
+        let known = self.signed_frames.get(&key);
+        if known.is_some_and(|(k, _)| k == signed) {
+            return None;
+        }
+        signed.verify().ok()?;
+        self.prune(now_ms);
+        match self.signed_frames.get(&key) {
+            Some((earlier, _)) => receipt::blame_upstream(Some(earlier), Some(signed)),
+            None => {
+                self.signed_frames.insert(key, (signed.clone(), now_ms));
+                None
+            }
+        }
+    }
+
+    /// Applies evidence (from gossip, or found here): verified first, never taken on the
+    /// sender's word; evidence already applied returns its node without applying it again.
+    pub fn apply(&mut self, evidence: &Evidence, now_ms: u64) -> Result<NodeId, ReceiptError> {
+        let node = match evidence {
+            Evidence::Fraud(p) => p.verify()?,
+            Evidence::Upstream(p) => p.verify()?,
+            Evidence::Deviation(d) => d.verify()?,
+        };
+        self.prune(now_ms);
+        if self.applied.insert(evidence_id(evidence), now_ms).is_some() {
+            return Ok(node);
+        }
+        match evidence {
+            Evidence::Fraud(_) => self
+                .reputation
+                .fraud(node, "signed two outputs for one input", now_ms),
+            Evidence::Upstream(_) => self
+                .reputation
+                .fraud(node, "signed two inputs sent for one step", now_ms),
+            Evidence::Deviation(d) => {
+                let how = deviation_detail(&d.ballots, node);
+                self.reputation.deviated(node, &how, now_ms)
+            }
+        }
+        Ok(node)
+    }
+
+    /// The receivers of one vote report that `node` sent them no ballot that counts. A
+    /// timeout is not evidence, so one receiver's word bans nobody: the temporary ban applies
+    /// when more than half of the vote's `receivers` report it. Returns whether it applied.
+    pub fn missing_reported(
+        &mut self,
+        node: NodeId,
+        reporters: &[NodeId],
+        receivers: &[NodeId],
+        now_ms: u64,
+    ) -> bool {
+        let mut counted: Vec<&NodeId> = reporters.iter().filter(|r| receivers.contains(r)).collect();
+        counted.sort();
+        counted.dedup();
+        let applies = 2 * counted.len() > receivers.len();
+        if applies {
+            self.reputation.timed_out(node, now_ms);
+        }
+        applies
+    }
+
+    /// Votes over the ballots one receiver got from the `expected` replicas of one step, and
+    /// updates the reputation table (module doc for the evidence rule).
+    pub fn vote(
+        &mut self,
+        expected: &[NodeId],
+        ballots: Vec<SignedBallot>,
+        now_ms: u64,
+    ) -> Verdict {
+        let mut evidence = Vec::new();
+        // Ballots that can be pinned on their senders, with their outputs.
+        let mut pinned: Vec<(VoteOutput, SignedBallot)> = Vec::new();
+        for b in ballots {
+            if !expected.contains(&b.from) {
+                continue;
+            }
+            // The sender's own frame claim (observe_frame checks its signature; a claim
+            // signed by someone else proves nothing about the sender, and the upstream's
+            // claim below is the one place for another signer's).
+            if let Some(frame) = &b.frame {
+                let own = postcard::from_bytes::<receipt::FrameClaim>(&frame.body)
+                    .is_ok_and(|c| c.sender == b.from);
+                if let Some(proof) = own.then(|| self.observe_frame(frame, now_ms)).flatten() {
+                    evidence.push(Evidence::Upstream(proof));
+                }
+            }
+            if let Some(up) = &b.upstream {
+                if let Some(proof) = self.observe_frame(up, now_ms) {
+                    evidence.push(Evidence::Upstream(proof));
+                }
+            }
+            let Ok((receipt, output)) = checked_ballot(&b) else {
+                continue;
+            };
+            if let Some(proof) = self.observe_verified(&b.receipt, &receipt, now_ms) {
+                evidence.push(Evidence::Fraud(proof));
+            }
+            // A second copy of one ballot is a duplicate; the check would call it a replay.
+            let duplicate = pinned.iter().any(|(_, p)| p.receipt == b.receipt);
+            if duplicate
+                || self
+                    .receipts
+                    .check_verified(&b.receipt, &receipt, now_ms)
+                    .is_err()
+            {
+                continue;
+            }
+            pinned.push((output, b));
+        }
+        // The step most ballots computed from; ballots for another one are compared with
+        // nobody (their senders were fed other inputs, or lie about them).
+        let mut steps: Vec<(Hash, usize)> = Vec::new();
+        for (_, b) in &pinned {
+            let key = b.input.step_key();
+            match steps.iter_mut().find(|(h, _)| *h == key) {
+                Some((_, n)) => *n += 1,
+                None => steps.push((key, 1)),
+            }
+        }
+        steps.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let main_step = steps.first().map(|(h, _)| *h);
+        pinned.retain(|(_, b)| Some(b.input.step_key()) == main_step);
+
+        let tally_ballots: Vec<Ballot> = pinned
+            .iter()
+            .map(|(o, b)| Ballot {
+                node: b.from,
+                output: o.clone(),
+            })
+            .collect();
+        let outcome = tally(expected, &tally_ballots, &self.comparison);
+        let unaccounted: Vec<NodeId> = expected
+            .iter()
+            .filter(|n| !pinned.iter().any(|(_, b)| b.from == **n))
+            .copied()
+            .collect();
+        let mut accepted = None;
+        if let VoteOutcome::Accepted(a) = &outcome {
+            for n in &a.agreeing {
+                self.reputation.agreed(*n, now_ms);
+            }
+            for n in &a.deviating {
+                evidence.push(Evidence::Deviation(DeviationEvidence {
+                    expected: expected.to_vec(),
+                    comparison: self.comparison,
+                    ballots: pinned.iter().map(|(_, b)| b.clone()).collect(),
+                    accused: *n,
+                }));
+            }
+            accepted = pinned
+                .iter()
+                .find(|(_, b)| b.from == a.winner)
+                .map(|(_, b)| b.clone());
+        }
+        evidence.retain(|e| self.apply(e, now_ms).is_ok());
+        for n in &unaccounted {
+            self.reputation.timed_out(*n, now_ms);
+        }
+        Verdict {
+            outcome,
+            accepted,
+            evidence,
+            unaccounted,
+        }
+    }
+}
+
+/// "rel_l2 X, max_abs Y against <winner>" for the reputation table's reason column.
+fn deviation_detail(ballots: &[SignedBallot], node: NodeId) -> String {
+    let outputs: Vec<(NodeId, VoteOutput)> = ballots
+        .iter()
+        .filter_map(|b| Some((b.from, VoteOutput::from_bytes(b.dtype, b.width, &b.bytes)?)))
+        .collect();
+    let Some((_, mine)) = outputs.iter().find(|(n, _)| *n == node) else {
+        return "outvoted on signed receipts".into();
+    };
+    // The closest other output: the distance by which it missed the majority.
+    let closest = outputs
+        .iter()
+        .filter(|(n, _)| *n != node)
+        .map(|(n, o)| (n, distance(o, mine)))
+        .min_by(|a, b| a.1.rel_l2.total_cmp(&b.1.rel_l2));
+    match closest {
+        Some((n, d)) => format!(
+            "outvoted: rel_l2 {:.2e}, max_abs {:.2e} from {}",
+            d.rel_l2,
+            d.max_abs,
+            n.fmt_short()
+        ),
+        None => "outvoted on signed receipts".into(),
+    }
+}
+
+impl Default for Consensus {
+    fn default() -> Self {
+        Consensus::new(Comparison::default(), Reputation::default())
+    }
+}
