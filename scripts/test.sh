@@ -103,6 +103,10 @@ NEUROSHARD_EXAMPLE_SECS=1 "$target/release/examples/node" "$model" 0 30 | grep -
 # batched session's text differs from its solo run.
 "$target/release/neuroshard" bench-sessions --model "$model" --nodes 1,3 --sessions 1,3 \
   --decode-tokens 8 --engine-too --json "$target/bench_sessions_ci.json" 2>&1 | grep 'sessions:'
+# The tolerant vote's calibration on SmolLM2 (honest modes, kernel paths, threads and frame
+# precisions against the attacks; ~25 s): fails when an honest variant leaves the default
+# tolerance or an attack falls inside it.
+NEUROSHARD_PREBUILT=1 benches/trust_calibration.sh | tail -3
 # A project outside the workspace, built like a user's: the workspace lockfile pins every
 # version (cargo metadata only adds the project's own entry), then --locked. Its dependencies
 # are the workspace build's (scripts/check-dep-graphs); only neuroshard-core compiles again.

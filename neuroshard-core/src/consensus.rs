@@ -3,7 +3,7 @@
 //! A replicated range runs each step on k replicas. Every receiver of their outputs (each
 //! replica of the next range, or the client for the last one) runs the same [`Consensus`]
 //! rule on the k signed ballots, so honest receivers go on with identical bytes and no single
-//! node decides. IO-less like [`crate::protocol`]: the network code hands ballots in and acts
+//! node decides. IO-less like the session machines (`protocol/`): the network code hands ballots in and acts
 //! on the verdicts; `consensus/sim.rs` (tests) runs it against lying replicas.
 //!
 //! - [`compare`]: `exact` (blake3 of the bytes) and `tolerant` (per-position relative L2 and
@@ -21,7 +21,7 @@
 //! (a bad signature, a receipt for another output, a different input hash without the
 //! upstream's signature on it) is only a missed answer: a temporary ban, like a timeout.
 
-#[cfg(any(test, feature = "adversary"))]
+#[cfg(any(test, feature = "adversary", feature = "internals"))]
 pub mod adversary;
 pub mod compare;
 pub mod receipt;
@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 
 pub use compare::{distance, Comparison, Distance, FrameDtype, Tolerance, VoteOutput};
 pub use receipt::{
-    FraudProof, Hash, InputContext, Receipt, ReceiptChain, ReceiptCheck, ReceiptError,
-    SignedFrame, SignedReceipt, UpstreamProof, Work,
+    FraudProof, Hash, InputContext, Receipt, ReceiptChain, ReceiptCheck, ReceiptError, SignedFrame,
+    SignedReceipt, UpstreamProof, Work,
 };
 pub use reputation::{Reputation, ReputationPolicy, Standing, TrustState, Voters};
 pub use vote::{tally, Accepted, Ballot, VoteOutcome, MAX_REDUNDANCY};
@@ -100,7 +100,9 @@ impl DeviationEvidence {
         }
         match tally(&self.expected, &ballots, &self.comparison) {
             VoteOutcome::Accepted(a) if a.deviating.contains(&self.accused) => Ok(self.accused),
-            _ => Err(ReceiptError::NotAProof("the vote does not single out the accused")),
+            _ => Err(ReceiptError::NotAProof(
+                "the vote does not single out the accused",
+            )),
         }
     }
 }
@@ -283,12 +285,14 @@ impl Consensus {
             return Ok(node);
         }
         match evidence {
-            Evidence::Fraud(_) => self
-                .reputation
-                .fraud(node, "signed two outputs for one input", now_ms),
-            Evidence::Upstream(_) => self
-                .reputation
-                .fraud(node, "signed two inputs sent for one step", now_ms),
+            Evidence::Fraud(_) => {
+                self.reputation
+                    .fraud(node, "signed two outputs for one input", now_ms)
+            }
+            Evidence::Upstream(_) => {
+                self.reputation
+                    .fraud(node, "signed two inputs sent for one step", now_ms)
+            }
             Evidence::Deviation(d) => {
                 let how = deviation_detail(&d.ballots, node);
                 self.reputation.deviated(node, &how, now_ms)
@@ -307,7 +311,8 @@ impl Consensus {
         receivers: &[NodeId],
         now_ms: u64,
     ) -> bool {
-        let mut counted: Vec<&NodeId> = reporters.iter().filter(|r| receivers.contains(r)).collect();
+        let mut counted: Vec<&NodeId> =
+            reporters.iter().filter(|r| receivers.contains(r)).collect();
         counted.sort();
         counted.dedup();
         let applies = 2 * counted.len() > receivers.len();

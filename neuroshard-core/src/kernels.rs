@@ -60,8 +60,31 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
-    /// The fastest path this CPU supports.
+    /// The path the engine uses: the fastest this CPU supports, unless the environment
+    /// variable `NEUROSHARD_KERNEL_PATH` names another one it supports (`scalar` or `avx2`;
+    /// the trust calibration runs replicas on each path). Read once per process.
     pub fn detect() -> Self {
+        static CHOSEN: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = Self::best();
+            match std::env::var("NEUROSHARD_KERNEL_PATH").as_deref() {
+                Ok("scalar") => KernelPath::Scalar,
+                Ok("avx2") if best == KernelPath::Avx2 => KernelPath::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// This path's name (receipts and the trust calibration record it).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Avx2 => "avx2",
+        }
+    }
+
+    /// The fastest path this CPU supports.
+    fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2")
@@ -78,7 +101,7 @@ impl KernelPath {
     pub fn available(self) -> bool {
         match self {
             KernelPath::Scalar => true,
-            KernelPath::Avx2 => KernelPath::detect() == KernelPath::Avx2,
+            KernelPath::Avx2 => KernelPath::best() == KernelPath::Avx2,
         }
     }
 }

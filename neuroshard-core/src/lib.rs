@@ -60,8 +60,8 @@ pub mod wire;
 pub mod internals;
 
 pub use chat::{ChatReply, ChatSession};
-pub use consensus::Consensus;
 pub use client::{Client, RemoteSession};
+pub use consensus::Consensus;
 pub use engine::{
     causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest,
     OutputGrad, SessionId, ShardEngine, WeightVersion, DEFAULT_PREFILL_CHUNK,

@@ -64,7 +64,10 @@ impl std::str::FromStr for Behaviour {
             .find(|b| b.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = Behaviour::ALL.iter().map(|b| b.name()).collect();
-                format!("unknown behaviour `{s}` (expected one of {})", names.join(", "))
+                format!(
+                    "unknown behaviour `{s}` (expected one of {})",
+                    names.join(", ")
+                )
             })
     }
 }

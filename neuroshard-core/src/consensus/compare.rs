@@ -55,7 +55,7 @@ impl VoteOutput {
     pub fn from_bytes(dtype: FrameDtype, width: usize, bytes: &[u8]) -> Option<Self> {
         let values: Vec<f32> = match dtype {
             FrameDtype::F32 => {
-                if !bytes.len().is_multiple_of(4) {
+                if bytes.len() % 4 != 0 {
                     return None;
                 }
                 bytes
@@ -64,7 +64,7 @@ impl VoteOutput {
                     .collect()
             }
             FrameDtype::F16 => {
-                if !bytes.len().is_multiple_of(2) {
+                if bytes.len() % 2 != 0 {
                     return None;
                 }
                 bytes
@@ -174,7 +174,7 @@ pub fn distance(a: &VoteOutput, b: &VoteOutput) -> Distance {
     if a.width == 0
         || a.width != b.width
         || a.values.len() != b.values.len()
-        || !a.values.len().is_multiple_of(a.width)
+        || a.values.len() % a.width != 0
     {
         return Distance::INFINITE;
     }
@@ -280,7 +280,10 @@ mod tests {
         assert_eq!(distance(&nan, &nan), Distance::INFINITE);
         assert_eq!(distance(&a, &nan), Distance::INFINITE);
         assert_eq!(distance(&a, &out(&[1.0, 2.0], 1)), Distance::INFINITE);
-        assert_eq!(distance(&a, &out(&[1.0, 2.0, 3.0, 4.0], 2)), Distance::INFINITE);
+        assert_eq!(
+            distance(&a, &out(&[1.0, 2.0, 3.0, 4.0], 2)),
+            Distance::INFINITE
+        );
         assert_eq!(distance(&out(&[], 0), &out(&[], 0)), Distance::INFINITE);
     }
 

@@ -171,8 +171,8 @@ impl SignedReceipt {
 
     /// Decodes the body and checks its signature.
     pub fn verify(&self) -> Result<Receipt, ReceiptError> {
-        let receipt: Receipt = postcard::from_bytes(&self.body)
-            .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+        let receipt: Receipt =
+            postcard::from_bytes(&self.body).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
         if receipt.version != RECEIPT_VERSION {
             return Err(ReceiptError::Malformed(format!(
                 "version {} (expected {RECEIPT_VERSION})",
@@ -393,8 +393,8 @@ impl SignedFrame {
 
     /// Decodes the claim and checks its signature.
     pub fn verify(&self) -> Result<FrameClaim, ReceiptError> {
-        let claim: FrameClaim = postcard::from_bytes(&self.body)
-            .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+        let claim: FrameClaim =
+            postcard::from_bytes(&self.body).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
         if claim.version != RECEIPT_VERSION {
             return Err(ReceiptError::Malformed(format!(
                 "version {} (expected {RECEIPT_VERSION})",
@@ -477,7 +477,10 @@ mod tests {
         let mut chain = ReceiptChain::new(key(1), [0; 32]);
         let signed = chain.issue(&work(0, 9), 1_000);
         let r = signed.verify().expect("valid");
-        assert_eq!((r.node, r.position, r.output), (key(1).public(), 0, [9; 32]));
+        assert_eq!(
+            (r.node, r.position, r.output),
+            (key(1).public(), 0, [9; 32])
+        );
         let mut forged = signed.clone();
         let last = forged.body.len() - 1;
         forged.body[last] ^= 1;
@@ -506,14 +509,22 @@ mod tests {
     #[test]
     fn receipts_chain_and_a_dropped_or_foreign_link_breaks_it() {
         let mut chain = ReceiptChain::new(key(1), [0; 32]);
-        let rs: Vec<SignedReceipt> = (0..4).map(|p| chain.issue(&work(p, 1), 1_000 + p)).collect();
+        let rs: Vec<SignedReceipt> = (0..4)
+            .map(|p| chain.issue(&work(p, 1), 1_000 + p))
+            .collect();
         assert_eq!(verify_chain(&rs).expect("a chain").len(), 4);
         assert_eq!(rs[0].verify().map(|r| r.prev), Ok([0; 32]));
         let gap = [rs[0].clone(), rs[2].clone()];
-        assert_eq!(verify_chain(&gap), Err(ReceiptError::BrokenChain { index: 1 }));
+        assert_eq!(
+            verify_chain(&gap),
+            Err(ReceiptError::BrokenChain { index: 1 })
+        );
         let mut other = ReceiptChain::new(key(2), rs[1].hash());
         let foreign = [rs[1].clone(), other.issue(&work(2, 1), 1_002)];
-        assert_eq!(verify_chain(&foreign), Err(ReceiptError::BrokenChain { index: 1 }));
+        assert_eq!(
+            verify_chain(&foreign),
+            Err(ReceiptError::BrokenChain { index: 1 })
+        );
     }
 
     #[test]
@@ -523,17 +534,29 @@ mod tests {
         let now = 10_000_000;
         let r = chain.issue(&work(0, 1), now - 1_000);
         assert!(check.check(&r, now).is_ok());
-        assert!(matches!(check.check(&r, now + 1), Err(ReceiptError::Replayed(_))));
+        assert!(matches!(
+            check.check(&r, now + 1),
+            Err(ReceiptError::Replayed(_))
+        ));
         let old = chain.issue(&work(1, 1), now - 120_000);
-        assert!(matches!(check.check(&old, now), Err(ReceiptError::OutOfWindow { .. })));
+        assert!(matches!(
+            check.check(&old, now),
+            Err(ReceiptError::OutOfWindow { .. })
+        ));
         let future = chain.issue(&work(2, 1), now + 120_000);
-        assert!(matches!(check.check(&future, now), Err(ReceiptError::OutOfWindow { .. })));
+        assert!(matches!(
+            check.check(&future, now),
+            Err(ReceiptError::OutOfWindow { .. })
+        ));
         // Pruning forgets receipts older than the window; their replays fail the window.
         let later = now + 200_000;
         let fresh = chain.issue(&work(3, 1), later);
         assert!(check.check(&fresh, later).is_ok());
         assert_eq!(check.remembered(), 1);
-        assert!(matches!(check.check(&r, later), Err(ReceiptError::OutOfWindow { .. })));
+        assert!(matches!(
+            check.check(&r, later),
+            Err(ReceiptError::OutOfWindow { .. })
+        ));
     }
 
     #[test]
@@ -541,7 +564,10 @@ mod tests {
         let mut chain = ReceiptChain::new(key(1), [0; 32]);
         let a = chain.issue(&work(0, 1), 1_000);
         let b = chain.issue(&work(0, 2), 1_001);
-        assert_eq!(FraudProof::new(a.clone(), b.clone()).map(|p| p.verify()), Ok(Ok(key(1).public())));
+        assert_eq!(
+            FraudProof::new(a.clone(), b.clone()).map(|p| p.verify()),
+            Ok(Ok(key(1).public()))
+        );
         // Same output twice (a retry), other positions, or two signers: no proof.
         let again = chain.issue(&work(0, 1), 1_002);
         assert!(FraudProof::new(a.clone(), again).is_err());
@@ -551,7 +577,10 @@ mod tests {
         let theirs = other.issue(&work(0, 2), 1_000);
         assert!(FraudProof::new(a, theirs).is_err());
         // A proof whose receipt was tampered with fails.
-        let mut bad = FraudProof { a: b.clone(), b: b.clone() };
+        let mut bad = FraudProof {
+            a: b.clone(),
+            b: b.clone(),
+        };
         bad.b.body[3] ^= 1;
         assert!(bad.verify().is_err());
     }
@@ -621,6 +650,9 @@ mod tests {
         variants.push(v);
         let hashes: std::collections::HashSet<Hash> = variants.iter().map(|v| v.hash()).collect();
         assert_eq!(hashes.len(), variants.len());
-        assert_ne!(extend_prefix(&[0; 32], &[1; 32]), extend_prefix(&[1; 32], &[0; 32]));
+        assert_ne!(
+            extend_prefix(&[0; 32], &[1; 32]),
+            extend_prefix(&[1; 32], &[0; 32])
+        );
     }
 }

@@ -234,8 +234,7 @@ impl Reputation {
         s.agreed += 1;
         s.score = (s.score + 1.0).min(policy.max_score);
         s.timeouts = 0;
-        if !s.promoted && s.agreed >= policy.promote_after && s.score >= policy.route_threshold
-        {
+        if !s.promoted && s.agreed >= policy.promote_after && s.score >= policy.route_threshold {
             s.promoted = true;
             s.reason = format!("trusted after {} agreed votes", s.agreed);
             s.changed_ms = now_ms;
@@ -282,7 +281,11 @@ impl Reputation {
         }
         let ban = backoff(policy.timeout_ban_ms, s.timeouts, policy.max_ban_ms);
         s.banned_until_ms = s.banned_until_ms.max(now_ms.saturating_add(ban));
-        s.reason = format!("timed out ({} in a row), banned for {} s", s.timeouts, ban / 1000);
+        s.reason = format!(
+            "timed out ({} in a row), banned for {} s",
+            s.timeouts,
+            ban / 1000
+        );
         s.changed_ms = now_ms;
     }
 
@@ -462,7 +465,10 @@ mod tests {
         assert!(rep.may_route(&n, T0 + 3_600_001));
         // A second deviation bans for twice as long.
         rep.deviated(n, "again", T0 + 4_000_000);
-        assert_eq!(rep.standing(&n).map(|s| s.banned_until_ms), Some(T0 + 4_000_000 + 7_200_000));
+        assert_eq!(
+            rep.standing(&n).map(|s| s.banned_until_ms),
+            Some(T0 + 4_000_000 + 7_200_000)
+        );
     }
 
     #[test]
@@ -472,15 +478,25 @@ mod tests {
         let mut now = T0;
         for expect in [10_000, 20_000, 40_000] {
             rep.timed_out(n, now);
-            assert_eq!(rep.standing(&n).map(|s| s.banned_until_ms), Some(now + expect));
+            assert_eq!(
+                rep.standing(&n).map(|s| s.banned_until_ms),
+                Some(now + expect)
+            );
             now += expect + 1;
             rep.expire_bans(now);
             assert!(rep.may_route(&n, now));
         }
-        assert_eq!(rep.standing(&n).map(|s| s.score), Some(0.0), "a timeout is not evidence");
+        assert_eq!(
+            rep.standing(&n).map(|s| s.score),
+            Some(0.0),
+            "a timeout is not evidence"
+        );
         rep.agreed(n, now);
         rep.timed_out(n, now);
-        assert_eq!(rep.standing(&n).map(|s| s.banned_until_ms), Some(now + 10_000));
+        assert_eq!(
+            rep.standing(&n).map(|s| s.banned_until_ms),
+            Some(now + 10_000)
+        );
     }
 
     #[test]
@@ -502,7 +518,13 @@ mod tests {
         let (t1, t2, p1, p2, p3) = (id(1), id(2), id(3), id(4), id(5));
         // Nobody trusted: plain majority of (at least 3) probation nodes, even for k = 1.
         let v = rep.choose_voters(&[p1, p2, p3], 1, T0).expect("voters");
-        assert_eq!(v, Voters { nodes: vec![p1, p2, p3], plain_majority: true });
+        assert_eq!(
+            v,
+            Voters {
+                nodes: vec![p1, p2, p3],
+                plain_majority: true
+            }
+        );
         rep.pin(t1, T0);
         rep.pin(t2, T0);
         let all = [p1, t1, p2, t2, p3];
@@ -510,9 +532,15 @@ mod tests {
         assert_eq!(v.nodes, vec![p1, t1, t2]);
         assert!(!v.plain_majority);
         // k = 1 never puts a probation node alone.
-        assert_eq!(rep.choose_voters(&all, 1, T0).map(|v| v.nodes), Ok(vec![t1]));
+        assert_eq!(
+            rep.choose_voters(&all, 1, T0).map(|v| v.nodes),
+            Ok(vec![t1])
+        );
         // Only one trusted replica: the vote shrinks rather than take two probation nodes.
-        assert_eq!(rep.choose_voters(&[p1, p2, t1], 3, T0).map(|v| v.nodes), Ok(vec![p1, t1]));
+        assert_eq!(
+            rep.choose_voters(&[p1, p2, t1], 3, T0).map(|v| v.nodes),
+            Ok(vec![p1, t1])
+        );
         // Referees are trusted and outside the vote.
         assert_eq!(rep.choose_referee(&all, &[p1, t1], T0), Some(t2));
         assert_eq!(rep.choose_referee(&all, &[t1, t2], T0), None);

@@ -99,12 +99,16 @@ impl Replica {
         let mut rows: Vec<Vec<f32>> = input.to_vec();
         for (li, l) in range.clone().enumerate() {
             let skip = self.behaviour == Some(Behaviour::SkipLayer) && li == 1;
-            let w = if li == 0 { &self.first_layer } else { &m.layers[l] };
+            let w = if li == 0 {
+                &self.first_layer
+            } else {
+                &m.layers[l]
+            };
             let cache = &mut self.cache[li];
             cache.truncate(start);
             for row in rows.iter_mut() {
                 let p = cache.len();
-                let mut ctx = vec![0f32; WIDTH];
+                let mut ctx = [0f32; WIDTH];
                 for c in cache.iter() {
                     ctx.iter_mut().zip(c).for_each(|(a, b)| *a += b / p as f32);
                 }
@@ -147,13 +151,19 @@ fn encode(values: &[f32], f16: bool) -> (FrameDtype, Vec<u8>) {
             .collect();
         (FrameDtype::F16, bytes)
     } else {
-        (FrameDtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        (
+            FrameDtype::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
     }
 }
 
 fn decode_rows(ballot: &SignedBallot) -> Vec<Vec<f32>> {
     let out = VoteOutput::from_bytes(ballot.dtype, ballot.width, &ballot.bytes).expect("whole");
-    out.values.chunks(ballot.width).map(|r| r.to_vec()).collect()
+    out.values
+        .chunks(ballot.width)
+        .map(|r| r.to_vec())
+        .collect()
 }
 
 /// What one run measured.
@@ -205,14 +215,20 @@ impl Swarm {
         keys.sort_by_key(|k| k.public());
         let mut replicas = Vec::new();
         let mut liar_index = None;
-        for range in 0..RANGES.len() {
+        for (range, layers) in RANGES.iter().enumerate() {
             // Keys of this range, ascending; the liar takes the first or the last.
-            let mut range_keys: Vec<iroh::SecretKey> =
-                keys.iter().skip(range).step_by(RANGES.len()).cloned().collect();
+            let mut range_keys: Vec<iroh::SecretKey> = keys
+                .iter()
+                .skip(range)
+                .step_by(RANGES.len())
+                .cloned()
+                .collect();
             range_keys.sort_by_key(|k| k.public());
             for (r, key) in range_keys.into_iter().enumerate() {
                 let behaviour = match liar {
-                    Some((b, lr, lowest)) if lr == range && r == if lowest { 0 } else { REPLICAS - 1 } => {
+                    Some((b, lr, lowest))
+                        if lr == range && r == if lowest { 0 } else { REPLICAS - 1 } =>
+                    {
                         liar_index = Some(replicas.len());
                         Some(b)
                     }
@@ -220,9 +236,9 @@ impl Swarm {
                 };
                 let build = Build {
                     order: (seed as usize + replicas.len()) as u8 % 3,
-                    f16_frames: (seed as usize + 2 * replicas.len()).is_multiple_of(3),
+                    f16_frames: (seed as usize + 2 * replicas.len()) % 3 == 0,
                 };
-                let mut first_layer = m.layers[RANGES[range].start].clone();
+                let mut first_layer = m.layers[layers.start].clone();
                 if behaviour == Some(Behaviour::WrongWeights) {
                     let n = first_layer.len();
                     adversary::add_noise(&mut first_layer, n, 0.01, &mut g);
@@ -235,7 +251,7 @@ impl Swarm {
                     build,
                     behaviour,
                     first_layer,
-                    cache: vec![Vec::new(); RANGES[range].len()],
+                    cache: vec![Vec::new(); layers.len()],
                     consensus: Consensus::new(Comparison::default(), Reputation::new(policy())),
                     prefix: [0; 32],
                     last_output: None,
@@ -251,7 +267,12 @@ impl Swarm {
         }
     }
 
-    fn frame_claim(key: &iroh::SecretKey, start: usize, count: usize, hash: [u8; 32]) -> SignedFrame {
+    fn frame_claim(
+        key: &iroh::SecretKey,
+        start: usize,
+        count: usize,
+        hash: [u8; 32],
+    ) -> SignedFrame {
         SignedFrame::sign(
             &FrameClaim {
                 version: RECEIPT_VERSION,
@@ -306,7 +327,11 @@ impl Swarm {
             weight: [rep.range as u8; 32],
             codec: 0,
             build_id: format!("sim-{}", rep.build.order),
-            kernel_path: if rep.build.f16_frames { "f16".into() } else { "f32".into() },
+            kernel_path: if rep.build.f16_frames {
+                "f16".into()
+            } else {
+                "f32".into()
+            },
             frame,
         };
         rep.prefix = extend_prefix(&rep.prefix, &ctx.step_key());
@@ -314,7 +339,10 @@ impl Swarm {
         let mut outputs = Vec::with_capacity(receivers);
         for r in 0..receivers {
             let lie = r > 0
-                && matches!(rep.behaviour, Some(Behaviour::Equivocate | Behaviour::BadUpstream));
+                && matches!(
+                    rep.behaviour,
+                    Some(Behaviour::Equivocate | Behaviour::BadUpstream)
+                );
             let mut v = honest.clone();
             if lie {
                 adversary::add_noise(&mut v, width, 0.05, noise);
@@ -385,7 +413,12 @@ impl Swarm {
                     chosen
                         .nodes
                         .iter()
-                        .map(|id| self.replicas.iter().position(|x| x.id == *id).expect("known"))
+                        .map(|id| {
+                            self.replicas
+                                .iter()
+                                .position(|x| x.id == *id)
+                                .expect("known")
+                        })
                         .collect()
                 })
                 .collect();
@@ -411,14 +444,25 @@ impl Swarm {
             let mut gossip_frames = Vec::new();
             let mut logits = None;
             for r in 0..RANGES.len() {
-                let expected: Vec<NodeId> = voters[r].iter().map(|&i| self.replicas[i].id).collect();
-                let receivers = if r + 1 < RANGES.len() { voters[r + 1].len() } else { 1 };
+                let expected: Vec<NodeId> =
+                    voters[r].iter().map(|&i| self.replicas[i].id).collect();
+                let receivers = if r + 1 < RANGES.len() {
+                    voters[r + 1].len()
+                } else {
+                    1
+                };
                 let mut per_receiver: Vec<Vec<SignedBallot>> = vec![Vec::new(); receivers];
                 for (vi, &i) in voters[r].iter().enumerate() {
                     let upstream = (r == 0).then_some(&client_frame);
-                    if let Some(bs) =
-                        self.ballots(i, &inputs[vi], frame, upstream, start, receivers, &mut noise)
-                    {
+                    if let Some(bs) = self.ballots(
+                        i,
+                        &inputs[vi],
+                        frame,
+                        upstream,
+                        start,
+                        receivers,
+                        &mut noise,
+                    ) {
                         for (rx, b) in bs.into_iter().enumerate() {
                             gossip_receipts.push(b.receipt.clone());
                             if let Some(f) = &b.frame {
@@ -439,7 +483,8 @@ impl Swarm {
                     let verdict = consensus.vote(&expected, ballots, now);
                     report.votes += 1;
                     let honest_flagged = |ids: &[NodeId]| {
-                        ids.iter().any(|id| Some(*id) != self.liar.map(|l| self.replicas[l].id))
+                        ids.iter()
+                            .any(|id| Some(*id) != self.liar.map(|l| self.replicas[l].id))
                     };
                     let fp = match &verdict.outcome {
                         VoteOutcome::Accepted(a) => {
@@ -463,10 +508,14 @@ impl Swarm {
                     let receivers: Vec<NodeId> =
                         voters[r + 1].iter().map(|&i| self.replicas[i].id).collect();
                     for node in &expected {
-                        let reporters: Vec<NodeId> =
-                            missing.iter().filter(|(n, _)| n == node).map(|(_, by)| *by).collect();
+                        let reporters: Vec<NodeId> = missing
+                            .iter()
+                            .filter(|(n, _)| n == node)
+                            .map(|(_, by)| *by)
+                            .collect();
                         if !reporters.is_empty() {
-                            self.client.missing_reported(*node, &reporters, &receivers, now);
+                            self.client
+                                .missing_reported(*node, &reporters, &receivers, now);
                         }
                     }
                     inputs = next_inputs;
@@ -545,10 +594,17 @@ fn the_honest_builds_really_differ_so_the_test_above_means_something() {
     // Two honest replicas' first-range outputs differ in bytes (rounding), not in value.
     let mut swarm = Swarm::new(3, None);
     let m = model();
-    let input: Vec<Vec<f32>> = PROMPT.iter().map(|t| m.embed[*t as usize * WIDTH..(*t as usize + 1) * WIDTH].to_vec()).collect();
+    let input: Vec<Vec<f32>> = PROMPT
+        .iter()
+        .map(|t| m.embed[*t as usize * WIDTH..(*t as usize + 1) * WIDTH].to_vec())
+        .collect();
     let mut noise = Gaussian::new(0);
-    let a = swarm.ballots(0, &input, [0; 32], None, 0, 1, &mut noise).expect("answers");
-    let b = swarm.ballots(1, &input, [0; 32], None, 0, 1, &mut noise).expect("answers");
+    let a = swarm
+        .ballots(0, &input, [0; 32], None, 0, 1, &mut noise)
+        .expect("answers");
+    let b = swarm
+        .ballots(1, &input, [0; 32], None, 0, 1, &mut noise)
+        .expect("answers");
     let (oa, ob) = (
         VoteOutput::from_bytes(a[0].dtype, a[0].width, &a[0].bytes).expect("whole"),
         VoteOutput::from_bytes(b[0].dtype, b[0].width, &b[0].bytes).expect("whole"),
@@ -580,12 +636,21 @@ fn every_behaviour_is_caught_within_three_votes_and_the_text_stays_honest() {
                 "{name:13} range {range} lowest {lowest:5}: identified after {:?} votes, state {:?}",
                 report.identified_after, report.liar_state
             ));
-            assert_eq!(report.tokens, reference, "{name} in range {range}: the text changed");
+            assert_eq!(
+                report.tokens, reference,
+                "{name} in range {range}: the text changed"
+            );
             let after = report.identified_after.unwrap_or(usize::MAX);
-            assert!(after <= 3, "{name} in range {range}: identified after {after} votes");
+            assert!(
+                after <= 3,
+                "{name} in range {range}: identified after {after} votes"
+            );
             assert!(!report.routed_after_ban, "{name}: routed after its ban");
             assert!(!report.liar_may_route, "{name}: still routable at the end");
-            assert_eq!(report.false_positives, 0, "{name}: an honest node was flagged");
+            assert_eq!(
+                report.false_positives, 0,
+                "{name}: an honest node was flagged"
+            );
         }
     }
     println!("{}", table.join("\n"));

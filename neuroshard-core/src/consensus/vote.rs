@@ -101,10 +101,8 @@ pub fn tally(expected: &[NodeId], ballots: &[Ballot], comparison: &Comparison) -
         .filter(|n| answered.binary_search(n).is_err())
         .copied()
         .collect();
-    let no_majority = |answered: Vec<NodeId>, missing: Vec<NodeId>| VoteOutcome::NoMajority {
-        answered,
-        missing,
-    };
+    let no_majority =
+        |answered: Vec<NodeId>, missing: Vec<NodeId>| VoteOutcome::NoMajority { answered, missing };
     if expected.len() > MAX_REDUNDANCY || counted.is_empty() {
         return no_majority(answered, missing);
     }
@@ -268,13 +266,17 @@ mod tests {
         assert_eq!(a.deviating, vec![ids[0]]);
         // The same ballot twice is a duplicate, not an equivocation.
         let dup = [ballot(ids[0], &[1.0]), ballot(ids[0], &[1.0])];
-        assert!(tally(&ids[..1], &dup, &Comparison::Exact).accepted().is_some());
+        assert!(tally(&ids[..1], &dup, &Comparison::Exact)
+            .accepted()
+            .is_some());
     }
 
     #[test]
     fn too_many_replicas_is_no_majority_rather_than_a_slow_search() {
         let ids: Vec<NodeId> = (1..=8).map(id).collect();
         let ballots: Vec<Ballot> = ids.iter().map(|&n| ballot(n, &[1.0])).collect();
-        assert!(tally(&ids, &ballots, &Comparison::Exact).accepted().is_none());
+        assert!(tally(&ids, &ballots, &Comparison::Exact)
+            .accepted()
+            .is_none());
     }
 }
