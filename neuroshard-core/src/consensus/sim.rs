@@ -181,6 +181,8 @@ struct RunReport {
     routed_after_ban: bool,
     liar_state: Option<TrustState>,
     liar_may_route: bool,
+    /// Banned for good (a fraud or upstream proof reached the client).
+    liar_banned_for_good: bool,
 }
 
 struct Swarm {
@@ -565,6 +567,11 @@ impl Swarm {
             let end = T0 + (DECODE as u64 + 1) * STEP_MS;
             report.liar_state = Some(self.client.reputation().state(&id, end));
             report.liar_may_route = self.client.reputation().may_route(&id, end);
+            report.liar_banned_for_good = self
+                .client
+                .reputation()
+                .standing(&id)
+                .is_some_and(|s| s.banned_until_ms == u64::MAX);
         }
         report
     }
@@ -651,6 +658,8 @@ fn every_behaviour_is_caught_within_three_votes_and_the_text_stays_honest() {
                 report.false_positives, 0,
                 "{name}: an honest node was flagged"
             );
+            // Two-faced lies leave signed proofs that gossip brings to the client.
+            assert_eq!(report.liar_banned_for_good, two_faced, "{name}: proof");
         }
     }
     println!("{}", table.join("\n"));
