@@ -61,6 +61,13 @@ for k, a in sorted(attacks.items()):
     print(f"mildest {k:18s}: rel_l2 {a['rel_l2']:.3e}, max_abs {a['max_abs']:.3e}")
 print(f"threshold rel_l2 {tolerance['rel_l2']:.0e}: {summary['margin_honest_to_threshold_rel_l2']:.1f}x above the worst honest, "
       f"{summary['margin_threshold_to_mildest_attack_rel_l2']:.1f}x below the mildest attack")
+# The vote's cost against the fastest honest step: exact mode, 2 threads, the best kernel path.
+best_path = "avx2" if any(v["kernel_path"] == "avx2" for v in variants) else "scalar"
+cost = next(v for v in variants if v["mode"] == "exact" and v["threads"] == 2 and v["kernel_path"] == best_path)["vote_cost"]
+summary["vote_cost"] = cost
+for r in cost["per_range"]:
+    print(f"vote cost range {r['range']} (width {r['width']}): {r['vote_ms']:.3f} ms against {r['compute_ms']:.3f} ms compute ({100 * r['vote_over_step']:.1f}%), signing {r['sign_ms']:.3f} ms")
+print(f"votes of one decode step (k = 3, every range): {100 * cost['votes_over_decode_step']:.1f}% of its compute")
 for point in variants[0]["detection_curve"]:
     print(f"detection {point['attack']:5s} {point['magnitude']:<7.4g}: {point['detection_rate']:.2f}")
 summary["detection_curve"] = variants[0]["detection_curve"]

@@ -322,9 +322,123 @@ fn against(model: &str, mode: ComputeMode, path: &str, out: &str) -> Result<(), 
         "threads": neuroshard_core::runtime::threads(),
         "rows": rows,
         "detection_curve": curve,
+        "vote_cost": vote_cost(&engines, &records)?,
     });
     std::fs::write(out, serde_json::to_vec_pretty(&config)?)?;
     Ok(())
+}
+
+/// The median of `runs` timings of `f`, in milliseconds.
+fn median_ms(runs: usize, mut f: impl FnMut() -> Result<(), Fail>) -> Result<f64, Fail> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = std::time::Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// What a k = 3 vote costs a receiver against the step it guards, per range, on one decode
+/// position: the range's compute, the receiver's `Consensus::vote` over 3 signed ballots
+/// (receipt checks, hashing, pairwise distances, reputation), and one replica's signing.
+fn vote_cost(engines: &[ShardEngine], records: &[Record]) -> Result<serde_json::Value, Fail> {
+    use neuroshard_core::consensus::{
+        Consensus, FrameDtype, InputContext, ReceiptChain, SignedBallot, Work,
+    };
+    let mut out = Vec::new();
+    for (range, engine) in engines.iter().enumerate() {
+        let Some(rec) = records
+            .iter()
+            .rev()
+            .find(|r| r.range == range && r.output.len() == r.width)
+        else {
+            continue;
+        };
+        let compute = median_ms(21, || {
+            run_range(engine, rec, 1, None)?;
+            Ok(())
+        })?;
+        let bytes: Vec<u8> = rec.output.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let input = InputContext {
+            session: 1,
+            position: rec.start as u64,
+            count: 1,
+            prefix: [0; 32],
+            weight: [0; 32],
+            codec: 0,
+            build_id: neuroshard_core::VERSION.into(),
+            kernel_path: KernelPath::detect().name().into(),
+            frame: [0; 32],
+        };
+        let keys: Vec<neuroshard_core::SecretKey> = (1..=3u8)
+            .map(|i| neuroshard_core::SecretKey::from_bytes(&[i; 32]))
+            .collect();
+        let expected: Vec<_> = keys.iter().map(|k| k.public()).collect();
+        let now = neuroshard_core::net::now_ms();
+        let mut chains: Vec<ReceiptChain> = keys
+            .iter()
+            .map(|k| ReceiptChain::new(k.clone(), [0; 32]))
+            .collect();
+        let mut ballots = || -> Vec<SignedBallot> {
+            let output = *blake3::hash(&bytes).as_bytes();
+            chains
+                .iter_mut()
+                .map(|chain| {
+                    let work = Work {
+                        session: 1,
+                        position: rec.start as u64,
+                        count: 1,
+                        input: input.hash(),
+                        output,
+                        weight: [0; 32],
+                    };
+                    let receipt = chain.issue(&work, now);
+                    SignedBallot {
+                        from: receipt.verify().map(|r| r.node).unwrap_or(expected[0]),
+                        dtype: FrameDtype::F32,
+                        width: rec.width,
+                        bytes: bytes.clone(),
+                        input: input.clone(),
+                        receipt,
+                        frame: None,
+                        upstream: None,
+                    }
+                })
+                .collect()
+        };
+        let sign = median_ms(21, || {
+            ballots();
+            Ok(())
+        })? / 3.0;
+        let sets: Vec<Vec<SignedBallot>> = (0..21).map(|_| ballots()).collect();
+        let mut sets = sets.into_iter();
+        let vote = median_ms(21, || {
+            let mut consensus = Consensus::default();
+            let verdict = consensus.vote(&expected, sets.next().unwrap_or_default(), now);
+            if verdict.accepted.is_none() {
+                return Err("the cost vote found no majority".into());
+            }
+            Ok(())
+        })?;
+        eprintln!(
+            "range {range}: compute {compute:.3} ms, vote {vote:.3} ms ({:.1}%), sign {sign:.3} ms",
+            100.0 * vote / compute
+        );
+        out.push(serde_json::json!({"range": range, "width": rec.width,
+            "compute_ms": compute, "vote_ms": vote, "sign_ms": sign,
+            "vote_over_step": vote / compute}));
+    }
+    // One decode step runs every range once and one vote per range on its path: the share of
+    // the whole step the votes cost.
+    let sum = |key: &str| out.iter().filter_map(|r| r[key].as_f64()).sum::<f64>();
+    let total = sum("vote_ms") / sum("compute_ms");
+    eprintln!(
+        "votes of one decode step: {:.1}% of its compute",
+        100.0 * total
+    );
+    Ok(serde_json::json!({"per_range": out, "votes_over_decode_step": total}))
 }
 
 fn main() -> Result<(), Fail> {

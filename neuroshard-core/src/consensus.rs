@@ -88,7 +88,7 @@ impl DeviationEvidence {
         let mut step = None;
         let mut ballots = Vec::with_capacity(self.ballots.len());
         for b in &self.ballots {
-            let (receipt, output) = checked_ballot(b)?;
+            let (receipt, output) = checked_ballot(b, true)?;
             let key = b.input.step_key();
             if *step.get_or_insert(key) != key {
                 return Err(ReceiptError::NotAProof("ballots for different inputs"));
@@ -107,14 +107,35 @@ impl DeviationEvidence {
     }
 }
 
-/// A ballot whose receipt verifies, is the sender's own and names the bytes sent.
-fn checked_ballot(b: &SignedBallot) -> Result<(Receipt, VoteOutput), ReceiptError> {
-    let receipt = b.receipt.verify()?;
+/// A ballot whose receipt is the sender's own and names the bytes sent and the input, and
+/// whose signature verifies (checked only when `signature`: see [`Consensus::vote`]).
+fn checked_ballot(
+    b: &SignedBallot,
+    signature: bool,
+) -> Result<(Receipt, VoteOutput), ReceiptError> {
+    checked_ballot_with(b, signature, None)
+}
+
+/// [`checked_ballot`], reusing `same`: the output of another ballot whose bytes are
+/// identical (hashing a 49,152-value logits row costs more than comparing it).
+fn checked_ballot_with(
+    b: &SignedBallot,
+    signature: bool,
+    same: Option<&VoteOutput>,
+) -> Result<(Receipt, VoteOutput), ReceiptError> {
+    let receipt = if signature {
+        b.receipt.verify()?
+    } else {
+        b.receipt.decode_unverified()?
+    };
     if receipt.node != b.from {
         return Err(ReceiptError::NotAProof("a receipt signed by another node"));
     }
-    let output = VoteOutput::from_bytes(b.dtype, b.width, &b.bytes)
-        .ok_or(ReceiptError::NotAProof("a frame that is not whole values"))?;
+    let output = match same {
+        Some(o) => o.clone(),
+        None => VoteOutput::from_bytes(b.dtype, b.width, &b.bytes)
+            .ok_or(ReceiptError::NotAProof("a frame that is not whole values"))?,
+    };
     if output.hash != receipt.output {
         return Err(ReceiptError::NotAProof("a receipt for other bytes"));
     }
@@ -220,28 +241,40 @@ impl Consensus {
     /// signer already signed another output for the same input.
     pub fn observe(&mut self, signed: &SignedReceipt, now_ms: u64) -> Option<FraudProof> {
         // A receipt already remembered needs no second signature check (gossip echoes).
-        let unverified: Receipt = postcard::from_bytes(&signed.body).ok()?;
+        let unverified = signed.decode_unverified().ok()?;
         let known = self.signed_inputs.get(&(unverified.node, unverified.input));
         if known.is_some_and(|(k, _)| k == signed) {
             return None;
         }
         let receipt = signed.verify().ok()?;
-        self.observe_verified(signed, &receipt, now_ms)
+        self.remember(signed, &receipt, now_ms)
     }
 
-    /// [`Consensus::observe`] for a receipt whose signature the caller verified.
-    fn observe_verified(
+    /// Records `signed` (decoded as `receipt`, its signature not necessarily checked yet)
+    /// under its signer and input; a different receipt already there makes a fraud proof if
+    /// both verify. Of two where one does not verify, the one that does is kept.
+    fn remember(
         &mut self,
         signed: &SignedReceipt,
         receipt: &Receipt,
         now_ms: u64,
     ) -> Option<FraudProof> {
         self.prune(now_ms);
-        match self.signed_inputs.get(&(receipt.node, receipt.input)) {
-            Some((earlier, _)) => FraudProof::new(earlier.clone(), signed.clone()).ok(),
+        let key = (receipt.node, receipt.input);
+        match self.signed_inputs.get(&key) {
+            Some((earlier, _)) if earlier == signed => None,
+            Some((earlier, _)) => {
+                let earlier = earlier.clone();
+                if let Ok(proof) = FraudProof::new(earlier.clone(), signed.clone()) {
+                    return Some(proof);
+                }
+                if earlier.verify().is_err() && signed.verify().is_ok() {
+                    self.signed_inputs.insert(key, (signed.clone(), now_ms));
+                }
+                None
+            }
             None => {
-                self.signed_inputs
-                    .insert((receipt.node, receipt.input), (signed.clone(), now_ms));
+                self.signed_inputs.insert(key, (signed.clone(), now_ms));
                 None
             }
         }
@@ -352,10 +385,14 @@ impl Consensus {
                     evidence.push(Evidence::Upstream(proof));
                 }
             }
-            let Ok((receipt, output)) = checked_ballot(&b) else {
+            let same = pinned
+                .iter()
+                .find(|(_, p)| p.dtype == b.dtype && p.width == b.width && p.bytes == b.bytes)
+                .map(|(o, _)| o);
+            let Ok((receipt, output)) = checked_ballot_with(&b, false, same) else {
                 continue;
             };
-            if let Some(proof) = self.observe_verified(&b.receipt, &receipt, now_ms) {
+            if let Some(proof) = self.remember(&b.receipt, &receipt, now_ms) {
                 evidence.push(Evidence::Fraud(proof));
             }
             // A second copy of one ballot is a duplicate; the check would call it a replay.
@@ -384,14 +421,28 @@ impl Consensus {
         let main_step = steps.first().map(|(h, _)| *h);
         pinned.retain(|(_, b)| Some(b.input.step_key()) == main_step);
 
-        let tally_ballots: Vec<Ballot> = pinned
-            .iter()
-            .map(|(o, b)| Ballot {
-                node: b.from,
-                output: o.clone(),
-            })
-            .collect();
-        let outcome = tally(expected, &tally_ballots, &self.comparison);
+        let tally_ballots = |pinned: &[(VoteOutput, SignedBallot)]| -> Vec<Ballot> {
+            pinned
+                .iter()
+                .map(|(o, b)| Ballot {
+                    node: b.from,
+                    output: o.clone(),
+                })
+                .collect()
+        };
+        let mut outcome = tally(expected, &tally_ballots(&pinned), &self.comparison);
+        // The transport authenticates each ballot's sender, so a unanimous vote needs no
+        // signature check (the receipts are kept for audits). Signatures matter once a
+        // ballot may become evidence: then every one is checked, those that fail count as
+        // missed answers, and the vote runs again without them.
+        let unanimous = outcome.accepted().is_some_and(|a| a.deviating.is_empty());
+        if !unanimous {
+            let before = pinned.len();
+            pinned.retain(|(_, b)| b.receipt.verify().is_ok());
+            if pinned.len() != before {
+                outcome = tally(expected, &tally_ballots(&pinned), &self.comparison);
+            }
+        }
         let unaccounted: Vec<NodeId> = expected
             .iter()
             .filter(|n| !pinned.iter().any(|(_, b)| b.from == **n))
@@ -457,5 +508,155 @@ fn deviation_detail(ballots: &[SignedBallot], node: NodeId) -> String {
 impl Default for Consensus {
     fn default() -> Self {
         Consensus::new(Comparison::default(), Reputation::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn key(seed: u8) -> iroh::SecretKey {
+        iroh::SecretKey::from_bytes(&[seed; 32])
+    }
+
+    fn input() -> InputContext {
+        InputContext {
+            session: 1,
+            position: 0,
+            count: 1,
+            prefix: [0; 32],
+            weight: [0; 32],
+            codec: 0,
+            build_id: "test".into(),
+            kernel_path: "scalar".into(),
+            frame: [3; 32],
+        }
+    }
+
+    fn ballot(seed: u8, values: &[f32]) -> SignedBallot {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let work = Work {
+            session: 1,
+            position: 0,
+            count: 1,
+            input: input().hash(),
+            output: *blake3::hash(&bytes).as_bytes(),
+            weight: [0; 32],
+        };
+        SignedBallot {
+            from: key(seed).public(),
+            dtype: FrameDtype::F32,
+            width: values.len(),
+            bytes,
+            input: input(),
+            receipt: ReceiptChain::new(key(seed), [0; 32]).issue(&work, NOW),
+            frame: None,
+            upstream: None,
+        }
+    }
+
+    fn expected() -> Vec<NodeId> {
+        (1..=3).map(|s| key(s).public()).collect()
+    }
+
+    #[test]
+    fn a_deviation_on_signed_receipts_is_evidence_anyone_can_check_once() {
+        let mut receiver = Consensus::default();
+        let ballots = vec![
+            ballot(1, &[1.0, 2.0]),
+            ballot(2, &[1.0, 2.0]),
+            ballot(3, &[1.5, 2.0]),
+        ];
+        let verdict = receiver.vote(&expected(), ballots, NOW);
+        let accepted = verdict.outcome.accepted().expect("a majority");
+        assert_eq!(accepted.deviating, vec![key(3).public()]);
+        assert_eq!(verdict.evidence.len(), 1);
+        assert!(!receiver.reputation().may_route(&key(3).public(), NOW));
+        // Another node verifies the evidence itself and applies it once.
+        let mut other = Consensus::default();
+        for _ in 0..2 {
+            assert_eq!(other.apply(&verdict.evidence[0], NOW), Ok(key(3).public()));
+        }
+        assert_eq!(
+            other
+                .reputation()
+                .standing(&key(3).public())
+                .map(|s| s.deviations),
+            Some(1)
+        );
+        // Tampered evidence (the accused's bytes changed after signing) proves nothing.
+        let Evidence::Deviation(mut forged) = verdict.evidence[0].clone() else {
+            panic!("a deviation");
+        };
+        forged.ballots[2].bytes[0] ^= 1;
+        assert!(forged.verify().is_err());
+        // Accusing an agreeing replica proves nothing either.
+        let Evidence::Deviation(mut framed) = verdict.evidence[0].clone() else {
+            panic!("a deviation");
+        };
+        framed.accused = key(1).public();
+        assert!(framed.verify().is_err());
+    }
+
+    #[test]
+    fn an_unsigned_deviation_is_only_a_missed_answer_and_a_unanimous_vote_checks_no_signature() {
+        let mut receiver = Consensus::default();
+        let mut liar = ballot(3, &[1.5, 2.0]);
+        liar.receipt.signature = vec![0; 64];
+        let verdict = receiver.vote(
+            &expected(),
+            vec![ballot(1, &[1.0, 2.0]), ballot(2, &[1.0, 2.0]), liar],
+            NOW,
+        );
+        let accepted = verdict.outcome.accepted().expect("two agree");
+        assert!(accepted.deviating.is_empty());
+        assert_eq!(verdict.unaccounted, vec![key(3).public()]);
+        assert!(verdict.evidence.is_empty());
+        let standing = receiver.reputation().standing(&key(3).public()).cloned();
+        assert_eq!(standing.map(|s| (s.score, s.deviations)), Some((0.0, 0)));
+        // A unanimous vote goes through without signature checks (the transport
+        // authenticated the senders); the receipts stay for audits.
+        let mut receiver = Consensus::default();
+        let mut unsigned = ballot(3, &[1.0, 2.0]);
+        unsigned.receipt.signature = vec![0; 64];
+        let verdict = receiver.vote(
+            &expected(),
+            vec![ballot(1, &[1.0, 2.0]), ballot(2, &[1.0, 2.0]), unsigned],
+            NOW,
+        );
+        assert_eq!(
+            verdict.outcome.accepted().map(|a| a.agreeing.len()),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn a_second_output_for_one_input_is_a_fraud_proof_from_gossip() {
+        let mut node = Consensus::default();
+        let first = ballot(1, &[1.0, 2.0]);
+        let second = ballot(1, &[9.0, 2.0]);
+        assert!(node.observe(&first.receipt, NOW).is_none());
+        assert!(
+            node.observe(&first.receipt, NOW).is_none(),
+            "an echo is no proof"
+        );
+        let proof = node.observe(&second.receipt, NOW).expect("a proof");
+        assert_eq!(
+            node.apply(&Evidence::Fraud(proof), NOW),
+            Ok(key(1).public())
+        );
+        assert_eq!(
+            node.reputation().state(&key(1).public(), u64::MAX - 1),
+            TrustState::Banned
+        );
+        // Ballots from outside the vote and replayed receipts do not count.
+        let mut receiver = Consensus::default();
+        let b = ballot(1, &[1.0]);
+        receiver.vote(&expected(), vec![b.clone(), ballot(2, &[1.0])], NOW);
+        let replay = receiver.vote(&expected(), vec![b, ballot(9, &[1.0])], NOW);
+        assert!(replay.outcome.accepted().is_none());
+        assert_eq!(replay.unaccounted.len(), 3);
     }
 }
