@@ -159,14 +159,34 @@ fn verify_signed(node: &NodeId, body: &[u8], signature: &[u8]) -> Result<(), Rec
         .map_err(|_| bad())
 }
 
+/// `value`'s postcard encoding and `key`'s signature over it.
+fn sign_body(value: &impl Serialize, key: &iroh::SecretKey) -> (Vec<u8>, Vec<u8>) {
+    let body = postcard::to_allocvec(value).unwrap_or_default();
+    let signature = key.sign(&body).to_bytes().to_vec();
+    (body, signature)
+}
+
+/// Decodes a signed body and checks its version (not its signature).
+fn decode_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    version: impl Fn(&T) -> u8,
+) -> Result<T, ReceiptError> {
+    let value: T =
+        postcard::from_bytes(body).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+    let v = version(&value);
+    if v != RECEIPT_VERSION {
+        return Err(ReceiptError::Malformed(format!(
+            "version {v} (expected {RECEIPT_VERSION})"
+        )));
+    }
+    Ok(value)
+}
+
 impl SignedReceipt {
     /// Signs `receipt` (whose `node` must be `key`'s public key to verify).
     pub fn sign(receipt: &Receipt, key: &iroh::SecretKey) -> Self {
-        let body = postcard::to_allocvec(receipt).unwrap_or_default();
-        SignedReceipt {
-            signature: key.sign(&body).to_bytes().to_vec(),
-            body,
-        }
+        let (body, signature) = sign_body(receipt, key);
+        SignedReceipt { body, signature }
     }
 
     /// Decodes the body and checks its signature.
@@ -180,15 +200,7 @@ impl SignedReceipt {
     /// its signer over an authenticated connection, where the signature matters only once
     /// the receipt becomes evidence (then [`SignedReceipt::verify`]).
     pub fn decode_unverified(&self) -> Result<Receipt, ReceiptError> {
-        let receipt: Receipt =
-            postcard::from_bytes(&self.body).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        if receipt.version != RECEIPT_VERSION {
-            return Err(ReceiptError::Malformed(format!(
-                "version {} (expected {RECEIPT_VERSION})",
-                receipt.version
-            )));
-        }
-        Ok(receipt)
+        decode_body(&self.body, |r: &Receipt| r.version)
     }
 
     /// The receipt's identity: what the signer's next receipt names as `prev`.
@@ -392,23 +404,13 @@ pub struct SignedFrame {
 impl SignedFrame {
     /// Signs `claim` with the sender's key.
     pub fn sign(claim: &FrameClaim, key: &iroh::SecretKey) -> Self {
-        let body = postcard::to_allocvec(claim).unwrap_or_default();
-        SignedFrame {
-            signature: key.sign(&body).to_bytes().to_vec(),
-            body,
-        }
+        let (body, signature) = sign_body(claim, key);
+        SignedFrame { body, signature }
     }
 
     /// Decodes the claim and checks its signature.
     pub fn verify(&self) -> Result<FrameClaim, ReceiptError> {
-        let claim: FrameClaim =
-            postcard::from_bytes(&self.body).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        if claim.version != RECEIPT_VERSION {
-            return Err(ReceiptError::Malformed(format!(
-                "version {} (expected {RECEIPT_VERSION})",
-                claim.version
-            )));
-        }
+        let claim = decode_body(&self.body, |c: &FrameClaim| c.version)?;
         verify_signed(&claim.sender, &self.body, &self.signature)?;
         Ok(claim)
     }
