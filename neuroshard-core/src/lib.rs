@@ -11,6 +11,8 @@
 //! - [`blocking`] wraps these over one runtime owned by the library (the Python and C
 //!   bindings use it); [`runtime::init`] fixes the process's compute threads once.
 //! - [`wire`] is the tensor frame format between nodes.
+//! - [`consensus`] ([`Consensus`]) checks lying nodes: replicas' outputs compared and voted
+//!   on by every receiver, chained signed receipts with fraud proofs, and reputation.
 //!
 //! ```no_run
 //! # async fn demo() -> neuroshard_core::Result<()> {
