@@ -136,10 +136,10 @@ fn checked_ballot_with(
         None => VoteOutput::from_bytes(b.dtype, b.width, &b.bytes)
             .ok_or(ReceiptError::NotAProof("a frame that is not whole values"))?,
     };
-    if output.hash != receipt.output {
+    if output.hash != receipt.work.output {
         return Err(ReceiptError::NotAProof("a receipt for other bytes"));
     }
-    if b.input.hash() != receipt.input {
+    if b.input.hash() != receipt.work.input {
         return Err(ReceiptError::NotAProof("a receipt for another input"));
     }
     Ok((receipt, output))
@@ -242,7 +242,9 @@ impl Consensus {
     pub fn observe(&mut self, signed: &SignedReceipt, now_ms: u64) -> Option<FraudProof> {
         // A receipt already remembered needs no second signature check (gossip echoes).
         let unverified = signed.decode_unverified().ok()?;
-        let known = self.signed_inputs.get(&(unverified.node, unverified.input));
+        let known = self
+            .signed_inputs
+            .get(&(unverified.node, unverified.work.input));
         if known.is_some_and(|(k, _)| k == signed) {
             return None;
         }
@@ -260,7 +262,7 @@ impl Consensus {
         now_ms: u64,
     ) -> Option<FraudProof> {
         self.prune(now_ms);
-        let key = (receipt.node, receipt.input);
+        let key = (receipt.node, receipt.work.input);
         match self.signed_inputs.get(&key) {
             Some((earlier, _)) if earlier == signed => None,
             Some((earlier, _)) => {

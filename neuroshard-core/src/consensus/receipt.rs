@@ -125,18 +125,8 @@ pub struct Receipt {
     pub version: u8,
     /// The signer.
     pub node: NodeId,
-    /// The inference session.
-    pub session: u64,
-    /// First position of the step.
-    pub position: u64,
-    /// Positions in the step.
-    pub count: u32,
-    /// [`InputContext::hash`] of what it computed from.
-    pub input: Hash,
-    /// blake3 of the output frame it sent.
-    pub output: Hash,
-    /// [`weight_hash`] of its weight version.
-    pub weight: Hash,
+    /// What it computed: session, positions, input, output and weights.
+    pub work: Work,
     /// Signer's clock, Unix milliseconds.
     pub time_ms: u64,
     /// [`SignedReceipt::hash`] of the signer's previous receipt (zeros for its first).
@@ -210,7 +200,7 @@ impl SignedReceipt {
 }
 
 /// The fields of a receipt that describe the work (the chain adds node, time and `prev`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Work {
     /// The inference session.
     pub session: u64,
@@ -249,12 +239,7 @@ impl ReceiptChain {
         let receipt = Receipt {
             version: RECEIPT_VERSION,
             node: self.key.public(),
-            session: work.session,
-            position: work.position,
-            count: work.count,
-            input: work.input,
-            output: work.output,
-            weight: work.weight,
+            work: work.clone(),
             time_ms,
             prev: self.head,
         };
@@ -365,10 +350,10 @@ impl FraudProof {
         if a.node != b.node {
             return Err(ReceiptError::NotAProof("two signers"));
         }
-        if a.input != b.input {
+        if a.work.input != b.work.input {
             return Err(ReceiptError::NotAProof("two inputs"));
         }
-        if a.output == b.output {
+        if a.work.output == b.work.output {
             return Err(ReceiptError::NotAProof("the same output"));
         }
         Ok(a.node)
@@ -488,7 +473,7 @@ mod tests {
         let signed = chain.issue(&work(0, 9), 1_000);
         let r = signed.verify().expect("valid");
         assert_eq!(
-            (r.node, r.position, r.output),
+            (r.node, r.work.position, r.work.output),
             (key(1).public(), 0, [9; 32])
         );
         let mut forged = signed.clone();
