@@ -13,7 +13,7 @@ use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::peers::PeerSet;
 use crate::net::peers::MAX_PEERS;
 use crate::net::proto::{
-    read_message, request_on, route_nodes, write_message, Message, RouteHop, SessionOpen,
+    read_message_limited, request_on, route_nodes, write_message, Message, RouteHop, SessionOpen,
     SignedOpen,
 };
 use crate::net::proto::{
@@ -33,6 +33,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+mod replicated;
 
 /// What a hop sends a session's client, routed to the session's inbox with the sender's
 /// authenticated id (the session accepts each kind only from the route members allowed to
@@ -56,6 +58,15 @@ enum Inbound {
         /// One value per vocabulary entry.
         values: Vec<f32>,
     },
+    /// One last-range replica's signed logits for the step `..step_end` (replicated sessions).
+    Ballot {
+        /// The attempt of the step.
+        attempt: u64,
+        /// Position after the step's last input (the logits predict it).
+        step_end: u32,
+        /// The ballot, its sender the connection's authenticated peer.
+        ballot: Box<crate::consensus::SignedBallot>,
+    },
 }
 
 type Inbox = mpsc::UnboundedSender<FromHop>;
@@ -65,6 +76,9 @@ struct Inner {
     key: SecretKey,
     conns: Connections,
     sessions: Mutex<HashMap<u64, Inbox>>,
+    /// The client's votes over last-range logits, the evidence it checked and its
+    /// reputation table (which nodes its routes may use).
+    trust: Mutex<crate::consensus::Consensus>,
 }
 
 /// A client endpoint that can run sessions on any route.
@@ -91,6 +105,7 @@ impl Client {
                 key,
                 conns: Connections::default(),
                 sessions: Mutex::new(HashMap::new()),
+                trust: Mutex::default(),
             }),
         })
     }
@@ -144,6 +159,7 @@ impl Client {
             handover: None,
             return_logits,
             adapter: None,
+            replicas: Vec::new(),
         };
         self.open_signed(open, &self.inner.key).await
     }
@@ -170,8 +186,10 @@ impl Client {
             leaving: Vec::new(),
             machine,
             attempt: 0,
+            trust: replicated::SessionTrust::default(),
         };
-        for hop in session.open.route.clone() {
+        let members: Vec<RouteHop> = session.open.members().into_iter().cloned().collect();
+        for hop in members {
             let reply = self.request(&hop, &Message::Open(signed.clone())).await;
             match reply {
                 Ok(Message::Ok) => session.opened.push(hop),
@@ -285,13 +303,19 @@ impl Client {
             while let Ok(mut recv) = incoming.accept_uni().await {
                 let inner = inner.clone();
                 tokio::spawn(async move {
-                    let Ok(msg) = read_message(&mut recv).await else {
+                    // Vote reports carry evidence (every ballot of a vote): larger than a
+                    // control message, still bounded.
+                    let Ok(msg) =
+                        read_message_limited(&mut recv, replicated::MAX_VOTE_REPORT).await
+                    else {
                         return;
                     };
                     let session = match &msg {
                         Message::Token { session, .. }
                         | Message::Error { session, .. }
-                        | Message::Logits { session, .. } => *session,
+                        | Message::Logits { session, .. }
+                        | Message::Ballot { session, .. }
+                        | Message::VoteReport { session, .. } => *session,
                         // Only a node may say that it itself is leaving.
                         Message::Leaving { session, node, .. } if *node == node_id => *session,
                         _ => return,
@@ -309,6 +333,24 @@ impl Client {
                                 Err(_) => return,
                             }
                         }
+                        Message::Ballot {
+                            attempt,
+                            start_pos,
+                            step_end,
+                            claim,
+                            ..
+                        } => match replicated::read_logits_ballot(
+                            &mut recv, node_id, session, start_pos, *claim,
+                        )
+                        .await
+                        {
+                            Some(ballot) => Inbound::Ballot {
+                                attempt,
+                                step_end,
+                                ballot: Box::new(ballot),
+                            },
+                            None => return,
+                        },
                         other => Inbound::Message(other),
                     };
                     if let Some(tx) = lock(&inner.sessions).get(&session) {
@@ -449,6 +491,8 @@ pub struct RemoteSession {
     /// Steps sent so far (each one's attempt number): hops drop attempts older than one
     /// they have run, so a stalled stream cannot overwrite a retry's newer positions.
     attempt: u64,
+    /// Replicated sessions: missing-replica reports and what the votes found.
+    trust: replicated::SessionTrust,
 }
 
 impl std::fmt::Debug for RemoteSession {
@@ -503,6 +547,9 @@ impl RemoteSession {
         tokens: &[u32],
         start_pos: usize,
     ) -> Result<StepResult, NetError> {
+        if !self.open.replicas.is_empty() {
+            return self.step_replicated(tokens, start_pos).await;
+        }
         // Reports of an earlier, failed attempt must not be mistaken for this step's; notices
         // of leaving hops are kept.
         while let Ok(FromHop { from, item }) = self.rx.try_recv() {
@@ -567,7 +614,7 @@ impl RemoteSession {
                     reason: *reason,
                 },
                 Inbound::Message(Message::Leaving { .. }) => Report::Leaving,
-                Inbound::Message(_) => continue,
+                Inbound::Message(_) | Inbound::Ballot { .. } => continue,
             };
             match (self.machine.report(from, report), item) {
                 (Verdict::Result, Inbound::Message(Message::Token { token, .. })) => {

@@ -188,9 +188,17 @@ pub struct Consensus {
     pruned_at: u64,
 }
 
-/// A stable id for a piece of evidence (blake3 of its encoding).
+/// A stable id for a piece of evidence: blake3 of its encoding, and for a deviation of the
+/// accused and the step alone, so that the receivers of one vote, each holding its own copy
+/// of the ballots, make it count once.
 pub fn evidence_id(evidence: &Evidence) -> Hash {
-    let body = postcard::to_allocvec(evidence).unwrap_or_default();
+    let body = match evidence {
+        Evidence::Deviation(d) => {
+            let step = d.ballots.first().map(|b| b.input.step_key());
+            postcard::to_allocvec(&(d.accused, step)).unwrap_or_default()
+        }
+        other => postcard::to_allocvec(other).unwrap_or_default(),
+    };
     blake3::derive_key("neuroshard evidence v1", &body)
 }
 
@@ -305,6 +313,11 @@ impl Consensus {
                 None
             }
         }
+    }
+
+    /// Whether `evidence` (or the same deviation seen by another receiver) was applied.
+    pub fn knows(&self, evidence: &Evidence) -> bool {
+        self.applied.contains_key(&evidence_id(evidence))
     }
 
     /// Applies evidence (from gossip, or found here): verified first, never taken on the

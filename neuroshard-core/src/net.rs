@@ -31,7 +31,7 @@ pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 pub use peers::{PeerEntry, PeerInfo, PeerSet, TrackRecord};
 pub use proto::{ModelInfo, NodeStats, RouteHop, INFER_ALPN, MAX_STEP_POSITIONS, PEERS_PAGE};
 pub use refusal::{Reason, REASON_CODES_VERSION};
-pub use route::{Hop, Route, RouteOptions};
+pub use route::{Hop, ReplicatedRange, Route, RouteOptions};
 
 /// Current time in ms since the Unix epoch (announcements, expiry and session-opens use it).
 pub fn now_ms() -> u64 {

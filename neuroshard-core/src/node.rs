@@ -14,12 +14,15 @@ mod handover;
 #[cfg(feature = "internals")]
 pub(crate) mod misbehaviour;
 mod relay;
+mod replicated;
 mod sent;
 
 pub use handover::{LeaveHandle, LeaveReport};
 
 use crate::engine::ShardEngine;
-use crate::net::admission::{check_route, OpenReplayGuard, Refusal, DEFAULT_OPEN_WINDOW_MS};
+use crate::net::admission::{
+    check_replicas, check_route, OpenReplayGuard, Refusal, DEFAULT_OPEN_WINDOW_MS,
+};
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::connections::Connections;
 use crate::net::endpoint::{bind, EndpointOptions};
@@ -120,6 +123,8 @@ struct HopSession {
     /// The IO-less hop machine: who may feed this hop, how a step's chunks follow one
     /// another and where each chunk's output goes.
     state: Mutex<HopState>,
+    /// Replicated sessions: this replica's place, its ballot boxes and its prefix chain.
+    replication: Option<replicated::Replication>,
 }
 
 impl HopSession {
@@ -179,6 +184,22 @@ struct Inner {
     /// How this node lies (hostile-peer tests only).
     #[cfg(feature = "internals")]
     misbehaviour: Mutex<misbehaviour::Misbehaviour>,
+    /// How this replica lies in votes (`node --behaviour`, feature `adversary`).
+    #[cfg(any(feature = "adversary", feature = "internals"))]
+    behaviour: Mutex<Option<crate::consensus::adversary::Behaviour>>,
+    /// The votes this node ran as a receiver and its chain of receipts.
+    trust: Mutex<NodeTrust>,
+    /// What receipts name as the build that computes.
+    build_id: String,
+    /// What receipts name as the kernel path that computes.
+    kernel_path: &'static str,
+}
+
+/// A node's side of the Trust machinery: the votes it runs as a receiver and the receipts it
+/// signs.
+struct NodeTrust {
+    consensus: crate::consensus::Consensus,
+    chain: crate::consensus::ReceiptChain,
 }
 
 impl std::fmt::Debug for Inner {
@@ -459,6 +480,7 @@ impl Node {
         endpoint_options.lookup = Some(lookup.clone());
         let gate = ConnectionGate::new(options.limits);
         endpoint_options.gate = Some(gate.clone());
+        let key_for_receipts = key.clone();
         let endpoint = bind(key, &endpoint_options).await?;
         let address_line = crate::net::endpoint::serve_address_line(&endpoint).await;
         let model_id = model_id(&engine);
@@ -492,6 +514,14 @@ impl Node {
             memory_budget: options.memory_budget,
             #[cfg(feature = "internals")]
             misbehaviour: Mutex::default(),
+            #[cfg(any(feature = "adversary", feature = "internals"))]
+            behaviour: Mutex::default(),
+            trust: Mutex::new(NodeTrust {
+                consensus: crate::consensus::Consensus::default(),
+                chain: crate::consensus::ReceiptChain::new(key_for_receipts, [0; 32]),
+            }),
+            build_id: build_id(),
+            kernel_path: crate::kernels::KernelPath::detect().name(),
         });
         let gossip = Gossip::builder().spawn(endpoint.clone());
         let router = Router::builder(endpoint)
@@ -635,6 +665,21 @@ impl Node {
     #[doc(hidden)]
     pub fn misbehave(&self, how: misbehaviour::Misbehaviour) {
         *lock(&self.inner.misbehaviour) = how;
+    }
+
+    /// Makes this replica lie in replicated sessions from now on (`node --behaviour`; feature
+    /// `adversary`, for tests and demos of the Trust machinery).
+    #[cfg(any(feature = "adversary", feature = "internals"))]
+    pub fn set_behaviour(&self, behaviour: Option<crate::consensus::adversary::Behaviour>) {
+        *lock(&self.inner.behaviour) = behaviour;
+    }
+
+    /// This node's reputation table as a receiver of votes (replicated sessions), by node id.
+    pub fn trust_table(&self) -> Vec<crate::consensus::reputation::StandingRow> {
+        lock(&self.inner.trust)
+            .consensus
+            .reputation()
+            .table(now_ms())
     }
 
     /// Verifies `signed` into the node's PeerSet and address book, as if gossip had delivered
@@ -1071,7 +1116,21 @@ impl Inner {
         }
         let me = self.endpoint.id();
         let num_layers = self.engine.config().num_layers as u32;
-        let index = check_route(&open.route, num_layers, me)?;
+        let place = if open.replicas.is_empty() {
+            None
+        } else {
+            Some(check_replicas(
+                &open.route,
+                &open.replicas,
+                num_layers,
+                open.codec,
+                me,
+            )?)
+        };
+        let index = match &place {
+            Some(p) => p.stage,
+            None => check_route(&open.route, num_layers, me)?,
+        };
         let layers = &open.route[index].layers;
         let slice = self.engine.layers();
         if (layers.start as usize) < slice.start || layers.end as usize > slice.end {
@@ -1132,6 +1191,13 @@ impl Inner {
         if let Some(old) = &existing_hop {
             state.inherit(&lock(&old.state));
         }
+        let replication = place.map(|place| {
+            let version = crate::engine::WeightVersion {
+                layers: layers.start as usize..layers.end as usize,
+                ..self.engine.version()
+            };
+            replicated::Replication::new(place, crate::consensus::receipt::weight_hash(&version))
+        });
         lock(&self.sessions).insert(
             session,
             Arc::new(HopSession {
@@ -1141,8 +1207,20 @@ impl Inner {
                 context,
                 sent,
                 state: Mutex::new(state),
+                replication,
             }),
         );
         Ok(())
     }
+}
+
+/// The build receipts name: crate version, target architecture and OS (replicas that
+/// declare the same build and kernel path may vote `exact`).
+fn build_id() -> String {
+    format!(
+        "neuroshard-core {} {}-{}",
+        crate::VERSION,
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    )
 }

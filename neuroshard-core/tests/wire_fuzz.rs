@@ -204,6 +204,7 @@ mod control {
             handover: None,
             return_logits: false,
             adapter: None,
+            replicas: Vec::new(),
         };
         let announcement = Announcement {
             protocol_version: neuroshard_core::net::PROTOCOL_VERSION,

@@ -27,6 +27,18 @@ pub(crate) fn check_route(
     num_layers: u32,
     me: NodeId,
 ) -> Result<usize, Refusal> {
+    check_chain(route, num_layers)?;
+    route.iter().position(|h| h.node == me).ok_or_else(|| {
+        (
+            Reason::BadRoute,
+            "this node is not on the session's route".into(),
+        )
+    })
+}
+
+/// Checks that `route` is a contiguous chain over layers `0..num_layers` with no node twice
+/// ([`check_route`] without the hop's own place).
+fn check_chain(route: &[RouteHop], num_layers: u32) -> Result<(), Refusal> {
     let bad = |what: String| (Reason::BadRoute, what);
     if route.is_empty() || route.len() > num_layers as usize {
         return Err(bad(format!(
@@ -56,10 +68,91 @@ pub(crate) fn check_route(
             "the route ends at layer {next}, the model has {num_layers}"
         )));
     }
-    route
+    Ok(())
+}
+
+/// Where a replica sits in a replicated session (see [`check_replicas`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReplicaPlace {
+    /// The range (route index) this node replicates.
+    pub(crate) stage: usize,
+    /// The replicas of the previous range, whose ballots this node votes on (empty on the
+    /// first range: the client feeds it tokens).
+    pub(crate) feeders: Vec<NodeId>,
+    /// Where this node's outputs go: the next range's replicas (empty on the last range:
+    /// the client).
+    pub(crate) receivers: Vec<RouteHop>,
+}
+
+/// Checks a replicated session's layout and returns this node's place in it.
+///
+/// `route` must be a valid chain ([`check_route`]'s rule); `replicas[i]` must list between 1
+/// and [`crate::consensus::MAX_REDUNDANCY`] nodes, each running exactly `route[i].layers`,
+/// `route[i]` among them, no node twice in the session (ranges may have different counts:
+/// each receiver votes over the replicas of the range before it).
+/// Votes run over f16 or f32 frames only, so the codec must be one of them.
+pub(crate) fn check_replicas(
+    route: &[RouteHop],
+    replicas: &[Vec<RouteHop>],
+    num_layers: u32,
+    codec: u8,
+    me: NodeId,
+) -> Result<ReplicaPlace, Refusal> {
+    let bad = |what: String| (Reason::BadRoute, what);
+    check_chain(route, num_layers)?;
+    if replicas.len() != route.len() {
+        return Err(bad(format!(
+            "{} replica sets for a route of {} ranges",
+            replicas.len(),
+            route.len()
+        )));
+    }
+    let max = crate::consensus::MAX_REDUNDANCY;
+    let mut nodes = HashSet::new();
+    for (i, (hop, set)) in route.iter().zip(replicas).enumerate() {
+        if set.is_empty() || set.len() > max {
+            return Err(bad(format!(
+                "range {i} has {} replicas (accepted: 1..={max})",
+                set.len()
+            )));
+        }
+        if !set.iter().any(|r| r.node == hop.node) {
+            return Err(bad(format!("range {i}'s replicas leave out its route hop")));
+        }
+        for r in set {
+            if r.layers != hop.layers {
+                return Err(bad(format!(
+                    "a replica of range {i} runs layers {:?}, the range is {:?}",
+                    r.layers, hop.layers
+                )));
+            }
+            if !nodes.insert(r.node) {
+                return Err(bad(format!(
+                    "node {} appears twice in the session",
+                    r.node.fmt_short()
+                )));
+            }
+        }
+    }
+    if codec != crate::wire::Codec::F16 as u8 && codec != crate::wire::Codec::F32 as u8 {
+        return Err((
+            Reason::Malformed,
+            "replicated sessions vote over f16 or f32 frames: a quantised codec is not voted on"
+                .into(),
+        ));
+    }
+    let stage = replicas
         .iter()
-        .position(|h| h.node == me)
-        .ok_or_else(|| bad("this node is not on the session's route".into()))
+        .position(|set| set.iter().any(|r| r.node == me))
+        .ok_or_else(|| bad("this node is not among the session's replicas".into()))?;
+    Ok(ReplicaPlace {
+        stage,
+        feeders: match stage {
+            0 => Vec::new(),
+            s => replicas[s - 1].iter().map(|r| r.node).collect(),
+        },
+        receivers: replicas.get(stage + 1).cloned().unwrap_or_default(),
+    })
 }
 
 /// Remembers the session-opens accepted inside the replay window, so a captured open cannot
@@ -185,6 +278,53 @@ mod tests {
         assert!(refused(&[], 1).contains("0 hops"));
         let long: Vec<RouteHop> = (0..31u8).map(|i| hop(i, i as u32..i as u32 + 1)).collect();
         assert!(refused(&long, 1).contains("31 hops"));
+    }
+
+    #[test]
+    fn replicated_sessions_name_k_replicas_per_range_each_once() {
+        let route = [hop(1, 0..10), hop(4, 10..30)];
+        let replicas = vec![
+            vec![hop(1, 0..10), hop(2, 0..10), hop(3, 0..10)],
+            vec![hop(4, 10..30), hop(5, 10..30), hop(6, 10..30)],
+        ];
+        let f16 = crate::wire::Codec::F16 as u8;
+        let place = check_replicas(&route, &replicas, 30, f16, node(5)).unwrap();
+        assert_eq!(place.stage, 1);
+        assert_eq!(place.feeders, vec![node(1), node(2), node(3)]);
+        assert!(place.receivers.is_empty());
+        let first = check_replicas(&route, &replicas, 30, f16, node(2)).unwrap();
+        assert_eq!((first.stage, first.feeders.len()), (0, 0));
+        assert_eq!(first.receivers.len(), 3);
+        let refused = |replicas: &[Vec<RouteHop>], codec: u8, me: u8| {
+            check_replicas(&route, replicas, 30, codec, node(me))
+                .unwrap_err()
+                .1
+        };
+        assert!(refused(&replicas, f16, 9).contains("not among"));
+        assert!(refused(&replicas, crate::wire::Codec::Q4 as u8, 1).contains("quantised"));
+        assert!(refused(&replicas[..1], f16, 1).contains("1 replica sets"));
+        let mut uneven = replicas.clone();
+        uneven[1].pop();
+        assert_eq!(
+            check_replicas(&route, &uneven, 30, f16, node(1)).map(|p| p.receivers.len()),
+            Ok(2)
+        );
+        let mut empty = replicas.clone();
+        empty[1].clear();
+        assert!(refused(&empty, f16, 1).contains("range 1 has 0"));
+        let mut crowd = replicas.clone();
+        crowd[0] = (0..8u8).map(|i| hop(10 + i, 0..10)).collect();
+        crowd[0][0] = hop(1, 0..10);
+        assert!(refused(&crowd, f16, 1).contains("range 0 has 8"));
+        let mut twice = replicas.clone();
+        twice[1][2] = hop(2, 10..30);
+        assert!(refused(&twice, f16, 1).contains("twice"));
+        let mut other_layers = replicas.clone();
+        other_layers[0][1] = hop(2, 0..12);
+        assert!(refused(&other_layers, f16, 1).contains("runs layers"));
+        let mut without_hop = replicas.clone();
+        without_hop[0][0] = hop(7, 0..10);
+        assert!(refused(&without_hop, f16, 1).contains("leave out"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Messages of the inference protocol (`neuroshard/infer/4`), postcard-encoded.
+//! Messages of the inference protocol (`neuroshard/infer/5`), postcard-encoded.
 //!
 //! Control requests (open, close) use a bi-directional stream: one request, one reply. The data
 //! plane uses one uni-directional stream per message: `Step` (client to first hop), `Hidden`
@@ -16,7 +16,7 @@ use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN of the inference protocol.
-pub const INFER_ALPN: &[u8] = b"neuroshard/infer/4";
+pub const INFER_ALPN: &[u8] = b"neuroshard/infer/5";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
 pub(crate) const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
@@ -185,6 +185,44 @@ pub struct SessionOpen {
     /// `None` for the base weights (which `model_id` names). Nodes serve the base only
     /// until training lands, and refuse other adapters.
     pub adapter: Option<String>,
+    /// Replicated sessions (`--redundancy K`, K >= 2): `replicas[i]` lists every node that
+    /// runs `route[i].layers` (`route[i]` among them). Each replica sends its output, as a
+    /// [`Message::Ballot`], to every replica of the next range (or, from the last range,
+    /// its logits to the client), and every receiver votes ([`crate::consensus`]). Empty
+    /// for an unreplicated session.
+    pub replicas: Vec<Vec<RouteHop>>,
+}
+
+impl SessionOpen {
+    /// Most replicas of any range (1 for an unreplicated session).
+    pub fn redundancy(&self) -> usize {
+        self.replicas.iter().map(Vec::len).max().unwrap_or(1).max(1)
+    }
+
+    /// Every node of the session: each range's replicas, or the route's hops.
+    pub fn members(&self) -> Vec<&RouteHop> {
+        if self.replicas.is_empty() {
+            self.route.iter().collect()
+        } else {
+            self.replicas.iter().flatten().collect()
+        }
+    }
+}
+
+/// What travels with one replica's output ([`Message::Ballot`]): what it computed from, its
+/// signed receipt, its signature on the frame as sent, and its upstream's signature on the
+/// input it was given (see [`crate::consensus::SignedBallot`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BallotClaim {
+    /// What the replica computed from.
+    pub input: crate::consensus::InputContext,
+    /// Its receipt (input hash, output hash, weight version, chain).
+    pub receipt: crate::consensus::SignedReceipt,
+    /// Its signature on the frame payload it sent to this receiver.
+    pub frame: crate::consensus::SignedFrame,
+    /// The accepted input's sender's signature on it (none on the first range, fed by the
+    /// client's tokens).
+    pub upstream: Option<crate::consensus::SignedFrame>,
 }
 
 /// A [`SessionOpen`] signed by the client's key.
@@ -352,6 +390,41 @@ pub enum Message {
         /// Position the logits predict (one past the step's last input).
         position: u32,
     },
+    /// Replica to receiver (uni stream), replicated sessions only: one replica's output for
+    /// the step `start_pos..step_end` (one wire frame follows: the hidden states, f16 or f32;
+    /// from the last range, the f32 logits `[1, 1, vocab]` predicting `step_end`).
+    Ballot {
+        /// The session.
+        session: u64,
+        /// The attempt of the client's step.
+        attempt: u64,
+        /// Position of the step's first row.
+        start_pos: u32,
+        /// Position after the step's last row.
+        step_end: u32,
+        /// Input context, receipt and signatures.
+        claim: Box<BallotClaim>,
+    },
+    /// Receiver to client (uni stream), replicated sessions only: what a vote found. The
+    /// client checks the evidence itself ([`crate::consensus::Consensus::apply`]); a missing
+    /// replica counts only when most of the vote's receivers report it.
+    VoteReport {
+        /// The session.
+        session: u64,
+        /// The step's first position.
+        start_pos: u32,
+        /// The range whose replicas were voted on.
+        range: u32,
+        /// Signed evidence against deviating, equivocating or lying replicas.
+        evidence: Vec<crate::consensus::Evidence>,
+        /// Expected replicas whose ballots did not count.
+        missing: Vec<NodeId>,
+        /// Whether a majority agreed.
+        accepted: bool,
+        /// The frame claims of the ballots that did not count: two receivers' claims by
+        /// one sender for one step with different frames prove it sent two.
+        claims: Vec<crate::consensus::SignedFrame>,
+    },
     /// Last hop to client: the sampled token at `position`.
     Token {
         /// The session.
@@ -387,6 +460,8 @@ impl Message {
             Message::Stats(_) => "stats",
             Message::Logits { .. } => "logits",
             Message::Token { .. } => "token",
+            Message::Ballot { .. } => "ballot",
+            Message::VoteReport { .. } => "vote-report",
         }
     }
 }

@@ -45,6 +45,9 @@ pub enum Reason {
     SuccessorUnreachable,
     /// A message this node does not expect here.
     Unexpected,
+    /// The replicas of the range feeding this hop did not agree (no strict majority of the
+    /// session's redundancy): a replicated step stops rather than compute on a minority.
+    NoMajority,
     /// A code this build does not know (sent by a newer peer).
     Unknown(u16),
 }
@@ -65,6 +68,7 @@ impl Reason {
             Reason::Compute => 10,
             Reason::SuccessorUnreachable => 11,
             Reason::Unexpected => 12,
+            Reason::NoMajority => 13,
             Reason::Unknown(code) => code,
         }
     }
@@ -84,6 +88,7 @@ impl Reason {
             Reason::Compute => "compute",
             Reason::SuccessorUnreachable => "successor-unreachable",
             Reason::Unexpected => "unexpected",
+            Reason::NoMajority => "no-majority",
             Reason::Unknown(_) => "unknown",
         }
     }
@@ -109,6 +114,7 @@ impl From<u16> for Reason {
             10 => Reason::Compute,
             11 => Reason::SuccessorUnreachable,
             12 => Reason::Unexpected,
+            13 => Reason::NoMajority,
             other => Reason::Unknown(other),
         }
     }

@@ -47,6 +47,15 @@ impl Route {
     }
 }
 
+/// One range of a replicated plan ([`PeerSet::plan_replicated`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicatedRange {
+    /// The layers of the range.
+    pub layers: Range<usize>,
+    /// Every usable node that holds them, cheapest first (at least the `k` asked for).
+    pub hops: Vec<Hop>,
+}
+
 /// Knobs of the planner.
 #[derive(Debug, Clone)]
 pub struct RouteOptions {
@@ -179,6 +188,102 @@ impl PeerSet {
         opts: &RouteOptions,
     ) -> Result<Route, NetError> {
         self.plan_range(0, layers, now_ms, opts)
+    }
+
+    /// Plans a chain for a replicated session: ranges covering layers `0..layers` that at
+    /// least `k` usable nodes each hold, the chain of the lowest cost (each range costs the
+    /// mean of its `k` cheapest replicas). Each range comes with every usable node that
+    /// holds it, cheapest first; the caller picks the voters among them.
+    ///
+    /// Ranges end only where some candidate's slice ends (or at the model's end), so the plan
+    /// is a shortest path over at most `layers + 1` boundaries.
+    pub fn plan_replicated(
+        &self,
+        layers: usize,
+        k: usize,
+        now_ms: u64,
+        opts: &RouteOptions,
+    ) -> Result<Vec<ReplicatedRange>, NetError> {
+        let k = k.max(1);
+        let nodes = self.candidates(now_ms, opts);
+        let mut bounds: Vec<usize> = vec![0, layers];
+        for (_, e) in &nodes {
+            let r = &e.announcement.layers;
+            bounds.extend(
+                [r.start as usize, r.end as usize]
+                    .into_iter()
+                    .filter(|&b| b < layers),
+            );
+        }
+        bounds.sort_unstable();
+        bounds.dedup();
+        // The usable nodes holding [a, b), cheapest first.
+        let holders = |a: usize, b: usize| -> Vec<(f64, usize)> {
+            let mut v: Vec<(f64, usize)> = nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, e))| {
+                    let r = &e.announcement.layers;
+                    r.start as usize <= a && b <= r.end as usize
+                })
+                .map(|(i, (_, e))| (hop_cost(e, b - a, opts), i))
+                .collect();
+            v.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            v
+        };
+        // best[j] = (cost, previous boundary index) of the cheapest way to reach bounds[j].
+        let mut best: Vec<Option<(f64, usize)>> = vec![None; bounds.len()];
+        best[0] = Some((0.0, 0));
+        for a in 0..bounds.len() {
+            let Some((base, _)) = best[a] else { continue };
+            for b in a + 1..bounds.len() {
+                let held = holders(bounds[a], bounds[b]);
+                if held.len() < k {
+                    // Fewer nodes hold a longer range: none further from `a` will do.
+                    break;
+                }
+                let cost = base + held[..k].iter().map(|(c, _)| c).sum::<f64>() / k as f64;
+                if best[b].is_none_or(|(c, _)| cost < c) {
+                    best[b] = Some((cost, a));
+                }
+            }
+        }
+        let last = bounds.len() - 1;
+        if best[last].is_none() {
+            let reached = (0..bounds.len())
+                .rev()
+                .find(|&j| best[j].is_some())
+                .unwrap_or(0);
+            return Err(NetError::NoRoute {
+                from: bounds[reached],
+                to: layers,
+                reason: format!(
+                    "no range from layer {} is held by {k} usable nodes ({} usable nodes)",
+                    bounds[reached],
+                    nodes.len()
+                ),
+            });
+        }
+        let mut ranges = Vec::new();
+        let mut b = last;
+        while b > 0 {
+            let Some((_, a)) = best[b] else { break };
+            let hops = holders(bounds[a], bounds[b])
+                .into_iter()
+                .map(|(_, i)| Hop {
+                    node: *nodes[i].0,
+                    layers: bounds[a]..bounds[b],
+                    addrs: nodes[i].1.announcement.addrs.clone(),
+                })
+                .collect();
+            ranges.push(ReplicatedRange {
+                layers: bounds[a]..bounds[b],
+                hops,
+            });
+            b = a;
+        }
+        ranges.reverse();
+        Ok(ranges)
     }
 
     /// Usable nodes that can run all of `layers` (replicas of that hop).

@@ -30,9 +30,9 @@ pub(super) const FILL_TIMEOUT: Duration = Duration::from_secs(120);
 /// A failure: the node to blame, why, and what happened.
 pub(super) struct Blame {
     /// This hop, or its successor (or a node further down, for a fill's relayed reply).
-    node: NodeId,
-    reason: Reason,
-    message: String,
+    pub(super) node: NodeId,
+    pub(super) reason: Reason,
+    pub(super) message: String,
 }
 
 impl Blame {
@@ -101,11 +101,28 @@ impl Inner {
                 StepInput::Hidden,
                 *step_end as usize,
             ),
+            Message::Ballot { session, .. } => {
+                let Some(hop) = lock(&self.sessions).get(session).cloned() else {
+                    return self.reject();
+                };
+                return self.replicated_ballot(&hop, remote, msg, recv).await;
+            }
             _ => return self.reject(),
         };
         let Some(hop) = lock(&self.sessions).get(&session).cloned() else {
             return self.reject();
         };
+        if hop.replication.is_some() {
+            // Replicated sessions: the client's tokens feed every replica of the first
+            // range; hidden states arrive as ballots, never as `Hidden`.
+            return match msg {
+                Message::Step { tokens, .. } if remote == hop.open.client => {
+                    self.replicated_tokens(&hop, remote, attempt, start_pos, tokens)
+                        .await
+                }
+                _ => self.reject(),
+            };
+        }
         // The machine checks the sender (iroh has authenticated `remote`: only the client
         // may feed the first hop, only the predecessor the others), the kind of input and
         // the step's size; a newer step supersedes one still in flight.
@@ -267,7 +284,7 @@ impl Inner {
         Ok(())
     }
 
-    fn reject(&self) {
+    pub(super) fn reject(&self) {
         self.counters.rejected.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -394,7 +411,7 @@ impl Inner {
 
     /// Runs `input` at `start_pos` through the hop's layers (logits of the last position on
     /// the last hop) on a blocking thread.
-    async fn compute(
+    pub(super) async fn compute(
         &self,
         hop: &HopSession,
         input: ShardInput,

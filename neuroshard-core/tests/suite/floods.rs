@@ -216,6 +216,7 @@ async fn sybil(
         handover: None,
         return_logits: false,
         adapter: None,
+        replicas: Vec::new(),
     };
     let signed = Message::Open(SignedOpen::sign(&open, &key).expect("sign"));
     let reply = try_ask(&conn, &signed).await;

@@ -188,6 +188,7 @@ async fn replayed_stale_and_malformed_session_opens_get_typed_refusals() {
         handover: None,
         return_logits: false,
         adapter: None,
+        replicas: Vec::new(),
     };
     let signed = |o: &SessionOpen| Message::Open(SignedOpen::sign(o, &key).expect("sign"));
 

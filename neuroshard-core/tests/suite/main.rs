@@ -28,5 +28,7 @@ mod swarm_processes;
 mod swarm_robustness;
 mod tiny_fixtures;
 mod tokenizer_and_memory;
+#[cfg(feature = "internals")]
+mod trust_votes;
 mod wire_frames;
 mod wire_smollm2;

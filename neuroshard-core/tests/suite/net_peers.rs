@@ -348,3 +348,56 @@ fn a_sybil_claiming_every_layer_does_not_beat_proven_nodes() {
     let route = peers.plan_route(30, T0, &opts).expect("route");
     assert!(route.hops.iter().any(|h| h.node == sybil.public()));
 }
+
+#[test]
+fn replicated_plans_use_ranges_that_k_nodes_hold() {
+    let mut peers = PeerSet::new(MODEL);
+    // Three replicas of 0..15 and of 15..30, one node with everything, one odd slice.
+    let slices = [
+        (1, 0..15),
+        (2, 0..15),
+        (3, 0..15),
+        (4, 15..30),
+        (5, 15..30),
+        (6, 15..30),
+        (7, 0..30),
+        (8, 0..20),
+    ];
+    for (seed, r) in slices.clone() {
+        peers
+            .insert(&signed(&key(seed), r, T0), T0)
+            .expect("insert");
+    }
+    let opts = RouteOptions::default();
+    let plan = peers.plan_replicated(30, 3, T0, &opts).expect("plan");
+    let ranges: Vec<_> = plan.iter().map(|r| r.layers.clone()).collect();
+    // 0..30 has only one holder, 0..20 two: the plan splits at 15, where each side has 3+.
+    assert_eq!(ranges, vec![0..15, 15..30]);
+    let holders = |i: usize| -> Vec<u8> {
+        let mut seeds: Vec<u8> = plan[i]
+            .hops
+            .iter()
+            .map(|h| {
+                (1..=8)
+                    .find(|s| key(*s).public() == h.node)
+                    .expect("a known node")
+            })
+            .collect();
+        seeds.sort();
+        seeds
+    };
+    // Every node that can run the range is offered (the caller picks the voters).
+    assert_eq!(holders(0), vec![1, 2, 3, 7, 8]);
+    assert_eq!(holders(1), vec![4, 5, 6, 7]);
+    assert!(plan
+        .iter()
+        .all(|r| r.hops.iter().all(|h| h.layers == r.layers)));
+    // Excluding two replicas of 15..30 leaves two holders there: k = 3 has no plan.
+    let opts = RouteOptions {
+        exclude: vec![key(4).public(), key(5).public()],
+        ..RouteOptions::default()
+    };
+    let err = peers.plan_replicated(30, 3, T0, &opts).unwrap_err();
+    assert!(matches!(err, NetError::NoRoute { .. }), "{err}");
+    assert!(peers.plan_replicated(30, 2, T0, &opts).is_ok());
+}

@@ -1,0 +1,484 @@
+//! The client's side of a replicated session (`--redundancy K`): it plans k replicas per
+//! range, feeds the first range's replicas, votes on the last range's signed logits, samples
+//! the token itself, and checks every piece of evidence the receivers report before its
+//! reputation table acts on it. See `node/replicated.rs` for the nodes' side.
+
+use super::{Client, FromHop, Inbound, RemoteSession, StepResult};
+use crate::consensus::reputation::StandingRow;
+use crate::consensus::{Evidence, FrameDtype, SignedBallot, VoteOutcome};
+use crate::model::sampling::{sample, SamplingParams};
+use crate::net::peers::PeerSet;
+use crate::net::proto::{write_message, BallotClaim, Message, RouteHop, SessionOpen};
+use crate::net::route::RouteOptions;
+use crate::net::{lock, now_ms, NetError, NodeId, Reason};
+use crate::wire::{read_frame, Codec, DEFAULT_MAX_FRAME};
+use iroh::endpoint::RecvStream;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Largest vote report a client reads (its evidence holds every ballot of one vote).
+pub(super) const MAX_VOTE_REPORT: usize = 32 << 20;
+/// Once a strict majority of the last range has answered, the rest get at least this long
+/// (or as long again as the majority took) before the client votes without them.
+const VOTE_GRACE: Duration = Duration::from_millis(150);
+
+/// What a replicated session keeps between steps.
+#[derive(Debug, Default)]
+pub(super) struct SessionTrust {
+    /// (range, step start, missing node) -> the receivers that reported it missing.
+    missing: HashMap<(u32, u32, NodeId), Vec<NodeId>>,
+    /// Votes this session's client took part in (its own and the reports it checked).
+    pub(super) votes: u64,
+    /// What the votes found, for logs and the event list (bounded).
+    pub(super) findings: Vec<String>,
+}
+
+/// Findings kept per session (the oldest go first).
+const MAX_FINDINGS: usize = 64;
+
+impl SessionTrust {
+    fn note(&mut self, finding: String) {
+        tracing::info!("{finding}");
+        if self.findings.len() >= MAX_FINDINGS {
+            self.findings.remove(0);
+        }
+        self.findings.push(finding);
+    }
+}
+
+/// Reads the logits frame of a last-range ballot into a [`SignedBallot`] from `from`; `None`
+/// for a frame that is not f32 logits `[1, 1, vocab]` of this session.
+pub(super) async fn read_logits_ballot(
+    recv: &mut RecvStream,
+    from: NodeId,
+    session: u64,
+    start_pos: u32,
+    claim: BallotClaim,
+) -> Option<SignedBallot> {
+    let frame = tokio::time::timeout(Duration::from_secs(30), read_frame(recv, DEFAULT_MAX_FRAME))
+        .await
+        .ok()?
+        .ok()?;
+    let header = frame.header();
+    let &[1, 1, vocab] = &header.dims[..] else {
+        return None;
+    };
+    if header.codec != Codec::F32 || header.session != session || header.position != start_pos {
+        return None;
+    }
+    Some(SignedBallot {
+        from,
+        dtype: FrameDtype::F32,
+        width: vocab,
+        bytes: frame.payload().to_vec(),
+        input: claim.input,
+        receipt: claim.receipt,
+        frame: Some(claim.frame),
+        upstream: claim.upstream,
+    })
+}
+
+impl Client {
+    /// The client's reputation table (what its replicated sessions' votes and the evidence
+    /// it checked showed), by node id.
+    pub fn trust_table(&self) -> Vec<StandingRow> {
+        lock(&self.inner.trust).reputation().table(now_ms())
+    }
+
+    /// Trusts `node` from now on (`--trust ID`): its votes count as a trusted replica's.
+    pub fn trust(&self, node: NodeId) {
+        lock(&self.inner.trust).reputation_mut().pin(node, now_ms());
+    }
+
+    /// Whether this client's routes may use `node` now (not banned by its table).
+    pub fn may_route(&self, node: &NodeId) -> bool {
+        lock(&self.inner.trust)
+            .reputation()
+            .may_route(node, now_ms())
+    }
+
+    /// Plans a replicated route with `k` replicas per range from `peers` (nodes this
+    /// client's table bans are left out; the voters of each range follow the reputation
+    /// rule: at most one node on probation once trusted ones exist) and opens a session on
+    /// it. Each receiver votes on the previous range's outputs; the client votes on the
+    /// last range's logits and samples the token itself.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_replicated(
+        &self,
+        peers: &PeerSet,
+        layers: usize,
+        model_id: &str,
+        codec: Codec,
+        sampling: SamplingParams,
+        prompt: Vec<u32>,
+        k: usize,
+        return_logits: bool,
+    ) -> Result<RemoteSession, NetError> {
+        if !(matches!(codec, Codec::F16 | Codec::F32)) {
+            return Err(NetError::Malformed(format!(
+                "replicated sessions vote over f16 or f32 frames, not {codec:?}"
+            )));
+        }
+        let now = now_ms();
+        let banned: Vec<NodeId> = peers
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !self.may_route(id))
+            .collect();
+        let opts = RouteOptions {
+            exclude: banned,
+            ..RouteOptions::default()
+        };
+        let plan = peers.plan_replicated(layers, k, now, &opts)?;
+        let mut route = Vec::with_capacity(plan.len());
+        let mut replicas = Vec::with_capacity(plan.len());
+        for crate::net::route::ReplicatedRange {
+            layers: range,
+            hops,
+        } in plan
+        {
+            let candidates: Vec<NodeId> = hops.iter().map(|h| h.node).collect();
+            let voters = lock(&self.inner.trust)
+                .reputation()
+                .choose_voters(&candidates, k, now)
+                .map_err(|e| NetError::NoRoute {
+                    from: range.start,
+                    to: range.end,
+                    reason: e.to_string(),
+                })?;
+            let chosen: Vec<RouteHop> = voters
+                .nodes
+                .iter()
+                .filter_map(|n| hops.iter().find(|h| h.node == *n))
+                .map(|h| RouteHop {
+                    node: h.node,
+                    layers: h.layers.start as u32..h.layers.end as u32,
+                    addrs: h.addrs.clone(),
+                })
+                .collect();
+            route.push(chosen[0].clone());
+            replicas.push(chosen);
+        }
+        let session = super::random_u64();
+        let open = SessionOpen {
+            session,
+            client: self.id(),
+            model_id: model_id.to_string(),
+            route,
+            codec: codec as u8,
+            sampling,
+            prompt,
+            timestamp_ms: now_ms(),
+            nonce: super::random_u64(),
+            handover: None,
+            return_logits,
+            adapter: None,
+            replicas,
+        };
+        self.open_signed(open, &self.inner.key).await
+    }
+}
+
+impl RemoteSession {
+    /// The replicas of each range (empty for an unreplicated session).
+    pub fn replicas(&self) -> &[Vec<RouteHop>] {
+        &self.open.replicas
+    }
+
+    /// What the votes of this session found so far (deviations, missing replicas, proofs).
+    pub fn trust_findings(&self) -> &[String] {
+        &self.trust.findings
+    }
+
+    /// A replicated step: the tokens go to every replica of the first range, the last
+    /// range's replicas send their signed logits, and the client votes and samples.
+    pub(super) async fn step_replicated(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+    ) -> Result<StepResult, NetError> {
+        // Reports about earlier steps are still evidence; anything else is stale.
+        while let Ok(FromHop { from, item }) = self.rx.try_recv() {
+            if let Inbound::Message(msg @ Message::VoteReport { .. }) = item {
+                self.absorb_report(from, msg);
+            }
+        }
+        self.fed.truncate(start_pos);
+        self.fed.extend_from_slice(tokens);
+        self.attempt += 1;
+        let msg = Message::Step {
+            session: self.open.session,
+            attempt: self.attempt,
+            start_pos: start_pos as u32,
+            tokens: tokens.to_vec(),
+        };
+        let first = self.open.replicas.first().cloned().unwrap_or_default();
+        let mut sent = 0;
+        for hop in &first {
+            match self.send_step(hop, &msg).await {
+                Ok(()) => sent += 1,
+                Err(e) => self.trust.note(format!(
+                    "step not delivered to {}: {e}",
+                    hop.node.fmt_short()
+                )),
+            }
+        }
+        if 2 * sent <= first.len() {
+            return Err(NetError::HopFailed {
+                node: None,
+                reason: Some(Reason::NoMajority),
+                reporter: None,
+                message: format!(
+                    "the step reached {sent} of the first range's {} replicas",
+                    first.len()
+                ),
+            });
+        }
+        let want = (start_pos + tokens.len()) as u32;
+        let expected: Vec<NodeId> = self
+            .open
+            .replicas
+            .last()
+            .map(|r| r.iter().map(|h| h.node).collect())
+            .unwrap_or_default();
+        let waiting_for: Vec<NodeId> = expected
+            .iter()
+            .filter(|n| self.client.may_route(n))
+            .copied()
+            .collect();
+        let allowed = self.step_timeout + self.step_timeout_per_position * tokens.len() as u32;
+        let started = tokio::time::Instant::now();
+        let deadline = started + allowed;
+        let mut ballots: Vec<SignedBallot> = Vec::new();
+        let mut first_at: Option<tokio::time::Instant> = None;
+        let mut majority_after: Option<Duration> = None;
+        let members: Vec<NodeId> = self.open.members().iter().map(|h| h.node).collect();
+        loop {
+            let mut answered: Vec<NodeId> = ballots.iter().map(|b| b.from).collect();
+            answered.sort();
+            answered.dedup();
+            if waiting_for.iter().all(|n| answered.contains(n)) && !answered.is_empty() {
+                break;
+            }
+            if let (Some(t0), None) = (first_at, majority_after) {
+                if 2 * answered.len() > expected.len() {
+                    majority_after = Some(t0.elapsed());
+                }
+            }
+            let ready_at = match (first_at, majority_after) {
+                (Some(t0), Some(m)) => (t0 + m + VOTE_GRACE.max(m)).min(deadline),
+                _ => deadline,
+            };
+            let item = match tokio::time::timeout_at(ready_at, self.rx.recv()).await {
+                Err(_) => break,
+                Ok(None) => return Err(NetError::Io("client shut down".into())),
+                Ok(Some(item)) => item,
+            };
+            match item {
+                FromHop {
+                    from,
+                    item:
+                        Inbound::Ballot {
+                            attempt,
+                            step_end,
+                            ballot,
+                        },
+                } if attempt == self.attempt
+                    && step_end == want
+                    && expected.contains(&from)
+                    && ballots.iter().filter(|b| b.from == from).count() < 2 =>
+                {
+                    first_at.get_or_insert_with(tokio::time::Instant::now);
+                    ballots.push(*ballot);
+                }
+                FromHop {
+                    from,
+                    item: Inbound::Message(msg @ Message::VoteReport { .. }),
+                } => self.absorb_report(from, msg),
+                FromHop {
+                    from,
+                    item:
+                        Inbound::Message(Message::Error {
+                            reason, message, ..
+                        }),
+                } if members.contains(&from) => {
+                    // One replica's failure is a missed ballot, not the step's end.
+                    self.trust.note(format!(
+                        "{} failed the step ({reason}): {message}",
+                        from.fmt_short()
+                    ));
+                }
+                _ => continue,
+            }
+        }
+        let verdict = lock(&self.client.inner.trust).vote(&expected, ballots, now_ms());
+        self.trust.votes += 1;
+        let range = self.open.replicas.len().saturating_sub(1) as u32;
+        for e in &verdict.evidence {
+            self.trust.note(format!(
+                "range {range}, position {start_pos}: {}",
+                describe(e)
+            ));
+        }
+        for n in &verdict.unaccounted {
+            self.trust.note(format!(
+                "range {range}, position {start_pos}: no ballot from {} counted",
+                n.fmt_short()
+            ));
+        }
+        let Some(winner) = verdict.accepted else {
+            let message = match verdict.outcome {
+                VoteOutcome::NoMajority { answered, missing } => format!(
+                    "the last range's replicas did not agree on the logits at {want} \
+                     ({} answered, {} missing)",
+                    answered.len(),
+                    missing.len()
+                ),
+                VoteOutcome::Accepted(_) => "the accepted ballot went missing".into(),
+            };
+            return Err(NetError::HopFailed {
+                node: None,
+                reason: Some(Reason::NoMajority),
+                reporter: None,
+                message,
+            });
+        };
+        let logits: Vec<f32> = winner
+            .bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if self.open.return_logits {
+            return Ok(StepResult::Logits(logits));
+        }
+        // The draw depends only on (seed, position) and the context, exactly as a last hop
+        // samples, so a replicated session writes the same text as an unreplicated one.
+        let position = want as usize;
+        let context = &self.fed[..position.min(self.fed.len())];
+        let token = sample(&logits, &self.open.sampling, position, context)
+            .map_err(|e| NetError::Malformed(e.to_string()))?;
+        Ok(StepResult::Token(token))
+    }
+
+    /// Sends a step to one replica of the first range.
+    async fn send_step(&self, hop: &RouteHop, msg: &Message) -> Result<(), NetError> {
+        let conn = self.client.connection(hop.node, &hop.addrs).await?;
+        let mut send = conn
+            .open_uni()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        write_message(&mut send, msg).await?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))
+    }
+
+    /// Checks what a receiver reported about a vote: evidence is verified by the client
+    /// itself (a receiver's word counts for nothing), receipts and frame claims inside it are
+    /// matched against the ones seen before (fraud and upstream proofs), and a replica
+    /// counts as missing only when most receivers of its output report it.
+    fn absorb_report(&mut self, from: NodeId, msg: Message) {
+        let Message::VoteReport {
+            start_pos,
+            range,
+            evidence,
+            missing,
+            claims,
+            ..
+        } = msg
+        else {
+            return;
+        };
+        let Some(receivers) = self.receivers_of(range as usize) else {
+            return;
+        };
+        if !receivers.contains(&from) {
+            return;
+        }
+        let now = now_ms();
+        let mut consensus = lock(&self.client.inner.trust);
+        let mut found: Vec<Evidence> = Vec::new();
+        for e in &evidence {
+            if let Evidence::Deviation(d) = e {
+                for b in &d.ballots {
+                    if let Some(p) = consensus.observe(&b.receipt, now) {
+                        found.push(Evidence::Fraud(p));
+                    }
+                    if let Some(p) = b
+                        .frame
+                        .as_ref()
+                        .and_then(|f| consensus.observe_frame(f, now))
+                    {
+                        found.push(Evidence::Upstream(p));
+                    }
+                }
+            }
+        }
+        for claim in &claims {
+            if let Some(p) = consensus.observe_frame(claim, now) {
+                found.push(Evidence::Upstream(p));
+            }
+        }
+        let mut applied = Vec::new();
+        for e in evidence.iter().chain(&found) {
+            if consensus.knows(e) {
+                continue;
+            }
+            match consensus.apply(e, now) {
+                Ok(node) => applied.push(format!("{} ({})", describe(e), node.fmt_short())),
+                Err(err) => tracing::debug!("evidence from {} refused: {err}", from.fmt_short()),
+            }
+        }
+        let mut timed_out = Vec::new();
+        for m in missing {
+            let reporters = self.trust.missing.entry((range, start_pos, m)).or_default();
+            if reporters.contains(&from) {
+                continue;
+            }
+            reporters.push(from);
+            // Exactly when a majority of the receivers has reported it (once per step).
+            if 2 * reporters.len() > receivers.len() && 2 * (reporters.len() - 1) <= receivers.len()
+            {
+                let reporters = reporters.clone();
+                if consensus.missing_reported(m, &reporters, &receivers, now) {
+                    timed_out.push(m);
+                }
+            }
+        }
+        drop(consensus);
+        self.trust.votes += 1;
+        for a in applied {
+            self.trust
+                .note(format!("range {range}, position {start_pos}: checked {a}"));
+        }
+        for m in timed_out {
+            self.trust.note(format!(
+                "range {range}, position {start_pos}: most receivers got no ballot from {}",
+                m.fmt_short()
+            ));
+        }
+        // Old steps' missing reports go once the session is well past them.
+        let horizon = start_pos.saturating_sub(4096);
+        self.trust.missing.retain(|(_, s, _), _| *s >= horizon);
+    }
+
+    /// The receivers of range `range`'s outputs: the next range's replicas (the client for
+    /// the last range). `None` for a range the session does not have.
+    fn receivers_of(&self, range: usize) -> Option<Vec<NodeId>> {
+        let replicas = &self.open.replicas;
+        if range + 1 >= replicas.len() {
+            return None;
+        }
+        Some(replicas[range + 1].iter().map(|h| h.node).collect())
+    }
+}
+
+/// One line about a piece of evidence.
+fn describe(e: &Evidence) -> String {
+    match e {
+        Evidence::Deviation(d) => format!(
+            "{} deviated from the majority (signed receipts)",
+            d.accused.fmt_short()
+        ),
+        Evidence::Fraud(_) => "a replica signed two outputs for one input (fraud proof)".into(),
+        Evidence::Upstream(_) => "a sender signed two frames for one step (upstream proof)".into(),
+    }
+}
