@@ -136,6 +136,10 @@ fn checked_ballot_with(
         None => VoteOutput::from_bytes(b.dtype, b.width, &b.bytes)
             .ok_or(ReceiptError::NotAProof("a frame that is not whole values"))?,
     };
+    let output = VoteOutput {
+        declared: b.input.declaration(),
+        ..output
+    };
     if output.hash != receipt.work.output {
         return Err(ReceiptError::NotAProof("a receipt for other bytes"));
     }

@@ -327,6 +327,11 @@ impl ShardEngine {
         self.model.layers.end == self.model.config.num_layers
     }
 
+    /// The options the engine was loaded with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
     /// The compute mode.
     pub fn mode(&self) -> ComputeMode {
         self.options.mode
@@ -816,5 +821,17 @@ impl ShardEngine {
             .into_iter()
             .map(|p| p.name.clone())
             .collect()
+    }
+}
+
+/// Lies for the trust tests and demos (`node --behaviour wrong-weights`).
+#[cfg(any(feature = "adversary", feature = "internals"))]
+impl ShardEngine {
+    /// Adds Gaussian noise of `fraction` times its RMS to one weight matrix of the slice's
+    /// first block (its MLP down projection, made dense f32), before the engine serves;
+    /// returns the tensor's name. The weight version stays the same: the engine claims to
+    /// run the model's weights, which is the lie.
+    pub fn perturb_weight(&mut self, fraction: f32, seed: u64) -> Result<String> {
+        self.model.perturb_weight(fraction, seed)
     }
 }

@@ -191,8 +191,9 @@ struct Inner {
     trust: Mutex<NodeTrust>,
     /// What receipts name as the build that computes.
     build_id: String,
-    /// What receipts name as the kernel path that computes.
-    kernel_path: &'static str,
+    /// What receipts name as the kernel path that computes (with the mode, thread count and
+    /// chunk invariance: replicas declaring the same one must produce the same bytes).
+    kernel_path: String,
 }
 
 /// A node's side of the Trust machinery: the votes it runs as a receiver and the receipts it
@@ -481,6 +482,7 @@ impl Node {
         let gate = ConnectionGate::new(options.limits);
         endpoint_options.gate = Some(gate.clone());
         let key_for_receipts = key.clone();
+        let engine_for_declaration = engine.clone();
         let endpoint = bind(key, &endpoint_options).await?;
         let address_line = crate::net::endpoint::serve_address_line(&endpoint).await;
         let model_id = model_id(&engine);
@@ -521,7 +523,7 @@ impl Node {
                 chain: crate::consensus::ReceiptChain::new(key_for_receipts, [0; 32]),
             }),
             build_id: build_id(),
-            kernel_path: crate::kernels::KernelPath::detect().name(),
+            kernel_path: kernel_declaration(&engine_for_declaration),
         });
         let gossip = Gossip::builder().spawn(endpoint.clone());
         let router = Router::builder(endpoint)
@@ -669,9 +671,20 @@ impl Node {
 
     /// Makes this replica lie in replicated sessions from now on (`node --behaviour`; feature
     /// `adversary`, for tests and demos of the Trust machinery).
+    /// `wrong-weights` changes the weights themselves, so it is chosen before the engine
+    /// serves ([`ShardEngine::perturb_weight`], which `node --behaviour wrong-weights`
+    /// calls); here it only marks the node as lying.
     #[cfg(any(feature = "adversary", feature = "internals"))]
     pub fn set_behaviour(&self, behaviour: Option<crate::consensus::adversary::Behaviour>) {
         *lock(&self.inner.behaviour) = behaviour;
+    }
+
+    /// Trusts `node` from now on in the votes this node runs (`node --trust ID`).
+    pub fn trust(&self, node: NodeId) {
+        lock(&self.inner.trust)
+            .consensus
+            .reputation_mut()
+            .pin(node, now_ms());
     }
 
     /// This node's reputation table as a receiver of votes (replicated sessions), by node id.
@@ -1223,4 +1236,22 @@ fn build_id() -> String {
         std::env::consts::ARCH,
         std::env::consts::OS
     )
+}
+
+/// The kernel path receipts declare: SIMD path, compute mode, compute threads and whether
+/// products are chunk-invariant. Two honest replicas with equal declarations run the same
+/// arithmetic, so votes compare them exactly (`VoteOutput::declared`).
+fn kernel_declaration(engine: &ShardEngine) -> String {
+    format!(
+        "{}/{:?}/t{}{}",
+        crate::kernels::KernelPath::detect().name(),
+        engine.mode(),
+        rayon::current_num_threads(),
+        if engine.options().chunk_invariant {
+            "/chunk-invariant"
+        } else {
+            ""
+        }
+    )
+    .to_lowercase()
 }

@@ -40,6 +40,15 @@ pub struct SwarmOptions {
     /// model are skipped, and with them every node of another model. `None` trusts the
     /// first entry that answers (trust on first use).
     pub model_id: Option<String>,
+    /// Replicas per range (`--redundancy K`): with 2 or more, each range runs on that many
+    /// nodes, every receiver votes on their outputs and the client on the last range's
+    /// logits (see `docs/trust.md`). 1 (the default) runs one node per range. Replicated
+    /// sessions need f16 or f32 frames and do not fail over yet: a vote goes on without a
+    /// minority of failed replicas.
+    pub redundancy: usize,
+    /// Nodes this client trusts from the start (`--trust ID`): their votes count as trusted
+    /// replicas'.
+    pub trust: Vec<NodeId>,
 }
 
 impl Default for SwarmOptions {
@@ -49,6 +58,8 @@ impl Default for SwarmOptions {
             step_timeout: Duration::from_secs(30),
             max_failovers: 3,
             model_id: None,
+            redundancy: 1,
+            trust: Vec::new(),
         }
     }
 }
@@ -106,6 +117,10 @@ pub struct SwarmGeneration {
     pub events: Vec<String>,
     /// The route the session ended on.
     pub route: Vec<RouteHop>,
+    /// Replicated sessions: the replicas of each range (empty otherwise).
+    pub replicas: Vec<Vec<RouteHop>>,
+    /// Replicated sessions: what the votes found (deviations, missing replicas, proofs).
+    pub votes: Vec<String>,
 }
 
 /// Called with each printable piece; `ControlFlow::Break` stops the generation.
@@ -405,6 +420,28 @@ impl SwarmSession {
         return_logits: bool,
     ) -> Result<(RemoteSession, Vec<NodeId>), NetError> {
         let peers = self.peer_set(&[]).await?;
+        let options = &self.inner.options;
+        if options.redundancy >= 2 {
+            for node in &options.trust {
+                self.inner.client.trust(*node);
+            }
+            let mut session = self
+                .inner
+                .client
+                .open_replicated(
+                    &peers,
+                    self.layers(),
+                    self.model_id(),
+                    options.codec,
+                    sampling,
+                    prompt.to_vec(),
+                    options.redundancy,
+                    return_logits,
+                )
+                .await?;
+            session.step_timeout = options.step_timeout;
+            return Ok((session, Vec::new()));
+        }
         let (mut session, failed) = self
             .inner
             .client
@@ -425,6 +462,7 @@ impl SwarmSession {
 
     /// A blocking driver for `session` that fails over by asking the entries for the swarm.
     fn backend(&self, session: RemoteSession, failed: Vec<NodeId>) -> BlockingSession {
+        let session_is_replicated = !session.replicas().is_empty();
         let handle = tokio::runtime::Handle::current();
         let me = self.clone();
         let replan_handle = handle.clone();
@@ -439,7 +477,14 @@ impl SwarmSession {
         let mut backend =
             BlockingSession::new(session, handle, self.context_len()).with_failover(replanner);
         backend.exclude(&failed);
-        backend.set_max_failovers(self.inner.options.max_failovers);
+        // A replicated session's route is its replica sets: re-planning it as a plain route
+        // would drop the votes, so it does not fail over (yet).
+        let failovers = if session_is_replicated {
+            0
+        } else {
+            self.inner.options.max_failovers
+        };
+        backend.set_max_failovers(failovers);
         backend
     }
 }
@@ -464,6 +509,11 @@ impl PreparedGeneration {
     /// The route the session starts on.
     pub fn route(&self) -> &[RouteHop] {
         self.backend.session.route()
+    }
+
+    /// Replicated sessions: the replicas of each range (empty otherwise).
+    pub fn replicas(&self) -> &[Vec<RouteHop>] {
+        self.backend.session.replicas()
     }
 
     /// Runs the generation (on a blocking thread) and closes the session.
@@ -505,6 +555,8 @@ impl PreparedGeneration {
             recovery: backend.session.stats(),
             events: backend.session.take_events(),
             route: backend.session.route().to_vec(),
+            replicas: backend.session.replicas().to_vec(),
+            votes: backend.session.trust_findings().to_vec(),
         })
     }
 }

@@ -22,6 +22,11 @@ pub struct VoteOutput {
     pub width: usize,
     /// blake3 of the frame bytes the replica sent (what its receipt signs).
     pub hash: [u8; 32],
+    /// What the replica declared it computes with (a hash of its build id and kernel path,
+    /// see [`crate::consensus::InputContext::declaration`]), when known. Two outputs with
+    /// the same declaration come from the same arithmetic on the same input, so a tolerant
+    /// vote compares them exactly.
+    pub declared: Option<[u8; 32]>,
 }
 
 /// The element type of a voted frame: votes run over f16 and f32 frames only (quantised
@@ -47,6 +52,7 @@ impl VoteOutput {
             values,
             width,
             hash,
+            declared: None,
         }
     }
 
@@ -77,7 +83,14 @@ impl VoteOutput {
             values,
             width,
             hash: *blake3::hash(bytes).as_bytes(),
+            declared: None,
         })
+    }
+
+    /// The same output, declared as computed with `declaration`.
+    pub fn declared(mut self, declaration: [u8; 32]) -> Self {
+        self.declared = Some(declaration);
+        self
     }
 
     /// Positions covered (0 when the width is 0).
@@ -134,10 +147,17 @@ impl Comparison {
             Comparison::Tolerant(t) => {
                 // The same bytes are the same values: only finiteness is left to check (the
                 // common case of replicas on one build, at a fraction of the distance's cost).
-                if a.hash == b.hash && a.width == b.width && a.values.len() == b.values.len() {
+                let same_bytes =
+                    a.hash == b.hash && a.width == b.width && a.values.len() == b.values.len();
+                if same_bytes {
                     return a.width > 0
                         && a.values.len() % a.width == 0
                         && a.values.iter().all(|v| v.is_finite());
+                }
+                // Replicas that declare the same arithmetic must produce the same bytes:
+                // rounding cannot explain a difference between them.
+                if a.declared.is_some() && a.declared == b.declared {
+                    return false;
                 }
                 let d = distance(a, b);
                 d.rel_l2 <= t.rel_l2 && d.max_abs <= t.max_abs

@@ -91,6 +91,17 @@ impl InputContext {
 }
 
 impl InputContext {
+    /// What the replica declares it computes with: a hash of its build id and kernel path
+    /// (nodes name the SIMD path, compute mode, thread count and chunk invariance in it).
+    /// Empty declarations declare nothing (`None`).
+    pub fn declaration(&self) -> Option<Hash> {
+        if self.build_id.is_empty() || self.kernel_path.is_empty() {
+            return None;
+        }
+        let body = postcard::to_allocvec(&(&self.build_id, &self.kernel_path)).unwrap_or_default();
+        Some(blake3::derive_key("neuroshard declaration v1", &body))
+    }
+
     /// What the step computed from, without who computed it (build id and kernel path):
     /// replicas of one vote may run different builds, so the vote groups ballots by this
     /// key, while fraud needs the whole [`InputContext::hash`].

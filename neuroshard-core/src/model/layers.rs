@@ -103,6 +103,24 @@ impl Param {
         })
     }
 
+    /// This parameter as a dense f32 one with Gaussian noise of `fraction` times its RMS
+    /// added (the `wrong-weights` lie of the trust tests).
+    #[cfg(any(feature = "adversary", feature = "internals"))]
+    pub(crate) fn perturbed(&self, fraction: f32, seed: u64) -> Result<Param> {
+        let value = self.value()?;
+        let mut values: Vec<f32> = value.flatten_all()?.to_vec1()?;
+        let width = values.len();
+        let mut noise = crate::consensus::adversary::Gaussian::new(seed);
+        crate::consensus::adversary::add_noise(&mut values, width, fraction, &mut noise);
+        let var = Var::from_tensor(&Tensor::from_vec(values, value.shape(), value.device())?)?;
+        Ok(Param {
+            name: self.name.clone(),
+            dense: Some(var.as_tensor().detach()),
+            var: Some(var),
+            quant: None,
+        })
+    }
+
     /// Loads and wraps a tensor in one step.
     pub(crate) fn load(
         file: &WeightFile,

@@ -319,6 +319,13 @@ impl LlamaBlock {
         Ok(())
     }
 
+    /// Replaces the MLP's down projection with a noisy dense copy (`wrong-weights`).
+    #[cfg(any(feature = "adversary", feature = "internals"))]
+    pub(crate) fn perturb_down(&mut self, fraction: f32, seed: u64) -> Result<String> {
+        self.down.weight = self.down.weight.perturbed(fraction, seed)?;
+        Ok(self.down.weight.name.clone())
+    }
+
     pub(crate) fn params(&self) -> Vec<&Param> {
         let mut out = vec![&self.input_norm.weight, &self.post_norm.weight];
         for l in [

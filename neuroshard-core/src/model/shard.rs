@@ -255,6 +255,18 @@ impl ShardModel {
         })
     }
 
+    /// Adds 1%-style noise to one weight matrix of the first block (`wrong-weights`, the
+    /// trust tests' lie); returns its name.
+    #[cfg(any(feature = "adversary", feature = "internals"))]
+    pub(crate) fn perturb_weight(&mut self, fraction: f32, seed: u64) -> Result<String> {
+        match self.blocks.first_mut() {
+            Some(Block::Llama(b)) => b.perturb_down(fraction, seed),
+            _ => Err(crate::Error::BadInput(
+                "wrong-weights needs a Llama block in the slice".into(),
+            )),
+        }
+    }
+
     /// Every parameter once (a tied head shared with the embedding is listed once).
     pub(crate) fn params(&self) -> Vec<&Param> {
         let mut out: Vec<&Param> = Vec::new();

@@ -472,10 +472,7 @@ impl Inner {
             Err(Refused::Report(reason, message)) => return Err((reason, message)),
             Err(_) => return Ok(()),
         };
-        let out = self
-            .compute(hop, input, start)
-            .await
-            .map_err(|b| (b.reason, b.message))?;
+        let out = self.replica_compute(hop, input, start).await?;
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
         let session = hop.open.session;
         let (tensor, codec, position) = match (out, fate) {
@@ -509,7 +506,7 @@ impl Inner {
             weight: rep.weight,
             codec: hop.open.codec,
             build_id: self.build_id.clone(),
-            kernel_path: self.kernel_path.to_string(),
+            kernel_path: self.kernel_path.clone(),
             frame: input_frame,
         };
         lock(&rep.prefix).push((end, extend_prefix(&prefix, &ctx.step_key())));
@@ -578,6 +575,53 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Runs the step through the hop's layers; a `skip-layer` liar leaves out the middle
+    /// layer of its range (two engine calls around it).
+    async fn replica_compute(
+        &self,
+        hop: &HopSession,
+        input: ShardInput,
+        start: u32,
+    ) -> Result<ShardOutput, (Reason, String)> {
+        #[cfg(any(feature = "adversary", feature = "internals"))]
+        {
+            let skip =
+                *lock(&self.behaviour) == Some(crate::consensus::adversary::Behaviour::SkipLayer);
+            let layers = hop.layers();
+            if skip && layers.len() >= 3 {
+                let middle = layers.start + layers.len() / 2;
+                let engine = self.engine.clone();
+                let session = hop.open.session;
+                let run = move || -> crate::Result<ShardOutput> {
+                    use crate::engine::ForwardRequest;
+                    let first = engine.forward(
+                        ForwardRequest::new(input)
+                            .session(session, start as usize)
+                            .layers(layers.start..middle),
+                    )?;
+                    let ShardOutput::Hidden(h) = first else {
+                        return Err(crate::Error::Internal(
+                            "logits before the last layer".into(),
+                        ));
+                    };
+                    engine.forward(
+                        ForwardRequest::new(ShardInput::Hidden(h))
+                            .session(session, start as usize)
+                            .layers(middle + 1..layers.end)
+                            .last_logits_only(),
+                    )
+                };
+                return tokio::task::spawn_blocking(run)
+                    .await
+                    .map_err(|e| (Reason::Compute, e.to_string()))?
+                    .map_err(|e| (Reason::Compute, e.to_string()));
+            }
+        }
+        self.compute(hop, input, start)
+            .await
+            .map_err(|b| (b.reason, b.message))
     }
 
     /// Sends one ballot and its frame on a uni stream.

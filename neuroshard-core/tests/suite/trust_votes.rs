@@ -160,3 +160,169 @@ async fn a_lying_replica_is_outvoted_caught_on_evidence_and_leaves_routes() {
     client.shutdown().await;
     swarm.shutdown().await;
 }
+
+/// Two ranges of three SmolLM2 replicas on 127.0.0.1, spawned here so that one engine can
+/// lie in its weights before it serves.
+struct Replicas {
+    nodes: Vec<Node>,
+    model_id: String,
+}
+
+impl Replicas {
+    /// The replicas; `liar` (range, behaviour) picks the lowest-id replica of that range,
+    /// whose engine gets `wrong-weights` before it serves when that is the behaviour.
+    async fn start(liar: (usize, Behaviour)) -> (Replicas, Node) {
+        let mut nodes = Vec::new();
+        let mut liar_node = None;
+        for (range, slice) in [0..15, 15..30].into_iter().enumerate() {
+            let mut keys: Vec<iroh::SecretKey> =
+                (0..3).map(|_| iroh::SecretKey::generate()).collect();
+            keys.sort_by_key(|k| k.public());
+            for (i, key) in keys.into_iter().enumerate() {
+                let mut engine = neuroshard_core::ShardEngine::load(
+                    smollm2(),
+                    slice.clone(),
+                    neuroshard_core::EngineOptions::default(),
+                )
+                .expect("load");
+                let lies = range == liar.0 && i == 0;
+                if lies && liar.1 == Behaviour::WrongWeights {
+                    engine.perturb_weight(0.01, 0x5eed).expect("perturb");
+                }
+                let node = Node::spawn(
+                    std::sync::Arc::new(engine),
+                    key,
+                    neuroshard_core::net::endpoint::EndpointOptions::default(),
+                )
+                .await
+                .expect("node");
+                if lies {
+                    node.set_behaviour(Some(liar.1));
+                    liar_node = Some(node.clone());
+                }
+                nodes.push(node);
+            }
+        }
+        let model_id = neuroshard_core::model_id(nodes[0].engine());
+        (Replicas { nodes, model_id }, liar_node.expect("a liar"))
+    }
+
+    fn peers(&self) -> PeerSet {
+        let now = now_ms();
+        let mut peers = PeerSet::new(self.model_id.clone());
+        for n in &self.nodes {
+            let layers = n.engine().layers();
+            let ann = neuroshard_core::net::Announcement {
+                protocol_version: neuroshard_core::net::PROTOCOL_VERSION,
+                node: n.id(),
+                model_id: self.model_id.clone(),
+                weight_updates: 0,
+                layers: layers.start as u32..layers.end as u32,
+                capacity: 64,
+                load: 0,
+                addrs: n.addr().ip_addrs().copied().collect(),
+                entry: layers.start == 0,
+                timestamp_ms: now,
+                expires_ms: now + 60_000,
+            };
+            let signed =
+                neuroshard_core::net::SignedAnnouncement::sign(&ann, n.secret_key()).expect("sign");
+            peers.insert(&signed, now).expect("insert");
+        }
+        peers
+    }
+
+    async fn shutdown(&self) {
+        for n in &self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// One cell of the detection matrix: `behaviour` on the lowest-id replica of `range` (0:
+/// judged by the next range's three replicas; 1: a receiver of range 0, judged by the
+/// client). Returns the vote after which the client had banned it.
+async fn detect(behaviour: Behaviour, range: usize, expected: &[u32], prompt: &[u32]) -> usize {
+    let (swarm, liar) = Replicas::start((range, behaviour)).await;
+    let client = new_client().await;
+    let mut session = client
+        .open_replicated(
+            &swarm.peers(),
+            30,
+            &swarm.model_id,
+            Codec::F16,
+            SamplingParams::greedy(),
+            prompt.to_vec(),
+            3,
+            false,
+        )
+        .await
+        .expect("open a replicated session");
+    let lowest = session.replicas()[range].iter().map(|h| h.node).min();
+    assert_eq!(lowest, Some(liar.id()), "the liar is its range's lowest id");
+    let mut caught_at = None;
+    let mut tokens = Vec::new();
+    let mut next = session.step(prompt, 0).await.expect("prompt step");
+    for vote in 1..=expected.len() {
+        if caught_at.is_none() && state_of(&client, &liar) == TrustState::Banned {
+            caught_at = Some(vote);
+        }
+        tokens.push(next);
+        if vote == expected.len() {
+            break;
+        }
+        next = session
+            .step(&[next], prompt.len() + vote - 1)
+            .await
+            .unwrap_or_else(|e| panic!("{behaviour:?} in range {range}: {e}"));
+    }
+    if caught_at.is_none() && state_of(&client, &liar) == TrustState::Banned {
+        caught_at = Some(expected.len());
+    }
+    let findings = session.trust_findings().join("\n");
+    assert_eq!(
+        tokens, expected,
+        "{behaviour:?} in range {range} changed the text\n{findings}"
+    );
+    for node in &swarm.nodes {
+        if node.id() != liar.id() {
+            assert_ne!(
+                state_of(&client, node),
+                TrustState::Banned,
+                "{behaviour:?} in range {range}: an honest node was banned\n{findings}"
+            );
+        }
+    }
+    session.close().await;
+    client.shutdown().await;
+    swarm.shutdown().await;
+    caught_at
+        .unwrap_or_else(|| panic!("{behaviour:?} in range {range} went undetected\n{findings}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_behaviour_is_caught_within_three_votes_in_either_range() {
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    let expected = &expected[..4];
+    let mut table = Vec::new();
+    for behaviour in Behaviour::ALL {
+        for range in [0, 1] {
+            // The last range has one receiver, the client: it cannot be shown two outputs.
+            let one_receiver =
+                range == 1 && matches!(behaviour, Behaviour::Equivocate | Behaviour::BadUpstream);
+            if one_receiver {
+                continue;
+            }
+            let vote = detect(behaviour, range, expected, &prompt).await;
+            table.push(format!(
+                "{:>13} range {range}: banned after vote {vote}",
+                behaviour.name()
+            ));
+            assert!(
+                vote <= 3,
+                "{behaviour:?} in range {range}: banned only after vote {vote}"
+            );
+        }
+    }
+    eprintln!("detection matrix (in process):\n{}", table.join("\n"));
+}

@@ -57,6 +57,18 @@ pub(crate) struct GenerateArgs {
     /// fails over (a stalled node).
     #[arg(long, default_value_t = 30_000)]
     step_timeout_ms: u64,
+    /// With --peers: replicas per range. With 2 or more, every range runs on that many
+    /// nodes, each receiver votes on their outputs, and the client votes on the last range's
+    /// logits; nodes that deviate are banned on signed evidence (docs/trust.md).
+    #[arg(long, default_value_t = 1)]
+    redundancy: usize,
+    /// With --peers: a node id this client trusts from the start (repeatable).
+    #[arg(long = "trust")]
+    trust: Vec<neuroshard_core::net::NodeId>,
+    /// With --peers: write the client's reputation table (score, state and reason per node)
+    /// to this JSON file after the generation.
+    #[arg(long)]
+    trust_report: Option<PathBuf>,
 }
 
 impl GenerateArgs {
@@ -115,6 +127,8 @@ fn run_remote(args: GenerateArgs) -> Result<(), Error> {
             codec: args.codec,
             step_timeout: Duration::from_millis(args.step_timeout_ms),
             model_id: args.engine.model_id.clone(),
+            redundancy: args.redundancy.max(1),
+            trust: args.trust.clone(),
             ..SwarmOptions::default()
         };
         let swarm = SwarmSession::connect(client.clone(), entries, options).await?;
@@ -127,6 +141,9 @@ fn run_remote(args: GenerateArgs) -> Result<(), Error> {
             swarm.entry().id.fmt_short(),
             route_line(prepared.route())
         );
+        for (i, replicas) in prepared.replicas().iter().enumerate() {
+            eprintln!("range {i} replicas: {}", route_line(replicas));
+        }
         let result = prepared
             .run(
                 args.config(),
@@ -146,6 +163,15 @@ fn run_remote(args: GenerateArgs) -> Result<(), Error> {
         println!();
         for event in &out.events {
             eprintln!("recovery event: {event}");
+        }
+        for vote in &out.votes {
+            eprintln!("vote: {vote}");
+        }
+        if let Some(path) = &args.trust_report {
+            let table = serde_json::to_string_pretty(&client.trust_table())
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(path, table)
+                .map_err(|e| Error::Generation(format!("writing {}: {e}", path.display())))?;
         }
         let r = out.recovery;
         eprintln!(

@@ -99,6 +99,14 @@ pub(crate) struct NodeArgs {
     /// hand-over) before stopping.
     #[arg(long, default_value_t = 10)]
     grace_secs: u64,
+    /// A node id this node trusts from the start in the votes it runs (repeatable).
+    #[arg(long = "trust")]
+    trust: Vec<neuroshard_core::net::NodeId>,
+    /// Lie in replicated sessions, for tests and demos of the trust machinery: noise, scale,
+    /// skip-layer, wrong-weights, stale, zeros, slow, equivocate or bad-upstream (docs/trust.md).
+    #[cfg(feature = "adversary")]
+    #[arg(long)]
+    behaviour: Option<neuroshard_core::consensus::adversary::Behaviour>,
 }
 
 pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
@@ -110,7 +118,8 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
     });
     let key = load_or_create_key(&key_path)?;
     let t0 = Instant::now();
-    let engine = ShardEngine::load_with_progress(
+    #[allow(unused_mut)]
+    let mut engine = ShardEngine::load_with_progress(
         &args.model,
         args.start..args.end,
         args.engine.options(args.mode),
@@ -132,6 +141,11 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
         engine.weight_file().tensors_verified(),
         engine.model_id()
     );
+    #[cfg(feature = "adversary")]
+    if args.behaviour == Some(neuroshard_core::consensus::adversary::Behaviour::WrongWeights) {
+        let name = engine.perturb_weight(0.01, 0x5eed)?;
+        eprintln!("wrong-weights: 1%-RMS noise on {name}");
+    }
     tokio_runtime()?.block_on(async move {
         let bootstrap = if args.peers.is_empty() {
             Vec::new()
@@ -154,6 +168,14 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
             .options(options)
             .spawn()
             .await?;
+        for id in &args.trust {
+            node.trust(*id);
+        }
+        #[cfg(feature = "adversary")]
+        if let Some(b) = args.behaviour {
+            eprintln!("this node lies in replicated sessions: {}", b.name());
+            node.set_behaviour(Some(b));
+        }
         // First stdout line: the address to pass to --peers.
         println!("{}", node.address());
         let _ = std::io::stdout().flush();
