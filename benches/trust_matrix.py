@@ -30,13 +30,16 @@ SLICES = [(0, 15), (0, 15), (0, 15), (15, 30), (15, 30), (15, 30)]
 class Swarm:
     """Six node processes; `liar` = (index, behaviour) lies."""
 
-    def __init__(self, bin_path, model, keys, liar=None):
+    def __init__(self, bin_path, model, keys, liar=None, tables=None):
         self.procs = []
         self.addresses = []
         try:
             for i, (start, end) in enumerate(SLICES):
                 cmd = [bin_path, "node", "--model", model, "--start", str(start),
                        "--end", str(end), "--key-file", keys[i]]
+                # Each cell is its own experiment: the nodes' tables start empty.
+                if tables:
+                    cmd += ["--reputation", f"{tables}-node{i}.json"]
                 if self.addresses:
                     cmd += ["--peers", self.addresses[0]]
                 if liar and liar[0] == i:
@@ -59,7 +62,8 @@ class Swarm:
     def wait_for_gossip(self, bin_path, timeout=30.0):
         deadline = time.time() + timeout
         while time.time() < deadline:
-            out = subprocess.run([bin_path, "peers", "--peers", self.addresses[0]],
+            out = subprocess.run([bin_path, "peers", "--peers", self.addresses[0],
+                                  "--reputation", os.path.join(tempfile.gettempdir(), "ns-peers-table.json")],
                                  capture_output=True, text=True, timeout=20).stdout
             m = re.search(r"(\d+) nodes", out)
             if m and int(m.group(1)) == len(SLICES):
@@ -78,10 +82,14 @@ class Swarm:
                 p.wait()
 
 
-def generate(bin_path, swarm, tokens, report):
-    cmd = [bin_path, "generate", "--peers", swarm.addresses[0], "--redundancy", "3",
+def generate(bin_path, swarm, tokens, report, k=3, trust=()):
+    # A fresh client table per run (the default file in the data directory would carry
+    # one cell's bans into the next).
+    cmd = [bin_path, "generate", "--peers", swarm.addresses[0], "--redundancy", str(k),
            "--prompt", PROMPT, "--max-tokens", str(tokens), "--ignore-eos",
-           "--trust-report", report]
+           "--trust-report", report, "--reputation", report + ".table"]
+    for node in trust:
+        cmd += ["--trust", node]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, RAYON_NUM_THREADS="1"))
@@ -106,12 +114,14 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--tokens", type=int, default=6)
     ap.add_argument("--honest-tokens", type=int, default=100)
+    ap.add_argument("--speed-tokens", type=int, default=64)
+    ap.add_argument("--speed-reps", type=int, default=2)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     keys = [os.path.join(tmp, f"node{i}.key") for i in range(len(SLICES))]
     results = {"prompt": PROMPT, "tokens": args.tokens, "cells": []}
 
-    swarm = Swarm(args.bin, args.model, keys)
+    swarm = Swarm(args.bin, args.model, keys, tables=os.path.join(tmp, "honest"))
     try:
         ids = swarm.ids()
         text, votes, table, prompt_tokens, decode, _ = generate(
@@ -131,6 +141,25 @@ def main():
               flush=True)
         honest_text, _, _, _, _, _ = generate(args.bin, swarm, args.tokens,
                                               os.path.join(tmp, "short.json"))
+        # Decode speed with 1, 2 and 3 replicas per range on the same six processes,
+        # alternating, best of `--speed-reps` (all six share this machine's cores, so k
+        # replicas cost about k times the compute here; on separate machines they run side
+        # by side). Every node is pinned as trusted: without trusted nodes a vote takes at
+        # least 3 replicas (plain majority), so k = 2 would run 3.
+        speed = {1: 0.0, 2: 0.0, 3: 0.0}
+        speed_findings = []
+        for _ in range(args.speed_reps):
+            for k in (1, 2, 3):
+                _, found, _, _, decode, _ = generate(args.bin, swarm, args.speed_tokens,
+                                                     os.path.join(tmp, f"speed{k}.json"), k=k,
+                                                     trust=ids)
+                speed[k] = max(speed[k], decode)
+                speed_findings += found
+        results["decode_tokens_per_sec"] = {f"k{k}": v for k, v in speed.items()}
+        results["speed_findings"] = speed_findings
+        votes = votes + speed_findings
+        print("decode tokens/s: " + ", ".join(f"k={k} {v:.1f}" for k, v in speed.items()),
+              flush=True)
     finally:
         swarm.stop()
     failures = []
@@ -143,7 +172,8 @@ def main():
                 continue  # the last range has one receiver, the client
             members = [i for i, s in enumerate(SLICES) if s == SLICES[3 * rng]]
             liar = min(members, key=lambda i: ids[i])
-            swarm = Swarm(args.bin, args.model, keys, liar=(liar, behaviour))
+            swarm = Swarm(args.bin, args.model, keys, liar=(liar, behaviour),
+                          tables=os.path.join(tmp, f"{behaviour}-{rng}"))
             try:
                 text, votes, table, prompt_tokens, decode, secs = generate(
                     args.bin, swarm, args.tokens, os.path.join(tmp, f"{behaviour}-{rng}.json"))

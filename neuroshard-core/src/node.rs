@@ -687,6 +687,26 @@ impl Node {
             .pin(node, now_ms());
     }
 
+    /// Replaces this node's reputation table with the one saved at `path` (a missing file
+    /// is an empty table; a corrupt one an error).
+    pub fn load_reputation(&self, path: &std::path::Path) -> Result<(), NetError> {
+        let mut trust = lock(&self.inner.trust);
+        let policy = trust.consensus.reputation().policy().clone();
+        let table = crate::consensus::Reputation::load(path, policy)
+            .map_err(|e| NetError::Io(format!("reading {}: {e}", path.display())))?;
+        *trust.consensus.reputation_mut() = table;
+        Ok(())
+    }
+
+    /// Saves this node's reputation table to `path` (JSON, replaced atomically).
+    pub fn save_reputation(&self, path: &std::path::Path) -> Result<(), NetError> {
+        lock(&self.inner.trust)
+            .consensus
+            .reputation()
+            .save(path, now_ms())
+            .map_err(|e| NetError::Io(format!("writing {}: {e}", path.display())))
+    }
+
     /// This node's reputation table as a receiver of votes (replicated sessions), by node id.
     pub fn trust_table(&self) -> Vec<crate::consensus::reputation::StandingRow> {
         lock(&self.inner.trust)

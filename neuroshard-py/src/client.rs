@@ -97,10 +97,27 @@ fn text_request(
 #[pymethods]
 impl ClientHandle {
     #[new]
-    #[pyo3(signature = (peers, step_timeout_ms=30_000))]
-    fn new(py: Python<'_>, peers: Vec<String>, step_timeout_ms: u64) -> PyResult<Self> {
+    #[pyo3(signature = (peers, step_timeout_ms=30_000, redundancy=1, trust=None))]
+    fn new(
+        py: Python<'_>,
+        peers: Vec<String>,
+        step_timeout_ms: u64,
+        redundancy: usize,
+        trust: Option<Vec<String>>,
+    ) -> PyResult<Self> {
+        let trust = trust
+            .unwrap_or_default()
+            .iter()
+            .map(|s| {
+                s.parse::<neuroshard_core::net::NodeId>().map_err(|e| {
+                    pyo3::exceptions::PyValueError::new_err(format!("`{s}` is not a node id: {e}"))
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
         let options = SwarmOptions {
             step_timeout: Duration::from_millis(step_timeout_ms),
+            redundancy: redundancy.max(1),
+            trust,
             ..SwarmOptions::default()
         };
         let client = py
@@ -175,7 +192,41 @@ impl ClientHandle {
         d.set_item("prefill_tokens_per_sec", o.prefill_tokens_per_sec())?;
         d.set_item("decode_tokens_per_sec", o.decode_tokens_per_sec())?;
         d.set_item("failovers", out.recovery.failovers)?;
+        d.set_item("votes", out.votes.clone())?;
+        let replicas: Vec<Vec<String>> = out
+            .replicas
+            .iter()
+            .map(|r| r.iter().map(|h| h.node.to_string()).collect())
+            .collect();
+        d.set_item("replicas", replicas)?;
         Ok(d)
+    }
+
+    /// This client's reputation table: a dict per node it has seen in votes (`node`,
+    /// `state`, `score`, `reason`, ...), by node id.
+    fn trust_table<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, pyo3::types::PyDict>>> {
+        let rows = self.client.swarm_session().client().trust_table();
+        rows.iter()
+            .map(|r| crate::trust::standing_dict(py, r))
+            .collect()
+    }
+
+    /// Replaces this client's reputation table with the one saved at `path`.
+    fn load_reputation(&self, path: std::path::PathBuf) -> PyResult<()> {
+        self.client
+            .swarm_session()
+            .client()
+            .load_reputation(&path)
+            .map_err(|e| to_py(e.into()))
+    }
+
+    /// Saves this client's reputation table to `path` (JSON).
+    fn save_reputation(&self, path: std::path::PathBuf) -> PyResult<()> {
+        self.client
+            .swarm_session()
+            .client()
+            .save_reputation(&path)
+            .map_err(|e| to_py(e.into()))
     }
 
     /// Starts a generation and returns an iterator over its text pieces.

@@ -8,6 +8,7 @@ mod engine;
 mod errors;
 mod nodes;
 mod tokenizer;
+mod trust;
 
 use pyo3::prelude::*;
 
@@ -39,5 +40,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     nodes::register(m)?;
     client::register(m)?;
     tokenizer::register(m)?;
+    trust::register(m)?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 pub(super) const MAX_VOTE_REPORT: usize = 32 << 20;
 /// Once a strict majority of the last range has answered, the rest get at least this long
 /// (or as long again as the majority took) before the client votes without them.
-const VOTE_GRACE: Duration = Duration::from_millis(150);
+const VOTE_GRACE: Duration = Duration::from_millis(500);
 
 /// What a replicated session keeps between steps.
 #[derive(Debug, Default)]
@@ -88,6 +88,26 @@ impl Client {
     /// Trusts `node` from now on (`--trust ID`): its votes count as a trusted replica's.
     pub fn trust(&self, node: NodeId) {
         lock(&self.inner.trust).reputation_mut().pin(node, now_ms());
+    }
+
+    /// Replaces the client's reputation table with the one saved at `path` (a missing file
+    /// is an empty table; a corrupt one an error: bans are never silently forgotten).
+    pub fn load_reputation(&self, path: &std::path::Path) -> Result<(), NetError> {
+        let mut consensus = lock(&self.inner.trust);
+        let policy = consensus.reputation().policy().clone();
+        let table = crate::consensus::Reputation::load(path, policy)
+            .map_err(|e| NetError::Io(format!("reading {}: {e}", path.display())))?;
+        *consensus.reputation_mut() = table;
+        Ok(())
+    }
+
+    /// Saves the client's reputation table to `path` (JSON, replaced atomically), so its
+    /// scores and bans survive a restart.
+    pub fn save_reputation(&self, path: &std::path::Path) -> Result<(), NetError> {
+        lock(&self.inner.trust)
+            .reputation()
+            .save(path, now_ms())
+            .map_err(|e| NetError::Io(format!("writing {}: {e}", path.display())))
     }
 
     /// Whether this client's routes may use `node` now (not banned by its table).

@@ -190,6 +190,16 @@ impl SignedReceipt {
         SignedReceipt { body, signature }
     }
 
+    /// The receipt as bytes (postcard): how it is stored and handed to other languages.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// A receipt from [`SignedReceipt::to_bytes`] (not yet verified).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ReceiptError> {
+        postcard::from_bytes(bytes).map_err(|e| ReceiptError::Malformed(e.to_string()))
+    }
+
     /// Decodes the body and checks its signature.
     pub fn verify(&self) -> Result<Receipt, ReceiptError> {
         let receipt = self.decode_unverified()?;
@@ -238,6 +248,16 @@ impl ReceiptChain {
     /// continues from its persisted head).
     pub fn new(key: iroh::SecretKey, head: Hash) -> Self {
         ReceiptChain { key, head }
+    }
+
+    /// A new chain signed by the 32-byte secret key `secret` (a node's key file holds one).
+    pub fn from_secret(secret: &[u8; 32]) -> Self {
+        ReceiptChain::new(iroh::SecretKey::from_bytes(secret), [0; 32])
+    }
+
+    /// The signer's node id.
+    pub fn node(&self) -> crate::net::NodeId {
+        self.key.public()
     }
 
     /// The hash of the last receipt issued (what the next one names).

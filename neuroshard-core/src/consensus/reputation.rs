@@ -271,8 +271,13 @@ impl Reputation {
         s.changed_ms = now_ms;
     }
 
-    /// `node` did not answer in time: a temporary ban with exponential backoff.
+    /// `node` did not answer in time: a temporary ban with exponential backoff. A node
+    /// banned already is left as it is: its silence adds nothing (nobody waits for it), and
+    /// the reason of its ban stays the evidence's.
     pub fn timed_out(&mut self, node: NodeId, now_ms: u64) {
+        if self.state(&node, now_ms) == TrustState::Banned {
+            return;
+        }
         let policy = self.policy.clone();
         let s = self.entry(node, now_ms);
         s.timeouts = s.timeouts.saturating_add(1);
@@ -399,6 +404,9 @@ impl Reputation {
             nodes: self.table(now_ms),
         })
         .map_err(std::io::Error::other)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, body)?;
         std::fs::rename(&tmp, path)

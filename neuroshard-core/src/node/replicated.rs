@@ -42,9 +42,9 @@ use std::time::{Duration, Instant};
 pub(crate) const VOTE_DEADLINE: Duration = Duration::from_secs(30);
 /// Extra wait per position of a step (long prompts take longer to compute).
 pub(crate) const VOTE_DEADLINE_PER_POSITION: Duration = Duration::from_millis(10);
-/// Once a strict majority has answered, the rest get at least this long (or twice the time
-/// the majority took, if longer) before the vote runs without them.
-pub(crate) const VOTE_GRACE: Duration = Duration::from_millis(150);
+/// Once a strict majority has answered, the rest get at least this long (or as long again
+/// as the majority took, if longer) before the vote runs without them.
+pub(crate) const VOTE_GRACE: Duration = Duration::from_millis(500);
 /// Steps whose ballots a hop holds at once per session (older ones are dropped).
 const MAX_BOXES: usize = 8;
 /// Ballots one sender may put in one box: a second one shows equivocation, more are noise.
@@ -379,12 +379,20 @@ impl Inner {
                 .filter(|(from, _, _)| verdict.unaccounted.contains(from))
                 .filter_map(|(_, _, c)| c.clone())
                 .collect();
+            // Only replicas this node waited for count as missing: one it has banned was
+            // not waited for, and reporting it would re-ban it for arriving after the vote.
+            let missing: Vec<NodeId> = verdict
+                .unaccounted
+                .iter()
+                .filter(|n| waiting_for.contains(n))
+                .copied()
+                .collect();
             let report = Message::VoteReport {
                 session: hop.open.session,
                 start_pos: start,
                 range: rep.place.stage.saturating_sub(1) as u32,
                 evidence: verdict.evidence.clone(),
-                missing: verdict.unaccounted.clone(),
+                missing,
                 accepted: accepted.is_some(),
                 claims,
             };

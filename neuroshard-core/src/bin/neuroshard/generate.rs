@@ -69,6 +69,10 @@ pub(crate) struct GenerateArgs {
     /// to this JSON file after the generation.
     #[arg(long)]
     trust_report: Option<PathBuf>,
+    /// With --peers: the client's reputation table, loaded before and saved after the
+    /// generation (default: client-reputation.json in the data directory).
+    #[arg(long)]
+    reputation: Option<PathBuf>,
 }
 
 impl GenerateArgs {
@@ -123,6 +127,11 @@ fn run_remote(args: GenerateArgs) -> Result<(), Error> {
     tokio_runtime()?.block_on(async move {
         let entries = resolve_peers(&args.peers).await?;
         let client = Client::bind_default().await?;
+        let reputation = args
+            .reputation
+            .clone()
+            .unwrap_or_else(|| crate::common::data_dir().join("client-reputation.json"));
+        client.load_reputation(&reputation)?;
         let options = SwarmOptions {
             codec: args.codec,
             step_timeout: Duration::from_millis(args.step_timeout_ms),
@@ -142,7 +151,11 @@ fn run_remote(args: GenerateArgs) -> Result<(), Error> {
             route_line(prepared.route())
         );
         for (i, replicas) in prepared.replicas().iter().enumerate() {
-            eprintln!("range {i} replicas: {}", route_line(replicas));
+            let names: Vec<String> = replicas
+                .iter()
+                .map(|h| h.node.fmt_short().to_string())
+                .collect();
+            eprintln!("range {i} replicas: {}", names.join(", "));
         }
         let result = prepared
             .run(
@@ -167,6 +180,7 @@ fn run_remote(args: GenerateArgs) -> Result<(), Error> {
         for vote in &out.votes {
             eprintln!("vote: {vote}");
         }
+        client.save_reputation(&reputation)?;
         if let Some(path) = &args.trust_report {
             let table = serde_json::to_string_pretty(&client.trust_table())
                 .map_err(|e| Error::Internal(e.to_string()))?;

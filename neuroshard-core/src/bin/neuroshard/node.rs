@@ -102,6 +102,10 @@ pub(crate) struct NodeArgs {
     /// A node id this node trusts from the start in the votes it runs (repeatable).
     #[arg(long = "trust")]
     trust: Vec<neuroshard_core::net::NodeId>,
+    /// The node's reputation table (the votes it ran as a receiver), loaded at start and
+    /// saved every 30 s and on stop. Default: next to the key file.
+    #[arg(long)]
+    reputation: Option<PathBuf>,
     /// Lie in replicated sessions, for tests and demos of the trust machinery: noise, scale,
     /// skip-layer, wrong-weights, stale, zeros, slow, equivocate or bad-upstream (docs/trust.md).
     #[cfg(feature = "adversary")]
@@ -168,9 +172,25 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
             .options(options)
             .spawn()
             .await?;
+        let reputation = args
+            .reputation
+            .clone()
+            .unwrap_or_else(|| key_path.with_extension("reputation.json"));
+        node.load_reputation(&reputation)?;
         for id in &args.trust {
             node.trust(*id);
         }
+        let saver = {
+            let (node, path) = (node.clone(), reputation.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    if let Err(e) = node.save_reputation(&path) {
+                        eprintln!("{e}");
+                    }
+                }
+            })
+        };
         #[cfg(feature = "adversary")]
         if let Some(b) = args.behaviour {
             eprintln!("this node lies in replicated sessions: {}", b.name());
@@ -194,6 +214,8 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
             leave.notified, leave.without_replica, args.grace_secs
         );
         let report = leave.finish(Duration::from_secs(args.grace_secs)).await;
+        saver.abort();
+        node.save_reputation(&reputation)?;
         eprintln!(
             "stopped: {} session(s) handed over, {} left to fail over",
             report.handed_over, report.left_behind
