@@ -52,6 +52,23 @@ enum ns_status
 typedef uint32_t ns_status;
 #endif // __cplusplus
 
+// A node's place in a client's trust order.
+enum ns_trust_state
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  // New or back from a ban: always replicated, at most one per vote once trust exists.
+  NS_TRUST_STATE_PROBATION = 0,
+  // Earned (20 agreed votes) or pinned.
+  NS_TRUST_STATE_TRUSTED = 1,
+  // Left out of routes (evidence, a proof, or timeouts).
+  NS_TRUST_STATE_BANNED = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t ns_trust_state;
+#endif // __cplusplus
+
 // Compute mode of an engine or node.
 enum ns_mode
 #ifdef __cplusplus
@@ -80,6 +97,38 @@ typedef struct ns_node ns_node;
 
 // A local swarm (opaque; free with `ns_swarm_free`).
 typedef struct ns_swarm ns_swarm;
+
+// How `ns_client_connect_with` connects. Zero-initialised fields mean the defaults.
+typedef struct {
+  // Replicas per range (0 or 1: one node per range). With 2 or more, every range runs on
+  // that many nodes, each receiver votes on their outputs, and the client votes on the
+  // last range's logits (docs/trust.md).
+  uint32_t redundancy;
+  // How long one step may take, in milliseconds (0: 30,000).
+  uint32_t step_timeout_ms;
+} ns_client_options;
+
+// One row of a client's reputation table (`ns_client_trust_table`).
+typedef struct {
+  // The node id (hex, NUL-terminated).
+  char *node;
+  // Its state now.
+  ns_trust_state state;
+  // Its score (routes need at least 0).
+  double score;
+  // Votes it agreed with.
+  uint64_t agreed;
+  // Deviations shown by evidence.
+  uint32_t deviations;
+  // Consecutive timeouts.
+  uint32_t timeouts;
+  // Non-zero: trusted by the operator.
+  uint32_t pinned;
+  // Banned until this time (Unix ms; `UINT64_MAX` for good, 0 for not banned).
+  uint64_t banned_until_ms;
+  // Why the state last changed (NUL-terminated).
+  char *reason;
+} ns_trust_row;
 
 // Sampling and stopping for `ns_client_generate`. Zero-initialised fields mean: greedy,
 // no top-k/top-p, seed 0, no chat template. `max_tokens` 0 means 128.
@@ -127,6 +176,20 @@ extern "C" {
 // Connects to a swarm through the first of `peers` (`n_peers` address lines,
 // `<id>@<ip:port>` or plain `host:port`) that serves the model info.
 ns_status ns_client_connect(const char *const *peers, size_t n_peers, ns_client **out);
+
+// `ns_client_connect` with `options` (may be null: the defaults).
+ns_status ns_client_connect_with(const char *const *peers,
+                                 size_t n_peers,
+                                 const ns_client_options *options,
+                                 ns_client **out);
+
+// This client's reputation table (what its replicated sessions' votes and the evidence it
+// checked showed): `*out_len` rows at `*out_rows`, by node id. Free them with
+// `ns_trust_table_free`.
+ns_status ns_client_trust_table(const ns_client *client, ns_trust_row **out_rows, size_t *out_len);
+
+// Frees the rows `ns_client_trust_table` returned (`rows` null is ignored).
+void ns_trust_table_free(ns_trust_row *rows, size_t len);
 
 // Generates a continuation of `prompt`. Each printable piece goes to `callback` (may be
 // null) on the calling thread as it arrives; the whole text goes to `out_text` (may be null;

@@ -145,9 +145,22 @@ impl Client {
         prompt: Vec<u32>,
         return_logits: bool,
     ) -> Result<RemoteSession, NetError> {
-        let session = random_u64();
-        let open = SessionOpen {
-            session,
+        let open = self.new_open(route, model_id, codec, sampling, prompt, return_logits);
+        self.open_signed(open, &self.inner.key).await
+    }
+
+    /// A fresh session-open of this client (new session id, nonce and time) on `route`.
+    fn new_open(
+        &self,
+        route: Vec<RouteHop>,
+        model_id: &str,
+        codec: Codec,
+        sampling: SamplingParams,
+        prompt: Vec<u32>,
+        return_logits: bool,
+    ) -> SessionOpen {
+        SessionOpen {
+            session: random_u64(),
             client: self.id(),
             model_id: model_id.to_string(),
             route,
@@ -160,8 +173,7 @@ impl Client {
             return_logits,
             adapter: None,
             replicas: Vec::new(),
-        };
-        self.open_signed(open, &self.inner.key).await
+        }
     }
 
     /// Sends an already built open, signed with `signer` (tests use a wrong signer).

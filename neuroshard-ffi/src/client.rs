@@ -2,6 +2,7 @@
 
 use crate::status::{arg_str, arg_strs, fail, fail_with, guard, ns_status, out_ptr, owned_string};
 use neuroshard_core::blocking::{self, StreamEvent};
+use neuroshard_core::consensus::TrustState;
 use neuroshard_core::{FinishReason, SamplingParams, SwarmOptions, TextRequest};
 use std::ffi::{c_char, c_void, CString};
 use std::time::Duration;
@@ -37,12 +38,36 @@ pub struct ns_generate_params {
 pub type ns_token_callback =
     Option<unsafe extern "C" fn(piece: *const c_char, user_data: *mut c_void) -> i32>;
 
+/// How `ns_client_connect_with` connects. Zero-initialised fields mean the defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ns_client_options {
+    /// Replicas per range (0 or 1: one node per range). With 2 or more, every range runs on
+    /// that many nodes, each receiver votes on their outputs, and the client votes on the
+    /// last range's logits (docs/trust.md).
+    pub redundancy: u32,
+    /// How long one step may take, in milliseconds (0: 30,000).
+    pub step_timeout_ms: u32,
+}
+
 /// Connects to a swarm through the first of `peers` (`n_peers` address lines,
 /// `<id>@<ip:port>` or plain `host:port`) that serves the model info.
 #[no_mangle]
 pub unsafe extern "C" fn ns_client_connect(
     peers: *const *const c_char,
     n_peers: usize,
+    out: *mut *mut ns_client,
+) -> ns_status {
+    // SAFETY: the caller's arguments, passed on unchanged.
+    unsafe { ns_client_connect_with(peers, n_peers, std::ptr::null(), out) }
+}
+
+/// `ns_client_connect` with `options` (may be null: the defaults).
+#[no_mangle]
+pub unsafe extern "C" fn ns_client_connect_with(
+    peers: *const *const c_char,
+    n_peers: usize,
+    options: *const ns_client_options,
     out: *mut *mut ns_client,
 ) -> ns_status {
     guard(|| {
@@ -57,7 +82,22 @@ pub unsafe extern "C" fn ns_client_connect(
         if let Err(s) = out_ptr(out, "out") {
             return s;
         }
-        match blocking::Client::connect(&peers, SwarmOptions::default()) {
+        let o = if options.is_null() {
+            ns_client_options::default()
+        } else {
+            // SAFETY: checked non-null; points to an ns_client_options.
+            unsafe { *options }
+        };
+        let defaults = SwarmOptions::default();
+        let swarm_options = SwarmOptions {
+            redundancy: o.redundancy.max(1) as usize,
+            step_timeout: match o.step_timeout_ms {
+                0 => defaults.step_timeout,
+                ms => Duration::from_millis(ms as u64),
+            },
+            ..defaults
+        };
+        match blocking::Client::connect(&peers, swarm_options) {
             Ok(client) => {
                 // SAFETY: checked non-null.
                 unsafe { *out = Box::into_raw(Box::new(ns_client { client })) };
@@ -66,6 +106,110 @@ pub unsafe extern "C" fn ns_client_connect(
             Err(e) => fail(e),
         }
     })
+}
+
+/// A node's place in a client's trust order.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ns_trust_state {
+    /// New or back from a ban: always replicated, at most one per vote once trust exists.
+    Probation = 0,
+    /// Earned (20 agreed votes) or pinned.
+    Trusted = 1,
+    /// Left out of routes (evidence, a proof, or timeouts).
+    Banned = 2,
+}
+
+/// One row of a client's reputation table (`ns_client_trust_table`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct ns_trust_row {
+    /// The node id (hex, NUL-terminated).
+    pub node: *mut c_char,
+    /// Its state now.
+    pub state: ns_trust_state,
+    /// Its score (routes need at least 0).
+    pub score: f64,
+    /// Votes it agreed with.
+    pub agreed: u64,
+    /// Deviations shown by evidence.
+    pub deviations: u32,
+    /// Consecutive timeouts.
+    pub timeouts: u32,
+    /// Non-zero: trusted by the operator.
+    pub pinned: u32,
+    /// Banned until this time (Unix ms; `UINT64_MAX` for good, 0 for not banned).
+    pub banned_until_ms: u64,
+    /// Why the state last changed (NUL-terminated).
+    pub reason: *mut c_char,
+}
+
+/// This client's reputation table (what its replicated sessions' votes and the evidence it
+/// checked showed): `*out_len` rows at `*out_rows`, by node id. Free them with
+/// `ns_trust_table_free`.
+#[no_mangle]
+pub unsafe extern "C" fn ns_client_trust_table(
+    client: *const ns_client,
+    out_rows: *mut *mut ns_trust_row,
+    out_len: *mut usize,
+) -> ns_status {
+    guard(|| {
+        if client.is_null() {
+            return fail_with(ns_status::NullArgument, "client is null");
+        }
+        if let Err(s) = out_ptr(out_rows, "out_rows").and_then(|_| out_ptr(out_len, "out_len")) {
+            return s;
+        }
+        // SAFETY: checked non-null; a live handle.
+        let client = unsafe { &(*client).client };
+        let rows: Vec<ns_trust_row> = client
+            .swarm_session()
+            .client()
+            .trust_table()
+            .iter()
+            .map(|r| ns_trust_row {
+                node: owned_string(&r.node),
+                state: match r.state {
+                    TrustState::Probation => ns_trust_state::Probation,
+                    TrustState::Trusted => ns_trust_state::Trusted,
+                    TrustState::Banned => ns_trust_state::Banned,
+                },
+                score: r.standing.score,
+                agreed: r.standing.agreed,
+                deviations: r.standing.deviations,
+                timeouts: r.standing.timeouts,
+                pinned: r.standing.pinned as u32,
+                banned_until_ms: r.standing.banned_until_ms,
+                reason: owned_string(&r.standing.reason),
+            })
+            .collect();
+        let rows = rows.into_boxed_slice();
+        // SAFETY: both checked non-null.
+        unsafe {
+            *out_len = rows.len();
+            *out_rows = Box::into_raw(rows) as *mut ns_trust_row;
+        }
+        ns_status::Ok
+    })
+}
+
+/// Frees the rows `ns_client_trust_table` returned (`rows` null is ignored).
+#[no_mangle]
+pub unsafe extern "C" fn ns_trust_table_free(rows: *mut ns_trust_row, len: usize) {
+    if rows.is_null() {
+        return;
+    }
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: from Box::into_raw of a boxed slice of `len` rows, freed once.
+        let rows = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(rows, len)) };
+        for row in rows.iter() {
+            // SAFETY: both strings came from owned_string.
+            unsafe {
+                crate::status::ns_string_free(row.node);
+                crate::status::ns_string_free(row.reason);
+            }
+        }
+    }));
 }
 
 /// Generates a continuation of `prompt`. Each printable piece goes to `callback` (may be

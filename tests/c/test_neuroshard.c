@@ -263,6 +263,37 @@ static void swarm(const char *model, const char *expected_path) {
   ns_client_free(client);
   ns_string_free(address);
   ns_swarm_free(s);
+
+  // Replicated: two ranges of three replicas, every receiver votes; the text is the same and
+  // the client's reputation table lists the replicas it voted on, none of them banned.
+  CHECK(ns_swarm_start(model, 2, 3, NS_MODE_EXACT, &s) == NS_STATUS_OK, "2 x 3 replicated swarm started");
+  CHECK(ns_swarm_address(s, &address) == NS_STATUS_OK, "address %s", address);
+  ns_client_options options = {0};
+  options.redundancy = 3;
+  const char *replicated_peers[] = {address};
+  CHECK(ns_client_connect_with(replicated_peers, 1, &options, &client) == NS_STATUS_OK,
+        "client connected with redundancy 3");
+  params.max_tokens = 8;
+  text = NULL;
+  CHECK(ns_client_generate(client, "The future of AI is", &params, NULL, NULL, &text) == NS_STATUS_OK,
+        "replicated generation");
+  CHECK(strncmp(text, expected, strlen(text)) == 0 && strlen(text) > 0,
+        "replicated text is the reference's start: \"%s\"", text);
+  ns_string_free(text);
+  ns_trust_row *rows = NULL;
+  size_t n_rows = 0;
+  CHECK(ns_client_trust_table(client, &rows, &n_rows) == NS_STATUS_OK && n_rows >= 3,
+        "trust table has %zu rows", n_rows);
+  for (size_t i = 0; i < n_rows; i++) {
+    CHECK(rows[i].state != NS_TRUST_STATE_BANNED && rows[i].agreed > 0 && strlen(rows[i].node) == 64,
+          "row %zu: %.10s state %u, %llu agreed (%s)", i, rows[i].node, (unsigned)rows[i].state,
+          (unsigned long long)rows[i].agreed, rows[i].reason);
+  }
+  ns_trust_table_free(rows, n_rows);
+  EXPECT_STATUS(ns_client_trust_table(NULL, &rows, &n_rows), NS_STATUS_NULL_ARGUMENT, "trust table of null");
+  ns_client_free(client);
+  ns_string_free(address);
+  ns_swarm_free(s);
   free(expected);
 }
 

@@ -8,7 +8,7 @@ use crate::consensus::reputation::StandingRow;
 use crate::consensus::{Evidence, FrameDtype, SignedBallot, VoteOutcome};
 use crate::model::sampling::{sample, SamplingParams};
 use crate::net::peers::PeerSet;
-use crate::net::proto::{write_message, BallotClaim, Message, RouteHop, SessionOpen};
+use crate::net::proto::{BallotClaim, Message, RouteHop};
 use crate::net::route::RouteOptions;
 use crate::net::{lock, now_ms, NetError, NodeId, Reason};
 use crate::wire::{read_frame, Codec, DEFAULT_MAX_FRAME};
@@ -179,22 +179,8 @@ impl Client {
             route.push(chosen[0].clone());
             replicas.push(chosen);
         }
-        let session = super::random_u64();
-        let open = SessionOpen {
-            session,
-            client: self.id(),
-            model_id: model_id.to_string(),
-            route,
-            codec: codec as u8,
-            sampling,
-            prompt,
-            timestamp_ms: now_ms(),
-            nonce: super::random_u64(),
-            handover: None,
-            return_logits,
-            adapter: None,
-            replicas,
-        };
+        let mut open = self.new_open(route, model_id, codec, sampling, prompt, return_logits);
+        open.replicas = replicas;
         self.open_signed(open, &self.inner.key).await
     }
 }
@@ -383,12 +369,7 @@ impl RemoteSession {
     /// Sends a step to one replica of the first range.
     async fn send_step(&self, hop: &RouteHop, msg: &Message) -> Result<(), NetError> {
         let conn = self.client.connection(hop.node, &hop.addrs).await?;
-        let mut send = conn
-            .open_uni()
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        write_message(&mut send, msg).await?;
-        send.finish().map_err(|e| NetError::Io(e.to_string()))
+        crate::net::proto::send_uni(&conn, msg, None).await
     }
 
     /// Checks what a receiver reported about a vote: evidence is verified by the client

@@ -484,6 +484,21 @@ pub(crate) async fn dial(
         .map_err(|e| NetError::Io(format!("dialing {}: {e}", node.fmt_short())))
 }
 
+/// Sends `msg` (and `frame` after it, when given) on a new uni stream of `conn`.
+pub(crate) async fn send_uni(
+    conn: &iroh::endpoint::Connection,
+    msg: &Message,
+    frame: Option<&[u8]>,
+) -> Result<(), NetError> {
+    let io = |e: String| NetError::Io(e);
+    let mut send = conn.open_uni().await.map_err(|e| io(e.to_string()))?;
+    write_message(&mut send, msg).await?;
+    if let Some(frame) = frame {
+        send.write_all(frame).await.map_err(|e| io(e.to_string()))?;
+    }
+    send.finish().map_err(|e| io(e.to_string()))
+}
+
 /// One request on a new bi stream of `conn`; the reply may be at most `limit` bytes.
 pub(crate) async fn request_on(
     conn: &iroh::endpoint::Connection,

@@ -621,15 +621,7 @@ impl Inner {
             position: position as u32,
         };
         let conn = self.connection(hop.open.client, &[]).await?;
-        let mut send = conn
-            .open_uni()
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        write_message(&mut send, &msg).await?;
-        send.write_all(&frame)
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        send.finish().map_err(|e| NetError::Io(e.to_string()))
+        crate::net::proto::send_uni(&conn, &msg, Some(&frame)).await
     }
 
     /// Sends `msg` to the session's client on a uni stream.
@@ -639,12 +631,7 @@ impl Inner {
         msg: &Message,
     ) -> Result<(), NetError> {
         let conn = self.connection(hop.open.client, &[]).await?;
-        let mut send = conn
-            .open_uni()
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        write_message(&mut send, msg).await?;
-        send.finish().map_err(|e| NetError::Io(e.to_string()))
+        crate::net::proto::send_uni(&conn, msg, None).await
     }
 
     /// Tells the client who failed on its session (this hop or its successor), and why.

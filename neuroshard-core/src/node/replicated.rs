@@ -26,7 +26,7 @@ use crate::consensus::{
 };
 use crate::model::shard::{ShardInput, ShardOutput};
 use crate::net::admission::ReplicaPlace;
-use crate::net::proto::{write_message, BallotClaim, Message, RouteHop};
+use crate::net::proto::{BallotClaim, Message, RouteHop};
 use crate::net::{lock, now_ms, NodeId, Reason};
 use crate::protocol::hop_session::{ChunkOutput, Refused, StepInput, Ticket};
 use crate::wire::{decode_frame, encode_frame, read_frame, Codec, FrameMeta, OwnedFrame};
@@ -595,8 +595,7 @@ impl Inner {
     ) -> Result<ShardOutput, (Reason, String)> {
         #[cfg(any(feature = "adversary", feature = "internals"))]
         {
-            let skip =
-                *lock(&self.behaviour) == Some(crate::consensus::adversary::Behaviour::SkipLayer);
+            let skip = self.behaves(Lie::SkipLayer);
             let layers = hop.layers();
             if skip && layers.len() >= 3 {
                 let middle = layers.start + layers.len() / 2;
@@ -640,20 +639,12 @@ impl Inner {
         msg: &Message,
         frame: &[u8],
     ) -> Result<(), crate::net::NetError> {
-        use crate::net::NetError;
         let conn = self.connection(node, addrs).await?;
-        let mut send = conn
-            .open_uni()
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        write_message(&mut send, msg).await?;
-        send.write_all(frame)
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
+        crate::net::proto::send_uni(&conn, msg, Some(frame)).await?;
         self.counters
             .hidden_bytes_sent
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        send.finish().map_err(|e| NetError::Io(e.to_string()))
+        Ok(())
     }
 
     /// Tells the client that this replica failed the step, and why.
@@ -692,24 +683,37 @@ impl Inner {
         Ok(vec![honest; receivers])
     }
 
+    /// Whether this node was told to lie as `which` (`node --behaviour`; never without the
+    /// `adversary` feature).
+    #[cfg_attr(
+        not(any(feature = "adversary", feature = "internals")),
+        allow(unused_variables)
+    )]
+    fn behaves(&self, which: Lie) -> bool {
+        #[cfg(any(feature = "adversary", feature = "internals"))]
+        if let Some(b) = *lock(&self.behaviour) {
+            use crate::consensus::adversary::Behaviour as B;
+            return matches!(
+                (which, b),
+                (Lie::OneReceipt, B::BadUpstream)
+                    | (Lie::Late, B::Slow)
+                    | (Lie::SkipLayer, B::SkipLayer)
+            );
+        }
+        false
+    }
+
     /// Whether this node sends every receiver the receipt of its honest output, whatever
     /// bytes it sends (`bad-upstream`).
     fn lies_under_one_receipt(&self) -> bool {
-        #[cfg(any(feature = "adversary", feature = "internals"))]
-        if let Some(crate::consensus::adversary::Behaviour::BadUpstream) = *lock(&self.behaviour) {
-            return true;
-        }
-        false
+        self.behaves(Lie::OneReceipt)
     }
 
     /// `slow` answers after the receivers' grace period.
     async fn delay_if_slow(&self) {
         #[cfg(any(feature = "adversary", feature = "internals"))]
-        {
-            let slow = *lock(&self.behaviour) == Some(crate::consensus::adversary::Behaviour::Slow);
-            if slow {
-                tokio::time::sleep(SLOW_DELAY).await;
-            }
+        if self.behaves(Lie::Late) {
+            tokio::time::sleep(SLOW_DELAY).await;
         }
     }
 
@@ -779,6 +783,18 @@ impl Inner {
         }
         Ok(out)
     }
+}
+
+/// The lies the replicated data path itself acts out (the value lies are in `lie`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(any(feature = "adversary", feature = "internals")), allow(dead_code))]
+enum Lie {
+    /// `bad-upstream`: one receipt whatever the bytes.
+    OneReceipt,
+    /// `slow`: ballots sent late.
+    Late,
+    /// `skip-layer`: the middle layer left out.
+    SkipLayer,
 }
 
 /// How late a `slow` replica sends its ballots: far past the receivers' grace period, well
