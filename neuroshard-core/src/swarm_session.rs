@@ -749,6 +749,23 @@ impl Conversation {
             .unwrap_or_default()
     }
 
+    /// Replicated conversations: the replicas of each range (empty otherwise).
+    pub fn replicas(&self) -> Vec<Vec<RouteHop>> {
+        self.backend
+            .as_ref()
+            .map(|b| b.session.replicas().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Replicated conversations: what the votes found so far (deviations, missing replicas,
+    /// proofs; empty when every vote agreed).
+    pub fn votes(&self) -> Vec<String> {
+        self.backend
+            .as_ref()
+            .map(|b| b.session.trust_findings().to_vec())
+            .unwrap_or_default()
+    }
+
     /// Failovers and refills over the conversation's life.
     pub fn recovery(&self) -> SessionStats {
         self.backend

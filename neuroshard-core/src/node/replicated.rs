@@ -787,7 +787,10 @@ impl Inner {
 
 /// The lies the replicated data path itself acts out (the value lies are in `lie`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(any(feature = "adversary", feature = "internals")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "adversary", feature = "internals")),
+    allow(dead_code)
+)]
 enum Lie {
     /// `bad-upstream`: one receipt whatever the bytes.
     OneReceipt,

@@ -122,6 +122,8 @@ async fn run(
         hops: conversation.route(),
         active: true,
         tokens_per_sec: 0.0,
+        replicas: conversation.replicas(),
+        votes: conversation.votes(),
     });
     let deadline = started + state.options.request_timeout;
     let failovers_before = conversation.recovery().failovers;
@@ -205,6 +207,8 @@ async fn run(
         hops: conversation.route(),
         active: false,
         tokens_per_sec: result.as_ref().map(|r| r.tokens_per_sec).unwrap_or(0.0),
+        replicas: conversation.replicas(),
+        votes: conversation.votes(),
     });
     let result = result.map_err(ApiError::from_generation)?;
     if conversation.id().is_some() {

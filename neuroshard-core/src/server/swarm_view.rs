@@ -17,6 +17,10 @@ pub(crate) struct RouteRecord {
     pub(crate) active: bool,
     /// Decode speed of the finished generation.
     pub(crate) tokens_per_sec: f64,
+    /// Replicated sessions: each range's replicas.
+    pub(crate) replicas: Vec<Vec<RouteHop>>,
+    /// Replicated sessions: what the votes found (empty when every vote agreed).
+    pub(crate) votes: Vec<String>,
 }
 
 /// How long a node may take to answer a probe before it shows as down.
@@ -42,6 +46,8 @@ pub(crate) async fn snapshot(state: &State) -> serde_json::Value {
     let probes = peers.iter().map(|p| probe(state, p.address.clone()));
     let stats: Vec<Option<crate::net::NodeStats>> = n0_future::join_all(probes).await;
     let layers = state.swarm.layers();
+    // The server's own reputation table: what its replicated sessions' votes showed.
+    let trust = state.swarm.client().trust_table();
     let mut covered = vec![0usize; layers];
     let mut per_step: HashMap<String, f64> = HashMap::new();
     let nodes: Vec<serde_json::Value> = peers
@@ -58,6 +64,7 @@ pub(crate) async fn snapshot(state: &State) -> serde_json::Value {
             if let Some(ms) = ms {
                 per_step.insert(p.id.clone(), ms);
             }
+            let standing = trust.iter().find(|r| r.node == p.id);
             serde_json::json!({
                 "id": p.id,
                 "layers": [p.layers.start, p.layers.end],
@@ -65,6 +72,13 @@ pub(crate) async fn snapshot(state: &State) -> serde_json::Value {
                 "capacity": p.capacity,
                 "up": up,
                 "ms_per_step": ms,
+                "trust": {
+                    "state": standing.map_or("probation".to_string(), |r| {
+                        format!("{:?}", r.state).to_lowercase()
+                    }),
+                    "score": standing.map_or(0.0, |r| r.standing.score),
+                    "reason": standing.map_or(String::new(), |r| r.standing.reason.clone()),
+                },
             })
         })
         .collect();
@@ -82,6 +96,10 @@ pub(crate) async fn snapshot(state: &State) -> serde_json::Value {
                     "layers": [h.layers.start, h.layers.end],
                 })
             }).collect::<Vec<_>>(),
+            "replicas": r.replicas.iter().map(|range| {
+                range.iter().map(|h| h.node.to_string()).collect::<Vec<_>>()
+            }).collect::<Vec<_>>(),
+            "votes": r.votes,
         })
     });
     serde_json::json!({

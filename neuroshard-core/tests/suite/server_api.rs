@@ -601,3 +601,50 @@ async fn concurrent_streams_and_a_disconnect_leave_no_session() {
     server.shutdown().await.expect("shutdown");
     swarm.shutdown().await;
 }
+
+/// `/v1/swarm` over a replicated session: each node shows its trust state and score in the
+/// server's table, and the route shows each range's replicas and what the votes found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_swarm_view_shows_trust_and_votes_of_a_replicated_session() {
+    let swarm = LocalSwarm::start(&smollm2(), 2, 3, EngineOptions::default(), &mut |_| {})
+        .await
+        .expect("swarm");
+    let entries = resolve_peers(&swarm.addresses()).await.expect("addresses");
+    let options = neuroshard_core::SwarmOptions {
+        redundancy: 3,
+        ..Default::default()
+    };
+    let session = SwarmSession::connect(new_client().await, entries, options)
+        .await
+        .expect("connect");
+    let (server, addr) = serve(&session, ServeOptions::default()).await;
+    let body = json!({
+        "model": session.model_id(),
+        "prompt": "The capital of France is",
+        "max_tokens": 6,
+    });
+    let answer = post(addr, "/v1/completions", &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let view = http(addr, "GET", "/v1/swarm", None, None).await.json();
+    let nodes = view["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 6, "{view}");
+    for n in nodes {
+        let state = n["trust"]["state"].as_str().expect("a trust state");
+        assert!(state == "probation" || state == "trusted", "{n}");
+    }
+    // The client voted on the last range: those three replicas earned score.
+    let scored = nodes
+        .iter()
+        .filter(|n| n["trust"]["score"].as_f64().unwrap_or(0.0) > 0.0)
+        .count();
+    assert_eq!(scored, 3, "{view}");
+    let route = &view["route"];
+    let replicas = route["replicas"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 2, "{route}");
+    assert!(replicas
+        .iter()
+        .all(|r| r.as_array().map(Vec::len) == Some(3)));
+    assert_eq!(route["votes"], json!([]), "{route}");
+    server.shutdown().await.expect("shutdown");
+    swarm.shutdown().await;
+}

@@ -226,6 +226,11 @@ pub(crate) struct SwarmSource {
     /// Codec of hidden states between nodes.
     #[arg(long, default_value = "f16")]
     pub(crate) codec: neuroshard_core::Codec,
+    /// Replicas per range of every session: with 2 or more, each range runs on that many
+    /// nodes and every receiver votes (docs/trust.md). With --model the in-process swarm
+    /// starts that many replicas of each slice.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) redundancy: usize,
 }
 
 impl SwarmSource {
@@ -246,7 +251,7 @@ impl SwarmSource {
                     neuroshard_core::LocalSwarm::start(
                         model,
                         self.nodes,
-                        1,
+                        self.redundancy.max(1),
                         self.engine.options(self.mode),
                         &mut |line| eprintln!("{line}"),
                     )
@@ -264,6 +269,7 @@ impl SwarmSource {
         let options = neuroshard_core::SwarmOptions {
             codec: self.codec,
             model_id: self.engine.model_id.clone(),
+            redundancy: self.redundancy.max(1),
             ..neuroshard_core::SwarmOptions::default()
         };
         let swarm = neuroshard_core::SwarmSession::connect(client, entries, options).await?;

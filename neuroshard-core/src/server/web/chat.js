@@ -188,7 +188,11 @@ function renderSwarm(view) {
     const label = el("div", "label");
     label.appendChild(el("span", null, `${short(n.id)}  layers ${n.layers[0]}-${n.layers[1]}`));
     const hop = n.ms_per_step == null ? "" : ` · ${n.ms_per_step.toFixed(1)} ms/step`;
-    label.appendChild(el("span", null, n.up ? `load ${n.load}/${n.capacity}${hop}` : "down"));
+    const t = n.trust || { state: "probation", score: 0, reason: "" };
+    const trust = ` · ${t.state} (score ${Math.round(t.score)})`;
+    const info = el("span", "trust-" + t.state, n.up ? `load ${n.load}/${n.capacity}${hop}${trust}` : "down" + trust);
+    if (t.reason) info.title = t.reason;
+    label.appendChild(info);
     const bar = el("div", "bar");
     const span = el("div", "span");
     span.style.left = (100 * n.layers[0] / view.layers) + "%";
@@ -204,6 +208,20 @@ function renderSwarm(view) {
     route.appendChild(el("li", null, `${short(hop.node)}: layers ${hop.layers[0]}-${hop.layers[1]}${ms}`));
   }
   const r = view.route;
+  const votes = $("votes");
+  votes.replaceChildren();
+  const replicated = r && r.replicas && r.replicas.length > 0;
+  if (replicated) {
+    r.replicas.forEach((range, i) => {
+      votes.appendChild(el("li", null, `range ${i} replicas: ${range.map(short).join(", ")}`));
+    });
+    if (r.votes.length === 0) {
+      votes.appendChild(el("li", "vote-ok", "every vote agreed"));
+    }
+    for (const finding of r.votes) votes.appendChild(el("li", "vote-finding", finding));
+  } else {
+    votes.appendChild(el("li", "muted", "one node per range (no votes)"));
+  }
   $("speed").textContent = !r ? "no generation yet" :
     r.active ? "generating..." : `last answer: ${r.tokens_per_sec.toFixed(1)} tokens/s`;
 }
