@@ -30,7 +30,7 @@ SLICES = [(0, 15), (0, 15), (0, 15), (15, 30), (15, 30), (15, 30)]
 class Swarm:
     """Six node processes; `liar` = (index, behaviour) lies."""
 
-    def __init__(self, bin_path, model, keys, liar=None, tables=None):
+    def __init__(self, bin_path, model, keys, liar=None, tables=None, variants=None):
         self.procs = []
         self.addresses = []
         try:
@@ -44,8 +44,13 @@ class Swarm:
                     cmd += ["--peers", self.addresses[0]]
                 if liar and liar[0] == i:
                     cmd += ["--behaviour", liar[1]]
+                env = dict(os.environ, RAYON_NUM_THREADS="1")
+                if variants:
+                    mode, kernel, threads = variants[i % len(variants)]
+                    cmd += ["--mode", mode]
+                    env.update(NEUROSHARD_KERNEL_PATH=kernel, RAYON_NUM_THREADS=str(threads))
                 p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, env=dict(os.environ, RAYON_NUM_THREADS="1"))
+                                     text=True, env=env)
                 self.procs.append(p)
                 line = p.stdout.readline().strip()
                 if "@" not in line:
@@ -165,6 +170,35 @@ def main():
     failures = []
     if votes or banned:
         failures.append(f"honest run flagged: {votes} {banned}")
+
+    # Honest replicas that compute differently: each range's three replicas run exact mode
+    # with the best kernels on 1 thread, f32 mode on 2 threads, and exact mode with the
+    # scalar kernels (their receipts declare different arithmetic, so votes compare them
+    # tolerantly). None may be flagged.
+    kernel = "avx2" if "avx2" in open("/proc/cpuinfo").read() else "scalar"
+    variants = [("exact", kernel, 1), ("f32", kernel, 2), ("exact", "scalar", 1)]
+    swarm = Swarm(args.bin, args.model, keys, tables=os.path.join(tmp, "mixed"),
+                  variants=variants)
+    try:
+        _, mixed_votes, mixed_table, _, mixed_decode, _ = generate(
+            args.bin, swarm, args.honest_tokens, os.path.join(tmp, "mixed.json"))
+    finally:
+        swarm.stop()
+    mixed_banned = [r["node"] for r in mixed_table if r["state"] == "banned"]
+    results["honest_mixed"] = {
+        "variants": [list(v) for v in variants],
+        "tokens": args.honest_tokens,
+        "client_votes": args.honest_tokens,
+        "receiver_votes": 3 * args.honest_tokens,
+        "findings": mixed_votes,
+        "banned": mixed_banned,
+        "decode_tokens_per_sec": mixed_decode,
+    }
+    print(f"honest, mixed modes/kernels/threads: {args.honest_tokens} tokens, "
+          f"{4 * args.honest_tokens} votes, {len(mixed_votes)} findings, "
+          f"{len(mixed_banned)} banned", flush=True)
+    if mixed_votes or mixed_banned:
+        failures.append(f"mixed honest run flagged: {mixed_votes} {mixed_banned}")
 
     for behaviour in BEHAVIOURS:
         for rng in (0, 1):

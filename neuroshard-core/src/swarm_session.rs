@@ -421,7 +421,24 @@ impl SwarmSession {
     ) -> Result<(RemoteSession, Vec<NodeId>), NetError> {
         let peers = self.peer_set(&[]).await?;
         let options = &self.inner.options;
-        if options.redundancy >= 2 {
+        // Spot checks: a session on trusted single replicas is now and then replicated (3 per
+        // range) from its first position, so trusted nodes stay checked; where 3 replicas
+        // of each range do not exist, it runs as planned.
+        let mut redundancy = options.redundancy;
+        if redundancy < 2 {
+            let plain = peers.plan_route(self.layers(), now_ms(), &RouteOptions::default());
+            let nodes: Vec<NodeId> = plain
+                .map(|r| r.hops.iter().map(|h| h.node).collect())
+                .unwrap_or_default();
+            let checkable = peers
+                .plan_replicated(self.layers(), 3, now_ms(), &RouteOptions::default())
+                .is_ok();
+            if checkable && self.inner.client.spot_check_due(&nodes) {
+                tracing::info!("spot check: this session runs on 3 replicas per range");
+                redundancy = 3;
+            }
+        }
+        if redundancy >= 2 {
             for node in &options.trust {
                 self.inner.client.trust(*node);
             }
@@ -435,7 +452,7 @@ impl SwarmSession {
                     options.codec,
                     sampling,
                     prompt.to_vec(),
-                    options.redundancy,
+                    redundancy,
                     return_logits,
                 )
                 .await?;

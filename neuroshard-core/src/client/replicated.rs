@@ -5,7 +5,7 @@
 
 use super::{Client, FromHop, Inbound, RemoteSession, StepResult};
 use crate::consensus::reputation::StandingRow;
-use crate::consensus::{Evidence, FrameDtype, SignedBallot, VoteOutcome};
+use crate::consensus::{Evidence, FrameDtype, ReputationPolicy, SignedBallot, VoteOutcome};
 use crate::model::sampling::{sample, SamplingParams};
 use crate::net::peers::PeerSet;
 use crate::net::proto::{BallotClaim, Message, RouteHop};
@@ -108,6 +108,31 @@ impl Client {
             .reputation()
             .save(path, now_ms())
             .map_err(|e| NetError::Io(format!("writing {}: {e}", path.display())))
+    }
+
+    /// Sets how often a session on trusted single replicas is replicated anyway (a spot
+    /// check; default 5%, `ReputationPolicy::spot_check_rate`).
+    pub fn set_spot_check_rate(&self, rate: f64) {
+        let mut consensus = lock(&self.inner.trust);
+        let policy = ReputationPolicy {
+            spot_check_rate: rate.clamp(0.0, 1.0),
+            ..consensus.reputation().policy().clone()
+        };
+        consensus.reputation_mut().set_policy(policy);
+    }
+
+    /// Whether a session whose route is `nodes` is spot-checked: every node is trusted in
+    /// this client's table and the draw (made now, at open, so the whole session's prefix is
+    /// replicated and checkable) falls under the spot-check rate.
+    pub fn spot_check_due(&self, nodes: &[NodeId]) -> bool {
+        let consensus = lock(&self.inner.trust);
+        let table = consensus.reputation();
+        let now = now_ms();
+        !nodes.is_empty()
+            && nodes
+                .iter()
+                .all(|n| table.state(n, now) == crate::consensus::TrustState::Trusted)
+            && table.spot_check(super::random_u64())
     }
 
     /// Whether this client's routes may use `node` now (not banned by its table).

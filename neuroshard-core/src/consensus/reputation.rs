@@ -193,6 +193,11 @@ impl Reputation {
         }
     }
 
+    /// Changes the policy (the table's entries stay as they are).
+    pub fn set_policy(&mut self, policy: ReputationPolicy) {
+        self.policy = policy;
+    }
+
     /// The policy.
     pub fn policy(&self) -> &ReputationPolicy {
         &self.policy

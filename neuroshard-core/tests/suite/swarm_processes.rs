@@ -406,6 +406,28 @@ fn separate_node_processes_generate_and_survive_every_fault() {
         g.stderr
     );
 
+    // `peers --json`: every node with its layers and its standing in this client's (empty)
+    // reputation table: probation, score 0.
+    let table = swarm.dir.join("client-reputation.json");
+    let out = Command::new(bin())
+        .args(["peers", "--json", "--peers", &peers[0], "--reputation"])
+        .arg(&table)
+        .output()
+        .expect("peers --json");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let nodes = view["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 6, "{view}");
+    for n in nodes {
+        assert_eq!(n["state"], "probation", "{n}");
+        assert_eq!(n["score"], 0.0, "{n}");
+        assert!(n["reason"].is_string() && n["layers"].is_array(), "{n}");
+    }
+
     let undisturbed = g.text;
     disturb(&mut swarm, 1, Fault::Kill, &undisturbed);
     disturb(&mut swarm, 0, Fault::Kill, &undisturbed);

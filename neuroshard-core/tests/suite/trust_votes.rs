@@ -326,3 +326,54 @@ async fn every_behaviour_is_caught_within_three_votes_in_either_range() {
     }
     eprintln!("detection matrix (in process):\n{}", table.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_on_trusted_nodes_are_spot_checked_at_the_set_rate() {
+    let swarm = smollm2_swarm(2, 3).await;
+    let client = new_client().await;
+    for node in &swarm.nodes {
+        client.trust(node.id());
+    }
+    let entries = neuroshard_core::resolve_peers(&swarm.addresses())
+        .await
+        .expect("addresses");
+    let session =
+        neuroshard_core::SwarmSession::connect(client.clone(), entries, Default::default())
+            .await
+            .expect("connect");
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    // Rate 1: every session on trusted single replicas runs replicated, and writes the same
+    // text; rate 0: none does.
+    client.set_spot_check_rate(1.0);
+    let prepared = session
+        .prepare(prompt.clone(), SamplingParams::greedy())
+        .await
+        .expect("prepare");
+    assert_eq!(prepared.replicas().len(), 2, "not spot-checked");
+    let config = neuroshard_core::GenerationConfig {
+        max_tokens: 4,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let out = prepared
+        .run(
+            config.clone(),
+            Box::new(|_| std::ops::ControlFlow::Continue(())),
+        )
+        .await
+        .expect("spot-checked generation");
+    assert_eq!(out.output.tokens, &expected[..4]);
+    assert!(out.votes.is_empty(), "{:?}", out.votes);
+    client.set_spot_check_rate(0.0);
+    let prepared = session
+        .prepare(prompt, SamplingParams::greedy())
+        .await
+        .expect("prepare");
+    assert!(prepared.replicas().is_empty(), "spot-checked at rate 0");
+    prepared
+        .run(config, Box::new(|_| std::ops::ControlFlow::Continue(())))
+        .await
+        .expect("plain generation");
+    client.shutdown().await;
+    swarm.shutdown().await;
+}
