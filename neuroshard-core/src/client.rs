@@ -202,7 +202,21 @@ impl Client {
         };
         let members: Vec<RouteHop> = session.open.members().into_iter().cloned().collect();
         for hop in members {
-            let reply = self.request(&hop, &Message::Open(signed.clone())).await;
+            // A hop that never answers must not hang the open: it counts as unreachable.
+            let reply = tokio::time::timeout(
+                session.step_timeout,
+                self.request(&hop, &Message::Open(signed.clone())),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(NetError::Timeout {
+                    what: format!(
+                        "the reply to the session-open from {}",
+                        hop.node.fmt_short()
+                    ),
+                    ms: session.step_timeout.as_millis() as u64,
+                })
+            });
             match reply {
                 Ok(Message::Ok) => session.opened.push(hop),
                 Ok(Message::Error {
