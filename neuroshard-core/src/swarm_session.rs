@@ -430,10 +430,13 @@ impl SwarmSession {
             let nodes: Vec<NodeId> = plain
                 .map(|r| r.hops.iter().map(|h| h.node).collect())
                 .unwrap_or_default();
-            let checkable = peers
-                .plan_replicated(self.layers(), 3, now_ms(), &RouteOptions::default())
-                .is_ok();
-            if checkable && self.inner.client.spot_check_due(&nodes) {
+            // The draw first: the replicated plan is only worth making for a session drawn.
+            let checkable = || {
+                peers
+                    .plan_replicated(self.layers(), 3, now_ms(), &RouteOptions::default())
+                    .is_ok()
+            };
+            if self.inner.client.spot_check_due(&nodes) && checkable() {
                 tracing::info!("spot check: this session runs on 3 replicas per range");
                 redundancy = 3;
             }

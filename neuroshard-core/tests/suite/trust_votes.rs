@@ -38,11 +38,22 @@ async fn greedy(session: &mut RemoteSession, prompt: &[u32], tokens: usize) -> V
 }
 
 async fn open(client: &Client, swarm: &LocalSwarm, k: usize, prompt: &[u32]) -> RemoteSession {
+    open_on(client, &peers_of(swarm), &swarm.model_id, k, prompt).await
+}
+
+/// A greedy replicated session with f16 frames, `k` replicas per range, planned from `peers`.
+async fn open_on(
+    client: &Client,
+    peers: &PeerSet,
+    model_id: &str,
+    k: usize,
+    prompt: &[u32],
+) -> RemoteSession {
     client
         .open_replicated(
-            &peers_of(swarm),
+            peers,
             30,
-            &swarm.model_id,
+            model_id,
             Codec::F16,
             SamplingParams::greedy(),
             prompt.to_vec(),
@@ -245,19 +256,7 @@ impl Replicas {
 async fn detect(behaviour: Behaviour, range: usize, expected: &[u32], prompt: &[u32]) -> usize {
     let (swarm, liar) = Replicas::start((range, behaviour)).await;
     let client = new_client().await;
-    let mut session = client
-        .open_replicated(
-            &swarm.peers(),
-            30,
-            &swarm.model_id,
-            Codec::F16,
-            SamplingParams::greedy(),
-            prompt.to_vec(),
-            3,
-            false,
-        )
-        .await
-        .expect("open a replicated session");
+    let mut session = open_on(&client, &swarm.peers(), &swarm.model_id, 3, prompt).await;
     let lowest = session.replicas()[range].iter().map(|h| h.node).min();
     assert_eq!(lowest, Some(liar.id()), "the liar is its range's lowest id");
     let mut caught_at = None;
