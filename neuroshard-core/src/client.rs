@@ -912,6 +912,9 @@ impl RemoteSession {
 
     /// Closes the session on every hop that opened it (best effort: a dead hop is skipped).
     pub async fn close(&mut self) {
+        if !self.open.replicas.is_empty() {
+            self.absorb_pending_reports();
+        }
         lock(&self.client.inner.sessions).remove(&self.open.session);
         for hop in std::mem::take(&mut self.opened) {
             let _ = tokio::time::timeout(

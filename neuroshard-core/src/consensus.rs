@@ -40,7 +40,7 @@ pub use receipt::{
     SignedReceipt, UpstreamProof, Work,
 };
 pub use reputation::{Reputation, ReputationPolicy, Standing, TrustState, Voters};
-pub use vote::{tally, Accepted, Ballot, VoteOutcome, MAX_REDUNDANCY};
+pub use vote::{refereed_tally, tally, Accepted, Ballot, VoteOutcome, MAX_REDUNDANCY};
 
 use crate::net::NodeId;
 
@@ -107,6 +107,58 @@ impl DeviationEvidence {
     }
 }
 
+/// A trusted referee's replay of a vote's input, with the vote's ballots: the accused's
+/// signed output disagrees with the referee's. Signed by everyone involved, so anyone can
+/// re-run [`refereed_tally`]; it counts only for a verifier that trusts the referee.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefereeEvidence {
+    /// The replicas the vote expected.
+    pub expected: Vec<NodeId>,
+    /// The comparison the vote used.
+    pub comparison: Comparison,
+    /// The vote's ballots, the accused's among them.
+    pub ballots: Vec<SignedBallot>,
+    /// The referee's ballot for the same step.
+    pub referee: SignedBallot,
+    /// The node the referee overruled.
+    pub accused: NodeId,
+}
+
+impl RefereeEvidence {
+    /// Checks the signatures and that the referee's rule puts `accused` among the deviating;
+    /// returns (accused, referee). Whether the referee is trusted is the verifier's call.
+    pub fn verify(&self) -> Result<(NodeId, NodeId), ReceiptError> {
+        let (referee_receipt, referee_output) = checked_ballot(&self.referee, true)?;
+        if self.expected.contains(&referee_receipt.node) {
+            return Err(ReceiptError::NotAProof("a referee inside the vote"));
+        }
+        let step = self.referee.input.step_key();
+        let mut ballots = Vec::with_capacity(self.ballots.len());
+        for b in &self.ballots {
+            let (receipt, output) = checked_ballot(b, true)?;
+            if b.input.step_key() != step {
+                return Err(ReceiptError::NotAProof("ballots for different inputs"));
+            }
+            ballots.push(Ballot {
+                node: receipt.node,
+                output,
+            });
+        }
+        let referee = Ballot {
+            node: referee_receipt.node,
+            output: referee_output,
+        };
+        match refereed_tally(&self.expected, &ballots, &referee, &self.comparison) {
+            VoteOutcome::Accepted(a) if a.deviating.contains(&self.accused) => {
+                Ok((self.accused, referee.node))
+            }
+            _ => Err(ReceiptError::NotAProof(
+                "the referee does not overrule the accused",
+            )),
+        }
+    }
+}
+
 /// A ballot whose receipt is the sender's own and names the bytes sent and the input, and
 /// whose signature verifies (checked only when `signature`: see [`Consensus::vote`]).
 fn checked_ballot(
@@ -158,6 +210,8 @@ pub enum Evidence {
     Fraud(FraudProof),
     /// An upstream sent different inputs to two replicas.
     Upstream(UpstreamProof),
+    /// A trusted referee's replay overruled a replica (a split vote, or an audited one).
+    Refereed(Box<RefereeEvidence>),
 }
 
 /// What one vote decided.
@@ -172,6 +226,9 @@ pub struct Verdict {
     /// Expected replicas whose ballots could not count (missing, unverifiable, or for another
     /// input); each got a temporary ban.
     pub unaccounted: Vec<NodeId>,
+    /// When no majority formed: the ballots that counted, for a referee's replay to settle
+    /// ([`Consensus::settle`]). Empty otherwise.
+    pub held: Vec<SignedBallot>,
 }
 
 /// The trust machinery one node or client runs: comparison rule, receipt checks, reputation
@@ -200,6 +257,10 @@ pub fn evidence_id(evidence: &Evidence) -> Hash {
         Evidence::Deviation(d) => {
             let step = d.ballots.first().map(|b| b.input.step_key());
             postcard::to_allocvec(&(d.accused, step)).unwrap_or_default()
+        }
+        Evidence::Refereed(r) => {
+            postcard::to_allocvec(&("refereed", r.accused, r.referee.input.step_key()))
+                .unwrap_or_default()
         }
         other => postcard::to_allocvec(other).unwrap_or_default(),
     };
@@ -331,6 +392,16 @@ impl Consensus {
             Evidence::Fraud(p) => p.verify()?,
             Evidence::Upstream(p) => p.verify()?,
             Evidence::Deviation(d) => d.verify()?,
+            Evidence::Refereed(r) => {
+                let (accused, referee) = r.verify()?;
+                // A referee's replay is one node's word: it counts where that node is trusted.
+                if self.reputation.state(&referee, now_ms) != TrustState::Trusted {
+                    return Err(ReceiptError::NotAProof(
+                        "a referee this node does not trust",
+                    ));
+                }
+                accused
+            }
         };
         self.prune(now_ms);
         if self.applied.insert(evidence_id(evidence), now_ms).is_some() {
@@ -347,6 +418,13 @@ impl Consensus {
             }
             Evidence::Deviation(d) => {
                 let how = deviation_detail(&d.ballots, node);
+                self.reputation.deviated(node, &how, now_ms)
+            }
+            Evidence::Refereed(r) => {
+                let how = format!(
+                    "overruled by the trusted referee {}",
+                    r.referee.from.fmt_short()
+                );
                 self.reputation.deviated(node, &how, now_ms)
             }
         }
@@ -380,6 +458,45 @@ impl Consensus {
         &mut self,
         expected: &[NodeId],
         ballots: Vec<SignedBallot>,
+        now_ms: u64,
+    ) -> Verdict {
+        self.decide(expected, ballots, None, true, now_ms)
+    }
+
+    /// Settles a vote that found no majority with a referee's replay of the same step: the
+    /// [`Verdict::held`] ballots (checked once already, so not taken for replays) are judged
+    /// as in [`Consensus::refereed_vote`]. An untrusted or unfit referee leaves it unsettled.
+    pub fn settle(
+        &mut self,
+        expected: &[NodeId],
+        held: Vec<SignedBallot>,
+        referee: SignedBallot,
+        now_ms: u64,
+    ) -> Verdict {
+        self.decide(expected, held, Some(referee), false, now_ms)
+    }
+
+    /// [`Consensus::vote`] with a referee's ballot for the same step: a node outside the
+    /// vote that replayed the input (on no majority, or for an audit). A referee this table
+    /// trusts decides by [`refereed_tally`], and every replica it overrules is slashed on
+    /// [`RefereeEvidence`]. A referee that is not trusted here, or whose ballot does not
+    /// check out or is for another step, is ignored: the plain vote stands.
+    pub fn refereed_vote(
+        &mut self,
+        expected: &[NodeId],
+        ballots: Vec<SignedBallot>,
+        referee: SignedBallot,
+        now_ms: u64,
+    ) -> Verdict {
+        self.decide(expected, ballots, Some(referee), true, now_ms)
+    }
+
+    fn decide(
+        &mut self,
+        expected: &[NodeId],
+        ballots: Vec<SignedBallot>,
+        referee: Option<SignedBallot>,
+        fresh: bool,
         now_ms: u64,
     ) -> Verdict {
         let mut evidence = Vec::new();
@@ -417,10 +534,11 @@ impl Consensus {
             // A second copy of one ballot is a duplicate; the check would call it a replay.
             let duplicate = pinned.iter().any(|(_, p)| p.receipt == b.receipt);
             if duplicate
-                || self
-                    .receipts
-                    .check_verified(&b.receipt, &receipt, now_ms)
-                    .is_err()
+                || (fresh
+                    && self
+                        .receipts
+                        .check_verified(&b.receipt, &receipt, now_ms)
+                        .is_err())
             {
                 continue;
             }
@@ -438,6 +556,18 @@ impl Consensus {
         }
         steps.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let main_step = steps.first().map(|(h, _)| *h);
+        // A trusted referee's replay fixes the step (the one its predecessor sent).
+        let referee = referee
+            .filter(|r| !expected.contains(&r.from))
+            .filter(|r| self.reputation.state(&r.from, now_ms) == TrustState::Trusted)
+            .and_then(|r| {
+                let (_, output) = checked_ballot(&r, true).ok()?;
+                Some((output, r))
+            });
+        let main_step = match &referee {
+            Some((_, r)) => Some(r.input.step_key()),
+            None => main_step,
+        };
         pinned.retain(|(_, b)| Some(b.input.step_key()) == main_step);
 
         let tally_ballots = |pinned: &[(VoteOutput, SignedBallot)]| -> Vec<Ballot> {
@@ -449,7 +579,19 @@ impl Consensus {
                 })
                 .collect()
         };
-        let mut outcome = tally(expected, &tally_ballots(&pinned), &self.comparison);
+        let judge = |pinned: &[(VoteOutput, SignedBallot)]| match &referee {
+            Some((output, r)) => refereed_tally(
+                expected,
+                &tally_ballots(pinned),
+                &Ballot {
+                    node: r.from,
+                    output: output.clone(),
+                },
+                &self.comparison,
+            ),
+            None => tally(expected, &tally_ballots(pinned), &self.comparison),
+        };
+        let mut outcome = judge(&pinned);
         // The transport authenticates each ballot's sender, so a unanimous vote needs no
         // signature check (the receipts are kept for audits). Signatures matter once a
         // ballot may become evidence: then every one is checked, those that fail count as
@@ -459,7 +601,7 @@ impl Consensus {
             let before = pinned.len();
             pinned.retain(|(_, b)| b.receipt.verify().is_ok());
             if pinned.len() != before {
-                outcome = tally(expected, &tally_ballots(&pinned), &self.comparison);
+                outcome = judge(&pinned);
             }
         }
         let unaccounted: Vec<NodeId> = expected
@@ -472,28 +614,48 @@ impl Consensus {
             for n in &a.agreeing {
                 self.reputation.agreed(*n, now_ms);
             }
+            let ballots: Vec<SignedBallot> = pinned.iter().map(|(_, b)| b.clone()).collect();
             for n in &a.deviating {
-                evidence.push(Evidence::Deviation(DeviationEvidence {
-                    expected: expected.to_vec(),
-                    comparison: self.comparison,
-                    ballots: pinned.iter().map(|(_, b)| b.clone()).collect(),
-                    accused: *n,
-                }));
+                evidence.push(match &referee {
+                    Some((_, r)) => Evidence::Refereed(Box::new(RefereeEvidence {
+                        expected: expected.to_vec(),
+                        comparison: self.comparison,
+                        ballots: ballots.clone(),
+                        referee: r.clone(),
+                        accused: *n,
+                    })),
+                    None => Evidence::Deviation(DeviationEvidence {
+                        expected: expected.to_vec(),
+                        comparison: self.comparison,
+                        ballots: ballots.clone(),
+                        accused: *n,
+                    }),
+                });
             }
             accepted = pinned
                 .iter()
-                .find(|(_, b)| b.from == a.winner)
-                .map(|(_, b)| b.clone());
+                .map(|(_, b)| b)
+                .chain(referee.as_ref().map(|(_, r)| r))
+                .find(|b| b.from == a.winner)
+                .cloned();
         }
         evidence.retain(|e| self.apply(e, now_ms).is_ok());
-        for n in &unaccounted {
-            self.reputation.timed_out(*n, now_ms);
+        // Settling a held vote: its missing replicas were counted when it first ran.
+        if fresh {
+            for n in &unaccounted {
+                self.reputation.timed_out(*n, now_ms);
+            }
         }
+        let held = match outcome {
+            VoteOutcome::NoMajority { .. } => pinned.into_iter().map(|(_, b)| b).collect(),
+            VoteOutcome::Accepted(_) => Vec::new(),
+        };
         Verdict {
             outcome,
             accepted,
             evidence,
             unaccounted,
+            held,
         }
     }
 }

@@ -19,6 +19,7 @@ pub(crate) mod admission;
 pub mod announce;
 pub(crate) mod connections;
 pub mod endpoint;
+pub(crate) mod gossip;
 pub mod limits;
 pub(crate) mod membership;
 pub mod peers;

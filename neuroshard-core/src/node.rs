@@ -26,6 +26,7 @@ use crate::net::admission::{
 use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
 use crate::net::connections::Connections;
 use crate::net::endpoint::{bind, EndpointOptions};
+use crate::net::gossip::{self, GossipItem};
 use crate::net::limits::{ConnectionGate, PeerLimits, RequestRate, StreamGate, StreamPermit};
 use crate::net::membership::Membership;
 use crate::net::peers::PeerSet;
@@ -77,6 +78,9 @@ pub(crate) struct NodeCounters {
     pub(crate) hidden_bytes_sent: AtomicU64,
     /// Hidden-state frame bytes received from predecessors.
     pub(crate) hidden_bytes_received: AtomicU64,
+    /// Pieces of evidence against nodes this node verified and applied (from its votes,
+    /// clients and gossip).
+    pub(crate) proofs_taken: AtomicU64,
     /// Refusals and failures this node reported, by reason.
     pub(crate) refusals: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -102,6 +106,7 @@ impl NodeCounters {
             compute_us: get(&self.compute_us),
             hidden_bytes_sent: get(&self.hidden_bytes_sent),
             hidden_bytes_received: get(&self.hidden_bytes_received),
+            proofs_taken: get(&self.proofs_taken),
             refusals: lock(&self.refusals)
                 .iter()
                 .map(|(reason, n)| (reason.to_string(), *n))
@@ -189,6 +194,8 @@ struct Inner {
     behaviour: Mutex<Option<crate::consensus::adversary::Behaviour>>,
     /// The votes this node ran as a receiver and its chain of receipts.
     trust: Mutex<NodeTrust>,
+    /// Where this node publishes proofs against nodes (set once it joined the topic).
+    gossip: Mutex<Option<iroh_gossip::api::GossipSender>>,
     /// What receipts name as the build that computes.
     build_id: String,
     /// What receipts name as the kernel path that computes (with the mode, thread count and
@@ -522,6 +529,7 @@ impl Node {
                 consensus: crate::consensus::Consensus::default(),
                 chain: crate::consensus::ReceiptChain::new(key_for_receipts, [0; 32]),
             }),
+            gossip: Mutex::default(),
             build_id: build_id(),
             kernel_path: kernel_declaration(&engine_for_declaration),
         });
@@ -538,6 +546,7 @@ impl Node {
             .await
             .map_err(|e| NetError::Io(format!("joining gossip: {e}")))?
             .split();
+        *lock(&inner.gossip) = Some(sender.clone());
         if options.endpoint.mdns {
             // Nodes found on the local network become gossip peers: no --peers needed on a LAN.
             let mdns = MdnsAddressLookup::builder()
@@ -598,12 +607,17 @@ impl Node {
         tokio::spawn(async move {
             while let Some(event) = receiver.next().await {
                 match event {
-                    Ok(Event::Received(msg)) => {
-                        if let Ok(signed) = SignedAnnouncement::from_bytes(&msg.content) {
-                            // Invalid announcements are dropped.
+                    // Invalid announcements and proofs are dropped.
+                    Ok(Event::Received(msg)) => match gossip::decode(&msg.content) {
+                        Some(GossipItem::Announcement(signed)) => {
                             let _ = listener.learn(&signed);
                         }
-                    }
+                        // Gossip floods the topic already: a proof is not sent on again.
+                        Some(GossipItem::Proof(proof)) => {
+                            let _ = listener.take_evidence(&proof);
+                        }
+                        None => {}
+                    },
                     Ok(Event::NeighborUp(node)) => {
                         lock(&listener.membership).neighbour_up(node);
                     }
@@ -984,6 +998,36 @@ impl Inner {
         }
     }
 
+    /// Verifies evidence against a node (from gossip, a client or this node's own vote) and
+    /// applies it to this node's reputation table; `Ok(true)` when it was new here. Nothing
+    /// is taken on the sender's word.
+    fn take_evidence(
+        &self,
+        evidence: &crate::consensus::Evidence,
+    ) -> Result<bool, crate::consensus::ReceiptError> {
+        let mut trust = lock(&self.trust);
+        if trust.consensus.knows(evidence) {
+            return Ok(false);
+        }
+        trust.consensus.apply(evidence, now_ms())?;
+        self.counters.proofs_taken.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Publishes a proof (fraud or upstream) on the swarm's gossip topic, so every node
+    /// checks it and bans its signer; deviation evidence is not gossiped.
+    async fn publish_proof(&self, evidence: &crate::consensus::Evidence) {
+        let Some(bytes) = gossip::encode_proof(evidence) else {
+            return;
+        };
+        let sender = lock(&self.gossip).clone();
+        if let Some(sender) = sender {
+            if let Err(e) = sender.broadcast(bytes.into()).await {
+                tracing::debug!("proof not published: {e}");
+            }
+        }
+    }
+
     /// Removes a session from this hop (and its KV cache).
     fn drop_session(&self, session: u64) {
         lock(&self.sessions).remove(&session);
@@ -1041,6 +1085,15 @@ impl Inner {
                 }
             }
             Message::GetStats => Message::Stats(self.stats()),
+            Message::Evidence(evidence) => match self.take_evidence(&evidence) {
+                Ok(new) => {
+                    if new {
+                        self.publish_proof(&evidence).await;
+                    }
+                    Message::Ok
+                }
+                Err(e) => self.error_msg(0, Reason::Malformed, format!("evidence refused: {e}")),
+            },
             Message::Replay {
                 session,
                 upto,

@@ -21,6 +21,11 @@ pub(super) const MAX_VOTE_REPORT: usize = 32 << 20;
 /// Once a strict majority of the last range has answered, the rest get at least this long
 /// (or as long again as the majority took) before the client votes without them.
 const VOTE_GRACE: Duration = Duration::from_millis(500);
+/// Longest the client waits for one node to take a proof it shares.
+const PROOF_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the client waits for a step to reach one replica of the first range (a dial
+/// included); every replica's send runs at once.
+const STEP_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a replicated session keeps between steps.
 #[derive(Debug, Default)]
@@ -31,6 +36,11 @@ pub(super) struct SessionTrust {
     pub(super) votes: u64,
     /// What the votes found, for logs and the event list (bounded).
     pub(super) findings: Vec<String>,
+    /// Proofs this client found that the session's nodes have not been sent yet.
+    to_share: Vec<Evidence>,
+    /// First-range replicas a step did not reach: the session sends them no more steps
+    /// (their cache lacks that step; the vote goes on without them).
+    unreachable: Vec<NodeId>,
 }
 
 /// Findings kept per session (the oldest go first).
@@ -228,12 +238,7 @@ impl RemoteSession {
         tokens: &[u32],
         start_pos: usize,
     ) -> Result<StepResult, NetError> {
-        // Reports about earlier steps are still evidence; anything else is stale.
-        while let Ok(FromHop { from, item }) = self.rx.try_recv() {
-            if let Inbound::Message(msg @ Message::VoteReport { .. }) = item {
-                self.absorb_report(from, msg);
-            }
-        }
+        self.absorb_pending_reports();
         self.fed.truncate(start_pos);
         self.fed.extend_from_slice(tokens);
         self.attempt += 1;
@@ -244,15 +249,28 @@ impl RemoteSession {
             tokens: tokens.to_vec(),
         };
         let first = self.open.replicas.first().cloned().unwrap_or_default();
+        let sends = first
+            .iter()
+            .filter(|hop| !self.trust.unreachable.contains(&hop.node))
+            .map(|hop| async {
+                let sent = tokio::time::timeout(STEP_SEND_TIMEOUT, self.send_step(hop, &msg));
+                (hop.node, sent.await)
+            });
         let mut sent = 0;
-        for hop in &first {
-            match self.send_step(hop, &msg).await {
-                Ok(()) => sent += 1,
-                Err(e) => self.trust.note(format!(
-                    "step not delivered to {}: {e}",
-                    hop.node.fmt_short()
-                )),
-            }
+        for (node, result) in n0_future::join_all(sends.collect::<Vec<_>>()).await {
+            let failure = match result {
+                Ok(Ok(())) => {
+                    sent += 1;
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no delivery in {STEP_SEND_TIMEOUT:?}"),
+            };
+            self.trust.unreachable.push(node);
+            self.trust.note(format!(
+                "step not delivered to {}: {failure}",
+                node.fmt_short()
+            ));
         }
         if 2 * sent <= first.len() {
             return Err(NetError::HopFailed {
@@ -344,6 +362,14 @@ impl RemoteSession {
         }
         let verdict = lock(&self.client.inner.trust).vote(&expected, ballots, now_ms());
         self.trust.votes += 1;
+        self.trust.to_share.extend(
+            verdict
+                .evidence
+                .iter()
+                .filter(|e| crate::net::gossip::is_gossiped(e))
+                .cloned(),
+        );
+        self.share_proofs();
         let range = self.open.replicas.len().saturating_sub(1) as u32;
         for e in &verdict.evidence {
             self.trust.note(format!(
@@ -449,7 +475,12 @@ impl RemoteSession {
                 continue;
             }
             match consensus.apply(e, now) {
-                Ok(node) => applied.push(format!("{} ({})", describe(e), node.fmt_short())),
+                Ok(node) => {
+                    applied.push(format!("{} ({})", describe(e), node.fmt_short()));
+                    if crate::net::gossip::is_gossiped(e) {
+                        self.trust.to_share.push(e.clone());
+                    }
+                }
                 Err(err) => tracing::debug!("evidence from {} refused: {err}", from.fmt_short()),
             }
         }
@@ -486,6 +517,50 @@ impl RemoteSession {
         self.trust.missing.retain(|(_, s, _), _| *s >= horizon);
     }
 
+    /// Checks the vote reports that arrived since the last step (reports about earlier steps
+    /// are still evidence; anything else is stale), and shares the proofs they gave.
+    pub(super) fn absorb_pending_reports(&mut self) {
+        while let Ok(FromHop { from, item }) = self.rx.try_recv() {
+            if let Inbound::Message(msg @ Message::VoteReport { .. }) = item {
+                self.absorb_report(from, msg);
+            }
+        }
+        self.share_proofs();
+    }
+
+    /// Sends the proofs found since the last call to every node of the session, in the
+    /// background: each verifies them and gossips them on, so replicas that never voted on
+    /// the liar (its own range's, any other node's) ban it too. Best effort, each request
+    /// bounded by [`PROOF_SEND_TIMEOUT`].
+    fn share_proofs(&mut self) {
+        if self.trust.to_share.is_empty() {
+            return;
+        }
+        let proofs = std::mem::take(&mut self.trust.to_share);
+        let hops: Vec<RouteHop> = self.open.members().into_iter().cloned().collect();
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            for proof in proofs {
+                let msg = Message::Evidence(proof);
+                for hop in &hops {
+                    let sent = tokio::time::timeout(PROOF_SEND_TIMEOUT, client.request(hop, &msg));
+                    match sent.await {
+                        Ok(Ok(Message::Ok)) => {}
+                        Ok(Ok(other)) => tracing::debug!(
+                            to = %hop.node.fmt_short(),
+                            "proof not taken: {}",
+                            other.kind()
+                        ),
+                        Ok(Err(e)) => {
+                            tracing::debug!(to = %hop.node.fmt_short(), "proof not sent: {e}")
+                        }
+                        Err(_) => tracing::debug!(to = %hop.node.fmt_short(), "proof timed out"),
+                    }
+                }
+            }
+        });
+    }
+
     /// The receivers of range `range`'s outputs: the next range's replicas (the client for
     /// the last range). `None` for a range the session does not have.
     fn receivers_of(&self, range: usize) -> Option<Vec<NodeId>> {
@@ -506,5 +581,10 @@ fn describe(e: &Evidence) -> String {
         ),
         Evidence::Fraud(_) => "a replica signed two outputs for one input (fraud proof)".into(),
         Evidence::Upstream(_) => "a sender signed two frames for one step (upstream proof)".into(),
+        Evidence::Refereed(r) => format!(
+            "{} overruled by the trusted referee {} (signed receipts)",
+            r.accused.fmt_short(),
+            r.referee.from.fmt_short()
+        ),
     }
 }

@@ -183,6 +183,12 @@ struct RunReport {
     liar_may_route: bool,
     /// Banned for good (a fraud or upstream proof reached the client).
     liar_banned_for_good: bool,
+    /// Votes a dishonest replica's bytes won.
+    liars_won: usize,
+    /// Votes without a majority that a referee's replay settled.
+    settled: usize,
+    /// Honest replicas the client may not route to at the end.
+    honest_banned: usize,
 }
 
 struct Swarm {
@@ -190,7 +196,39 @@ struct Swarm {
     replicas: Vec<Replica>,
     client: Consensus,
     client_key: iroh::SecretKey,
-    liar: Option<usize>,
+    /// Indices of the dishonest replicas (colluding when more than one lies the same way).
+    liars: Vec<usize>,
+    /// Replicas per vote the client asks for.
+    k: usize,
+}
+
+/// Who lies, and how the swarm is trusted.
+struct Setup {
+    /// (behaviour, range, rank by node id within the range) of each dishonest replica.
+    liars: Vec<(Behaviour, usize, usize)>,
+    /// Replicas per range.
+    per_range: usize,
+    /// Replicas per vote (1 with nothing trusted: a plain majority of 3 probation nodes).
+    k: usize,
+    /// Every table pins the highest id of each range (the operator's own node, which
+    /// referees) and trusts the others as earned (20 agreed votes before this session).
+    trusted: bool,
+}
+
+impl Setup {
+    /// The swarm of the detection matrix: 3 probation replicas per range, at most one liar,
+    /// the lowest or the highest id of its range.
+    fn matrix(liar: Option<(Behaviour, usize, bool)>) -> Self {
+        Setup {
+            liars: liar
+                .map(|(b, range, lowest)| (b, range, if lowest { 0 } else { REPLICAS - 1 }))
+                .into_iter()
+                .collect(),
+            per_range: REPLICAS,
+            k: 1,
+            trusted: false,
+        }
+    }
 }
 
 fn key_for(seed: u64, i: usize) -> iroh::SecretKey {
@@ -209,16 +247,22 @@ impl Swarm {
     /// 9 replicas with builds drawn from `seed`; the liar (if any) in `range`, holding the
     /// lowest node id of its range when `lowest`.
     fn new(seed: u64, liar: Option<(Behaviour, usize, bool)>) -> Self {
+        Self::with(seed, Setup::matrix(liar))
+    }
+
+    /// The swarm `setup` describes, with builds drawn from `seed`.
+    fn with(seed: u64, setup: Setup) -> Self {
         let m = model();
         let mut g = Gaussian::new(seed ^ 0x5eed);
-        let mut keys: Vec<iroh::SecretKey> = (0..REPLICAS * RANGES.len())
+        let per_range = setup.per_range;
+        let mut keys: Vec<iroh::SecretKey> = (0..per_range * RANGES.len())
             .map(|i| key_for(seed, i))
             .collect();
         keys.sort_by_key(|k| k.public());
         let mut replicas = Vec::new();
-        let mut liar_index = None;
+        let mut liars = Vec::new();
         for (range, layers) in RANGES.iter().enumerate() {
-            // Keys of this range, ascending; the liar takes the first or the last.
+            // Keys of this range, ascending; each liar takes its rank.
             let mut range_keys: Vec<iroh::SecretKey> = keys
                 .iter()
                 .skip(range)
@@ -227,15 +271,14 @@ impl Swarm {
                 .collect();
             range_keys.sort_by_key(|k| k.public());
             for (r, key) in range_keys.into_iter().enumerate() {
-                let behaviour = match liar {
-                    Some((b, lr, lowest))
-                        if lr == range && r == if lowest { 0 } else { REPLICAS - 1 } =>
-                    {
-                        liar_index = Some(replicas.len());
-                        Some(b)
-                    }
-                    _ => None,
-                };
+                let behaviour = setup
+                    .liars
+                    .iter()
+                    .find(|(_, lr, rank)| *lr == range && *rank == r)
+                    .map(|(b, _, _)| *b);
+                if behaviour.is_some() {
+                    liars.push(replicas.len());
+                }
                 let build = Build {
                     order: (seed as usize + replicas.len()) as u8 % 3,
                     f16_frames: (seed as usize + 2 * replicas.len()) % 3 == 0,
@@ -260,13 +303,91 @@ impl Swarm {
                 });
             }
         }
-        Swarm {
+        let mut swarm = Swarm {
             model: m,
             replicas,
             client: Consensus::new(Comparison::default(), Reputation::new(policy())),
             client_key: key_for(seed, 200),
-            liar: liar_index,
+            liars,
+            k: setup.k,
+        };
+        if setup.trusted {
+            swarm.trust_all(per_range);
         }
+        swarm
+    }
+
+    /// In every table: the highest id of each range pinned, the others trusted as earned.
+    fn trust_all(&mut self, per_range: usize) {
+        let ids: Vec<(NodeId, bool)> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x.id, i % per_range == per_range - 1))
+            .collect();
+        let promote = policy().promote_after;
+        let mut everyone: Vec<&mut Consensus> =
+            self.replicas.iter_mut().map(|x| &mut x.consensus).collect();
+        everyone.push(&mut self.client);
+        for c in everyone {
+            for (id, pinned) in &ids {
+                if *pinned {
+                    c.reputation_mut().pin(*id, T0);
+                } else {
+                    for _ in 0..promote {
+                        c.reputation_mut().agreed(*id, T0);
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_liar(&self, id: &NodeId) -> bool {
+        self.liars.iter().any(|&l| self.replicas[l].id == *id)
+    }
+
+    /// The trusted replica of `range` outside `voters` that the client names referee.
+    fn referee_for(&self, range: usize, voters: &[usize], now: u64) -> Option<usize> {
+        let candidates: Vec<NodeId> = self
+            .replicas
+            .iter()
+            .filter(|x| x.range == range)
+            .map(|x| x.id)
+            .collect();
+        let voting: Vec<NodeId> = voters.iter().map(|&i| self.replicas[i].id).collect();
+        let id = self
+            .client
+            .reputation()
+            .choose_referee(&candidates, &voting, now)?;
+        self.replicas.iter().position(|x| x.id == id)
+    }
+
+    /// Replica `i` replays `history` (the steps its predecessor kept, oldest first) from an
+    /// empty cache, as a referee called on no majority; returns its ballots for the last.
+    fn replay(
+        &mut self,
+        i: usize,
+        history: &[KeptStep],
+        receivers: usize,
+        noise: &mut Gaussian,
+    ) -> Option<Vec<SignedBallot>> {
+        let rep = &mut self.replicas[i];
+        rep.cache.iter_mut().for_each(Vec::clear);
+        rep.prefix = [0; 32];
+        rep.last_output = None;
+        let mut last = None;
+        for step in history {
+            last = self.ballots(
+                i,
+                &step.input,
+                step.frame,
+                step.upstream.as_ref(),
+                step.start,
+                receivers,
+                noise,
+            );
+        }
+        last
     }
 
     fn frame_claim(
@@ -387,14 +508,34 @@ impl Swarm {
         Some(ballots)
     }
 
-    /// Runs prompt + decode greedily; returns what it measured.
+    /// Runs prompt + decode greedily, unaudited; returns what it measured.
     fn run(&mut self, seed: u64) -> RunReport {
+        self.run_session(seed, false)
+    }
+
+    /// The consensus of receiver `rx` of range `r`'s vote: a replica of the next range, or
+    /// the client after the last range.
+    fn receiver(&mut self, voters: &[Vec<usize>], r: usize, rx: usize) -> &mut Consensus {
+        if r + 1 < RANGES.len() {
+            &mut self.replicas[voters[r + 1][rx]].consensus
+        } else {
+            &mut self.client
+        }
+    }
+
+    /// Runs prompt + decode greedily. `audit`: the session was drawn for an audit at open,
+    /// so each range's referee (a trusted replica outside the vote) computes every step
+    /// beside the voters and every receiver judges by it. Unaudited, a referee is called
+    /// only on no majority, and replays the range's kept inputs from position 0.
+    fn run_session(&mut self, seed: u64, audit: bool) -> RunReport {
         let mut noise = Gaussian::new(seed ^ 0xbad);
         let mut report = RunReport::default();
         let mut context: Vec<u32> = PROMPT.to_vec();
         let mut start = 0;
         let mut banned_at: Option<usize> = None;
         let mut liar_votes = 0;
+        // What each range's predecessor kept: the inputs it sent, step by step.
+        let mut history: Vec<Vec<KeptStep>> = vec![Vec::new(); RANGES.len()];
         for step in 0..=DECODE {
             let now = T0 + step as u64 * STEP_MS;
             let tokens = &context[start..];
@@ -410,7 +551,7 @@ impl Swarm {
                     let chosen = self
                         .client
                         .reputation()
-                        .choose_voters(&candidates, 1, now)
+                        .choose_voters(&candidates, self.k, now)
                         .expect("a routable replica");
                     chosen
                         .nodes
@@ -424,12 +565,14 @@ impl Swarm {
                         .collect()
                 })
                 .collect();
-            if let Some(l) = self.liar {
-                if voters.iter().flatten().any(|&v| v == l) {
-                    liar_votes += 1;
-                    if banned_at.is_some() {
-                        report.routed_after_ban = true;
-                    }
+            if voters
+                .iter()
+                .flatten()
+                .any(|&v| self.is_liar(&self.replicas[v].id))
+            {
+                liar_votes += 1;
+                if banned_at.is_some() {
+                    report.routed_after_ban = true;
                 }
             }
             // The client's input to the first range: embeddings of the new tokens.
@@ -453,14 +596,35 @@ impl Swarm {
                 } else {
                     1
                 };
+                let upstream = (r == 0).then(|| client_frame.clone());
+                history[r].push(KeptStep {
+                    start,
+                    frame,
+                    upstream: upstream.clone(),
+                    input: inputs[0].clone(),
+                });
+                let referee = self.referee_for(r, &voters[r], now);
+                // Audited: the referee computes beside the voters (its cache holds the
+                // whole prefix, as the audit was drawn at open).
+                let mut referee_ballots = match (audit, referee) {
+                    (true, Some(x)) => self.ballots(
+                        x,
+                        &inputs[0],
+                        frame,
+                        upstream.as_ref(),
+                        start,
+                        receivers,
+                        &mut noise,
+                    ),
+                    _ => None,
+                };
                 let mut per_receiver: Vec<Vec<SignedBallot>> = vec![Vec::new(); receivers];
                 for (vi, &i) in voters[r].iter().enumerate() {
-                    let upstream = (r == 0).then_some(&client_frame);
                     if let Some(bs) = self.ballots(
                         i,
                         &inputs[vi],
                         frame,
-                        upstream,
+                        upstream.as_ref(),
                         start,
                         receivers,
                         &mut noise,
@@ -477,19 +641,35 @@ impl Swarm {
                 let mut next_inputs = Vec::with_capacity(receivers);
                 let mut missing: Vec<(NodeId, NodeId)> = Vec::new();
                 for (rx, ballots) in per_receiver.into_iter().enumerate() {
-                    let consensus = if r + 1 < RANGES.len() {
-                        &mut self.replicas[voters[r + 1][rx]].consensus
-                    } else {
-                        &mut self.client
+                    let judged_by = referee_ballots.as_ref().map(|b| b[rx].clone());
+                    let consensus = self.receiver(&voters, r, rx);
+                    let mut verdict = match judged_by {
+                        Some(by) => consensus.refereed_vote(&expected, ballots, by, now),
+                        None => consensus.vote(&expected, ballots, now),
                     };
-                    let verdict = consensus.vote(&expected, ballots, now);
+                    if verdict.accepted.is_none() {
+                        // No majority: the referee replays 0..p from the kept inputs.
+                        if referee_ballots.is_none() {
+                            referee_ballots = referee
+                                .and_then(|x| self.replay(x, &history[r], receivers, &mut noise));
+                        }
+                        if let Some(by) = referee_ballots.as_ref().map(|b| b[rx].clone()) {
+                            let held = std::mem::take(&mut verdict.held);
+                            let consensus = self.receiver(&voters, r, rx);
+                            let settled = consensus.settle(&expected, held, by, now);
+                            verdict.evidence.extend(settled.evidence);
+                            verdict.outcome = settled.outcome;
+                            verdict.accepted = settled.accepted;
+                            report.settled += 1;
+                        }
+                    }
                     report.votes += 1;
-                    let honest_flagged = |ids: &[NodeId]| {
-                        ids.iter()
-                            .any(|id| Some(*id) != self.liar.map(|l| self.replicas[l].id))
-                    };
+                    let honest_flagged = |ids: &[NodeId]| ids.iter().any(|id| !self.is_liar(id));
                     let fp = match &verdict.outcome {
                         VoteOutcome::Accepted(a) => {
+                            if self.is_liar(&a.winner) {
+                                report.liars_won += 1;
+                            }
                             honest_flagged(&a.deviating) || honest_flagged(&verdict.unaccounted)
                         }
                         VoteOutcome::NoMajority { .. } => true,
@@ -546,12 +726,16 @@ impl Swarm {
                     let _ = c.apply(&e, now);
                 }
             }
-            if let Some(l) = self.liar {
-                let id = self.replicas[l].id;
-                if banned_at.is_none() && !self.client.reputation().may_route(&id, now + STEP_MS) {
-                    banned_at = Some(step);
-                    report.identified_after = Some(liar_votes);
-                }
+            let all_banned = !self.liars.is_empty()
+                && self.liars.iter().all(|&l| {
+                    !self
+                        .client
+                        .reputation()
+                        .may_route(&self.replicas[l].id, now + STEP_MS)
+                });
+            if banned_at.is_none() && all_banned {
+                banned_at = Some(step);
+                report.identified_after = Some(liar_votes);
             }
             let logits = logits.expect("the last range answered");
             let last = logits.last().expect("a row");
@@ -562,19 +746,34 @@ impl Swarm {
             context.push(token);
         }
         report.tokens = context[PROMPT.len()..].to_vec();
-        if let Some(l) = self.liar {
-            let id = self.replicas[l].id;
-            let end = T0 + (DECODE as u64 + 1) * STEP_MS;
-            report.liar_state = Some(self.client.reputation().state(&id, end));
-            report.liar_may_route = self.client.reputation().may_route(&id, end);
-            report.liar_banned_for_good = self
-                .client
-                .reputation()
-                .standing(&id)
-                .is_some_and(|s| s.banned_until_ms == u64::MAX);
+        let end = T0 + (DECODE as u64 + 1) * STEP_MS;
+        let rep = self.client.reputation();
+        if let Some(&l) = self.liars.first() {
+            report.liar_state = Some(rep.state(&self.replicas[l].id, end));
         }
+        let liar_ids: Vec<NodeId> = self.liars.iter().map(|&l| self.replicas[l].id).collect();
+        report.liar_may_route = liar_ids.iter().any(|id| rep.may_route(id, end));
+        report.liar_banned_for_good = !liar_ids.is_empty()
+            && liar_ids.iter().all(|id| {
+                rep.standing(id)
+                    .is_some_and(|s| s.banned_until_ms == u64::MAX)
+            });
+        report.honest_banned = self
+            .replicas
+            .iter()
+            .filter(|x| !self.is_liar(&x.id) && !rep.may_route(&x.id, end))
+            .count();
         report
     }
+}
+
+/// What a range's predecessor kept of one step it sent: a referee replays from these.
+#[derive(Clone)]
+struct KeptStep {
+    start: usize,
+    frame: [u8; 32],
+    upstream: Option<SignedFrame>,
+    input: Vec<Vec<f32>>,
 }
 
 fn honest_tokens() -> Vec<u32> {
@@ -663,4 +862,111 @@ fn every_behaviour_is_caught_within_three_votes_and_the_text_stays_honest() {
         }
     }
     println!("{}", table.join("\n"));
+}
+
+/// Two replicas of the middle range (the lowest ids, so their bytes would go forward) that
+/// scale their outputs by 1.02 alike, beside one honest replica; every node trusted, and the
+/// operator's own node (pinned) in each range outside the vote, to referee.
+fn colluding(seed: u64) -> Swarm {
+    Swarm::with(
+        seed,
+        Setup {
+            liars: vec![(Behaviour::Scale, 1, 0), (Behaviour::Scale, 1, 1)],
+            per_range: 4,
+            k: 3,
+            trusted: true,
+        },
+    )
+}
+
+#[test]
+fn two_colluding_replicas_of_three_win_every_unaudited_vote() {
+    let report = colluding(21).run(21);
+    println!("unaudited collusion: {report:?}");
+    // Their bytes go forward in every vote of their range (3 receivers a step), and the
+    // honest third is outvoted on consistent signed receipts: it is the one banned.
+    assert_eq!(report.liars_won, 3 * (DECODE + 1));
+    assert!(report.liar_may_route);
+    assert_eq!(report.identified_after, None);
+    assert_eq!(report.honest_banned, 1);
+    assert_eq!(report.settled, 0);
+}
+
+#[test]
+fn an_audited_session_catches_colluders_at_its_first_vote_and_the_text_stays_honest() {
+    let reference = honest_tokens();
+    let report = colluding(21).run_session(21, true);
+    println!("audited collusion: {report:?}");
+    assert_eq!(report.tokens, reference);
+    assert_eq!(report.identified_after, Some(1));
+    assert_eq!(report.liars_won, 0);
+    assert!(!report.liar_may_route && !report.routed_after_ban);
+    assert_eq!((report.honest_banned, report.false_positives), (0, 0));
+}
+
+#[test]
+fn a_split_vote_is_settled_by_a_referee_that_replays_from_position_zero() {
+    // Two liars with different lies and one honest replica: no group is a majority. The
+    // referee, outside the vote and with no cache, replays the kept inputs and decides.
+    let reference = honest_tokens();
+    for range in 0..RANGES.len() {
+        let seed = 30 + range as u64;
+        let mut swarm = Swarm::with(
+            seed,
+            Setup {
+                liars: vec![(Behaviour::Noise, range, 0), (Behaviour::Zeros, range, 1)],
+                per_range: 4,
+                k: 3,
+                trusted: true,
+            },
+        );
+        let report = swarm.run(seed);
+        println!("split in range {range}: {report:?}");
+        assert_eq!(report.tokens, reference, "range {range}");
+        assert!(report.settled >= 1, "range {range}: no referee was called");
+        assert_eq!(report.identified_after, Some(1), "range {range}");
+        assert_eq!(report.liars_won, 0);
+        assert_eq!((report.honest_banned, report.false_positives), (0, 0));
+    }
+}
+
+#[test]
+fn the_audit_rate_is_the_chance_per_session_of_catching_a_coalition() {
+    // Sessions drawn for an audit at the policy's spot-check rate, with the real draw rule;
+    // each session a fresh swarm with a coalition that lies in every vote.
+    let rate = 0.2;
+    let draws = Reputation::new(ReputationPolicy {
+        spot_check_rate: rate,
+        ..policy()
+    });
+    let draw = |s: usize| {
+        let h = blake3::hash(&(s as u64).to_le_bytes());
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+    };
+    let sessions = 120;
+    let mut caught = Vec::with_capacity(sessions);
+    for s in 0..sessions {
+        let audited = draws.spot_check(draw(s));
+        let seed = 100 + s as u64;
+        let report = colluding(seed).run_session(seed, audited);
+        // Caught exactly when audited: the audit is the only check a majority cannot pass.
+        assert_eq!(report.identified_after.is_some(), audited, "session {s}");
+        caught.push(audited);
+    }
+    let rate_measured = caught.iter().filter(|c| **c).count() as f64 / sessions as f64;
+    // A coalition that lies in n sessions in a row survives them with (1 - rate)^n.
+    let n = 5;
+    let windows = caught.windows(n).count();
+    let survived = caught.windows(n).filter(|w| w.iter().all(|c| !c)).count();
+    let survival = survived as f64 / windows as f64;
+    println!(
+        "audit rate {rate}: caught in {rate_measured:.3} of {sessions} sessions; survived {n} \
+         sessions in a row {survival:.3} (expected {:.3})",
+        (1.0 - rate).powi(n as i32)
+    );
+    let sigma = (rate * (1.0 - rate) / sessions as f64).sqrt();
+    assert!(
+        (rate_measured - rate).abs() < 4.0 * sigma,
+        "{rate_measured}"
+    );
 }

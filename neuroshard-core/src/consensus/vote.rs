@@ -70,37 +70,12 @@ impl VoteOutcome {
 /// More than [`MAX_REDUNDANCY`] expected replicas is no majority: callers refuse such
 /// sessions at open.
 pub fn tally(expected: &[NodeId], ballots: &[Ballot], comparison: &Comparison) -> VoteOutcome {
-    let mut expected: Vec<NodeId> = expected.to_vec();
-    expected.sort();
-    expected.dedup();
-    // One ballot per expected node; a second, different ballot from the same node marks it
-    // as an equivocator (it counts as deviating, never in a group).
-    let mut counted: Vec<&Ballot> = Vec::new();
-    let mut equivocators: Vec<NodeId> = Vec::new();
-    for b in ballots {
-        if expected.binary_search(&b.node).is_err() {
-            continue;
-        }
-        match counted.iter().position(|c| c.node == b.node) {
-            Some(i) if counted[i].output != b.output => {
-                if !equivocators.contains(&b.node) {
-                    equivocators.push(b.node);
-                }
-            }
-            Some(_) => {}
-            None => counted.push(b),
-        }
-    }
-    counted.retain(|b| !equivocators.contains(&b.node));
-    counted.sort_by_key(|b| b.node);
-    let mut answered: Vec<NodeId> = counted.iter().map(|b| b.node).collect();
-    answered.extend(&equivocators);
-    answered.sort();
-    let missing: Vec<NodeId> = expected
-        .iter()
-        .filter(|n| answered.binary_search(n).is_err())
-        .copied()
-        .collect();
+    let Counted {
+        expected,
+        counted,
+        answered,
+        missing,
+    } = count(expected, ballots);
     let no_majority =
         |answered: Vec<NodeId>, missing: Vec<NodeId>| VoteOutcome::NoMajority { answered, missing };
     if expected.len() > MAX_REDUNDANCY || counted.is_empty() {
@@ -144,17 +119,105 @@ pub fn tally(expected: &[NodeId], ballots: &[Ballot], comparison: &Comparison) -
         .filter(|i| mask & (1 << i) != 0)
         .map(|i| counted[i].node)
         .collect();
+    accept(agreeing[0], agreeing, &answered, missing)
+}
+
+/// The accepted outcome: `winner`'s bytes go forward, and every answer outside `agreeing`
+/// deviates.
+fn accept(
+    winner: NodeId,
+    agreeing: Vec<NodeId>,
+    answered: &[NodeId],
+    missing: Vec<NodeId>,
+) -> VoteOutcome {
     let deviating: Vec<NodeId> = answered
         .iter()
         .filter(|id| !agreeing.contains(id))
         .copied()
         .collect();
     VoteOutcome::Accepted(Accepted {
-        winner: agreeing[0],
+        winner,
         agreeing,
         deviating,
         missing,
     })
+}
+
+/// The ballots of one vote that count, after the rule's bookkeeping.
+struct Counted<'a> {
+    /// The expected replicas, ascending, once each.
+    expected: Vec<NodeId>,
+    /// One ballot per expected replica that answered and did not equivocate, by node id.
+    counted: Vec<&'a Ballot>,
+    /// Every expected replica that answered (equivocators included), ascending.
+    answered: Vec<NodeId>,
+    /// The expected replicas that did not answer.
+    missing: Vec<NodeId>,
+}
+
+/// One ballot per expected node; a second, different ballot from the same node marks it as
+/// an equivocator (it counts as deviating, never in a group); outsiders are ignored.
+fn count<'a>(expected: &[NodeId], ballots: &'a [Ballot]) -> Counted<'a> {
+    let mut expected: Vec<NodeId> = expected.to_vec();
+    expected.sort();
+    expected.dedup();
+    let mut counted: Vec<&Ballot> = Vec::new();
+    let mut equivocators: Vec<NodeId> = Vec::new();
+    for b in ballots {
+        if expected.binary_search(&b.node).is_err() {
+            continue;
+        }
+        match counted.iter().position(|c| c.node == b.node) {
+            Some(i) if counted[i].output != b.output => {
+                if !equivocators.contains(&b.node) {
+                    equivocators.push(b.node);
+                }
+            }
+            Some(_) => {}
+            None => counted.push(b),
+        }
+    }
+    counted.retain(|b| !equivocators.contains(&b.node));
+    counted.sort_by_key(|b| b.node);
+    let mut answered: Vec<NodeId> = counted.iter().map(|b| b.node).collect();
+    answered.extend(&equivocators);
+    answered.sort();
+    let missing: Vec<NodeId> = expected
+        .iter()
+        .filter(|n| answered.binary_search(n).is_err())
+        .copied()
+        .collect();
+    Counted {
+        expected,
+        counted,
+        answered,
+        missing,
+    }
+}
+
+/// The rule when a trusted referee outside the vote replayed the same input (on no majority,
+/// or when the vote is audited): the referee's output is the reference. The ballots that
+/// agree with it agree; every other answer deviates, however many sent it. The bytes that go
+/// forward are those of the lowest agreeing replica, or the referee's own when none agrees.
+pub fn refereed_tally(
+    expected: &[NodeId],
+    ballots: &[Ballot],
+    referee: &Ballot,
+    comparison: &Comparison,
+) -> VoteOutcome {
+    let Counted {
+        counted,
+        answered,
+        missing,
+        ..
+    } = count(expected, ballots);
+    let agreeing: Vec<NodeId> = counted
+        .iter()
+        .filter(|b| b.node != referee.node && comparison.agrees(&b.output, &referee.output))
+        .map(|b| b.node)
+        .collect();
+    let winner = agreeing.first().copied().unwrap_or(referee.node);
+    accept(winner, agreeing, &answered, missing)
 }
 
 #[cfg(test)]
@@ -278,5 +341,42 @@ mod tests {
         assert!(tally(&ids, &ballots, &Comparison::Exact)
             .accepted()
             .is_none());
+    }
+    #[test]
+    fn a_trusted_referee_overrules_a_colluding_majority_and_decides_a_split() {
+        let ids = sorted(vec![id(1), id(2), id(3)]);
+        let referee = ballot(id(9), &[1.0, 2.0]);
+        // Two colluders (the lowest ids) agree on a lie and win the plain vote.
+        let ballots = [
+            ballot(ids[0], &[1.5, 2.5]),
+            ballot(ids[1], &[1.5, 2.5]),
+            ballot(ids[2], &[1.0, 2.0 + 1e-6]),
+        ];
+        let plain = tally(&ids, &ballots, &Comparison::default());
+        assert_eq!(plain.accepted().map(|a| a.winner), Some(ids[0]));
+        let judged = refereed_tally(&ids, &ballots, &referee, &Comparison::default());
+        let a = judged.accepted().expect("a referee always decides");
+        assert_eq!(a.winner, ids[2]);
+        assert_eq!(a.agreeing, vec![ids[2]]);
+        assert_eq!(a.deviating, vec![ids[0], ids[1]]);
+        // A split with no majority: the referee decides it.
+        let split = [
+            ballot(ids[0], &[7.0, 7.0]),
+            ballot(ids[1], &[1.0, 2.0]),
+            ballot(ids[2], &[5.0, 5.0]),
+        ];
+        assert!(tally(&ids, &split, &Comparison::default())
+            .accepted()
+            .is_none());
+        let a = refereed_tally(&ids, &split, &referee, &Comparison::default());
+        let a = a.accepted().expect("decided");
+        assert_eq!((a.winner, a.deviating.len()), (ids[1], 2));
+        // Nobody agrees with the referee: its own bytes go forward.
+        let wrong = [ballot(ids[0], &[7.0, 7.0]), ballot(ids[2], &[5.0, 5.0])];
+        let a = refereed_tally(&ids, &wrong, &referee, &Comparison::default());
+        let a = a.accepted().expect("decided");
+        assert_eq!(a.winner, referee.node);
+        assert!(a.agreeing.is_empty());
+        assert_eq!(a.missing, vec![ids[1]]);
     }
 }

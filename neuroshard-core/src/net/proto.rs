@@ -134,6 +134,9 @@ pub struct NodeStats {
     pub batched_steps: u64,
     /// Refusals and failures this node reported, by reason ([`Reason::name`]).
     pub refusals: std::collections::BTreeMap<String, u64>,
+    /// Evidence against nodes this node verified and applied: found in its own votes, sent
+    /// by clients, or delivered by gossip.
+    pub proofs_taken: u64,
 }
 
 /// One hop of a session's route, as the client planned it.
@@ -434,6 +437,10 @@ pub enum Message {
         /// The token id.
         token: u32,
     },
+    /// Request (bi stream), anyone to a node: evidence against a node (a client found it in
+    /// vote reports). The node verifies it, applies it, and gossips fraud and upstream
+    /// proofs to the swarm; replied `Ok`, or `Error` (`malformed`) when it proves nothing.
+    Evidence(crate::consensus::Evidence),
 }
 
 impl Message {
@@ -462,6 +469,7 @@ impl Message {
             Message::Token { .. } => "token",
             Message::Ballot { .. } => "ballot",
             Message::VoteReport { .. } => "vote-report",
+            Message::Evidence(_) => "evidence",
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::consensus::{
 };
 use crate::model::shard::{ShardInput, ShardOutput};
 use crate::net::admission::ReplicaPlace;
+use crate::net::gossip;
 use crate::net::proto::{BallotClaim, Message, RouteHop};
 use crate::net::{lock, now_ms, NodeId, Reason};
 use crate::protocol::hop_session::{ChunkOutput, Refused, StepInput, Ticket};
@@ -47,6 +48,9 @@ pub(crate) const VOTE_DEADLINE_PER_POSITION: Duration = Duration::from_millis(10
 pub(crate) const VOTE_GRACE: Duration = Duration::from_millis(500);
 /// Steps whose ballots a hop holds at once per session (older ones are dropped).
 const MAX_BOXES: usize = 8;
+/// How long one ballot may take to reach one receiver (a dial included): a dead receiver
+/// costs the others nothing, as every receiver's send runs at once.
+const BALLOT_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Ballots one sender may put in one box: a second one shows equivocation, more are noise.
 const MAX_PER_SENDER: usize = 2;
 /// Steps a hop remembers having voted on, so a late ballot opens no new vote.
@@ -63,6 +67,9 @@ pub(super) struct Replication {
     arrived: tokio::sync::Notify,
     /// The prefix chain by position: `(end, chain)` after each accepted step.
     prefix: Mutex<Vec<(u32, Hash)>>,
+    /// Receivers a ballot of this session did not reach: this replica sends them no more
+    /// (they still get the other replicas' ballots; the vote goes on without them).
+    unreachable: Mutex<Vec<NodeId>>,
     /// The last row this replica sent (the `stale` behaviour repeats it).
     #[cfg(any(feature = "adversary", feature = "internals"))]
     last_row: Mutex<Option<Vec<f32>>>,
@@ -92,6 +99,7 @@ impl Replication {
             boxes: Mutex::default(),
             arrived: tokio::sync::Notify::new(),
             prefix: Mutex::default(),
+            unreachable: Mutex::default(),
             #[cfg(any(feature = "adversary", feature = "internals"))]
             last_row: Mutex::default(),
         }
@@ -369,6 +377,13 @@ impl Inner {
             .consensus
             .vote(&expected, signed, now_ms());
         let accepted = verdict.accepted.clone();
+        self.counters
+            .proofs_taken
+            .fetch_add(verdict.evidence.len() as u64, Ordering::Relaxed);
+        // Proofs (not deviations: those carry whole ballots) go to the whole swarm.
+        for e in verdict.evidence.iter().filter(|e| gossip::is_gossiped(e)) {
+            self.publish_proof(e).await;
+        }
         let notable =
             !verdict.evidence.is_empty() || !verdict.unaccounted.is_empty() || accepted.is_none();
         if notable {
@@ -528,6 +543,7 @@ impl Inner {
         };
         let outputs = self.outputs_to_send(hop, &tensor, codec, meta, honest, receivers.len())?;
         let mut signed: Vec<(Hash, crate::consensus::SignedReceipt)> = Vec::new();
+        let mut sends = Vec::with_capacity(outputs.len());
         for (i, (receiver, frame)) in receivers.into_iter().zip(outputs).enumerate() {
             let bytes = payload(&frame).map_err(|e| (Reason::Compute, e))?;
             let output = *blake3::hash(bytes).as_bytes();
@@ -572,15 +588,32 @@ impl Inner {
                     upstream: upstream.clone(),
                 }),
             };
-            self.delay_if_slow().await;
             let (node, addrs): (NodeId, &[std::net::SocketAddr]) = match receiver {
                 Some(r) => (r.node, &r.addrs),
                 None => (hop.open.client, &[]),
             };
-            // One receiver out of reach is its own problem: the others still get the ballot.
-            if let Err(e) = self.send_ballot(node, addrs, &msg, &frame).await {
-                tracing::debug!(to = %node.fmt_short(), "ballot not delivered: {e}");
+            if lock(&rep.unreachable).contains(&node) {
+                continue;
             }
+            sends.push(async move {
+                self.delay_if_slow().await;
+                let sent = tokio::time::timeout(
+                    BALLOT_SEND_TIMEOUT,
+                    self.send_ballot(node, addrs, &msg, &frame),
+                )
+                .await;
+                (node, sent)
+            });
+        }
+        // One receiver out of reach is its own problem: the others still get the ballot.
+        for (node, sent) in n0_future::join_all(sends).await {
+            let failure = match sent {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no delivery in {BALLOT_SEND_TIMEOUT:?}"),
+            };
+            tracing::debug!(to = %node.fmt_short(), "ballot not delivered: {failure}");
+            lock(&rep.unreachable).push(node);
         }
         Ok(())
     }

@@ -173,9 +173,11 @@ async fn a_lying_replica_is_outvoted_caught_on_evidence_and_leaves_routes() {
 }
 
 /// Two ranges of three SmolLM2 replicas on 127.0.0.1, spawned here so that one engine can
-/// lie in its weights before it serves.
+/// lie in its weights before it serves. They form one gossip mesh (each joins through the
+/// first), with an optional bystander: a node of layers 0..15 that no route uses.
 struct Replicas {
     nodes: Vec<Node>,
+    bystander: Option<Node>,
     model_id: String,
 }
 
@@ -183,30 +185,43 @@ impl Replicas {
     /// The replicas; `liar` (range, behaviour) picks the lowest-id replica of that range,
     /// whose engine gets `wrong-weights` before it serves when that is the behaviour.
     async fn start(liar: (usize, Behaviour)) -> (Replicas, Node) {
-        let mut nodes = Vec::new();
+        Self::start_with(liar, false).await
+    }
+
+    /// As [`Replicas::start`], with a bystander when `bystander` is set.
+    async fn start_with(liar: (usize, Behaviour), bystander: bool) -> (Replicas, Node) {
+        let mut nodes: Vec<Node> = Vec::new();
         let mut liar_node = None;
+        let spawn = |engine: neuroshard_core::ShardEngine, key, first: Option<&Node>| {
+            let bootstrap = first.map(|n| vec![n.addr()]).unwrap_or_default();
+            Node::spawn_with(
+                std::sync::Arc::new(engine),
+                key,
+                neuroshard_core::NodeOptions {
+                    bootstrap,
+                    ..Default::default()
+                },
+            )
+        };
+        let load = |slice: std::ops::Range<usize>| {
+            neuroshard_core::ShardEngine::load(
+                smollm2(),
+                slice,
+                neuroshard_core::EngineOptions::default(),
+            )
+            .expect("load")
+        };
         for (range, slice) in [0..15, 15..30].into_iter().enumerate() {
             let mut keys: Vec<iroh::SecretKey> =
                 (0..3).map(|_| iroh::SecretKey::generate()).collect();
             keys.sort_by_key(|k| k.public());
             for (i, key) in keys.into_iter().enumerate() {
-                let mut engine = neuroshard_core::ShardEngine::load(
-                    smollm2(),
-                    slice.clone(),
-                    neuroshard_core::EngineOptions::default(),
-                )
-                .expect("load");
+                let mut engine = load(slice.clone());
                 let lies = range == liar.0 && i == 0;
                 if lies && liar.1 == Behaviour::WrongWeights {
                     engine.perturb_weight(0.01, 0x5eed).expect("perturb");
                 }
-                let node = Node::spawn(
-                    std::sync::Arc::new(engine),
-                    key,
-                    neuroshard_core::net::endpoint::EndpointOptions::default(),
-                )
-                .await
-                .expect("node");
+                let node = spawn(engine, key, nodes.first()).await.expect("node");
                 if lies {
                     node.set_behaviour(Some(liar.1));
                     liar_node = Some(node.clone());
@@ -214,8 +229,23 @@ impl Replicas {
                 nodes.push(node);
             }
         }
+        let bystander = if bystander {
+            let key = iroh::SecretKey::generate();
+            Some(
+                spawn(load(0..15), key, nodes.first())
+                    .await
+                    .expect("bystander"),
+            )
+        } else {
+            None
+        };
         let model_id = neuroshard_core::model_id(nodes[0].engine());
-        (Replicas { nodes, model_id }, liar_node.expect("a liar"))
+        let replicas = Replicas {
+            nodes,
+            bystander,
+            model_id,
+        };
+        (replicas, liar_node.expect("a liar"))
     }
 
     fn peers(&self) -> PeerSet {
@@ -244,7 +274,7 @@ impl Replicas {
     }
 
     async fn shutdown(&self) {
-        for n in &self.nodes {
+        for n in self.nodes.iter().chain(&self.bystander) {
             n.shutdown().await;
         }
     }
@@ -379,6 +409,140 @@ async fn sessions_on_trusted_nodes_are_spot_checked_at_the_set_rate() {
         .run(config, Box::new(|_| std::ops::ControlFlow::Continue(())))
         .await
         .expect("plain generation");
+    client.shutdown().await;
+    swarm.shutdown().await;
+}
+
+/// The state `node` gives `accused` now, with the reason of its last change.
+fn standing_at(node: &Node, accused: &Node) -> Option<(TrustState, String)> {
+    let id = accused.id().to_string();
+    node.trust_table()
+        .into_iter()
+        .find(|r| r.node == id)
+        .map(|r| (r.state, format!("{:?}", r.standing)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fraud_proof_spreads_by_gossip_and_every_node_bans_the_signer() {
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    let (swarm, liar) = Replicas::start_with((0, Behaviour::Equivocate), true).await;
+    let bystander = swarm.bystander.clone().expect("a bystander");
+    let client = new_client().await;
+    let mut session = open_on(&client, &swarm.peers(), &swarm.model_id, 3, &prompt).await;
+    assert!(!session
+        .replicas()
+        .iter()
+        .flatten()
+        .any(|h| h.node == bystander.id()));
+    assert_eq!(greedy(&mut session, &prompt, 3).await, &expected[..3]);
+    session.close().await;
+    assert_eq!(state_of(&client, &liar), TrustState::Banned);
+    let findings = session.trust_findings().join("\n");
+    assert!(findings.contains("fraud proof"), "{findings}");
+
+    // The liar's own range never voted on it, and the bystander was in no route: both know
+    // only what the proof shows them, each after checking its signatures.
+    let witnesses: Vec<&Node> = swarm
+        .nodes
+        .iter()
+        .filter(|n| n.engine().layers().start == 0 && n.id() != liar.id())
+        .chain(std::iter::once(&bystander))
+        .collect();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    for witness in &witnesses {
+        loop {
+            let standing = standing_at(witness, &liar);
+            if matches!(standing, Some((TrustState::Banned, _))) {
+                let (_, reason) = standing.unwrap_or_else(|| unreachable!());
+                assert!(reason.contains("fraud"), "{reason}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never banned the liar: {standing:?}\n{findings}",
+                witness.id().fmt_short()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        bystander.stats().proofs_taken >= 1,
+        "{:?}",
+        bystander.stats()
+    );
+    // Honest nodes stay clean everywhere.
+    for witness in &witnesses {
+        for node in &swarm.nodes {
+            if node.id() != liar.id() {
+                assert_ne!(
+                    standing_at(witness, node).map(|s| s.0),
+                    Some(TrustState::Banned)
+                );
+            }
+        }
+    }
+    client.shutdown().await;
+    swarm.shutdown().await;
+}
+
+/// Failover of a replicated session: replicas that agreed keep their caches, so when one
+/// replica of each range dies mid-session the votes go on with the other two, with no
+/// replay anywhere, and the text stays the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_session_goes_on_without_a_dead_replica_and_replays_nothing() {
+    let swarm = smollm2_swarm(2, 3).await;
+    let client = new_client().await;
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    let n = expected.len().min(8);
+    let mut session = open(&client, &swarm, 3, &prompt).await;
+    let mut out = vec![session.step(&prompt, 0).await.expect("prompt step")];
+    for i in 0..2 {
+        let next = session
+            .step(&[out[i]], prompt.len() + i)
+            .await
+            .expect("decode step");
+        out.push(next);
+    }
+    // The first range's lowest id (its bytes went forward) and one replica of the last
+    // range (voted on by the client) die.
+    let lowest = |range: usize| {
+        session.replicas()[range]
+            .iter()
+            .map(|h| h.node)
+            .min()
+            .expect("replicas")
+    };
+    let dead = [lowest(0), lowest(1)];
+    for node in swarm.nodes.iter().filter(|n| dead.contains(&n.id())) {
+        node.shutdown().await;
+    }
+    while out.len() < n {
+        let i = out.len() - 1;
+        let next = session
+            .step(&[out[i]], prompt.len() + i)
+            .await
+            .expect("a decode step after the failures");
+        out.push(next);
+    }
+    assert_eq!(out, &expected[..n], "the text changed after the failures");
+    let findings = session.trust_findings().join("\n");
+    session.close().await;
+    for node in &swarm.nodes {
+        if dead.contains(&node.id()) {
+            // Silence is not evidence: a temporary ban, no slashing.
+            assert_eq!(state_of(&client, node), TrustState::Banned, "{findings}");
+            continue;
+        }
+        assert_ne!(state_of(&client, node), TrustState::Banned, "{findings}");
+        assert_eq!(node.stats().replays, 0, "a survivor replayed");
+    }
+    let row = client
+        .trust_table()
+        .into_iter()
+        .find(|r| r.node == dead[0].to_string())
+        .expect("the dead replica is in the table");
+    assert!(row.standing.reason.contains("timed out"), "{row:?}");
+    assert_eq!(row.standing.deviations, 0, "{row:?}");
     client.shutdown().await;
     swarm.shutdown().await;
 }
