@@ -65,15 +65,18 @@ fn agree(
 
 /// The vote rule over the outputs of the `expected` replicas (`{node id: values}`): a dict
 /// with `winner`, `agreeing`, `deviating` and `missing` when a strict majority of `expected`
-/// agrees, `None` otherwise.
+/// agrees, `None` otherwise. With `referee` (`(node id, values)`: a trusted node outside the
+/// vote that replayed the same input), its output is the reference and there is always an
+/// outcome: the replicas that agree with it agree, every other answer deviates.
 #[pyfunction]
-#[pyo3(signature = (expected, outputs, width, comparison="tolerant"))]
+#[pyo3(signature = (expected, outputs, width, comparison="tolerant", referee=None))]
 fn tally<'py>(
     py: Python<'py>,
     expected: Vec<String>,
     outputs: BTreeMap<String, PyReadonlyArray1<'py, f32>>,
     width: usize,
     comparison: &str,
+    referee: Option<(String, PyReadonlyArray1<'py, f32>)>,
 ) -> PyResult<Option<Bound<'py, PyDict>>> {
     let rule = self::comparison(comparison)?;
     let expected: Vec<NodeId> = expected
@@ -87,7 +90,18 @@ fn tally<'py>(
             output: output(values, width)?,
         });
     }
-    match consensus::tally(&expected, &ballots, &rule) {
+    let referee = match referee {
+        Some((node, values)) => Some(Ballot {
+            node: node_id(&node)?,
+            output: output(values, width)?,
+        }),
+        None => None,
+    };
+    let outcome = match &referee {
+        Some(r) => consensus::refereed_tally(&expected, &ballots, r, &rule),
+        None => consensus::tally(&expected, &ballots, &rule),
+    };
+    match outcome {
         VoteOutcome::Accepted(a) => {
             let d = PyDict::new(py);
             let ids = |v: &[NodeId]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();

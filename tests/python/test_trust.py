@@ -55,6 +55,28 @@ def test_tally_outvotes_one_liar_and_needs_a_majority() -> None:
         neuroshard.tally(["not-an-id"], {}, 64)
 
 
+def test_a_trusted_referee_overrules_colluders_and_settles_a_split() -> None:
+    a = honest_outputs()
+    lie = a * 1.02
+    low, mid, high = sorted(IDS)
+    referee = neuroshard.ReceiptChain(bytes([9] * 32)).node
+    # Two colluders (the lowest ids) win the plain vote; the referee's replay overrules them.
+    colluding = {low: lie, mid: lie.copy(), high: a}
+    plain = neuroshard.tally(IDS, colluding, 64)
+    assert plain is not None and plain["winner"] == low
+    judged = neuroshard.tally(IDS, colluding, 64, referee=(referee, a.copy()))
+    assert judged is not None
+    assert judged["winner"] == high
+    assert sorted(judged["deviating"]) == [low, mid]
+    # Three different answers: no majority, which the referee decides.
+    split = {low: a * 1.5, mid: a, high: a * 0.5}
+    assert neuroshard.tally(IDS, split, 64) is None
+    settled = neuroshard.tally(IDS, split, 64, referee=(referee, a.copy()))
+    assert settled is not None and settled["agreeing"] == [mid]
+    with pytest.raises(ValueError):
+        neuroshard.tally(IDS, split, 64, referee=("not-an-id", a))
+
+
 def test_reputation_promotes_bans_and_persists(tmp_path: Path) -> None:
     table = neuroshard.Reputation()
     node, liar, pinned = IDS
