@@ -483,6 +483,33 @@ impl Client {
         }
     }
 
+    /// Asks `node` for the manifest it checks its weights against (per-tensor hashes). The
+    /// reply is only well-formed here; whether it is the pinned model's is for
+    /// `WeightFile::use_peer_manifest` to decide.
+    pub async fn fetch_manifest(
+        &self,
+        node: &EndpointAddr,
+    ) -> Result<crate::model::identity::ModelManifest, NetError> {
+        match self
+            .request_addr(node, &Message::GetManifest, MAX_MODEL_INFO)
+            .await?
+        {
+            Message::Manifest(manifest) => {
+                manifest
+                    .check()
+                    .map_err(|e| NetError::Malformed(e.to_string()))?;
+                Ok(manifest)
+            }
+            Message::Error {
+                reason, message, ..
+            } => Err(blamed_by(node.id, node.id, reason, message)),
+            other => Err(NetError::Malformed(format!(
+                "expected a manifest, got {}",
+                other.kind()
+            ))),
+        }
+    }
+
     /// Closes the endpoint.
     pub async fn shutdown(&self) {
         self.inner.endpoint.close().await;

@@ -87,7 +87,9 @@ pub use model::tokenizer::{ChatMessage, Tokenizer, TokenizerInfo};
 pub use model::weights::{ModelFormat, WeightFile};
 pub use net::peers::{PeerInfo, PeerSet};
 pub use net::{ModelInfo, NetError, NodeId, NodeStats, RouteHop};
-pub use node::{model_id, LeaveHandle, LeaveReport, Node, NodeBuilder, NodeOptions};
+pub use node::{
+    adopt_peer_manifest, model_id, LeaveHandle, LeaveReport, Node, NodeBuilder, NodeOptions,
+};
 pub use protocol::client_session::SessionStats;
 #[cfg(feature = "server")]
 pub use server::{ApiServer, ServeOptions};

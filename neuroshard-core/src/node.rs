@@ -11,6 +11,7 @@
 
 mod batcher;
 mod handover;
+mod manifest;
 #[cfg(feature = "internals")]
 pub(crate) mod misbehaviour;
 mod relay;
@@ -18,6 +19,7 @@ mod replicated;
 mod sent;
 
 pub use handover::{LeaveHandle, LeaveReport};
+pub use manifest::adopt_peer_manifest;
 
 use crate::engine::ShardEngine;
 use crate::net::admission::{
@@ -1085,6 +1087,11 @@ impl Inner {
                 }
             }
             Message::GetStats => Message::Stats(self.stats()),
+            Message::GetManifest => match self.engine.weight_file().known_manifest() {
+                Ok(Some(manifest)) => Message::Manifest((*manifest).clone()),
+                Ok(None) => self.error_msg(0, Reason::Compute, "no manifest in use".into()),
+                Err(e) => self.error_msg(0, Reason::Compute, e.to_string()),
+            },
             Message::Evidence(evidence) => match self.take_evidence(&evidence) {
                 Ok(new) => {
                     if new {

@@ -171,7 +171,9 @@ mod control {
     use super::*;
     use neuroshard_core::internals::{read_message, Message, SessionOpen, SignedOpen};
     use neuroshard_core::net::{Announcement, ModelInfo, Reason, RouteHop, SignedAnnouncement};
-    use neuroshard_core::{ModelCommitment, SamplingParams, TokenizerInfo};
+    use neuroshard_core::{
+        ModelCommitment, ModelManifest, SamplingParams, TensorDigest, TokenizerInfo,
+    };
 
     /// Serde preallocates at most 1 MiB for a sequence whatever length it claims; beyond
     /// that, memory follows the bytes that really arrived.
@@ -279,6 +281,15 @@ mod control {
                 position: 3,
                 token: 8,
             },
+            Message::GetManifest,
+            Message::Manifest(ModelManifest {
+                version: neuroshard_core::MODEL_ID_VERSION,
+                header: "cd".repeat(32),
+                tensors: vec![
+                    TensorDigest::of("blk.0.attn_k.weight", &[4, 5]),
+                    TensorDigest::of("blk.0.attn_q.weight", &[1, 2, 3]),
+                ],
+            }),
         ]
         .iter()
         .map(framed)
@@ -296,6 +307,9 @@ mod control {
             }
             Ok(Message::ModelInfo(info)) => {
                 let _ = info.check();
+            }
+            Ok(Message::Manifest(manifest)) => {
+                let _ = manifest.check();
             }
             Ok(Message::Peers(page)) => {
                 for signed in &page {

@@ -454,33 +454,71 @@ impl WeightFile {
         if let Some(m) = self.manifest.get() {
             return Ok(m.clone());
         }
-        let memo = lock_memo()?.get(&self.cache_key).cloned();
-        let manifest = match memo {
+        let manifest = match self.known_manifest()? {
             Some(m) => m,
             None => {
-                let cached = self.manifest_cache_path().and_then(|path| {
-                    let m = ModelManifest::read(&path).ok()?;
-                    (m.header == identity::hex(&self.model_hash)).then_some(m)
-                });
-                let m = match cached {
-                    Some(m) => m,
-                    None => {
-                        let m = self.compute_manifest()?;
-                        if let Some(path) = self.manifest_cache_path() {
-                            // A cache that cannot be written costs a rehash next time, nothing more.
-                            if let Err(e) = m.write(&path) {
-                                tracing::debug!(path = %path.display(), error = %e, "manifest not cached");
-                            }
-                        }
-                        m
+                let m = self.compute_manifest()?;
+                if let Some(path) = self.manifest_cache_path() {
+                    // A cache that cannot be written costs a rehash next time, nothing more.
+                    if let Err(e) = m.write(&path) {
+                        tracing::debug!(path = %path.display(), error = %e, "manifest not cached");
                     }
-                };
+                }
                 let m = Arc::new(m);
                 lock_memo()?.insert(self.cache_key, m.clone());
                 m
             }
         };
         Ok(self.manifest.get_or_init(|| manifest).clone())
+    }
+
+    /// The manifest this file would use without hashing anything: the one in use, one this
+    /// process computed for the same file, or one cached on disk for it. `None` when
+    /// [`WeightFile::manifest`] would have to read the whole file.
+    pub fn known_manifest(&self) -> Result<Option<Arc<ModelManifest>>> {
+        if let Some(m) = self.manifest.get() {
+            return Ok(Some(m.clone()));
+        }
+        if let Some(m) = lock_memo()?.get(&self.cache_key).cloned() {
+            return Ok(Some(m));
+        }
+        let cached = self.manifest_cache_path().and_then(|path| {
+            let m = ModelManifest::read(&path).ok()?;
+            (m.header == identity::hex(&self.model_hash)).then_some(m)
+        });
+        Ok(match cached {
+            Some(m) => {
+                let m = Arc::new(m);
+                lock_memo()?.insert(self.cache_key, m.clone());
+                Some(m)
+            }
+            None => None,
+        })
+    }
+
+    /// Adopts a manifest that a peer sent (`Client::fetch_manifest`), once it proves to be
+    /// the pinned model's: with this file's tokenizer and template its commitment must hash
+    /// to `expected_id`. Then, as with [`WeightFile::use_manifest`], it must have been made
+    /// for this file's header, and every tensor loaded afterwards is checked against it, so
+    /// a node never hashes tensors outside its slice.
+    ///
+    /// Errors: [`Error::InvalidConfig`] when `expected_id` is malformed or the manifest is
+    /// not the pinned model's (the peer lies or serves another model: ask another), and
+    /// [`Error::WrongWeights`] when it is, but this file's header differs (this file is not
+    /// the pinned model).
+    pub fn use_peer_manifest(&self, manifest: ModelManifest, expected_id: &str) -> Result<()> {
+        identity::check_model_id(expected_id)?;
+        manifest.check()?;
+        let id = manifest
+            .commitment()?
+            .model_id(self.served_tokenizer().ok());
+        if id != expected_id {
+            return Err(Error::InvalidConfig(format!(
+                "the peer's manifest hashes to model id {id} with this file's tokenizer and \
+                 template, not to the pinned {expected_id}"
+            )));
+        }
+        self.use_manifest(manifest)
     }
 
     /// Hashes every tensor of the file (reads all of it): the manifest of this file.

@@ -441,6 +441,12 @@ pub enum Message {
     /// vote reports). The node verifies it, applies it, and gossips fraud and upstream
     /// proofs to the swarm; replied `Ok`, or `Error` (`malformed`) when it proves nothing.
     Evidence(crate::consensus::Evidence),
+    /// Request (bi stream): the manifest (per-tensor hashes) this node checked its weights
+    /// against, replied with `Manifest`. A node that must not hash a whole model file fetches
+    /// it from a peer and checks it against the id it pinned (`WeightFile::use_peer_manifest`).
+    GetManifest,
+    /// Reply: a model manifest. Nothing in it is believed until it hashes to a pinned id.
+    Manifest(crate::model::identity::ModelManifest),
 }
 
 impl Message {
@@ -470,6 +476,8 @@ impl Message {
             Message::Ballot { .. } => "ballot",
             Message::VoteReport { .. } => "vote-report",
             Message::Evidence(_) => "evidence",
+            Message::GetManifest => "get-manifest",
+            Message::Manifest(_) => "manifest",
         }
     }
 }

@@ -1,9 +1,14 @@
 //! The model id commits to every weight byte: a file whose weights differ gets another id,
-//! fails its manifest, and fails a pinned id, each with a typed error.
+//! fails its manifest, and fails a pinned id, each with a typed error. A node that pinned an
+//! id takes the manifest from a peer only when it hashes to that id.
 
-use crate::common::fixtures;
-use neuroshard_core::{EngineOptions, ErrorKind, ShardEngine, WeightFile};
+use crate::common::{fixtures, new_client};
+use neuroshard_core::net::endpoint::EndpointOptions;
+use neuroshard_core::{
+    adopt_peer_manifest, EngineOptions, ErrorKind, Node, ShardEngine, WeightFile,
+};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A copy of tiny-llama in a fresh directory, with one byte of one layer-1 weight changed
 /// when `tamper` (the header, and so the tensor table, stays the same).
@@ -118,6 +123,110 @@ fn tampered_weights_change_the_id_and_fail_the_manifest_and_the_pin() {
     )
     .unwrap_err();
     assert_eq!(bad.kind(), ErrorKind::InvalidConfig);
+    for dir in [genuine, tampered] {
+        std::fs::remove_dir_all(dir).expect("identity test");
+    }
+}
+
+/// A node serving the whole model in `dir` on 127.0.0.1.
+async fn serve(dir: &Path) -> Node {
+    let layers = WeightFile::open(dir)
+        .expect("identity test")
+        .config()
+        .num_layers;
+    let engine =
+        ShardEngine::load(dir, 0..layers, EngineOptions::default()).expect("identity test");
+    Node::spawn(
+        Arc::new(engine),
+        iroh::SecretKey::generate(),
+        EndpointOptions::default(),
+    )
+    .await
+    .expect("identity test")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_node_takes_the_manifest_from_a_peer_and_a_lying_peer_is_skipped() {
+    let genuine = copy_tiny_llama("peer-genuine", false);
+    let tampered = copy_tiny_llama("peer-tampered", true);
+    let genuine_id = id_of(&genuine);
+    let layers = WeightFile::open(&genuine)
+        .expect("identity test")
+        .config()
+        .num_layers;
+    let honest = serve(&genuine).await;
+    // Serves its own manifest, which is another model's: it must never be adopted.
+    let liar = serve(&tampered).await;
+    let client = new_client().await;
+
+    // A fresh open of the genuine file asks the liar first, skips it, and takes the honest
+    // node's manifest; the slice then loads with every tensor checked against it.
+    let file = Arc::new(WeightFile::open(&genuine).expect("identity test"));
+    let from = adopt_peer_manifest(&client, &[liar.addr(), honest.addr()], &file, &genuine_id)
+        .await
+        .expect("the honest peer's manifest");
+    assert_eq!(from, honest.id());
+    assert_eq!(
+        *file.manifest().expect("identity test"),
+        *honest
+            .engine()
+            .weight_file()
+            .manifest()
+            .expect("identity test")
+    );
+    let engine = ShardEngine::from_file(
+        file,
+        0..1,
+        EngineOptions {
+            expected_model_id: Some(genuine_id.clone()),
+            ..EngineOptions::default()
+        },
+        &mut |_, _| {},
+    )
+    .expect("identity test");
+    assert_eq!(engine.model_id(), genuine_id);
+    assert!(engine.stats().tensors_loaded > 0);
+    assert_eq!(
+        engine.weight_file().tensors_verified(),
+        engine.stats().tensors_loaded
+    );
+
+    // The liar alone: nothing adopted, a config error that says what it sent.
+    let file = WeightFile::open(&genuine).expect("identity test");
+    let err = adopt_peer_manifest(&client, &[liar.addr()], &file, &genuine_id)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("not to the pinned"), "{err}");
+    // A malformed pin is refused before anyone is asked.
+    let err = adopt_peer_manifest(&client, &[honest.addr()], &file, "not-an-id")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+
+    // The tampered file (same header) adopts the genuine manifest, and its changed tensor
+    // then fails the load; a slice without that tensor loads, every tensor checked.
+    for (slice, ok) in [(0..layers, false), (0..1, true)] {
+        let file = Arc::new(WeightFile::open(&tampered).expect("identity test"));
+        adopt_peer_manifest(&client, &[honest.addr()], &file, &genuine_id)
+            .await
+            .expect("the genuine manifest fits the tampered file's header");
+        let loaded = ShardEngine::from_file(file, slice, EngineOptions::default(), &mut |_, _| {});
+        match loaded {
+            Ok(engine) => {
+                assert!(ok);
+                assert_eq!(engine.model_id(), genuine_id);
+            }
+            Err(e) => {
+                assert!(!ok, "{e}");
+                assert_eq!(e.kind(), ErrorKind::WrongWeights, "{e}");
+            }
+        }
+    }
+
+    client.shutdown().await;
+    honest.shutdown().await;
+    liar.shutdown().await;
     for dir in [genuine, tampered] {
         std::fs::remove_dir_all(dir).expect("identity test");
     }

@@ -38,6 +38,9 @@ struct Swarm {
     started: usize,
     runtime: tokio::runtime::Runtime,
     client: Client,
+    /// Nodes started from now on pin this model id and have an empty manifest cache, so
+    /// each must fetch the manifest from the node it joins through.
+    pin: Option<String>,
 }
 
 impl Drop for Swarm {
@@ -79,6 +82,7 @@ impl Swarm {
             started: 0,
             runtime,
             client,
+            pin: None,
         }
     }
 
@@ -108,6 +112,12 @@ impl Swarm {
                 );
             if let Some(e) = &entry {
                 cmd.args(["--peers", e]);
+            }
+            if let Some(id) = &self.pin {
+                cmd.args(["--model-id", id]).env(
+                    "NEUROSHARD_CACHE_DIR",
+                    self.dir.join(format!("cache{}", self.started)),
+                );
             }
             let log = self.dir.join(format!("node{}.log", self.started));
             children.push((cmd.spawn().expect("spawn node"), (start, end), log));
@@ -499,8 +509,22 @@ fn a_long_prompt_through_three_node_processes_equals_one_process() {
     let mut swarm = Swarm::new();
     // The first node, then two that join through it.
     swarm.start(&[(0, 10)]);
+    // The joiners pin the model id and have no manifest at hand: each takes the manifest
+    // from the first node, checks it against the id, and hashes only its own slice.
+    let model_id = neuroshard_core::WeightFile::open(smollm2())
+        .and_then(|f| f.identity())
+        .expect("model id")
+        .id;
+    swarm.pin = Some(model_id.clone());
     swarm.start(&[(10, 20), (20, 30)]);
     swarm.wait_converged();
+    for p in &swarm.procs[1..] {
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        assert!(
+            log.contains(&format!("manifest of model {model_id} from peer")),
+            "{log}"
+        );
+    }
     let peers: Vec<String> = swarm.procs.iter().map(|p| p.addr.clone()).collect();
     // Lossless frames between hops, so the text must equal the single process's exactly.
     let mut args = vec!["--codec", "f32", "--peers"];

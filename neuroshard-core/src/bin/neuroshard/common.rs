@@ -77,7 +77,9 @@ pub(crate) struct EngineArgs {
     #[arg(long)]
     pub(crate) model_id: Option<String>,
     /// Check the slice's tensors against this manifest (`neuroshard model-id MODEL
-    /// --manifest-out FILE`) instead of hashing the whole model file once.
+    /// --manifest-out FILE`) instead of hashing the whole model file once. Without it, a
+    /// `node` with `--model-id` and `--peers` and no cached manifest takes one from a peer,
+    /// once it hashes to that id.
     #[arg(long)]
     pub(crate) manifest: Option<PathBuf>,
 }

@@ -3,7 +3,10 @@
 use crate::common::{data_dir, tokio_runtime, EngineArgs};
 use neuroshard_core::net::endpoint::{load_or_create_key, EndpointOptions};
 use neuroshard_core::net::limits::PeerLimits;
-use neuroshard_core::{resolve_peers, ComputeMode, Error, Node, NodeOptions, ShardEngine};
+use neuroshard_core::{
+    adopt_peer_manifest, resolve_peers, Client, ComputeMode, Error, Node, NodeOptions, ShardEngine,
+    WeightFile,
+};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -121,13 +124,38 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
         ))
     });
     let key = load_or_create_key(&key_path)?;
+    let runtime = tokio_runtime()?;
     let t0 = Instant::now();
+    let file = Arc::new(WeightFile::open(&args.model)?);
+    // A pinned id and peers to ask: a node with no manifest at hand gets it from a peer and
+    // checks it against the id, instead of hashing the whole file.
+    if let (Some(expected), None, false) = (
+        &args.engine.model_id,
+        &args.engine.manifest,
+        args.peers.is_empty(),
+    ) {
+        if file.known_manifest()?.is_none() {
+            let from = runtime.block_on(async {
+                let peers = resolve_peers(&args.peers).await?;
+                let client = Client::bind_default().await?;
+                let from = adopt_peer_manifest(&client, &peers, &file, expected).await;
+                client.shutdown().await;
+                from
+            })?;
+            eprintln!(
+                "manifest of model {expected} from peer {} ({} tensors): only this slice's \
+                 tensors are read and hashed",
+                from.fmt_short(),
+                file.manifest()?.tensors.len()
+            );
+        }
+    }
     #[allow(unused_mut)]
-    let mut engine = ShardEngine::load_with_progress(
-        &args.model,
+    let mut engine = ShardEngine::from_file(
+        file,
         args.start..args.end,
         args.engine.options(args.mode),
-        |done, total| {
+        &mut |done, total| {
             eprint!("\rloading layers: {done}/{total}   ");
             if done == total {
                 eprintln!();
@@ -150,7 +178,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
         let name = engine.perturb_weight(0.01, 0x5eed)?;
         eprintln!("wrong-weights: 1%-RMS noise on {name}");
     }
-    tokio_runtime()?.block_on(async move {
+    runtime.block_on(async move {
         let bootstrap = if args.peers.is_empty() {
             Vec::new()
         } else {
