@@ -173,6 +173,7 @@ impl Client {
             return_logits,
             adapter: None,
             replicas: Vec::new(),
+            referees: Vec::new(),
         }
     }
 
@@ -199,6 +200,7 @@ impl Client {
             machine,
             attempt: 0,
             trust: replicated::SessionTrust::default(),
+            audit_plan: None,
         };
         let members: Vec<RouteHop> = session.open.members().into_iter().cloned().collect();
         for hop in members {
@@ -546,6 +548,9 @@ pub struct RemoteSession {
     attempt: u64,
     /// Replicated sessions: missing-replica reports and what the votes found.
     trust: replicated::SessionTrust,
+    /// An unaudited replicated session: how to re-open it audited when a vote finds no
+    /// majority (taken by the first such replay).
+    audit_plan: Option<Box<replicated::AuditPlan>>,
 }
 
 impl std::fmt::Debug for RemoteSession {
@@ -579,8 +584,23 @@ impl RemoteSession {
     }
 
     /// One step of any length: inputs longer than `max_step_positions` go as several steps
-    /// (the tokens sampled at the ends of the earlier ones are not used).
+    /// (the tokens sampled at the ends of the earlier ones are not used). A replicated step
+    /// whose vote found no majority is replayed once from position 0 on an audited session
+    /// (`replicated.rs`, `replay_audited`).
     async fn step_any(&mut self, tokens: &[u32], start_pos: usize) -> Result<StepResult, NetError> {
+        match self.step_chunks(tokens, start_pos).await {
+            Err(e) if self.audit_plan.is_some() && replicated::no_majority(&e) => {
+                self.replay_audited(tokens, start_pos, e).await
+            }
+            other => other,
+        }
+    }
+
+    async fn step_chunks(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+    ) -> Result<StepResult, NetError> {
         let cap = self.max_step_positions.max(1);
         let (mut start, mut rest) = (start_pos, tokens);
         while rest.len() > cap {

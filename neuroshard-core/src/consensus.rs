@@ -491,6 +491,28 @@ impl Consensus {
         self.decide(expected, ballots, Some(referee), true, now_ms)
     }
 
+    /// The vote a receiver runs on one step of a range that may be audited: the ballots of
+    /// the `expected` voters, and, when the range has a `referee` (one of its replicas outside
+    /// the vote) whose ballot is among `ballots`, [`Consensus::refereed_vote`] with it (a
+    /// referee this table trusts overrules a colluding majority and settles a split vote; an
+    /// untrusted one is ignored). Without the referee's ballot, [`Consensus::vote`].
+    pub fn judge(
+        &mut self,
+        expected: &[NodeId],
+        referee: Option<NodeId>,
+        ballots: Vec<SignedBallot>,
+        now_ms: u64,
+    ) -> Verdict {
+        let (refereed, voters): (Vec<SignedBallot>, Vec<SignedBallot>) = ballots
+            .into_iter()
+            .partition(|b| referee.is_some() && Some(b.from) == referee);
+        let referee_ballot = refereed.into_iter().next();
+        match referee_ballot {
+            Some(r) => self.refereed_vote(expected, voters, r, now_ms),
+            None => self.vote(expected, voters, now_ms),
+        }
+    }
+
     fn decide(
         &mut self,
         expected: &[NodeId],

@@ -1215,6 +1215,7 @@ impl Inner {
             Some(check_replicas(
                 &open.route,
                 &open.replicas,
+                &open.referees,
                 num_layers,
                 open.codec,
                 me,

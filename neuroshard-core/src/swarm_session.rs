@@ -445,10 +445,15 @@ impl SwarmSession {
             for node in &options.trust {
                 self.inner.client.trust(*node);
             }
-            let mut session = self
-                .inner
-                .client
-                .open_replicated(
+            // Audits, drawn at the spot-check rate: a trusted node outside the vote
+            // referees each range where one exists (docs/trust.md, "Referees").
+            let client = &self.inner.client;
+            let audit = client.audit_due();
+            if audit {
+                tracing::info!("audit: ranges with a trusted node outside the vote get a referee");
+            }
+            let mut session = client
+                .open_replicated_with(
                     &peers,
                     self.layers(),
                     self.model_id(),
@@ -457,6 +462,7 @@ impl SwarmSession {
                     prompt.to_vec(),
                     redundancy,
                     return_logits,
+                    audit,
                 )
                 .await?;
             session.step_timeout = options.step_timeout;

@@ -207,6 +207,7 @@ mod control {
             return_logits: false,
             adapter: None,
             replicas: Vec::new(),
+            referees: Vec::new(),
         };
         let announcement = Announcement {
             protocol_version: neuroshard_core::net::PROTOCOL_VERSION,

@@ -43,6 +43,26 @@ pub(super) struct SessionTrust {
     unreachable: Vec<NodeId>,
 }
 
+/// What an unaudited replicated session needs to re-open itself audited: the swarm view it
+/// was planned on, the layer count and the redundancy.
+#[derive(Debug)]
+pub(super) struct AuditPlan {
+    peers: PeerSet,
+    layers: usize,
+    k: usize,
+}
+
+/// Whether `e` is a replicated step that ended without a majority.
+pub(super) fn no_majority(e: &NetError) -> bool {
+    matches!(
+        e,
+        NetError::HopFailed {
+            reason: Some(Reason::NoMajority),
+            ..
+        }
+    )
+}
+
 /// Findings kept per session (the oldest go first).
 const MAX_FINDINGS: usize = 64;
 
@@ -169,6 +189,74 @@ impl Client {
         k: usize,
         return_logits: bool,
     ) -> Result<RemoteSession, NetError> {
+        self.open_replicated_with(
+            peers,
+            layers,
+            model_id,
+            codec,
+            sampling,
+            prompt,
+            k,
+            return_logits,
+            false,
+        )
+        .await
+    }
+
+    /// Whether a replicated session opened now is audited: the spot-check draw, made at open
+    /// so that the referee computes the whole session beside the voters.
+    pub fn audit_due(&self) -> bool {
+        lock(&self.inner.trust)
+            .reputation()
+            .spot_check(super::random_u64())
+    }
+
+    /// [`Client::open_replicated`] for an audited session: each range whose holders include
+    /// a node this client trusts gets it as a referee, chosen before the voters (who then
+    /// come from the other holders): it computes every step beside them, outside their vote,
+    /// and every receiver that trusts it judges by its ballot (`Consensus::judge`), so two
+    /// colluding replicas of three are overruled at their first vote. Ranges without such a
+    /// node run unaudited.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_audited(
+        &self,
+        peers: &PeerSet,
+        layers: usize,
+        model_id: &str,
+        codec: Codec,
+        sampling: SamplingParams,
+        prompt: Vec<u32>,
+        k: usize,
+        return_logits: bool,
+    ) -> Result<RemoteSession, NetError> {
+        self.open_replicated_with(
+            peers,
+            layers,
+            model_id,
+            codec,
+            sampling,
+            prompt,
+            k,
+            return_logits,
+            true,
+        )
+        .await
+    }
+
+    /// [`Client::open_replicated`] (`audit` false) or [`Client::open_audited`] (true).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn open_replicated_with(
+        &self,
+        peers: &PeerSet,
+        layers: usize,
+        model_id: &str,
+        codec: Codec,
+        sampling: SamplingParams,
+        prompt: Vec<u32>,
+        k: usize,
+        return_logits: bool,
+        audit: bool,
+    ) -> Result<RemoteSession, NetError> {
         if !(matches!(codec, Codec::F16 | Codec::F32)) {
             return Err(NetError::Malformed(format!(
                 "replicated sessions vote over f16 or f32 frames, not {codec:?}"
@@ -187,13 +275,23 @@ impl Client {
         let plan = peers.plan_replicated(layers, k, now, &opts)?;
         let mut route = Vec::with_capacity(plan.len());
         let mut replicas = Vec::with_capacity(plan.len());
+        let mut referees = Vec::with_capacity(plan.len());
         for crate::net::route::ReplicatedRange {
             layers: range,
             hops,
         } in plan
         {
-            let candidates: Vec<NodeId> = hops.iter().map(|h| h.node).collect();
-            let voters = lock(&self.inner.trust)
+            let mut candidates: Vec<NodeId> = hops.iter().map(|h| h.node).collect();
+            let table = lock(&self.inner.trust);
+            // The referee first (a trusted node), the voters from the other holders: a
+            // referee must be outside the vote, and audits are worth most where the voters
+            // are unproven.
+            let referee = audit
+                .then(|| table.reputation().choose_referee(&candidates, &[], now))
+                .flatten()
+                .filter(|_| candidates.len() > 1);
+            candidates.retain(|n| Some(*n) != referee);
+            let voters = table
                 .reputation()
                 .choose_voters(&candidates, k, now)
                 .map_err(|e| NetError::NoRoute {
@@ -201,22 +299,34 @@ impl Client {
                     to: range.end,
                     reason: e.to_string(),
                 })?;
-            let chosen: Vec<RouteHop> = voters
-                .nodes
-                .iter()
-                .filter_map(|n| hops.iter().find(|h| h.node == *n))
-                .map(|h| RouteHop {
+            drop(table);
+            let hop_of = |n: &NodeId| {
+                hops.iter().find(|h| h.node == *n).map(|h| RouteHop {
                     node: h.node,
                     layers: h.layers.start as u32..h.layers.end as u32,
                     addrs: h.addrs.clone(),
                 })
-                .collect();
+            };
+            let mut chosen: Vec<RouteHop> = voters.nodes.iter().filter_map(hop_of).collect();
             route.push(chosen[0].clone());
+            chosen.extend(referee.as_ref().and_then(hop_of));
             replicas.push(chosen);
+            referees.push(referee);
         }
         let mut open = self.new_open(route, model_id, codec, sampling, prompt, return_logits);
         open.replicas = replicas;
-        self.open_signed(open, &self.inner.key).await
+        if referees.iter().any(Option::is_some) {
+            open.referees = referees;
+        }
+        let mut session = self.open_signed(open, &self.inner.key).await?;
+        if !audit {
+            session.audit_plan = Some(Box::new(AuditPlan {
+                peers: peers.clone(),
+                layers,
+                k,
+            }));
+        }
+        Ok(session)
     }
 }
 
@@ -226,9 +336,88 @@ impl RemoteSession {
         &self.open.replicas
     }
 
+    /// The referee of each range of an audited session (empty when none was chosen).
+    pub fn referees(&self) -> &[Option<NodeId>] {
+        &self.open.referees
+    }
+
     /// What the votes of this session found so far (deviations, missing replicas, proofs).
     pub fn trust_findings(&self) -> &[String] {
         &self.trust.findings
+    }
+
+    /// A vote without a majority (`failure`) in an unaudited session: the session is opened
+    /// again audited (a trusted node outside the vote referees each range where one exists)
+    /// and positions `0..start_pos + tokens.len()` are replayed on it, so the referee computes
+    /// the whole prefix and decides the step, and the replicas it overrules are slashed on
+    /// its signed evidence. The old session is closed. Without a referee anywhere, `failure`
+    /// stands. Runs once per session.
+    pub(super) async fn replay_audited(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+        failure: NetError,
+    ) -> Result<StepResult, NetError> {
+        let Some(plan) = self.audit_plan.take() else {
+            return Err(failure);
+        };
+        let mut context = self.fed[..start_pos.min(self.fed.len())].to_vec();
+        context.extend_from_slice(tokens);
+        let codec =
+            Codec::from_u8(self.open.codec).map_err(|e| NetError::Malformed(e.to_string()))?;
+        let audited = self
+            .client
+            .open_audited(
+                &plan.peers,
+                plan.layers,
+                &self.open.model_id,
+                codec,
+                self.open.sampling,
+                self.open.prompt.clone(),
+                plan.k,
+                self.open.return_logits,
+            )
+            .await;
+        let mut audited = match audited {
+            Ok(s) if !s.open.referees.is_empty() => s,
+            Ok(mut s) => {
+                s.close().await;
+                self.trust.note(format!(
+                    "no majority at position {start_pos}, and no trusted node outside the vote \
+                     to referee it"
+                ));
+                return Err(failure);
+            }
+            Err(e) => {
+                self.trust.note(format!(
+                    "no majority at position {start_pos}; audit not opened: {e}"
+                ));
+                return Err(failure);
+            }
+        };
+        audited.step_timeout = self.step_timeout;
+        audited.step_timeout_per_position = self.step_timeout_per_position;
+        audited.max_step_positions = self.max_step_positions;
+        let referees: Vec<String> = audited
+            .open
+            .referees
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.map(|r| format!("range {i}: {}", r.fmt_short())))
+            .collect();
+        let mut old = std::mem::replace(self, audited);
+        old.close().await;
+        self.trust.votes += old.trust.votes;
+        let mut findings = std::mem::take(&mut old.trust.findings);
+        findings.append(&mut self.trust.findings);
+        self.trust.findings = findings;
+        self.trust.note(format!(
+            "no majority at position {start_pos}: positions 0..{} replayed on an audited \
+             session (referees {})",
+            context.len(),
+            referees.join(", ")
+        ));
+        self.step_chunks(&context, 0).await
     }
 
     /// A replicated step: the tokens go to every replica of the first range, the last
@@ -284,17 +473,27 @@ impl RemoteSession {
             });
         }
         let want = (start_pos + tokens.len()) as u32;
-        let expected: Vec<NodeId> = self
+        // The last range's replicas; an audited range's referee among them is outside the vote.
+        let last = self.open.replicas.len().saturating_sub(1);
+        let referee = self.open.referee(last);
+        let senders: Vec<NodeId> = self
             .open
             .replicas
             .last()
             .map(|r| r.iter().map(|h| h.node).collect())
             .unwrap_or_default();
-        let waiting_for: Vec<NodeId> = expected
+        let expected: Vec<NodeId> = senders
+            .iter()
+            .filter(|n| Some(**n) != referee)
+            .copied()
+            .collect();
+        let waiting_for: Vec<NodeId> = senders
             .iter()
             .filter(|n| self.client.may_route(n))
             .copied()
             .collect();
+        // Last-range replicas that reported a failure instead of a ballot.
+        let mut failed: Vec<NodeId> = Vec::new();
         let allowed = self.step_timeout + self.step_timeout_per_position * tokens.len() as u32;
         let started = tokio::time::Instant::now();
         let deadline = started + allowed;
@@ -309,8 +508,16 @@ impl RemoteSession {
             if waiting_for.iter().all(|n| answered.contains(n)) && !answered.is_empty() {
                 break;
             }
+            // Everyone still awaited failed the step (no majority upstream, say): nothing
+            // more will come, so the deadline is not worth waiting for.
+            if waiting_for
+                .iter()
+                .all(|n| answered.contains(n) || failed.contains(n))
+            {
+                break;
+            }
             if let (Some(t0), None) = (first_at, majority_after) {
-                if 2 * answered.len() > expected.len() {
+                if 2 * answered.len() > senders.len() {
                     majority_after = Some(t0.elapsed());
                 }
             }
@@ -334,7 +541,7 @@ impl RemoteSession {
                         },
                 } if attempt == self.attempt
                     && step_end == want
-                    && expected.contains(&from)
+                    && senders.contains(&from)
                     && ballots.iter().filter(|b| b.from == from).count() < 2 =>
                 {
                     first_at.get_or_insert_with(tokio::time::Instant::now);
@@ -356,11 +563,27 @@ impl RemoteSession {
                         "{} failed the step ({reason}): {message}",
                         from.fmt_short()
                     ));
+                    if senders.contains(&from) && !failed.contains(&from) {
+                        failed.push(from);
+                    }
                 }
                 _ => continue,
             }
         }
-        let verdict = lock(&self.client.inner.trust).vote(&expected, ballots, now_ms());
+        if ballots.is_empty() && !failed.is_empty() {
+            // The last range reported failures (a split vote upstream, say) and sent nothing:
+            // no vote to run, and nobody to blame for a missing ballot.
+            return Err(NetError::HopFailed {
+                node: None,
+                reason: Some(Reason::NoMajority),
+                reporter: None,
+                message: format!(
+                    "the last range's replicas failed the step at {want}: {}",
+                    self.trust.findings.last().cloned().unwrap_or_default()
+                ),
+            });
+        }
+        let verdict = lock(&self.client.inner.trust).judge(&expected, referee, ballots, now_ms());
         self.trust.votes += 1;
         self.trust.to_share.extend(
             verdict

@@ -82,6 +82,8 @@ pub(crate) struct ReplicaPlace {
     /// Where this node's outputs go: the next range's replicas (empty on the last range:
     /// the client).
     pub(crate) receivers: Vec<RouteHop>,
+    /// The previous range's referee, one of `feeders` outside their vote (audited sessions).
+    pub(crate) feeder_referee: Option<NodeId>,
 }
 
 /// Checks a replicated session's layout and returns this node's place in it.
@@ -90,10 +92,13 @@ pub(crate) struct ReplicaPlace {
 /// and [`crate::consensus::MAX_REDUNDANCY`] nodes, each running exactly `route[i].layers`,
 /// `route[i]` among them, no node twice in the session (ranges may have different counts:
 /// each receiver votes over the replicas of the range before it).
-/// Votes run over f16 or f32 frames only, so the codec must be one of them.
+/// Votes run over f16 or f32 frames only, so the codec must be one of them. `referees` is
+/// empty or names, per range, at most one of its replicas as the range's referee: not the
+/// route hop, and besides it 1..=`MAX_REDUNDANCY` voters.
 pub(crate) fn check_replicas(
     route: &[RouteHop],
     replicas: &[Vec<RouteHop>],
+    referees: &[Option<NodeId>],
     num_layers: u32,
     codec: u8,
     me: NodeId,
@@ -107,17 +112,32 @@ pub(crate) fn check_replicas(
             route.len()
         )));
     }
+    if !referees.is_empty() && referees.len() != route.len() {
+        return Err(bad(format!(
+            "{} referee entries for a route of {} ranges",
+            referees.len(),
+            route.len()
+        )));
+    }
     let max = crate::consensus::MAX_REDUNDANCY;
     let mut nodes = HashSet::new();
     for (i, (hop, set)) in route.iter().zip(replicas).enumerate() {
-        if set.is_empty() || set.len() > max {
+        let referee = referees.get(i).copied().flatten();
+        let voters = set.len().saturating_sub(usize::from(referee.is_some()));
+        if set.is_empty() || voters == 0 || voters > max {
             return Err(bad(format!(
-                "range {i} has {} replicas (accepted: 1..={max})",
-                set.len()
+                "range {i} has {voters} voting replicas (accepted: 1..={max})"
             )));
         }
         if !set.iter().any(|r| r.node == hop.node) {
             return Err(bad(format!("range {i}'s replicas leave out its route hop")));
+        }
+        if let Some(r) = referee {
+            if r == hop.node || !set.iter().any(|x| x.node == r) {
+                return Err(bad(format!(
+                    "range {i}'s referee must be one of its replicas, not its route hop"
+                )));
+            }
         }
         for r in set {
             if r.layers != hop.layers {
@@ -152,6 +172,9 @@ pub(crate) fn check_replicas(
             s => replicas[s - 1].iter().map(|r| r.node).collect(),
         },
         receivers: replicas.get(stage + 1).cloned().unwrap_or_default(),
+        feeder_referee: stage
+            .checked_sub(1)
+            .and_then(|s| referees.get(s).copied().flatten()),
     })
 }
 
@@ -288,15 +311,15 @@ mod tests {
             vec![hop(4, 10..30), hop(5, 10..30), hop(6, 10..30)],
         ];
         let f16 = crate::wire::Codec::F16 as u8;
-        let place = check_replicas(&route, &replicas, 30, f16, node(5)).unwrap();
+        let place = check_replicas(&route, &replicas, &[], 30, f16, node(5)).unwrap();
         assert_eq!(place.stage, 1);
         assert_eq!(place.feeders, vec![node(1), node(2), node(3)]);
         assert!(place.receivers.is_empty());
-        let first = check_replicas(&route, &replicas, 30, f16, node(2)).unwrap();
+        let first = check_replicas(&route, &replicas, &[], 30, f16, node(2)).unwrap();
         assert_eq!((first.stage, first.feeders.len()), (0, 0));
         assert_eq!(first.receivers.len(), 3);
         let refused = |replicas: &[Vec<RouteHop>], codec: u8, me: u8| {
-            check_replicas(&route, replicas, 30, codec, node(me))
+            check_replicas(&route, replicas, &[], 30, codec, node(me))
                 .unwrap_err()
                 .1
         };
@@ -306,7 +329,7 @@ mod tests {
         let mut uneven = replicas.clone();
         uneven[1].pop();
         assert_eq!(
-            check_replicas(&route, &uneven, 30, f16, node(1)).map(|p| p.receivers.len()),
+            check_replicas(&route, &uneven, &[], 30, f16, node(1)).map(|p| p.receivers.len()),
             Ok(2)
         );
         let mut empty = replicas.clone();
@@ -325,6 +348,51 @@ mod tests {
         let mut without_hop = replicas.clone();
         without_hop[0][0] = hop(7, 0..10);
         assert!(refused(&without_hop, f16, 1).contains("leave out"));
+    }
+
+    #[test]
+    fn a_referee_is_a_replica_outside_the_vote_and_its_receivers_know_it() {
+        let route = [hop(1, 0..10), hop(4, 10..30)];
+        let replicas = vec![
+            vec![hop(1, 0..10), hop(2, 0..10), hop(3, 0..10), hop(8, 0..10)],
+            vec![hop(4, 10..30), hop(5, 10..30), hop(6, 10..30)],
+        ];
+        let f16 = crate::wire::Codec::F16 as u8;
+        let referees = [Some(node(8)), None];
+        let receiver = check_replicas(&route, &replicas, &referees, 30, f16, node(5)).unwrap();
+        assert_eq!(receiver.feeder_referee, Some(node(8)));
+        assert_eq!(receiver.feeders.len(), 4);
+        // The referee itself is placed like a replica of its range.
+        let referee = check_replicas(&route, &replicas, &referees, 30, f16, node(8)).unwrap();
+        assert_eq!((referee.stage, referee.receivers.len()), (0, 3));
+        assert_eq!(referee.feeder_referee, None);
+        let refused = |referees: &[Option<NodeId>]| {
+            check_replicas(&route, &replicas, referees, 30, f16, node(1))
+                .unwrap_err()
+                .1
+        };
+        assert!(refused(&[Some(node(1)), None]).contains("not its route hop"));
+        assert!(refused(&[Some(node(9)), None]).contains("one of its replicas"));
+        assert!(refused(&[Some(node(8))]).contains("1 referee entries"));
+        // A range of one replica cannot be all referee.
+        let lone = vec![vec![hop(1, 0..10), hop(8, 0..10)], replicas[1].clone()];
+        let err = check_replicas(&route, &lone, &referees, 30, f16, node(1)).map(|p| p.stage);
+        assert_eq!(err, Ok(0));
+        let only = [hop(1, 0..30)];
+        let err = check_replicas(
+            &only,
+            &[vec![hop(1, 0..30)]],
+            &[Some(node(1))],
+            30,
+            f16,
+            node(1),
+        )
+        .unwrap_err();
+        assert!(
+            err.1.contains("voting") || err.1.contains("route hop"),
+            "{}",
+            err.1
+        );
     }
 
     #[test]

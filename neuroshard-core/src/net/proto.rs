@@ -1,4 +1,4 @@
-//! Messages of the inference protocol (`neuroshard/infer/5`), postcard-encoded.
+//! Messages of the inference protocol (`neuroshard/infer/6`), postcard-encoded.
 //!
 //! Control requests (open, close) use a bi-directional stream: one request, one reply. The data
 //! plane uses one uni-directional stream per message: `Step` (client to first hop), `Hidden`
@@ -16,7 +16,7 @@ use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN of the inference protocol.
-pub const INFER_ALPN: &[u8] = b"neuroshard/infer/5";
+pub const INFER_ALPN: &[u8] = b"neuroshard/infer/6";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
 pub(crate) const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
@@ -194,9 +194,20 @@ pub struct SessionOpen {
     /// its logits to the client), and every receiver votes ([`crate::consensus`]). Empty
     /// for an unreplicated session.
     pub replicas: Vec<Vec<RouteHop>>,
+    /// Audited sessions: `referees[i]`, when set, is one of `replicas[i]` that computes every
+    /// step of range `i` beside the voters but is outside their vote: its ballot is the
+    /// reference for every receiver that trusts it (`Consensus::refereed_vote`), so a
+    /// colluding majority is overruled and a vote without a majority still ends. Empty, or
+    /// one entry per range.
+    pub referees: Vec<Option<NodeId>>,
 }
 
 impl SessionOpen {
+    /// The referee of range `i`, if the session is audited there.
+    pub fn referee(&self, i: usize) -> Option<NodeId> {
+        self.referees.get(i).copied().flatten()
+    }
+
     /// Most replicas of any range (1 for an unreplicated session).
     pub fn redundancy(&self) -> usize {
         self.replicas.iter().map(Vec::len).max().unwrap_or(1).max(1)

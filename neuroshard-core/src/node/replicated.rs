@@ -351,12 +351,21 @@ impl Inner {
         let Some(rep) = hop.replication.as_ref() else {
             return;
         };
-        let expected = rep.place.feeders.clone();
+        // An audited range's referee computes beside the voters but is outside their vote.
+        let referee = rep.place.feeder_referee;
+        let expected: Vec<NodeId> = rep
+            .place
+            .feeders
+            .iter()
+            .filter(|n| Some(**n) != referee)
+            .copied()
+            .collect();
         // Feeders this node has banned are not waited for (they still count in the vote's k).
         let waiting_for: Vec<NodeId> = {
             let trust = lock(&self.trust);
             let now = now_ms();
-            expected
+            rep.place
+                .feeders
                 .iter()
                 .filter(|n| trust.consensus.reputation().may_route(n, now))
                 .copied()
@@ -364,7 +373,13 @@ impl Inner {
         };
         let deadline = vote_deadline((end - start) as usize);
         let Some(ballots) = rep
-            .collect(attempt, start, expected.len(), &waiting_for, deadline)
+            .collect(
+                attempt,
+                start,
+                rep.place.feeders.len(),
+                &waiting_for,
+                deadline,
+            )
             .await
         else {
             return;
@@ -375,7 +390,7 @@ impl Inner {
             .unzip();
         let verdict = lock(&self.trust)
             .consensus
-            .vote(&expected, signed, now_ms());
+            .judge(&expected, referee, signed, now_ms());
         let accepted = verdict.accepted.clone();
         self.counters
             .proofs_taken

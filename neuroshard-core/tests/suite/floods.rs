@@ -217,6 +217,7 @@ async fn sybil(
         return_logits: false,
         adapter: None,
         replicas: Vec::new(),
+        referees: Vec::new(),
     };
     let signed = Message::Open(SignedOpen::sign(&open, &key).expect("sign"));
     let reply = try_ask(&conn, &signed).await;

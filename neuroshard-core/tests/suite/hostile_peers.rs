@@ -189,6 +189,7 @@ async fn replayed_stale_and_malformed_session_opens_get_typed_refusals() {
         return_logits: false,
         adapter: None,
         replicas: Vec::new(),
+        referees: Vec::new(),
     };
     let signed = |o: &SessionOpen| Message::Open(SignedOpen::sign(o, &key).expect("sign"));
 

@@ -165,6 +165,7 @@ async fn frames_from_a_non_predecessor_and_unsigned_opens_are_refused() {
         return_logits: false,
         adapter: None,
         replicas: Vec::new(),
+        referees: Vec::new(),
     };
     let err = client
         .open_signed(open, &iroh::SecretKey::generate())

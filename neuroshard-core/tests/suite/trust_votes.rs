@@ -190,8 +190,18 @@ impl Replicas {
 
     /// As [`Replicas::start`], with a bystander when `bystander` is set.
     async fn start_with(liar: (usize, Behaviour), bystander: bool) -> (Replicas, Node) {
+        let mut cast = [vec![None; 3], vec![None; 3]];
+        cast[liar.0][0] = Some(liar.1);
+        let swarm = Self::start_cast(cast, bystander).await;
+        let liar = swarm.range(liar.0)[0].clone();
+        (swarm, liar)
+    }
+
+    /// Layers 0-15 and 15-30 on `cast[r].len()` replicas each: the `i`-th lowest node id of
+    /// range `r` behaves as `cast[r][i]` (honest when `None`; `wrong-weights` perturbs its
+    /// engine before it serves), plus a bystander on layers 0-15 when `bystander` is set.
+    async fn start_cast(cast: [Vec<Option<Behaviour>>; 2], bystander: bool) -> Replicas {
         let mut nodes: Vec<Node> = Vec::new();
-        let mut liar_node = None;
         let spawn = |engine: neuroshard_core::ShardEngine, key, first: Option<&Node>| {
             let bootstrap = first.map(|n| vec![n.addr()]).unwrap_or_default();
             Node::spawn_with(
@@ -211,20 +221,18 @@ impl Replicas {
             )
             .expect("load")
         };
-        for (range, slice) in [0..15, 15..30].into_iter().enumerate() {
+        for (roles, slice) in cast.iter().zip([0..15, 15..30]) {
             let mut keys: Vec<iroh::SecretKey> =
-                (0..3).map(|_| iroh::SecretKey::generate()).collect();
+                roles.iter().map(|_| iroh::SecretKey::generate()).collect();
             keys.sort_by_key(|k| k.public());
-            for (i, key) in keys.into_iter().enumerate() {
+            for (key, role) in keys.into_iter().zip(roles) {
                 let mut engine = load(slice.clone());
-                let lies = range == liar.0 && i == 0;
-                if lies && liar.1 == Behaviour::WrongWeights {
+                if *role == Some(Behaviour::WrongWeights) {
                     engine.perturb_weight(0.01, 0x5eed).expect("perturb");
                 }
                 let node = spawn(engine, key, nodes.first()).await.expect("node");
-                if lies {
-                    node.set_behaviour(Some(liar.1));
-                    liar_node = Some(node.clone());
+                if role.is_some() {
+                    node.set_behaviour(*role);
                 }
                 nodes.push(node);
             }
@@ -240,12 +248,21 @@ impl Replicas {
             None
         };
         let model_id = neuroshard_core::model_id(nodes[0].engine());
-        let replicas = Replicas {
+        Replicas {
             nodes,
             bystander,
             model_id,
-        };
-        (replicas, liar_node.expect("a liar"))
+        }
+    }
+
+    /// The replicas of range `r` (0: layers 0-15), lowest node id first.
+    fn range(&self, r: usize) -> Vec<Node> {
+        let start = [0, 15][r];
+        self.nodes
+            .iter()
+            .filter(|n| n.engine().layers().start == start)
+            .cloned()
+            .collect()
     }
 
     fn peers(&self) -> PeerSet {
@@ -543,6 +560,178 @@ async fn a_replicated_session_goes_on_without_a_dead_replica_and_replays_nothing
         .expect("the dead replica is in the table");
     assert!(row.standing.reason.contains("timed out"), "{row:?}");
     assert_eq!(row.standing.deviations, 0, "{row:?}");
+    client.shutdown().await;
+    swarm.shutdown().await;
+}
+
+/// Range 0 with two colluders (the two lowest ids, scaling their outputs by 1.02 alike) and
+/// one honest replica, plus, when `audited`, the operator's own node with the highest id,
+/// which the client and every node trust; range 1 honest. A greedy session of 4 tokens,
+/// opened audited or not: the swarm, the client, the session and the text.
+async fn colluders(audited: bool) -> (Replicas, Client, RemoteSession, Vec<u32>) {
+    let (prompt, _) = smollm2_prompt_and_greedy();
+    let scale = Some(Behaviour::Scale);
+    let mut range0 = vec![scale, scale, None];
+    if audited {
+        range0.push(None);
+    }
+    let swarm = Replicas::start_cast([range0, vec![None; 3]], false).await;
+    let client = new_client().await;
+    if audited {
+        let referee = swarm.range(0)[3].id();
+        client.trust(referee);
+        for node in &swarm.nodes {
+            node.trust(referee);
+        }
+    }
+    let (peers, model) = (swarm.peers(), swarm.model_id.clone());
+    let (codec, sampling) = (Codec::F16, SamplingParams::greedy());
+    let opened = if audited {
+        client
+            .open_audited(
+                &peers,
+                30,
+                &model,
+                codec,
+                sampling,
+                prompt.clone(),
+                3,
+                false,
+            )
+            .await
+    } else {
+        client
+            .open_replicated(
+                &peers,
+                30,
+                &model,
+                codec,
+                sampling,
+                prompt.clone(),
+                3,
+                false,
+            )
+            .await
+    };
+    let mut session = opened.expect("open");
+    let tokens = greedy(&mut session, &prompt, 4).await;
+    (swarm, client, session, tokens)
+}
+
+/// What every receiver of range 0 (the replicas of range 1) holds against `accused`.
+fn receivers_state(swarm: &Replicas, accused: &Node) -> Vec<Option<TrustState>> {
+    swarm
+        .range(1)
+        .iter()
+        .map(|r| standing_at(r, accused).map(|s| s.0))
+        .collect()
+}
+
+/// Collusion limits over the network: two colluding replicas of three win an unaudited vote
+/// (their bytes go forward, and the honest third is the one outvoted and banned); in an
+/// audited session a trusted referee outside the vote overrules them at their first vote,
+/// every receiver and the client ban them on its signed evidence, and the text is the honest
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colluders_win_an_unaudited_vote_and_a_referee_catches_them_in_an_audited_one() {
+    let (_, expected) = smollm2_prompt_and_greedy();
+
+    let (swarm, client, mut session, _) = colluders(false).await;
+    let range0 = swarm.range(0);
+    let findings = session.trust_findings().join("\n");
+    assert!(session.referees().is_empty());
+    for colluder in &range0[..2] {
+        for state in receivers_state(&swarm, colluder) {
+            assert_ne!(state, Some(TrustState::Banned), "{findings}");
+        }
+    }
+    for state in receivers_state(&swarm, &range0[2]) {
+        assert_eq!(state, Some(TrustState::Banned), "{findings}");
+    }
+    session.close().await;
+    client.shutdown().await;
+    swarm.shutdown().await;
+
+    let (swarm, client, mut session, tokens) = colluders(true).await;
+    let range0 = swarm.range(0);
+    let referee = range0[3].id();
+    let findings = session.trust_findings().join("\n");
+    assert_eq!(session.referees(), &[Some(referee), None]);
+    // Nothing trusted among the voters (the trusted node referees): a plain majority of
+    // three, which the colluders would carry.
+    assert_eq!(session.replicas()[0].len(), 4);
+    assert_eq!(tokens, &expected[..4], "{findings}");
+    for colluder in &range0[..2] {
+        assert_eq!(
+            state_of(&client, colluder),
+            TrustState::Banned,
+            "{findings}"
+        );
+        for state in receivers_state(&swarm, colluder) {
+            assert_eq!(state, Some(TrustState::Banned), "{findings}");
+        }
+        let (_, reason) = standing_at(&swarm.range(1)[0], colluder).expect("standing");
+        assert!(reason.contains("referee"), "{reason}");
+    }
+    for honest in &range0[2..] {
+        assert_ne!(state_of(&client, honest), TrustState::Banned, "{findings}");
+        for state in receivers_state(&swarm, honest) {
+            assert_ne!(state, Some(TrustState::Banned), "{findings}");
+        }
+    }
+    session.close().await;
+    client.shutdown().await;
+    swarm.shutdown().await;
+}
+
+/// No majority over the network: with the operator's trusted node in the vote, the
+/// one-probation rule gives range 0 two voters, one of them lying (noise): no majority. The
+/// client opens the session again audited (the trusted node now referees three unproven
+/// voters, two of which lie differently: noise and zeros) and replays the prompt from
+/// position 0; the referee settles every vote, both liars are banned on its evidence, and
+/// the text is the honest one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_without_a_majority_is_replayed_from_position_zero_under_a_referee() {
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    let (noise, zeros) = (Some(Behaviour::Noise), Some(Behaviour::Zeros));
+    let swarm = Replicas::start_cast([vec![noise, zeros, None, None], vec![None; 3]], false).await;
+    let range0 = swarm.range(0);
+    let trusted = range0[3].id();
+    let client = new_client().await;
+    client.trust(trusted);
+    for node in &swarm.nodes {
+        node.trust(trusted);
+    }
+    let mut session = open_on(&client, &swarm.peers(), &swarm.model_id, 3, &prompt).await;
+    let voters: Vec<_> = session.replicas()[0].iter().map(|h| h.node).collect();
+    assert_eq!(
+        voters,
+        vec![range0[0].id(), trusted],
+        "one unproven voter beside the trusted"
+    );
+    let mut tokens = match session.step(&prompt, 0).await {
+        Ok(t) => vec![t],
+        Err(e) => panic!("{e}\n{}", session.trust_findings().join("\n")),
+    };
+    while tokens.len() < 4 {
+        let at = prompt.len() + tokens.len() - 1;
+        let next = session.step(&tokens[tokens.len() - 1..], at).await;
+        tokens.push(next.expect("decode step"));
+    }
+    let findings = session.trust_findings().join("\n");
+    assert_eq!(tokens, &expected[..4], "{findings}");
+    assert!(
+        findings.contains("replayed on an audited session"),
+        "{findings}"
+    );
+    assert_eq!(session.referees(), &[Some(trusted), None], "{findings}");
+    for liar in &range0[..2] {
+        assert_eq!(state_of(&client, liar), TrustState::Banned, "{findings}");
+    }
+    for honest in &range0[2..] {
+        assert_ne!(state_of(&client, honest), TrustState::Banned, "{findings}");
+    }
+    session.close().await;
     client.shutdown().await;
     swarm.shutdown().await;
 }
