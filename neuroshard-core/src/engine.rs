@@ -614,21 +614,21 @@ impl ShardEngine {
 
     /// Runs the request: tokens or hidden states in, hidden states or logits out.
     pub fn forward(&self, req: ForwardRequest) -> Result<ShardOutput> {
-        // Run on a rayon worker: the kernels' parallel loops then include the calling thread
-        // instead of parking it on a latch and waking it once per matmul (hundreds per token).
-        rayon::scope(|_| self.forward_in_pool(req))
-    }
-
-    fn forward_in_pool(&self, req: ForwardRequest) -> Result<ShardOutput> {
         let (range, input, seq) = self.validate(&req)?;
         let batch = input_batch(&input);
         let pass = Pass { track: false };
         let rel = (range.start - self.model.layers.start)..(range.end - self.model.layers.start);
+        // The compute runs on a rayon worker (`in_pool`): the kernels' parallel loops then
+        // include the calling thread instead of parking it on a latch and waking it once per
+        // matmul (hundreds per token). The session's lock is taken here, on the caller's
+        // thread, never inside the pool: a worker waiting in a join may pick up another
+        // request's job, and a job that blocked on a session lock held further up the same
+        // worker's stack (two steps of one session at once) would deadlock the pool.
         let out = match req.session {
-            None => {
+            None => in_pool(|| {
                 self.model
-                    .forward(&input, req.start_pos, range.clone(), None, req.logits, pass)?
-            }
+                    .forward(&input, req.start_pos, range.clone(), None, req.logits, pass)
+            })?,
             Some(id) => self.sessions.with(id, |s| {
                 let cached = s.cached_len(rel.clone());
                 if req.start_pos > cached {
@@ -646,19 +646,28 @@ impl ShardEngine {
                         )));
                     }
                 }
-                self.model.forward_chunked(
-                    &input,
-                    req.start_pos,
-                    range.clone(),
-                    &mut s.caches,
-                    req.logits,
-                    self.options.prefill_chunk,
-                )
+                let caches = &mut s.caches;
+                in_pool(|| {
+                    self.model.forward_chunked(
+                        &input,
+                        req.start_pos,
+                        range.clone(),
+                        caches,
+                        req.logits,
+                        self.options.prefill_chunk,
+                    )
+                })
             })?,
         };
         self.count(batch, seq, range.len());
         Ok(out)
     }
+}
+
+/// Runs `f` on a rayon worker of the compute pool (see [`ShardEngine::forward`]). `f` must
+/// never block on a lock: the pool's workers run each other's jobs while they wait.
+fn in_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::scope(|_| f())
 }
 
 impl ShardEngine {
@@ -668,11 +677,10 @@ impl ShardEngine {
     /// (the kernels are batch-invariant; attention runs per session over its own cache).
     /// Requests that cannot join (prompts, batch > 1, no session, other layers, a session
     /// twice) run one by one. Results come back in request order.
+    ///
+    /// Like [`ShardEngine::forward`], the sessions are locked on the caller's thread and
+    /// only the compute runs in the pool.
     pub fn forward_batch(&self, reqs: Vec<ForwardRequest>) -> Vec<Result<ShardOutput>> {
-        rayon::scope(|_| self.forward_batch_in_pool(reqs))
-    }
-
-    fn forward_batch_in_pool(&self, reqs: Vec<ForwardRequest>) -> Vec<Result<ShardOutput>> {
         let mut results: Vec<Option<Result<ShardOutput>>> = reqs.iter().map(|_| None).collect();
         // (request index, input, session, start) of the steps that can share one batch.
         let mut joined: Vec<(usize, ShardInput, SessionId, usize)> = Vec::new();
@@ -703,7 +711,7 @@ impl ShardEngine {
         }
         reqs.into_iter()
             .zip(results)
-            .map(|(req, done)| done.unwrap_or_else(|| self.forward_in_pool(req)))
+            .map(|(req, done)| done.unwrap_or_else(|| self.forward(req)))
             .collect()
     }
 
@@ -767,10 +775,12 @@ impl ShardEngine {
         let starts: Vec<usize> = members.iter().map(|m| m.2).collect();
         let mut caches: Vec<&mut [LayerKv]> =
             guards.iter_mut().map(|g| &mut g.caches[..]).collect();
-        match self
-            .model
-            .forward_decode_batch(&inputs, &starts, range.clone(), &mut caches)
-        {
+        let batch_range = range.clone();
+        let computed = in_pool(|| {
+            self.model
+                .forward_decode_batch(&inputs, &starts, batch_range, &mut caches)
+        });
+        match computed {
             Ok(outs) => {
                 if members.len() >= 2 {
                     self.counters.decode_batches.fetch_add(1, Ordering::Relaxed);
