@@ -584,11 +584,40 @@ impl RemoteSession {
     }
 
     /// One step of any length: inputs longer than `max_step_positions` go as several steps
-    /// (the tokens sampled at the ends of the earlier ones are not used). A replicated step
-    /// whose vote found no majority is replayed once from position 0 on an audited session
-    /// (`replicated.rs`, `replay_audited`).
+    /// (the tokens sampled at the ends of the earlier ones are not used).
+    ///
+    /// A replicated step whose vote found no majority gets a referee for the range that
+    /// split: a trusted node outside the vote joins, replays the prefix from the
+    /// predecessor's kept hidden states, and the step is retried for it to decide
+    /// (`replicated.rs`, `add_referee`). Where no referee can join that way, the step is
+    /// replayed once from position 0 on an audited session (`replay_audited`).
     async fn step_any(&mut self, tokens: &[u32], start_pos: usize) -> Result<StepResult, NetError> {
-        match self.step_chunks(tokens, start_pos).await {
+        let mut result = self.step_chunks(tokens, start_pos).await;
+        // Each range takes one referee at most, so this ends.
+        while let Err(e) = &result {
+            let Some(range) = replicated::no_majority(e)
+                .then(|| self.trust.split.take())
+                .flatten()
+            else {
+                break;
+            };
+            match self.add_referee(range, start_pos).await {
+                Ok(done) => {
+                    self.trust.note(format!(
+                        "no majority in range {range} at position {start_pos}: {done}"
+                    ));
+                    result = self.step_chunks(tokens, start_pos).await;
+                }
+                Err(why) => {
+                    self.trust.note(format!(
+                        "no majority in range {range} at position {start_pos}, no referee \
+                         joined: {why}"
+                    ));
+                    break;
+                }
+            }
+        }
+        match result {
             Err(e) if self.audit_plan.is_some() && replicated::no_majority(&e) => {
                 self.replay_audited(tokens, start_pos, e).await
             }

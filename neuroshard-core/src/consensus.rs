@@ -132,11 +132,12 @@ impl RefereeEvidence {
         if self.expected.contains(&referee_receipt.node) {
             return Err(ReceiptError::NotAProof("a referee inside the vote"));
         }
-        let step = self.referee.input.step_key();
+        // The referee may have replayed the prefix from kept states: its chain is its own.
+        let step = self.referee.input.replay_key();
         let mut ballots = Vec::with_capacity(self.ballots.len());
         for b in &self.ballots {
             let (receipt, output) = checked_ballot(b, true)?;
-            if b.input.step_key() != step {
+            if b.input.replay_key() != step {
                 return Err(ReceiptError::NotAProof("ballots for different inputs"));
             }
             ballots.push(Ballot {
@@ -586,11 +587,15 @@ impl Consensus {
                 let (_, output) = checked_ballot(&r, true).ok()?;
                 Some((output, r))
             });
-        let main_step = match &referee {
-            Some((_, r)) => Some(r.input.step_key()),
-            None => main_step,
-        };
-        pinned.retain(|(_, b)| Some(b.input.step_key()) == main_step);
+        // A referee that joined after a split replayed the prefix from kept hidden states, so
+        // its prefix chain is its own: ballots are matched to it on the step's own input.
+        match &referee {
+            Some((_, r)) => {
+                let step = r.input.replay_key();
+                pinned.retain(|(_, b)| b.input.replay_key() == step);
+            }
+            None => pinned.retain(|(_, b)| Some(b.input.step_key()) == main_step),
+        }
 
         let tally_ballots = |pinned: &[(VoteOutput, SignedBallot)]| -> Vec<Ballot> {
             pinned
@@ -861,5 +866,52 @@ mod tests {
         let replay = receiver.vote(&expected(), vec![b, ballot(9, &[1.0])], NOW);
         assert!(replay.outcome.accepted().is_none());
         assert_eq!(replay.unaccounted.len(), 3);
+    }
+
+    /// [`ballot`] computed from `input` instead of the shared one.
+    fn ballot_from(seed: u8, values: &[f32], input: InputContext) -> SignedBallot {
+        let mut b = ballot(seed, values);
+        let work = Work {
+            input: input.hash(),
+            ..b.receipt.decode_unverified().expect("receipt").work
+        };
+        b.receipt = ReceiptChain::new(key(seed), [0; 32]).issue(&work, NOW);
+        b.input = input;
+        b
+    }
+
+    #[test]
+    fn a_referee_that_replayed_the_prefix_from_kept_states_decides_on_the_step_itself() {
+        let mut receiver = Consensus::default();
+        let referee = key(7).public();
+        receiver.reputation_mut().pin(referee, NOW);
+        // The referee joined after a split: its prefix chain is its own, the step is the same.
+        let late = InputContext {
+            prefix: [9; 32],
+            ..input()
+        };
+        let split = vec![ballot(1, &[1.0, 2.0]), ballot(2, &[5.0, 2.0])];
+        let by = ballot_from(7, &[1.0, 2.0], late.clone());
+        let pair = &expected()[..2];
+        let verdict = receiver.refereed_vote(pair, split.clone(), by.clone(), NOW);
+        let accepted = verdict.outcome.accepted().expect("the referee decides");
+        assert_eq!(accepted.agreeing, vec![key(1).public()]);
+        assert_eq!(accepted.deviating, vec![key(2).public()]);
+        // Its evidence checks for anyone, with the referee's own prefix.
+        let mut other = Consensus::default();
+        other.reputation_mut().pin(referee, NOW);
+        assert_eq!(verdict.evidence.len(), 1);
+        assert_eq!(other.apply(&verdict.evidence[0], NOW), Ok(key(2).public()));
+        // A referee fed another frame for the step compares with nobody: no evidence, and
+        // the voters' ballots do not count (they were not for the step the referee ran).
+        let elsewhere = InputContext {
+            frame: [4; 32],
+            ..late
+        };
+        let mut fresh = Consensus::default();
+        fresh.reputation_mut().pin(referee, NOW);
+        let off = fresh.refereed_vote(pair, split, ballot_from(7, &[1.0, 2.0], elsewhere), NOW);
+        assert!(off.evidence.is_empty(), "{:?}", off.evidence);
+        assert_eq!(off.unaccounted, pair.to_vec());
     }
 }

@@ -1290,7 +1290,15 @@ impl Inner {
                 layers: layers.start as usize..layers.end as usize,
                 ..self.engine.version()
             };
-            replicated::Replication::new(place, crate::consensus::receipt::weight_hash(&version))
+            let rep = replicated::Replication::new(
+                place,
+                crate::consensus::receipt::weight_hash(&version),
+            );
+            // A re-open (a referee added after a split) keeps the KV cache, so its chain too.
+            if let Some(old) = existing_hop.as_ref().and_then(|h| h.replication.as_ref()) {
+                rep.inherit(old);
+            }
+            rep
         });
         lock(&self.sessions).insert(
             session,

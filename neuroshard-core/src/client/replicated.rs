@@ -41,6 +41,11 @@ pub(super) struct SessionTrust {
     /// First-range replicas a step did not reach: the session sends them no more steps
     /// (their cache lacks that step; the vote goes on without them).
     unreachable: Vec<NodeId>,
+    /// Every node that held each range's layers when the session was planned: where a
+    /// referee comes from when a range's vote splits.
+    pub(super) holders: Vec<Vec<RouteHop>>,
+    /// The range whose vote split in the last step that failed without a majority.
+    pub(super) split: Option<usize>,
 }
 
 /// What an unaudited replicated session needs to re-open itself audited: the swarm view it
@@ -67,7 +72,7 @@ pub(super) fn no_majority(e: &NetError) -> bool {
 const MAX_FINDINGS: usize = 64;
 
 impl SessionTrust {
-    fn note(&mut self, finding: String) {
+    pub(super) fn note(&mut self, finding: String) {
         tracing::info!("{finding}");
         if self.findings.len() >= MAX_FINDINGS {
             self.findings.remove(0);
@@ -276,6 +281,7 @@ impl Client {
         let mut route = Vec::with_capacity(plan.len());
         let mut replicas = Vec::with_capacity(plan.len());
         let mut referees = Vec::with_capacity(plan.len());
+        let mut holders = Vec::with_capacity(plan.len());
         for crate::net::route::ReplicatedRange {
             layers: range,
             hops,
@@ -307,6 +313,7 @@ impl Client {
                     addrs: h.addrs.clone(),
                 })
             };
+            holders.push(hops.iter().filter_map(|h| hop_of(&h.node)).collect());
             let mut chosen: Vec<RouteHop> = voters.nodes.iter().filter_map(hop_of).collect();
             route.push(chosen[0].clone());
             chosen.extend(referee.as_ref().and_then(hop_of));
@@ -319,6 +326,7 @@ impl Client {
             open.referees = referees;
         }
         let mut session = self.open_signed(open, &self.inner.key).await?;
+        session.trust.holders = holders;
         if !audit {
             session.audit_plan = Some(Box::new(AuditPlan {
                 peers: peers.clone(),
@@ -344,6 +352,140 @@ impl RemoteSession {
     /// What the votes of this session found so far (deviations, missing replicas, proofs).
     pub fn trust_findings(&self) -> &[String] {
         &self.trust.findings
+    }
+
+    /// After the vote on range `range` split at `start_pos`: a trusted holder of the range
+    /// outside the vote joins the session as its referee, and replays positions
+    /// `0..start_pos` from the predecessor's kept hidden states, so that nothing else is
+    /// recomputed and the caller can retry the step, which the referee then decides.
+    ///
+    /// - The session is re-opened under the same id (signed, as any open), with the referee
+    ///   among the range's replicas and named in `referees`. The nodes that hold it keep
+    ///   their caches and prefix chains, and the referee opens it.
+    /// - The predecessor is the client itself for the first range (its tokens, as a `Fill`).
+    ///   For a later range it is a replica of the previous range that this client trusts:
+    ///   it re-sends the hidden states it sent (`Replay`), so a lying source cannot make the
+    ///   referee overrule honest voters.
+    ///
+    /// Returns what was done, or why no referee could join (the caller then falls back to
+    /// [`Self::replay_audited`]).
+    pub(super) async fn add_referee(
+        &mut self,
+        range: usize,
+        start_pos: usize,
+    ) -> Result<String, String> {
+        if self.open.referee(range).is_some() {
+            return Err(format!("range {range} already has a referee"));
+        }
+        let voters: Vec<NodeId> = self
+            .open
+            .replicas
+            .get(range)
+            .ok_or_else(|| format!("no range {range}"))?
+            .iter()
+            .map(|h| h.node)
+            .collect();
+        let holders = self.trust.holders.get(range).cloned().unwrap_or_default();
+        let candidates: Vec<NodeId> = holders.iter().map(|h| h.node).collect();
+        let now = now_ms();
+        let (referee, source) = {
+            let table = lock(&self.client.inner.trust);
+            let rep = table.reputation();
+            let referee = rep
+                .choose_referee(&candidates, &voters, now)
+                .and_then(|r| holders.iter().find(|h| h.node == r).cloned())
+                .ok_or_else(|| {
+                    format!("no trusted holder of range {range} outside its vote to referee it")
+                })?;
+            let source = match range.checked_sub(1) {
+                None => None,
+                Some(before) => Some(
+                    self.open.replicas[before]
+                        .iter()
+                        .find(|h| {
+                            Some(h.node) != self.open.referee(before)
+                                && rep.state(&h.node, now) == crate::consensus::TrustState::Trusted
+                        })
+                        .cloned()
+                        .ok_or_else(|| {
+                            format!(
+                                "no trusted replica of range {before} keeps the hidden states \
+                                 range {range} was fed"
+                            )
+                        })?,
+                ),
+            };
+            (referee, source)
+        };
+        // The same session, signed again with the referee added: holders keep their caches.
+        let ranges = self.open.replicas.len();
+        self.open.replicas[range].push(referee.clone());
+        self.open.referees.resize(ranges, None);
+        self.open.referees[range] = Some(referee.node);
+        self.open.timestamp_ms = now_ms();
+        self.open.nonce = super::random_u64();
+        let signed = crate::net::proto::SignedOpen::sign(&self.open, &self.client.inner.key)
+            .map_err(|e| e.to_string())?;
+        let members: Vec<RouteHop> = self.open.members().into_iter().cloned().collect();
+        let opens = members
+            .iter()
+            .map(|hop| async { (hop.node, self.send_open(hop, &signed).await) });
+        for (node, reply) in n0_future::join_all(opens.collect::<Vec<_>>()).await {
+            match reply {
+                Ok(Message::Ok) => {}
+                Ok(other) => {
+                    return Err(format!(
+                        "{} refused the re-open: {other:?}",
+                        node.fmt_short()
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{} did not take the re-open: {e}",
+                        node.fmt_short()
+                    ))
+                }
+            }
+        }
+        self.opened.push(referee.clone());
+        // The referee's catch-up: positions 0..start_pos, from the predecessor's kept states.
+        let session = self.open.session;
+        let allowed = self.step_timeout + self.step_timeout_per_position * start_pos as u32;
+        let (to, msg, from) = match &source {
+            _ if start_pos == 0 => return Ok(format!("{} referees it", referee.node.fmt_short())),
+            None => {
+                let tokens = self
+                    .fed
+                    .get(..start_pos)
+                    .ok_or_else(|| format!("{start_pos} positions not fed yet"))?
+                    .to_vec();
+                let msg = Message::Fill {
+                    session,
+                    start_pos: 0,
+                    through: 0,
+                    tokens,
+                };
+                (referee.clone(), msg, "the client's tokens".to_string())
+            }
+            Some(s) => {
+                let msg = Message::Replay {
+                    session,
+                    upto: start_pos as u32,
+                    through: range as u32,
+                };
+                let from = format!("{}'s kept hidden states", s.node.fmt_short());
+                (s.clone(), msg, from)
+            }
+        };
+        match tokio::time::timeout(allowed, self.client.request(&to, &msg)).await {
+            Ok(Ok(Message::Ok)) => Ok(format!(
+                "{} referees it, positions 0..{start_pos} replayed from {from}",
+                referee.node.fmt_short()
+            )),
+            Ok(Ok(other)) => Err(format!("the referee's catch-up failed: {other:?}")),
+            Ok(Err(e)) => Err(format!("the referee's catch-up failed: {e}")),
+            Err(_) => Err(format!("the referee's catch-up took over {allowed:?}")),
+        }
     }
 
     /// A vote without a majority (`failure`) in an unaudited session: the session is opened
@@ -494,6 +636,9 @@ impl RemoteSession {
             .collect();
         // Last-range replicas that reported a failure instead of a ballot.
         let mut failed: Vec<NodeId> = Vec::new();
+        // By range: the replicas that found no majority in the vote on their input.
+        let mut split_reports: Vec<Vec<NodeId>> = vec![Vec::new(); self.open.replicas.len()];
+        self.trust.split = None;
         let allowed = self.step_timeout + self.step_timeout_per_position * tokens.len() as u32;
         let started = tokio::time::Instant::now();
         let deadline = started + allowed;
@@ -506,6 +651,11 @@ impl RemoteSession {
             answered.sort();
             answered.dedup();
             if waiting_for.iter().all(|n| answered.contains(n)) && !answered.is_empty() {
+                break;
+            }
+            // Most replicas of a range found no majority upstream: the ranges after it get
+            // no ballots and would only run into their deadline.
+            if self.split_range(&split_reports).is_some() {
                 break;
             }
             // Everyone still awaited failed the step (no majority upstream, say): nothing
@@ -526,6 +676,15 @@ impl RemoteSession {
                 _ => deadline,
             };
             let item = match tokio::time::timeout_at(ready_at, self.rx.recv()).await {
+                Err(_) if ready_at >= deadline => {
+                    self.trust.note(format!(
+                        "the deadline of the step at {start_pos} ({allowed:?}) passed with \
+                         {} of {} ballots",
+                        answered.len(),
+                        senders.len()
+                    ));
+                    break;
+                }
                 Err(_) => break,
                 Ok(None) => return Err(NetError::Io("client shut down".into())),
                 Ok(Some(item)) => item,
@@ -566,9 +725,32 @@ impl RemoteSession {
                     if senders.contains(&from) && !failed.contains(&from) {
                         failed.push(from);
                     }
+                    if reason == Reason::NoMajority {
+                        if let Some(r) = self.range_of(from) {
+                            if !split_reports[r].contains(&from) {
+                                split_reports[r].push(from);
+                            }
+                        }
+                    }
                 }
                 _ => continue,
             }
+        }
+        if let Some(receivers) = self.split_range(&split_reports) {
+            // The receivers of range `receivers` found no majority: the split is the range
+            // before them.
+            self.trust.split = Some(receivers - 1);
+            return Err(NetError::HopFailed {
+                node: None,
+                reason: Some(Reason::NoMajority),
+                reporter: None,
+                message: format!(
+                    "the replicas of range {receivers} found no majority among range {}'s \
+                     outputs at {start_pos}: {}",
+                    receivers - 1,
+                    self.trust.findings.last().cloned().unwrap_or_default()
+                ),
+            });
         }
         if ballots.is_empty() && !failed.is_empty() {
             // The last range reported failures (a split vote upstream, say) and sent nothing:
@@ -607,6 +789,7 @@ impl RemoteSession {
             ));
         }
         let Some(winner) = verdict.accepted else {
+            self.trust.split = Some(last);
             let message = match verdict.outcome {
                 VoteOutcome::NoMajority { answered, missing } => format!(
                     "the last range's replicas did not agree on the logits at {want} \
@@ -638,6 +821,26 @@ impl RemoteSession {
         let token = sample(&logits, &self.open.sampling, position, context)
             .map_err(|e| NetError::Malformed(e.to_string()))?;
         Ok(StepResult::Token(token))
+    }
+
+    /// The range `node` is a replica of.
+    fn range_of(&self, node: NodeId) -> Option<usize> {
+        self.open
+            .replicas
+            .iter()
+            .position(|r| r.iter().any(|h| h.node == node))
+    }
+
+    /// The first range (after the first: it is fed tokens, not votes) most of whose
+    /// replicas reported that the vote on their input found no majority.
+    fn split_range(&self, reports: &[Vec<NodeId>]) -> Option<usize> {
+        reports
+            .iter()
+            .zip(&self.open.replicas)
+            .enumerate()
+            .skip(1)
+            .find(|(_, (reported, replicas))| 2 * reported.len() > replicas.len())
+            .map(|(r, _)| r)
     }
 
     /// Sends a step to one replica of the first range.

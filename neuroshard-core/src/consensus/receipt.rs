@@ -112,6 +112,18 @@ impl InputContext {
         let body = postcard::to_allocvec(&without_build).unwrap_or_default();
         blake3::derive_key("neuroshard receipt step v1", &body)
     }
+
+    /// [`InputContext::step_key`] without the prefix chain: the step's own input (session,
+    /// positions, weight, codec and frame). A referee that joined a session after a vote
+    /// found no majority replayed positions `0..p` from its predecessor's kept hidden states,
+    /// so its prefix chain is its own (it never saw the original steps); refereed votes
+    /// therefore group ballots by this key, and the referee's replayed KV cache stands for
+    /// the prefix.
+    pub fn replay_key(&self) -> Hash {
+        let mut without_prefix = self.clone();
+        without_prefix.prefix = [0; 32];
+        without_prefix.step_key()
+    }
 }
 
 /// The prefix chain after a step whose accepted input hash is `input`: it commits to every

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 
 /// Version of the NeuroShard protocols this build speaks.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// A node's self-description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! Messages of the inference protocol (`neuroshard/infer/6`), postcard-encoded.
+//! Messages of the inference protocol (`neuroshard/infer/7`), postcard-encoded.
 //!
 //! Control requests (open, close) use a bi-directional stream: one request, one reply. The data
 //! plane uses one uni-directional stream per message: `Step` (client to first hop), `Hidden`
@@ -16,7 +16,7 @@ use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN of the inference protocol.
-pub const INFER_ALPN: &[u8] = b"neuroshard/infer/6";
+pub const INFER_ALPN: &[u8] = b"neuroshard/infer/7";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
 pub(crate) const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.

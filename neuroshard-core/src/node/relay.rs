@@ -307,7 +307,13 @@ impl Inner {
                 format!("unknown session {session}"),
             );
         };
-        if remote != hop.feeder() || (hop.index == 0) == tokens.is_empty() {
+        // A replica of a replicated session (a referee catching up after a split) is fed
+        // by any replica of the previous range, which keeps what it sent.
+        let may_feed = match &hop.replication {
+            Some(rep) if hop.index > 0 => rep.place.feeders.contains(&remote),
+            _ => remote == hop.feeder(),
+        };
+        if !may_feed || (hop.index == 0) == tokens.is_empty() {
             self.reject();
             return self.error_msg(
                 session,
@@ -316,12 +322,22 @@ impl Inner {
             );
         }
         let input = if hop.index == 0 {
-            tokens_input(&tokens)
+            tokens_input(&tokens).map(|t| (t, super::replicated::tokens_hash(&tokens)))
         } else {
-            hidden_input(recv, &self.counters).await
+            hidden_input_hashed(recv, &self.counters).await
         };
         let result = match input {
-            Ok(input) => self.run_fill(&hop, input, start_pos, through).await,
+            Ok((input, frame)) => {
+                let rows = match &input {
+                    ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
+                };
+                let filled = self.run_fill(&hop, input, start_pos, through).await;
+                if let (Ok(()), Some(rep)) = (&filled, &hop.replication) {
+                    let end = start_pos + rows as u32;
+                    rep.filled(session, hop.open.codec, start_pos, end, frame);
+                }
+                filled
+            }
             Err(e) => Err(Blame::new(self.endpoint.id(), Reason::Malformed, e)),
         };
         match result {
@@ -372,11 +388,24 @@ impl Inner {
         if upto == 0 {
             return Message::Ok;
         }
-        let Some(next) = hop.open.route.get(hop.index + 1) else {
+        // In a replicated session the only node ever replayed into is the next range's
+        // referee, added after that range's vote split: the replicas that agreed keep their
+        // caches, and a lost one is voted without, never replaced.
+        let next = match &hop.replication {
+            Some(_) => hop.open.referee(hop.index + 1).and_then(|referee| {
+                hop.open
+                    .replicas
+                    .get(hop.index + 1)?
+                    .iter()
+                    .find(|h| h.node == referee)
+            }),
+            None => hop.open.route.get(hop.index + 1),
+        };
+        let Some(next) = next else {
             return self.error_msg(
                 session,
                 Reason::Unexpected,
-                "the last hop has no successor to replay into".into(),
+                "no successor (or, in a replicated session, no referee) to replay into".into(),
             );
         };
         // The rows are what the successor decoded originally: resend them losslessly.
@@ -759,19 +788,21 @@ fn count_received(counters: &NodeCounters, frame: &OwnedFrame) {
         .fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
-/// A hidden-state frame read from `recv` as a hop's input.
-async fn hidden_input(
+/// A hidden-state frame read from `recv` as a hop's input, with blake3 of its payload (what
+/// a replica's prefix chain commits to).
+async fn hidden_input_hashed(
     recv: &mut RecvStream,
     counters: &NodeCounters,
-) -> Result<ShardInput, String> {
+) -> Result<(ShardInput, [u8; 32]), String> {
     let frame = read_frame(recv, DEFAULT_MAX_FRAME)
         .await
         .map_err(|e| e.to_string())?;
     count_received(counters, &frame);
+    let hash = *blake3::hash(frame.payload()).as_bytes();
     frame
         .as_frame()
         .to_tensor()
-        .map(ShardInput::Hidden)
+        .map(|t| (ShardInput::Hidden(t), hash))
         .map_err(|e| e.to_string())
 }
 

@@ -105,6 +105,35 @@ impl Replication {
         }
     }
 
+    /// Carries what a re-open must not lose from the session's previous replication state:
+    /// the prefix chain (the KV cache stays, so must the chain that pins it) and the
+    /// receivers found unreachable.
+    pub(super) fn inherit(&self, previous: &Replication) {
+        *lock(&self.prefix) = lock(&previous.prefix).clone();
+        *lock(&self.unreachable) = lock(&previous.unreachable).clone();
+    }
+
+    /// Extends the prefix chain over a fill of positions `start..end` whose input hashes to
+    /// `frame`: a referee that joined after a split replayed them from its predecessor's
+    /// kept hidden states, so its chain is its own and commits to what it was fed.
+    pub(super) fn filled(&self, session: u64, codec: u8, start: u32, end: u32, frame: Hash) {
+        let Some(prefix) = self.prefix_at(start) else {
+            return;
+        };
+        let ctx = InputContext {
+            session,
+            position: start as u64,
+            count: end - start,
+            prefix,
+            weight: self.weight,
+            codec,
+            build_id: String::new(),
+            kernel_path: String::new(),
+            frame,
+        };
+        lock(&self.prefix).push((end, extend_prefix(&prefix, &ctx.step_key())));
+    }
+
     /// The prefix chain before a step at `start`: the chain after the step that ended there
     /// (later entries are dropped: a retry or a rewound conversation overwrites them).
     fn prefix_at(&self, start: u32) -> Option<Hash> {
@@ -218,7 +247,7 @@ fn payload(frame: &[u8]) -> Result<&[u8], String> {
 }
 
 /// blake3 of token ids as little-endian u32 (the first range's input frame hash).
-fn tokens_hash(tokens: &[u32]) -> Hash {
+pub(super) fn tokens_hash(tokens: &[u32]) -> Hash {
     let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
     *blake3::hash(&bytes).as_bytes()
 }
@@ -551,6 +580,17 @@ impl Inner {
         let meta = FrameMeta { session, position };
         let honest = encode_frame(&tensor, codec, meta, false)
             .map_err(|e| (Reason::Compute, e.to_string()))?;
+        if !rep.place.receivers.is_empty() {
+            // Kept for a referee's replay: should the next range's vote split, a referee that
+            // joins it replays positions 0..p from these rows (what the receivers decoded).
+            let width = tensor.dims().last().copied().unwrap_or(0);
+            let (decoded, _) = decode_frame(&honest, honest.len())
+                .map_err(|e| (Reason::Compute, e.to_string()))?;
+            let values = decoded
+                .to_f32()
+                .map_err(|e| (Reason::Compute, e.to_string()))?;
+            lock(&hop.sent).record(start as usize, width, &values);
+        }
         let receivers: Vec<Option<&RouteHop>> = if rep.place.receivers.is_empty() {
             vec![None]
         } else {

@@ -172,11 +172,14 @@ async fn a_lying_replica_is_outvoted_caught_on_evidence_and_leaves_routes() {
     swarm.shutdown().await;
 }
 
-/// Two ranges of three SmolLM2 replicas on 127.0.0.1, spawned here so that one engine can
-/// lie in its weights before it serves. They form one gossip mesh (each joins through the
-/// first), with an optional bystander: a node of layers 0..15 that no route uses.
+/// Ranges of SmolLM2 replicas on 127.0.0.1 (two of three replicas unless a test casts
+/// others), spawned here so that one engine can lie in its weights before it serves. They
+/// form one gossip mesh (each joins through the first), with an optional bystander: a node
+/// of the first range's layers that no route uses.
 struct Replicas {
     nodes: Vec<Node>,
+    /// The first layer of each range.
+    starts: Vec<usize>,
     bystander: Option<Node>,
     model_id: String,
 }
@@ -197,10 +200,14 @@ impl Replicas {
         (swarm, liar)
     }
 
-    /// Layers 0-15 and 15-30 on `cast[r].len()` replicas each: the `i`-th lowest node id of
-    /// range `r` behaves as `cast[r][i]` (honest when `None`; `wrong-weights` perturbs its
-    /// engine before it serves), plus a bystander on layers 0-15 when `bystander` is set.
-    async fn start_cast(cast: [Vec<Option<Behaviour>>; 2], bystander: bool) -> Replicas {
+    /// The 30 layers in N equal ranges (two: 0-15 and 15-30), on `cast[r].len()` replicas
+    /// each: the `i`-th lowest node id of range `r` behaves as `cast[r][i]` (honest when
+    /// `None`; `wrong-weights` perturbs its engine before it serves), plus a bystander on
+    /// the first range's layers when `bystander` is set.
+    async fn start_cast<const N: usize>(
+        cast: [Vec<Option<Behaviour>>; N],
+        bystander: bool,
+    ) -> Replicas {
         let mut nodes: Vec<Node> = Vec::new();
         let spawn = |engine: neuroshard_core::ShardEngine, key, first: Option<&Node>| {
             let bootstrap = first.map(|n| vec![n.addr()]).unwrap_or_default();
@@ -221,7 +228,10 @@ impl Replicas {
             )
             .expect("load")
         };
-        for (roles, slice) in cast.iter().zip([0..15, 15..30]) {
+        // The 30 layers cut into N equal ranges.
+        let slices: Vec<std::ops::Range<usize>> =
+            (0..N).map(|r| 30 * r / N..30 * (r + 1) / N).collect();
+        for (roles, slice) in cast.iter().zip(&slices) {
             let mut keys: Vec<iroh::SecretKey> =
                 roles.iter().map(|_| iroh::SecretKey::generate()).collect();
             keys.sort_by_key(|k| k.public());
@@ -240,7 +250,7 @@ impl Replicas {
         let bystander = if bystander {
             let key = iroh::SecretKey::generate();
             Some(
-                spawn(load(0..15), key, nodes.first())
+                spawn(load(slices[0].clone()), key, nodes.first())
                     .await
                     .expect("bystander"),
             )
@@ -250,14 +260,15 @@ impl Replicas {
         let model_id = neuroshard_core::model_id(nodes[0].engine());
         Replicas {
             nodes,
+            starts: slices.iter().map(|s| s.start).collect(),
             bystander,
             model_id,
         }
     }
 
-    /// The replicas of range `r` (0: layers 0-15), lowest node id first.
+    /// The replicas of range `r` (0: the first layers), lowest node id first.
     fn range(&self, r: usize) -> Vec<Node> {
-        let start = [0, 15][r];
+        let start = self.starts[r];
         self.nodes
             .iter()
             .filter(|n| n.engine().layers().start == start)
@@ -734,4 +745,112 @@ async fn a_vote_without_a_majority_is_replayed_from_position_zero_under_a_refere
     session.close().await;
     client.shutdown().await;
     swarm.shutdown().await;
+}
+
+/// A vote that splits mid-session in either range: a trusted holder outside the vote joins
+/// as that range's referee and replays positions 0..p from the predecessor's kept hidden
+/// states (the client's tokens for range 0, a trusted range-0 replica's sent states for
+/// range 1); nothing else recomputes the prefix, the retried step is decided by the
+/// referees (range 1's by the client), both liars are banned and the text is the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_vote_gets_a_referee_that_replays_the_prefix_from_kept_hidden_states() {
+    referees_join_split_votes([true, true]).await;
+}
+
+/// The same in three ranges, with the splits in the first two: range 0's split is reported
+/// by range 1 while range 2 never hears of the step, so the client must end the step on
+/// those reports (waiting for range 2 would end at the deadline, blaming range 2), and
+/// range 1's referee is judged by range 2's nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_votes_in_the_first_two_of_three_ranges_get_referees() {
+    referees_join_split_votes([true, true, false]).await;
+}
+
+/// `N` ranges; each range `r` with `liars[r]` has an unproven replica that starts lying
+/// after the first decode step beside two trusted ones (one votes, one stays outside the
+/// k = 2 vote); the other ranges have three unproven replicas.
+async fn referees_join_split_votes<const N: usize>(liars: [bool; N]) {
+    let (prompt, expected) = smollm2_prompt_and_greedy();
+    let swarm = Replicas::start_cast([(); N].map(|_| vec![None; 3]), false).await;
+    let ranges: Vec<Vec<Node>> = (0..N).map(|r| swarm.range(r)).collect();
+    let client = new_client().await;
+    for (range, _) in ranges.iter().zip(liars).filter(|(_, liar)| *liar) {
+        for trusted in &range[1..] {
+            client.trust(trusted.id());
+            for node in &swarm.nodes {
+                node.trust(trusted.id());
+            }
+        }
+    }
+    let mut session = open_on(&client, &swarm.peers(), &swarm.model_id, 2, &prompt).await;
+    for (r, range) in ranges.iter().enumerate() {
+        let voters: Vec<_> = session.replicas()[r].iter().map(|h| h.node).collect();
+        let want: Vec<_> = range[..if liars[r] { 2 } else { 3 }]
+            .iter()
+            .map(|n| n.id())
+            .collect();
+        assert_eq!(voters, want, "range {r}");
+    }
+    assert!(session.referees().iter().all(Option::is_none));
+    let mut tokens = vec![session.step(&prompt, 0).await.expect("prompt step")];
+    decode_one(&mut session, &mut tokens, prompt.len()).await;
+    for (range, _) in ranges.iter().zip(liars).filter(|(_, liar)| *liar) {
+        range[0].set_behaviour(Some(Behaviour::Noise));
+    }
+    let split_at = prompt.len() + tokens.len() - 1;
+    while tokens.len() < 4 {
+        decode_one(&mut session, &mut tokens, prompt.len()).await;
+    }
+    let findings = session.trust_findings().join("\n");
+    assert_eq!(tokens, &expected[..4], "{findings}");
+    // Every step ended on ballots or reports, none at its deadline.
+    assert!(!findings.contains("deadline"), "{findings}");
+    let referees: Vec<_> = (0..N)
+        .map(|r| liars[r].then(|| ranges[r][2].id()))
+        .collect();
+    assert_eq!(session.referees(), &referees[..], "{findings}");
+    // Where each referee's catch-up came from: the client, or range r-1's trusted voter.
+    let sources: Vec<Option<&Node>> = (0..N)
+        .filter(|&r| liars[r])
+        .map(|r| r.checked_sub(1).map(|b| &ranges[b][1]))
+        .collect();
+    for source in &sources {
+        let from = match source {
+            None => "the client's tokens".to_string(),
+            Some(n) => format!("{}'s kept hidden states", n.id().fmt_short()),
+        };
+        let line = format!("positions 0..{split_at} replayed from {from}");
+        assert!(findings.contains(&line), "{line}\n{findings}");
+    }
+    // Only the referees computed the prefix again, once each; the sources re-sent it.
+    for node in &swarm.nodes {
+        let stats = node.stats();
+        let referee = referees.contains(&Some(node.id()));
+        assert_eq!(stats.fills, referee as u64, "fills of {}", node.id());
+        let source = sources.iter().flatten().any(|s| s.id() == node.id());
+        assert_eq!(stats.replays, source as u64, "replays of {}", node.id());
+    }
+    for (r, range) in ranges.iter().enumerate() {
+        for (i, node) in range.iter().enumerate() {
+            let banned = state_of(&client, node) == TrustState::Banned;
+            assert_eq!(
+                banned,
+                liars[r] && i == 0,
+                "range {r}, replica {i}\n{findings}"
+            );
+        }
+    }
+    session.close().await;
+    client.shutdown().await;
+    swarm.shutdown().await;
+}
+
+/// One greedy decode step after `tokens` (the prompt was `prompt_len` long).
+async fn decode_one(session: &mut RemoteSession, tokens: &mut Vec<u32>, prompt_len: usize) {
+    let at = prompt_len + tokens.len() - 1;
+    let last = tokens[tokens.len() - 1];
+    match session.step(&[last], at).await {
+        Ok(t) => tokens.push(t),
+        Err(e) => panic!("{e}\n{}", session.trust_findings().join("\n")),
+    }
 }
