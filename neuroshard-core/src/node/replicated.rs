@@ -16,6 +16,12 @@
 //! output to every receiver. What a vote finds (evidence, missing replicas, no majority) goes
 //! to the client as a `VoteReport`; the client checks the evidence itself.
 //!
+//! Each replica keeps the hidden states it sent (the session's `sent` record, as a plain hop
+//! does). Should the next range's vote split, the client adds a referee to that range by a
+//! signed re-open of the session, and a replica it trusts replays those states into the
+//! referee (`Replay`, a `Fill` the referee takes from any replica of the previous range);
+//! see `client/replicated.rs`, `add_referee`.
+//!
 //! Replicated steps run as one chunk each (the engine still chunks long inputs inside), so a
 //! long prompt does not pipeline across hops chunk by chunk as an unreplicated one does.
 
