@@ -48,8 +48,9 @@ pub(super) struct SessionTrust {
     pub(super) split: Option<usize>,
 }
 
-/// What an unaudited replicated session needs to re-open itself audited: the swarm view it
-/// was planned on, the layer count and the redundancy.
+/// What an unaudited replicated session needs to re-open itself audited: the holders of its
+/// planned ranges from the swarm view it was planned on (not the whole view: a swarm may
+/// announce thousands of nodes), the layer count and the redundancy.
 #[derive(Debug)]
 pub(super) struct AuditPlan {
     peers: PeerSet,
@@ -328,8 +329,15 @@ impl Client {
         let mut session = self.open_signed(open, &self.inner.key).await?;
         session.trust.holders = holders;
         if !audit {
+            let planned: std::collections::HashSet<NodeId> = session
+                .trust
+                .holders
+                .iter()
+                .flatten()
+                .map(|h| h.node)
+                .collect();
             session.audit_plan = Some(Box::new(AuditPlan {
-                peers: peers.clone(),
+                peers: peers.subset(|id| planned.contains(id)),
                 layers,
                 k,
             }));

@@ -167,6 +167,26 @@ impl PeerSet {
         rows
     }
 
+    /// A copy holding only the nodes `keep` selects (with their replay marks): what a
+    /// session keeps to re-plan among the holders of its layers, without the whole view.
+    pub fn subset(&self, keep: impl Fn(&NodeId) -> bool) -> PeerSet {
+        PeerSet {
+            model_id: self.model_id.clone(),
+            peers: self
+                .peers
+                .iter()
+                .filter(|(id, _)| keep(id))
+                .map(|(id, e)| (*id, e.clone()))
+                .collect(),
+            newest: self
+                .newest
+                .iter()
+                .filter(|(id, _)| keep(id))
+                .map(|(id, t)| (*id, *t))
+                .collect(),
+        }
+    }
+
     /// The model this swarm runs.
     pub fn model_id(&self) -> &str {
         &self.model_id
