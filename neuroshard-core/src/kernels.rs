@@ -209,27 +209,66 @@ impl QuantMatrix {
         let row = &self.data[r * rb..(r + 1) * rb];
         let bb = self.format.block_bytes();
         for (b, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let blk = &row[b * bb..(b + 1) * bb];
-            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-            match self.format {
-                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                    let (m, qs) = if self.format == BlockFormat::Q4_1 {
-                        (f16::from_le_bytes([blk[2], blk[3]]).to_f32(), &blk[4..20])
-                    } else {
-                        (-8.0 * d, &blk[2..18])
-                    };
-                    for j in 0..16 {
-                        chunk[j] = (qs[j] & 0x0F) as f32 * d + m;
-                        chunk[j + 16] = (qs[j] >> 4) as f32 * d + m;
+            dequantize_block(self.format, &row[b * bb..(b + 1) * bb], chunk);
+        }
+    }
+
+    /// `dx = dy W` for `dy` holding `m` rows of `rows` values; returns `m × cols` values: the
+    /// gradient of `y = x Wᵀ` with respect to `x`, which a frozen quantised layer still passes
+    /// upstream in training (LoRA on a GGUF base). Read from the blocks as they are: each
+    /// block is dequantised once and added, scaled by `dy`, into every row of `dx`.
+    ///
+    /// The columns are split over rayon's pool in groups of whole blocks; each group sums
+    /// over the weight rows in order, so the result does not depend on the thread count.
+    pub fn matmul_transposed(&self, dy: &[f32], m: usize) -> Result<Vec<f32>> {
+        if dy.len() != m * self.rows {
+            return Err(Error::BadInput(format!(
+                "transposed product: {} values for {m} rows of {}",
+                dy.len(),
+                self.rows
+            )));
+        }
+        /// Blocks of columns per task: 256 columns, so a task reads 8 consecutive blocks of
+        /// each weight row.
+        const GROUP: usize = 8;
+        let (rows, cols) = (self.rows, self.cols);
+        let blocks = cols / BLOCK;
+        let bb = self.format.block_bytes();
+        let rb = self.row_bytes();
+        let groups: Vec<(usize, Vec<f32>)> = (0..blocks.div_ceil(GROUP))
+            .into_par_iter()
+            .map(|g| {
+                let (b0, b1) = (g * GROUP, ((g + 1) * GROUP).min(blocks));
+                let width = (b1 - b0) * BLOCK;
+                // This group's columns of dx, row-major.
+                let mut acc = vec![0f32; m * width];
+                let mut values = [0f32; BLOCK];
+                for o in 0..rows {
+                    let row = &self.data[o * rb..(o + 1) * rb];
+                    for b in b0..b1 {
+                        dequantize_block(self.format, &row[b * bb..(b + 1) * bb], &mut values);
+                        let at = (b - b0) * BLOCK;
+                        for i in 0..m {
+                            let s = dy[i * rows + o];
+                            let out = &mut acc[i * width + at..i * width + at + BLOCK];
+                            for (a, v) in out.iter_mut().zip(&values) {
+                                *a += s * v;
+                            }
+                        }
                     }
                 }
-                BlockFormat::Q8_0 => {
-                    for j in 0..BLOCK {
-                        chunk[j] = blk[2 + j] as i8 as f32 * d;
-                    }
-                }
+                (b0 * BLOCK, acc)
+            })
+            .collect();
+        let mut dx = vec![0f32; m * cols];
+        for (c0, acc) in groups {
+            let width = acc.len() / m.max(1);
+            for i in 0..m {
+                dx[i * cols + c0..i * cols + c0 + width]
+                    .copy_from_slice(&acc[i * width..(i + 1) * width]);
             }
         }
+        Ok(dx)
     }
 
     /// The whole matrix as a dense f32 tensor.
@@ -400,6 +439,29 @@ fn dot_rows_inputs(
         for (t, y) in ys.iter_mut().enumerate() {
             let xr = &x[t * cols..(t + 1) * cols];
             *y = scalar_dot(format, row, xr, &xsum[t * per_input..(t + 1) * per_input]);
+        }
+    }
+}
+
+/// The 32 values of one block (`blk`: the block's bytes) into `out`.
+fn dequantize_block(format: BlockFormat, blk: &[u8], out: &mut [f32]) {
+    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+    match format {
+        BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+            let (m, qs) = if format == BlockFormat::Q4_1 {
+                (f16::from_le_bytes([blk[2], blk[3]]).to_f32(), &blk[4..20])
+            } else {
+                (-8.0 * d, &blk[2..18])
+            };
+            for j in 0..16 {
+                out[j] = (qs[j] & 0x0F) as f32 * d + m;
+                out[j + 16] = (qs[j] >> 4) as f32 * d + m;
+            }
+        }
+        BlockFormat::Q8_0 => {
+            for j in 0..BLOCK {
+                out[j] = blk[2 + j] as i8 as f32 * d;
+            }
         }
     }
 }
@@ -1111,6 +1173,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The input gradient of a frozen quantised layer (`dx = dy W`, over the blocks) equals
+    /// the same product on the dequantised f32 matrix, for every format and odd shapes.
+    #[test]
+    fn transposed_product_over_blocks_matches_the_dequantised_matrix() {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (rows, cols, m) in [(1, 32, 1), (37, 96, 1), (130, 576, 3), (19, 1536, 5)] {
+                let w =
+                    Tensor::from_vec(values(rows * cols, rows as u64), (rows, cols), &Device::Cpu)
+                        .expect("w");
+                let q = QTensor::quantize(&w, dtype).expect("quantize");
+                let dense = q.dequantize(&Device::Cpu).expect("dequantize");
+                let dy = values(m * rows, 7 + m as u64);
+                let dyt = Tensor::from_vec(dy.clone(), (m, rows), &Device::Cpu).expect("dy");
+                let want: Vec<f32> = dyt
+                    .matmul(&dense)
+                    .expect("mm")
+                    .flatten_all()
+                    .expect("f")
+                    .to_vec1()
+                    .expect("v");
+                let qm = QuantMatrix::from_qtensor(&q)
+                    .expect("ok")
+                    .expect("supported");
+                let got = qm.matmul_transposed(&dy, m).expect("transposed");
+                assert_eq!(got.len(), m * cols);
+                let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum();
+                let den: f32 = want.iter().map(|b| b * b).sum();
+                let rel = (num / den).sqrt();
+                assert!(
+                    rel <= 1e-5,
+                    "{dtype:?} [{rows},{cols}] dy x {m}: relative error {rel}"
+                );
+                let max_rel = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs() / want.iter().fold(0f32, |x, y| x.max(y.abs())))
+                    .fold(0f32, f32::max);
+                assert!(max_rel <= 1e-5, "{dtype:?} [{rows},{cols}]: max {max_rel}");
+            }
+        }
+        let qm = QuantMatrix::from_qtensor(
+            &QTensor::quantize(
+                &Tensor::from_vec(values(64, 1), (2, 32), &Device::Cpu).expect("w"),
+                GgmlDType::Q8_0,
+            )
+            .expect("q"),
+        )
+        .expect("ok")
+        .expect("supported");
+        assert!(qm.matmul_transposed(&[1.0; 3], 1).is_err(), "wrong length");
     }
 
     #[test]
