@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::{KvDtype, LayerKv};
 use crate::model::layers::{ComputeMode, Pass};
+use crate::model::lora::{LoraAdapter, LoraConfig};
 use crate::model::shard::{LogitsSelection, ShardInput, ShardModel, ShardOutput};
 use crate::model::weights::WeightFile;
 use candle_core::{DType, Tensor};
@@ -145,6 +146,9 @@ pub struct ForwardRequest {
     pub layers: Option<Range<usize>>,
     /// LM head on every position or only the last.
     pub logits: LogitsSelection,
+    /// The LoRA adapter to run with ([`ShardEngine::create_adapter`]); `None`: the base
+    /// weights.
+    pub adapter: Option<String>,
 }
 
 impl ForwardRequest {
@@ -156,7 +160,14 @@ impl ForwardRequest {
             session: None,
             layers: None,
             logits: LogitsSelection::All,
+            adapter: None,
         }
+    }
+
+    /// Runs with the LoRA adapter `name`.
+    pub fn adapter(mut self, name: impl Into<String>) -> Self {
+        self.adapter = Some(name.into());
+        self
     }
 
     /// Uses `session`'s KV cache, writing at positions `start_pos..`.
@@ -200,6 +211,8 @@ pub struct ShardEngine {
     bytes_loaded: u64,
     updates: AtomicU64,
     training: Mutex<training::TrainState>,
+    /// LoRA adapters over this slice, by name.
+    adapters: std::sync::RwLock<std::collections::HashMap<String, Arc<LoraAdapter>>>,
 }
 
 impl std::fmt::Debug for ShardEngine {
@@ -288,6 +301,7 @@ impl ShardEngine {
             counters: Counters::default(),
             updates: AtomicU64::new(0),
             training: Mutex::new(training::TrainState::default()),
+            adapters: Default::default(),
         })
     }
 
@@ -616,7 +630,11 @@ impl ShardEngine {
     pub fn forward(&self, req: ForwardRequest) -> Result<ShardOutput> {
         let (range, input, seq) = self.validate(&req)?;
         let batch = input_batch(&input);
-        let pass = Pass { track: false };
+        let adapter = self.adapter_for(req.adapter.as_deref())?;
+        let pass = Pass {
+            track: false,
+            adapter: adapter.as_deref(),
+        };
         let rel = (range.start - self.model.layers.start)..(range.end - self.model.layers.start);
         // The compute runs on a rayon worker (`in_pool`): the kernels' parallel loops then
         // include the calling thread instead of parking it on a latch and waking it once per
@@ -694,7 +712,9 @@ impl ShardEngine {
                 }
             };
             let Some(session) = req.session else { continue };
+            // The batch runs the base weights; adapter steps run alone.
             let joins = seq == 1
+                && req.adapter.is_none()
                 && input_batch(&input) == 1
                 && range_of_batch.as_ref().is_none_or(|r| *r == range)
                 && self.model.can_batch(&range)
@@ -843,5 +863,54 @@ impl ShardEngine {
     /// run the model's weights, which is the lie.
     pub fn perturb_weight(&mut self, fraction: f32, seed: u64) -> Result<String> {
         self.model.perturb_weight(fraction, seed)
+    }
+}
+
+impl ShardEngine {
+    /// Creates the LoRA adapter `name` over this slice's matrices that match `config`'s
+    /// targets (`A` seeded, `B` zero: the model's output is unchanged until it trains).
+    /// Adapters are namespaced: a request runs with one by name, and the base weights are
+    /// shared. An existing adapter of that name is an error.
+    pub fn create_adapter(&self, name: &str, config: LoraConfig) -> Result<Arc<LoraAdapter>> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(Error::Training(format!(
+                "adapter names are 1..=128 bytes, not {}",
+                name.len()
+            )));
+        }
+        let adapter = Arc::new(LoraAdapter::new(name, config, self.model.linears())?);
+        let mut adapters = self.adapters.write().map_err(Error::poisoned("adapters"))?;
+        if adapters.contains_key(name) {
+            return Err(Error::Training(format!("adapter `{name}` exists already")));
+        }
+        adapters.insert(name.to_string(), adapter.clone());
+        Ok(adapter)
+    }
+
+    /// The adapter `name`, if this engine has it.
+    pub fn adapter(&self, name: &str) -> Option<Arc<LoraAdapter>> {
+        self.adapters.read().ok()?.get(name).cloned()
+    }
+
+    /// Names of the adapters this engine has, sorted.
+    pub fn adapter_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .adapters
+            .read()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The adapter a request names: an unknown name is an error, never the base weights.
+    pub(crate) fn adapter_for(&self, name: Option<&str>) -> Result<Option<Arc<LoraAdapter>>> {
+        match name {
+            None => Ok(None),
+            Some(n) => self
+                .adapter(n)
+                .map(Some)
+                .ok_or_else(|| Error::BadInput(format!("no adapter `{n}` on this slice"))),
+        }
     }
 }

@@ -81,6 +81,7 @@ pub use model::identity::{
 };
 pub use model::kv_cache::KvDtype;
 pub use model::layers::ComputeMode;
+pub use model::lora::{LoraAdapter, LoraConfig, MAX_LORA_RANK};
 pub use model::sampling::SamplingParams;
 pub use model::shard::{LogitsSelection, ShardInput, ShardOutput};
 pub use model::tokenizer::{ChatMessage, Tokenizer, TokenizerInfo};

@@ -8,6 +8,8 @@ pub(crate) mod identity;
 pub(crate) mod kv_cache;
 pub(crate) mod layers;
 pub(crate) mod llama;
+pub(crate) mod lora;
+pub(crate) mod quant_linear;
 pub(crate) mod sampling;
 pub(crate) mod shard;
 #[cfg(target_arch = "x86_64")]

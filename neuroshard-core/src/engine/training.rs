@@ -10,10 +10,12 @@ use super::optimizer::{AdamW, AdamWConfig};
 use super::{ForwardRequest, ShardEngine, WeightVersion};
 use crate::error::{Error, Result};
 use crate::model::layers::Pass;
+use crate::model::lora::LoraAdapter;
 use crate::model::shard::{ShardInput, ShardOutput};
 use candle_core::{DType, Tensor, Var, D};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// Where the gradient of a shard's output comes from.
 #[derive(Debug, Clone)]
@@ -39,14 +41,22 @@ pub struct BackwardOutput {
 struct Pending {
     input: Option<Var>,
     output: Tensor,
+    /// The adapter this micro-batch trains (`None`: the slice's own weights).
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// Per-engine training state.
 #[derive(Debug, Default)]
 pub(crate) struct TrainState {
     pending: HashMap<u64, Pending>,
+    /// Accumulated gradients by name: the slice's parameter names, or an adapter's PEFT names.
     grads: HashMap<String, Tensor>,
+    /// What the accumulation trains: `Some(name)` for an adapter, `None` for the slice's own
+    /// weights. One target per accumulation, so a step never mixes them.
+    target: Option<Option<String>>,
     optimizer: AdamW,
+    /// One optimizer per adapter: two adapters never share moments or step counts.
+    adapter_optimizers: HashMap<String, AdamW>,
 }
 
 /// Mean next-token cross-entropy with labels shifted by one (Hugging Face convention).
@@ -84,14 +94,54 @@ impl ShardEngine {
     }
 
     /// Forward for training micro-batch `batch` (positions from 0, no KV cache); the graph is
-    /// kept until [`ShardEngine::backward`] is called with the same id.
+    /// kept until [`ShardEngine::backward`] is called with the same id. Trains the slice's own
+    /// weights, which must be f32 (`--mode f32`).
     pub fn train_forward(&self, batch: u64, input: ShardInput) -> Result<ShardOutput> {
         if let Some(p) = self.model.params().into_iter().find(|p| p.var.is_none()) {
             return Err(Error::Training(format!(
-                "parameter `{}` is held quantised ({:?} mode); training needs f32 weights: \
-                 load the shard with --mode f32",
+                "parameter `{}` is held quantised ({:?} mode); training the weights needs f32: \
+                 load the shard with --mode f32, or train a LoRA adapter on it",
                 p.name, self.options.mode
             )));
+        }
+        self.train_forward_with(batch, input, None)
+    }
+
+    /// Forward for training micro-batch `batch` of the LoRA adapter `adapter`: the base
+    /// weights stay frozen (quantised blocks included: they pass input gradients through the
+    /// blocks, `quant_linear.rs`), and only the adapter's factors accumulate gradients.
+    pub fn train_forward_adapter(
+        &self,
+        batch: u64,
+        input: ShardInput,
+        adapter: &str,
+    ) -> Result<ShardOutput> {
+        let adapter = self.adapter_for(Some(adapter))?;
+        self.train_forward_with(batch, input, adapter)
+    }
+
+    fn train_forward_with(
+        &self,
+        batch: u64,
+        input: ShardInput,
+        adapter: Option<Arc<LoraAdapter>>,
+    ) -> Result<ShardOutput> {
+        let target = adapter.as_ref().map(|a| a.name().to_string());
+        {
+            let mut state = self.train_state()?;
+            match &state.target {
+                Some(t)
+                    if *t != target && !(state.grads.is_empty() && state.pending.is_empty()) =>
+                {
+                    return Err(Error::Training(format!(
+                        "gradients for {} are being accumulated; step or zero them before \
+                         training {}",
+                        describe_target(t),
+                        describe_target(&target)
+                    )))
+                }
+                _ => state.target = Some(target),
+            }
         }
         let (range, input, seq) = self.validate(&ForwardRequest::new(input))?;
         let batch_size = super::input_batch(&input);
@@ -108,7 +158,10 @@ impl ShardEngine {
             range.clone(),
             None,
             crate::model::shard::LogitsSelection::All,
-            Pass { track: true },
+            Pass {
+                track: true,
+                adapter: adapter.as_deref(),
+            },
         )?;
         self.count(batch_size, seq, range.len());
         let detached = match &output {
@@ -120,6 +173,7 @@ impl ShardEngine {
             Pending {
                 input: input_var,
                 output: output.tensor().clone(),
+                adapter,
             },
         );
         Ok(detached)
@@ -157,14 +211,22 @@ impl ShardEngine {
         };
         let grads = objective.backward()?;
         let mut state = self.train_state()?;
-        for p in self.model.params() {
-            let Some(var) = &p.var else { continue };
+        let trained: Vec<(String, &Var)> = match &pending.adapter {
+            Some(adapter) => adapter.vars(),
+            None => self
+                .model
+                .params()
+                .into_iter()
+                .filter_map(|p| Some((p.name.clone(), p.var.as_ref()?)))
+                .collect(),
+        };
+        for (name, var) in trained {
             if let Some(g) = grads.get(var.as_tensor()) {
-                let total = match state.grads.remove(&p.name) {
+                let total = match state.grads.remove(&name) {
                     Some(prev) => (prev + g)?,
                     None => g.clone(),
                 };
-                state.grads.insert(p.name.clone(), total);
+                state.grads.insert(name, total);
             }
         }
         let grad_input = match &pending.input {
@@ -174,20 +236,26 @@ impl ShardEngine {
         Ok(BackwardOutput { grad_input, loss })
     }
 
-    /// Accumulated gradients, by parameter name, in parameter order.
+    /// Accumulated gradients, by parameter name in parameter order (or, while an adapter
+    /// trains, by its PEFT tensor names in name order).
     pub fn gradients(&self) -> Result<Vec<(String, Tensor)>> {
         let state = self.train_state()?;
-        Ok(self
-            .model
-            .params()
+        let names: Vec<String> = match self.training_adapter(&state)? {
+            Some(adapter) => adapter.vars().into_iter().map(|(n, _)| n).collect(),
+            None => self.model.params().iter().map(|p| p.name.clone()).collect(),
+        };
+        Ok(names
             .into_iter()
-            .filter_map(|p| {
-                state
-                    .grads
-                    .get(&p.name)
-                    .map(|g| (p.name.clone(), g.clone()))
-            })
+            .filter_map(|n| state.grads.get(&n).map(|g| (n.clone(), g.clone())))
             .collect())
+    }
+
+    /// The adapter the current accumulation trains, if any.
+    fn training_adapter(&self, state: &TrainState) -> Result<Option<Arc<LoraAdapter>>> {
+        match &state.target {
+            Some(Some(name)) => self.adapter_for(Some(name)),
+            _ => Ok(None),
+        }
     }
 
     /// Replaces the accumulated gradient of `name` (e.g. with the sum of both halves of a tied
@@ -230,6 +298,20 @@ impl ShardEngine {
             ));
         }
         let grads = std::mem::take(&mut state.grads);
+        if let Some(adapter) = self.training_adapter(&state)? {
+            let optimizer = state
+                .adapter_optimizers
+                .entry(adapter.name().to_string())
+                .or_default();
+            optimizer.begin_step();
+            for (name, var) in adapter.vars() {
+                if let Some(g) = grads.get(&name) {
+                    optimizer.update(&name, var, g, cfg)?;
+                }
+            }
+            adapter.stepped();
+            return Ok(self.version());
+        }
         state.optimizer.begin_step();
         for p in self.model.params() {
             if let (Some(var), Some(g)) = (&p.var, grads.get(&p.name)) {
@@ -239,5 +321,13 @@ impl ShardEngine {
         drop(state);
         self.updates.fetch_add(1, Ordering::SeqCst);
         Ok(self.version())
+    }
+}
+
+/// "the adapter `x`" or "the slice's weights", for errors.
+fn describe_target(target: &Option<String>) -> String {
+    match target {
+        Some(name) => format!("the adapter `{name}`"),
+        None => "the slice's weights".into(),
     }
 }

@@ -146,9 +146,14 @@ impl Gpt2Block {
             &self.ln_2.weight,
             &self.ln_2.bias,
         ];
-        for l in [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj] {
+        for l in self.linears() {
             out.extend(l.params());
         }
         out
+    }
+
+    /// The block's projections, in parameter order.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        vec![&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj]
     }
 }

@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::kernels::QuantMatrix;
 use crate::model::attention::{attention as tiled_attention, AttentionShape, KvRows};
 use crate::model::kv_cache::LayerKv;
+use crate::model::lora::LoraAdapter;
 use crate::model::weights::{RawTensor, WeightFile};
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::sync::Arc;
@@ -49,9 +50,19 @@ impl std::str::FromStr for ComputeMode {
 
 /// Per-call options threaded through every block's forward.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Pass {
+pub(crate) struct Pass<'a> {
     /// Build the autograd graph through trainable variables (training forward).
     pub(crate) track: bool,
+    /// The LoRA adapter the call runs with (`None`: the base weights).
+    pub(crate) adapter: Option<&'a LoraAdapter>,
+}
+
+impl Pass<'static> {
+    /// Inference on the base weights.
+    pub(crate) const INFERENCE: Pass<'static> = Pass {
+        track: false,
+        adapter: None,
+    };
 }
 
 /// One named model parameter.
@@ -264,6 +275,9 @@ impl Linear {
                     &Device::Cpu,
                 )?
             }
+            // Training through a frozen quantised matrix: the block kernels forward, the
+            // input gradient through the blocks backward (`quant_linear.rs`).
+            (Some(q), true) => crate::model::quant_linear::QuantLinear(q.clone()).apply(&x2)?,
             _ => {
                 let w = self.weight.get(pass)?;
                 match self.layout {
@@ -271,6 +285,34 @@ impl Linear {
                     WeightLayout::InOut => x2.matmul(w)?,
                 }
             }
+        };
+        self.finish_with(&x2, y, dims, pass)
+    }
+
+    /// (inputs, outputs) of the projection.
+    pub(crate) fn in_out(&self) -> (usize, usize) {
+        let dims = self.weight.dims();
+        let (a, b) = (
+            dims.first().copied().unwrap_or(0),
+            dims.get(1).copied().unwrap_or(0),
+        );
+        match (&self.weight.quant, self.layout) {
+            // Block matrices are always `[out, in]`.
+            (Some(_), _) | (None, WeightLayout::OutIn) => (b, a),
+            (None, WeightLayout::InOut) => (a, b),
+        }
+    }
+
+    /// Adds the pass's adapter part (when its adapter covers this matrix) and the bias to
+    /// `y` (`[rows, out]`, computed from `x2`: `[rows, in]`), and restores the input's
+    /// leading dimensions.
+    fn finish_with(&self, x2: &Tensor, y: Tensor, dims: Vec<usize>, pass: Pass) -> Result<Tensor> {
+        let y = match pass
+            .adapter
+            .and_then(|a| a.pair(&self.weight.name).map(|p| (a, p)))
+        {
+            Some((adapter, pair)) => (y + adapter.delta(pair, x2, pass.track)?)?,
+            None => y,
         };
         self.finish(y, dims, pass)
     }
@@ -301,9 +343,15 @@ impl Linear {
         let quant: Option<Vec<&QuantMatrix>> =
             linears.iter().map(|l| l.weight.quant.as_deref()).collect();
         let fusable = match &quant {
-            Some(q) if !pass.track && rows < DENSE_GEMM_ROWS && !q.is_empty() => q
-                .iter()
-                .all(|m| m.format() == q[0].format() && m.cols() == q[0].cols()),
+            Some(q)
+                if !pass.track
+                    && pass.adapter.is_none()
+                    && rows < DENSE_GEMM_ROWS
+                    && !q.is_empty() =>
+            {
+                q.iter()
+                    .all(|m| m.format() == q[0].format() && m.cols() == q[0].cols())
+            }
             _ => false,
         };
         let Some(quant) = quant.filter(|_| fusable) else {
@@ -335,7 +383,7 @@ pub(crate) struct RmsNorm {
 impl RmsNorm {
     /// The norm of each row of `x` into `out` ([`crate::model::decode`] path, inference).
     pub(crate) fn forward_raw(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
-        let w = self.weight.get(Pass { track: false })?;
+        let w = self.weight.get(Pass::INFERENCE)?;
         crate::model::decode::with_f32(w, |w| crate::model::decode::rms_norm(x, w, self.eps, out))?
     }
 

@@ -328,11 +328,16 @@ impl LlamaBlock {
 
     pub(crate) fn params(&self) -> Vec<&Param> {
         let mut out = vec![&self.input_norm.weight, &self.post_norm.weight];
-        for l in [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ] {
+        for l in self.linears() {
             out.extend(l.params());
         }
         out
+    }
+
+    /// The block's projections, in parameter order.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        vec![
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
     }
 }

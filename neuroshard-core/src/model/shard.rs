@@ -268,6 +268,18 @@ impl ShardModel {
     }
 
     /// Every parameter once (a tied head shared with the embedding is listed once).
+    /// The projections of the slice's blocks (what LoRA adapters attach to; the LM head is
+    /// left out).
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| match b {
+                Block::Llama(b) => b.linears(),
+                Block::Gpt2(b) => b.linears(),
+            })
+            .collect()
+    }
+
     pub(crate) fn params(&self) -> Vec<&Param> {
         let mut out: Vec<&Param> = Vec::new();
         if let Some(e) = &self.embed {
@@ -355,7 +367,7 @@ impl ShardModel {
         range: Range<usize>,
         caches: &mut [&mut [LayerKv]],
     ) -> Result<Vec<ShardOutput>> {
-        let pass = Pass { track: false };
+        let pass = Pass::INFERENCE;
         let (blocks, rope, head) = self.raw_parts(&range).ok_or_else(|| {
             Error::BadInput(format!("layers {range:?} cannot run as a decode batch"))
         })?;
@@ -437,7 +449,7 @@ impl ShardModel {
         caches: &mut [LayerKv],
         logits: LogitsSelection,
     ) -> Result<Option<ShardOutput>> {
-        let pass = Pass { track: false };
+        let pass = Pass::INFERENCE;
         let (batch, seq) = match input {
             ShardInput::Tokens(ids) => ids.dims2()?,
             ShardInput::Hidden(h) => {
@@ -506,7 +518,7 @@ impl ShardModel {
         logits: LogitsSelection,
         chunk: usize,
     ) -> Result<ShardOutput> {
-        let pass = Pass { track: false };
+        let pass = Pass::INFERENCE;
         let seq = match input {
             ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1)?,
         };
@@ -550,7 +562,8 @@ impl ShardModel {
         logits: LogitsSelection,
         pass: Pass,
     ) -> Result<ShardOutput> {
-        if let (false, Some(caches)) = (pass.track, caches.as_deref_mut()) {
+        // The buffer path runs the base weights only; an adapter takes the tensor path.
+        if let (false, None, Some(caches)) = (pass.track, pass.adapter, caches.as_deref_mut()) {
             if let Some(out) = self.forward_raw(input, start, range.clone(), caches, logits)? {
                 return Ok(out);
             }

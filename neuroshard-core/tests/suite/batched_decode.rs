@@ -13,6 +13,7 @@ fn step(session: u64, token: u32, position: usize) -> ForwardRequest {
         session: Some(session),
         start_pos: position,
         logits: LogitsSelection::Last,
+        adapter: None,
         ..ForwardRequest::new(ShardInput::tokens_from_slice(&[token], 1, 1).expect("input"))
     }
 }
@@ -115,6 +116,7 @@ fn requests_that_cannot_join_run_alone_with_their_errors() {
             session: Some(1),
             start_pos: 4,
             logits: LogitsSelection::Last,
+            adapter: None,
             ..ForwardRequest::new(ShardInput::tokens_from_slice(&prompt[4..6], 1, 2).expect("in"))
         },
     ]);

@@ -11,6 +11,7 @@ mod floods;
 #[cfg(feature = "internals")]
 mod hostile_peers;
 mod long_context;
+mod lora;
 mod model_identity;
 mod net_iroh;
 mod net_peers;

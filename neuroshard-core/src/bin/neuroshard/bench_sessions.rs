@@ -292,6 +292,7 @@ fn engine_decode(
         let out = engine.forward(ForwardRequest {
             session: Some(id),
             logits: LogitsSelection::Last,
+            adapter: None,
             ..ForwardRequest::new(ShardInput::tokens_from_slice(prompt, 1, prompt.len())?)
         })?;
         tokens.push(vec![argmax(&out)?]);
@@ -306,6 +307,7 @@ fn engine_decode(
                     session: Some(base + s as u64),
                     start_pos: prompts[s].len() + step,
                     logits: LogitsSelection::Last,
+                    adapter: None,
                     ..ForwardRequest::new(ShardInput::tokens_from_slice(&t[step..], 1, 1)?)
                 })
             })

@@ -1,0 +1,212 @@
+//! LoRA adapters on the quantised SmolLM2 base (Q4_1 blocks in exact mode): a fresh adapter
+//! changes nothing, the adapter's gradients (and the input gradient a frozen block matrix
+//! passes upstream) equal those of the same adapter on the dequantised f32 base, and a few
+//! AdamW steps of the adapter alone lower a text's loss.
+
+use crate::common::*;
+use candle_core::{DType, Device, Tensor};
+use neuroshard_core::{
+    AdamWConfig, ComputeMode, EngineOptions, Error, ForwardRequest, LoraConfig, OutputGrad,
+    ShardEngine, ShardInput,
+};
+
+fn load(layers: std::ops::Range<usize>, mode: ComputeMode) -> ShardEngine {
+    ShardEngine::load(
+        smollm2(),
+        layers,
+        EngineOptions {
+            mode,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("load SmolLM2")
+}
+
+/// Deterministic values in [-scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn prompt_ids() -> Vec<u32> {
+    smollm2_prompt_and_greedy().0
+}
+
+fn tokens(ids: &[u32]) -> ShardInput {
+    ShardInput::tokens_from_slice(ids, 1, ids.len()).expect("tokens")
+}
+
+#[test]
+fn a_fresh_adapter_leaves_the_logits_unchanged_and_names_are_checked() {
+    let engine = load(26..30, ComputeMode::Exact);
+    let first = load(0..26, ComputeMode::Exact);
+    let ids = prompt_ids();
+    let hidden = first
+        .forward(ForwardRequest::new(tokens(&ids)))
+        .expect("layers 0..26")
+        .tensor()
+        .clone();
+    let base = engine
+        .forward(ForwardRequest::new(ShardInput::Hidden(hidden.clone())))
+        .expect("base");
+    let adapter = engine
+        .create_adapter("fresh", LoraConfig::default())
+        .expect("adapter");
+    // q_proj and v_proj of 4 layers, A and B each.
+    assert_eq!(adapter.tensors().len(), 16);
+    let with = engine
+        .forward(ForwardRequest::new(ShardInput::Hidden(hidden.clone())).adapter("fresh"))
+        .expect("with the adapter");
+    assert_eq!(max_abs_diff(base.tensor(), with.tensor()), 0.0);
+    // An unknown adapter is an error, never the base weights; names are unique.
+    let err = engine
+        .forward(ForwardRequest::new(ShardInput::Hidden(hidden)).adapter("other"))
+        .unwrap_err();
+    assert!(matches!(err, Error::BadInput(_)), "{err}");
+    assert!(engine
+        .create_adapter("fresh", LoraConfig::default())
+        .is_err());
+    let bad = LoraConfig {
+        rank: 0,
+        ..LoraConfig::default()
+    };
+    assert!(engine.create_adapter("zero", bad).is_err());
+    let nowhere = LoraConfig {
+        targets: vec!["no_such_proj".into()],
+        ..LoraConfig::default()
+    };
+    assert!(engine.create_adapter("nowhere", nowhere).is_err());
+    assert_eq!(engine.adapter_names(), vec!["fresh".to_string()]);
+}
+
+#[test]
+fn adapter_gradients_on_the_quantised_base_equal_those_on_the_f32_base() {
+    let ids = prompt_ids();
+    let hidden = load(0..12, ComputeMode::Exact)
+        .forward(ForwardRequest::new(tokens(&ids)))
+        .expect("layers 0..12")
+        .tensor()
+        .clone();
+    let config = LoraConfig {
+        rank: 4,
+        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        ..LoraConfig::default()
+    };
+    let mut results = Vec::new();
+    for mode in [ComputeMode::Exact, ComputeMode::F32] {
+        let engine = load(12..14, mode);
+        let adapter = engine.create_adapter("t", config.clone()).expect("adapter");
+        // The same non-zero B on both, so that A gets a gradient too.
+        for (i, (name, t)) in adapter.tensors().into_iter().enumerate() {
+            if name.contains("lora_B") {
+                let v = Tensor::from_vec(
+                    values(t.elem_count(), i as u64, 0.05),
+                    t.shape(),
+                    &Device::Cpu,
+                )
+                .expect("b");
+                adapter.set_tensor(&name, &v).expect("set B");
+            }
+        }
+        let out = engine
+            .train_forward_adapter(1, ShardInput::Hidden(hidden.clone()), "t")
+            .expect("train forward");
+        let g = Tensor::from_vec(
+            values(out.tensor().elem_count(), 77, 1.0),
+            out.tensor().shape(),
+            &Device::Cpu,
+        )
+        .expect("g");
+        let back = engine.backward(1, OutputGrad::Output(g)).expect("backward");
+        let grads = engine.gradients().expect("gradients");
+        assert_eq!(grads.len(), 12, "A and B of 3 matrices in 2 layers");
+        results.push((back.grad_input.expect("input gradient"), grads));
+    }
+    let (quant, dense) = (&results[0], &results[1]);
+    let r = rel_error(&quant.0, &dense.0);
+    eprintln!("input gradient: relative error {r:.2e}");
+    assert!(
+        r <= 1e-3,
+        "input gradient through the blocks: relative error {r}"
+    );
+    for ((name, gq), (name_f, gf)) in quant.1.iter().zip(&dense.1) {
+        assert_eq!(name, name_f);
+        let r = rel_error(gq, gf);
+        eprintln!("{name}: relative error {r:.2e}");
+        assert!(r <= 1e-3, "{name}: relative error {r}");
+        assert!(
+            gq.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_few_adapter_steps_lower_the_loss_and_leave_the_base_alone() {
+    let ids = prompt_ids();
+    let hidden = load(0..26, ComputeMode::Exact)
+        .forward(ForwardRequest::new(tokens(&ids)))
+        .expect("layers 0..26")
+        .tensor()
+        .clone();
+    let engine = load(26..30, ComputeMode::Exact);
+    engine
+        .create_adapter("learn", LoraConfig::default())
+        .expect("adapter");
+    let base_before = engine
+        .forward(ForwardRequest::new(ShardInput::Hidden(hidden.clone())))
+        .expect("base")
+        .tensor()
+        .clone();
+    let labels = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).expect("labels");
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        ..AdamWConfig::default()
+    };
+    let mut losses = Vec::new();
+    for step in 0..5 {
+        engine
+            .train_forward_adapter(step, ShardInput::Hidden(hidden.clone()), "learn")
+            .expect("train forward");
+        let out = engine
+            .backward(step, OutputGrad::CausalLmLabels(labels.clone()))
+            .expect("backward");
+        losses.push(out.loss.expect("loss on the last shard"));
+        engine.step(&cfg).expect("step");
+    }
+    eprintln!("adapter training losses: {losses:?}");
+    assert!(
+        losses[4] < 0.9 * losses[0],
+        "the adapter learns the text: losses {losses:?}"
+    );
+    assert_eq!(engine.adapter("learn").expect("adapter").steps(), 5);
+    // The base weights serve on unchanged, and the engine's weight version did not move.
+    let base_after = engine
+        .forward(ForwardRequest::new(ShardInput::Hidden(hidden)))
+        .expect("base")
+        .tensor()
+        .clone();
+    assert_eq!(max_abs_diff(&base_before, &base_after), 0.0);
+    assert_eq!(engine.version().updates, 0);
+    // Training the slice's own (quantised) weights still needs f32.
+    let err = engine
+        .train_forward(
+            9,
+            ShardInput::Hidden(Tensor::zeros((1, 2, 576), DType::F32, &Device::Cpu).unwrap()),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("LoRA adapter"), "{err}");
+}
