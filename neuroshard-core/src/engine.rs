@@ -5,10 +5,12 @@
 //! from one engine. Everything a caller can get wrong (layer range, input kind, width, dtype,
 //! position, session) is checked before any state changes and reported as a typed [`Error`].
 
+mod adapters;
 mod optimizer;
 mod sessions;
 mod training;
 
+pub use adapters::AdapterVersion;
 pub use optimizer::AdamWConfig;
 pub use sessions::SessionId;
 pub use training::{causal_lm_loss, BackwardOutput, OutputGrad};
@@ -17,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::{KvDtype, LayerKv};
 use crate::model::layers::{ComputeMode, Pass};
-use crate::model::lora::{LoraAdapter, LoraConfig};
+use crate::model::lora::LoraAdapter;
 use crate::model::shard::{LogitsSelection, ShardInput, ShardModel, ShardOutput};
 use crate::model::weights::WeightFile;
 use candle_core::{DType, Tensor};
@@ -863,54 +865,5 @@ impl ShardEngine {
     /// run the model's weights, which is the lie.
     pub fn perturb_weight(&mut self, fraction: f32, seed: u64) -> Result<String> {
         self.model.perturb_weight(fraction, seed)
-    }
-}
-
-impl ShardEngine {
-    /// Creates the LoRA adapter `name` over this slice's matrices that match `config`'s
-    /// targets (`A` seeded, `B` zero: the model's output is unchanged until it trains).
-    /// Adapters are namespaced: a request runs with one by name, and the base weights are
-    /// shared. An existing adapter of that name is an error.
-    pub fn create_adapter(&self, name: &str, config: LoraConfig) -> Result<Arc<LoraAdapter>> {
-        if name.is_empty() || name.len() > 128 {
-            return Err(Error::Training(format!(
-                "adapter names are 1..=128 bytes, not {}",
-                name.len()
-            )));
-        }
-        let adapter = Arc::new(LoraAdapter::new(name, config, self.model.linears())?);
-        let mut adapters = self.adapters.write().map_err(Error::poisoned("adapters"))?;
-        if adapters.contains_key(name) {
-            return Err(Error::Training(format!("adapter `{name}` exists already")));
-        }
-        adapters.insert(name.to_string(), adapter.clone());
-        Ok(adapter)
-    }
-
-    /// The adapter `name`, if this engine has it.
-    pub fn adapter(&self, name: &str) -> Option<Arc<LoraAdapter>> {
-        self.adapters.read().ok()?.get(name).cloned()
-    }
-
-    /// Names of the adapters this engine has, sorted.
-    pub fn adapter_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .adapters
-            .read()
-            .map(|a| a.keys().cloned().collect())
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-
-    /// The adapter a request names: an unknown name is an error, never the base weights.
-    pub(crate) fn adapter_for(&self, name: Option<&str>) -> Result<Option<Arc<LoraAdapter>>> {
-        match name {
-            None => Ok(None),
-            Some(n) => self
-                .adapter(n)
-                .map(Some)
-                .ok_or_else(|| Error::BadInput(format!("no adapter `{n}` on this slice"))),
-        }
     }
 }

@@ -68,4 +68,38 @@ impl AdamW {
     pub(crate) fn begin_step(&mut self) {
         self.steps += 1;
     }
+
+    /// The moments as tensors named `<param>.m` and `<param>.v` (a checkpoint).
+    pub(crate) fn export(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::with_capacity(2 * self.moments.len());
+        for (name, (m, v)) in &self.moments {
+            out.insert(format!("{name}.m"), m.clone());
+            out.insert(format!("{name}.v"), v.clone());
+        }
+        Ok(out)
+    }
+
+    /// The optimizer [`AdamW::export`] wrote, after `steps` steps.
+    pub(crate) fn import(mut tensors: HashMap<String, Tensor>, steps: u64) -> Result<Self> {
+        let mut moments = HashMap::new();
+        let names: Vec<String> = tensors
+            .keys()
+            .filter_map(|k| k.strip_suffix(".m").map(str::to_string))
+            .collect();
+        for name in names {
+            let m = tensors.remove(&format!("{name}.m"));
+            let v = tensors.remove(&format!("{name}.v"));
+            match (m, v) {
+                (Some(m), Some(v)) if m.dims() == v.dims() => {
+                    moments.insert(name, (m, v));
+                }
+                _ => {
+                    return Err(crate::error::Error::Training(format!(
+                        "optimizer state of `{name}` is incomplete"
+                    )))
+                }
+            }
+        }
+        Ok(AdamW { moments, steps })
+    }
 }

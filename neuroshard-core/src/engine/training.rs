@@ -56,7 +56,7 @@ pub(crate) struct TrainState {
     target: Option<Option<String>>,
     optimizer: AdamW,
     /// One optimizer per adapter: two adapters never share moments or step counts.
-    adapter_optimizers: HashMap<String, AdamW>,
+    pub(super) adapter_optimizers: HashMap<String, AdamW>,
 }
 
 /// Mean next-token cross-entropy with labels shifted by one (Hugging Face convention).
@@ -87,7 +87,7 @@ pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
 }
 
 impl ShardEngine {
-    fn train_state(&self) -> Result<std::sync::MutexGuard<'_, TrainState>> {
+    pub(super) fn train_state(&self) -> Result<std::sync::MutexGuard<'_, TrainState>> {
         self.training
             .lock()
             .map_err(Error::poisoned("training state"))

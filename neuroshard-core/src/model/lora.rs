@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Shape and placement of a new adapter.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraConfig {
     /// The rank `r` of the update (1..=256).
     pub rank: usize,
@@ -131,6 +131,11 @@ impl LoraAdapter {
     /// Optimizer steps applied so far.
     pub fn steps(&self) -> u64 {
         self.steps.load(Ordering::SeqCst)
+    }
+
+    /// Sets the step count (an adapter loaded from a checkpoint).
+    pub(crate) fn set_steps(&self, steps: u64) {
+        self.steps.store(steps, Ordering::SeqCst);
     }
 
     /// Counts one applied optimizer step.

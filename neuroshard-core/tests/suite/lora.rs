@@ -210,3 +210,76 @@ fn a_few_adapter_steps_lower_the_loss_and_leave_the_base_alone() {
         .unwrap_err();
     assert!(err.to_string().contains("LoRA adapter"), "{err}");
 }
+
+#[test]
+fn an_adapter_checkpoint_restores_its_version_and_training_goes_on_identically() {
+    let ids = prompt_ids();
+    let hidden = load(0..28, ComputeMode::Exact)
+        .forward(ForwardRequest::new(tokens(&ids)))
+        .expect("layers 0..28")
+        .tensor()
+        .clone();
+    let labels = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).expect("labels");
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        ..AdamWConfig::default()
+    };
+    let train = |engine: &ShardEngine, step: u64| {
+        engine
+            .train_forward_adapter(step, ShardInput::Hidden(hidden.clone()), "ckpt")
+            .expect("train forward");
+        engine
+            .backward(step, OutputGrad::CausalLmLabels(labels.clone()))
+            .expect("backward");
+        engine.step(&cfg).expect("step");
+    };
+    let dir = std::env::temp_dir().join(format!("neuroshard-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = load(28..30, ComputeMode::Exact);
+    first
+        .create_adapter("ckpt", LoraConfig::default())
+        .expect("adapter");
+    let fresh = first.adapter_version("ckpt").expect("version");
+    train(&first, 0);
+    train(&first, 1);
+    let saved = first.save_adapter("ckpt", &dir).expect("save");
+    assert_eq!(saved.steps, 2);
+    assert_ne!(saved.state, fresh.state, "training changed the state");
+    // A restarted node: the same version, the same outputs, and the next step (optimizer
+    // moments included) gives the same factors, bit for bit.
+    let second = load(28..30, ComputeMode::Exact);
+    assert_eq!(second.load_adapter("ckpt", &dir).expect("load"), saved);
+    let out = |engine: &ShardEngine| {
+        engine
+            .forward(ForwardRequest::new(ShardInput::Hidden(hidden.clone())).adapter("ckpt"))
+            .expect("forward")
+            .tensor()
+            .clone()
+    };
+    assert_eq!(max_abs_diff(&out(&first), &out(&second)), 0.0);
+    train(&first, 2);
+    train(&second, 2);
+    assert_eq!(
+        first.adapter_version("ckpt").expect("v"),
+        second.adapter_version("ckpt").expect("v")
+    );
+    // Another slice, or altered tensors, are refused.
+    let other = load(26..28, ComputeMode::Exact);
+    let err = other.load_adapter("ckpt", &dir).unwrap_err();
+    assert!(err.to_string().contains("saved for layers"), "{err}");
+    let tensors_path = dir.join("ckpt.lora.safetensors");
+    let mut tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu).expect("read");
+    let name = tensors
+        .keys()
+        .find(|n| n.contains("lora_A"))
+        .cloned()
+        .expect("an A");
+    let altered = (tensors[&name].clone() * 1.001).expect("scale");
+    tensors.insert(name, altered);
+    candle_core::safetensors::save(&tensors, &tensors_path).expect("write");
+    let err = load(28..30, ComputeMode::Exact)
+        .load_adapter("ckpt", &dir)
+        .unwrap_err();
+    assert!(err.to_string().contains("do not hash"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,263 @@
+//! LoRA adapters of one engine: creation, lookup, versions and checkpoints.
+//!
+//! A checkpoint of adapter `NAME` is three files in one directory: `NAME.lora.safetensors`
+//! (the factors, PEFT names), `NAME.optim.safetensors` (AdamW's moments) and `NAME.lora.json`
+//! (config, steps, the state hash, the base model and slice), written last, so a checkpoint
+//! without its JSON is an unfinished one and is never read.
+
+use super::optimizer::AdamW;
+use super::ShardEngine;
+use crate::error::{Error, Result};
+use crate::model::lora::{LoraAdapter, LoraConfig};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What an adapter's weights are at one moment: the base model, the slice, the adapter, a
+/// hash of its trainable state and its step count. Replicas compare these before they vote
+/// on each other (the same version computes the same function).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AdapterVersion {
+    /// The base model's id as its 32 bytes (never changes with training).
+    pub model_hash: [u8; 32],
+    /// The slice the adapter covers.
+    pub layers: Range<usize>,
+    /// The adapter's name.
+    pub adapter: String,
+    /// blake3 over every factor (name, shape, little-endian f32 values), in name order.
+    pub state: [u8; 32],
+    /// Optimizer steps applied.
+    pub steps: u64,
+}
+
+/// The JSON beside a checkpoint's tensors.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CheckpointMeta {
+    format: u32,
+    adapter: String,
+    config: LoraConfig,
+    steps: u64,
+    optimizer_steps: u64,
+    state: String,
+    model_hash: String,
+    layers: Range<usize>,
+}
+
+/// blake3 over an adapter's factors.
+fn state_hash(adapter: &LoraAdapter) -> Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new_derive_key("neuroshard adapter state v1");
+    for (name, t) in adapter.tensors() {
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        for d in t.dims() {
+            h.update(&(*d as u64).to_le_bytes());
+        }
+        let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        for v in values {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename (never a torn file).
+fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    write(&tmp)?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::Training(format!("cannot write {}: {e}", path.display())))
+}
+
+/// The three files of adapter `name`'s checkpoint in `dir`.
+fn checkpoint_paths(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    // The name becomes a file name: no separators, no dots at the start.
+    if name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(Error::Training(format!(
+            "adapter name `{name}` cannot name a checkpoint file"
+        )));
+    }
+    Ok((
+        dir.join(format!("{name}.lora.safetensors")),
+        dir.join(format!("{name}.optim.safetensors")),
+        dir.join(format!("{name}.lora.json")),
+    ))
+}
+
+impl ShardEngine {
+    /// Creates the LoRA adapter `name` over this slice's matrices that match `config`'s
+    /// targets (`A` seeded, `B` zero: the model's output is unchanged until it trains).
+    /// Adapters are namespaced: a request runs with one by name, and the base weights are
+    /// shared. An existing adapter of that name is an error.
+    pub fn create_adapter(&self, name: &str, config: LoraConfig) -> Result<Arc<LoraAdapter>> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(Error::Training(format!(
+                "adapter names are 1..=128 bytes, not {}",
+                name.len()
+            )));
+        }
+        let adapter = Arc::new(LoraAdapter::new(name, config, self.model.linears())?);
+        let mut adapters = self.adapters.write().map_err(Error::poisoned("adapters"))?;
+        if adapters.contains_key(name) {
+            return Err(Error::Training(format!("adapter `{name}` exists already")));
+        }
+        adapters.insert(name.to_string(), adapter.clone());
+        Ok(adapter)
+    }
+
+    /// The adapter `name`, if this engine has it.
+    pub fn adapter(&self, name: &str) -> Option<Arc<LoraAdapter>> {
+        self.adapters.read().ok()?.get(name).cloned()
+    }
+
+    /// Names of the adapters this engine has, sorted.
+    pub fn adapter_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .adapters
+            .read()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The adapter a request names: an unknown name is an error, never the base weights.
+    pub(crate) fn adapter_for(&self, name: Option<&str>) -> Result<Option<Arc<LoraAdapter>>> {
+        match name {
+            None => Ok(None),
+            Some(n) => self
+                .adapter(n)
+                .map(Some)
+                .ok_or_else(|| Error::BadInput(format!("no adapter `{n}` on this slice"))),
+        }
+    }
+
+    /// The current version of adapter `name`.
+    pub fn adapter_version(&self, name: &str) -> Result<AdapterVersion> {
+        let adapter = self
+            .adapter(name)
+            .ok_or_else(|| Error::BadInput(format!("no adapter `{name}` on this slice")))?;
+        Ok(AdapterVersion {
+            model_hash: self.version().model_hash,
+            layers: self.version().layers,
+            adapter: name.to_string(),
+            state: state_hash(&adapter)?,
+            steps: adapter.steps(),
+        })
+    }
+
+    /// Saves adapter `name` with its optimizer state into `dir` (created if missing); returns
+    /// the version saved. Gradients being accumulated are not part of a checkpoint: save
+    /// after a step.
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<AdapterVersion> {
+        let adapter = self
+            .adapter(name)
+            .ok_or_else(|| Error::BadInput(format!("no adapter `{name}` on this slice")))?;
+        let (tensors_path, optim_path, meta_path) = checkpoint_paths(dir, name)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Training(format!("cannot create {}: {e}", dir.display())))?;
+        let version = self.adapter_version(name)?;
+        let tensors: HashMap<String, Tensor> = adapter.tensors().into_iter().collect();
+        write_atomically(&tensors_path, |p| {
+            Ok(candle_core::safetensors::save(&tensors, p)?)
+        })?;
+        let (moments, optimizer_steps) = {
+            let state = self.train_state()?;
+            match state.adapter_optimizers.get(name) {
+                Some(opt) => (opt.export()?, opt.steps),
+                None => (HashMap::new(), 0),
+            }
+        };
+        write_atomically(&optim_path, |p| {
+            Ok(candle_core::safetensors::save(&moments, p)?)
+        })?;
+        let meta = CheckpointMeta {
+            format: 1,
+            adapter: name.to_string(),
+            config: adapter.config().clone(),
+            steps: version.steps,
+            optimizer_steps,
+            state: hex(&version.state),
+            model_hash: hex(&version.model_hash),
+            layers: version.layers.clone(),
+        };
+        let body = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Training(e.to_string()))?;
+        write_atomically(&meta_path, |p| {
+            std::fs::write(p, &body)
+                .map_err(|e| Error::Training(format!("cannot write {}: {e}", p.display())))
+        })?;
+        Ok(version)
+    }
+
+    /// Loads adapter `name`'s checkpoint from `dir` as a new adapter of this engine (its
+    /// optimizer state included, so training goes on where it stopped). Refused when the
+    /// checkpoint was made for another base model or slice, or when its tensors do not hash
+    /// to the state its JSON names (a torn or altered checkpoint).
+    pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<AdapterVersion> {
+        let (tensors_path, optim_path, meta_path) = checkpoint_paths(dir, name)?;
+        let body = std::fs::read(&meta_path)
+            .map_err(|e| Error::Training(format!("cannot read {}: {e}", meta_path.display())))?;
+        let meta: CheckpointMeta = serde_json::from_slice(&body)
+            .map_err(|e| Error::Training(format!("{}: {e}", meta_path.display())))?;
+        let ours = self.version();
+        if meta.format != 1 || meta.adapter != name {
+            return Err(Error::Training(format!(
+                "{} is not a checkpoint of adapter `{name}` (format 1)",
+                meta_path.display()
+            )));
+        }
+        if meta.model_hash != hex(&ours.model_hash) || meta.layers != ours.layers {
+            return Err(Error::Training(format!(
+                "adapter `{name}` was saved for layers {:?} of model {}, this engine runs \
+                 layers {:?} of {}",
+                meta.layers,
+                meta.model_hash,
+                ours.layers,
+                hex(&ours.model_hash)
+            )));
+        }
+        let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)?;
+        let adapter = LoraAdapter::new(name, meta.config.clone(), self.model.linears())?;
+        let expected: Vec<String> = adapter.tensors().into_iter().map(|(n, _)| n).collect();
+        if expected.len() != tensors.len() || expected.iter().any(|n| !tensors.contains_key(n)) {
+            return Err(Error::Training(format!(
+                "{} does not hold the {} tensors adapter `{name}` has on this slice",
+                tensors_path.display(),
+                expected.len()
+            )));
+        }
+        for (n, t) in &tensors {
+            adapter.set_tensor(n, t)?;
+        }
+        adapter.set_steps(meta.steps);
+        if hex(&state_hash(&adapter)?) != meta.state {
+            return Err(Error::Training(format!(
+                "adapter `{name}`: the tensors in {} do not hash to the saved state",
+                tensors_path.display()
+            )));
+        }
+        let moments = if optim_path.exists() {
+            candle_core::safetensors::load(&optim_path, &Device::Cpu)?
+        } else {
+            HashMap::new()
+        };
+        let optimizer = AdamW::import(moments, meta.optimizer_steps)?;
+        let adapter = Arc::new(adapter);
+        {
+            let mut adapters = self.adapters.write().map_err(Error::poisoned("adapters"))?;
+            if adapters.contains_key(name) {
+                return Err(Error::Training(format!("adapter `{name}` exists already")));
+            }
+            adapters.insert(name.to_string(), adapter);
+        }
+        self.train_state()?
+            .adapter_optimizers
+            .insert(name.to_string(), optimizer);
+        self.adapter_version(name)
+    }
+}
