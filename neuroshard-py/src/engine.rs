@@ -1,7 +1,9 @@
 //! `ShardEngine`: one slice of layers, forward over numpy arrays.
 
 use crate::errors::to_py;
-use neuroshard_core::{ComputeMode, EngineOptions, ForwardRequest, ShardEngine, ShardInput};
+use neuroshard_core::{
+    AdamWConfig, ComputeMode, EngineOptions, ForwardRequest, LoraConfig, ShardEngine, ShardInput,
+};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -13,6 +15,31 @@ use std::sync::Arc;
 pub(crate) fn parse_mode(mode: &str) -> PyResult<ComputeMode> {
     mode.parse::<ComputeMode>()
         .map_err(|e| PyValueError::new_err(format!("mode {mode:?}: {e}")))
+}
+
+/// Token ids (integers `[batch, seq]`, any integer dtype or nested lists) as an input.
+fn tokens_input(np: &Bound<'_, PyModule>, t: Bound<'_, PyAny>) -> PyResult<ShardInput> {
+    let arr = np.call_method1("ascontiguousarray", (t, "int64"))?;
+    let arr = arr.cast_into::<PyArrayDyn<i64>>()?;
+    let ro = arr.readonly();
+    let shape = ro.shape().to_vec();
+    let [batch, seq] = shape[..] else {
+        return Err(to_py(neuroshard_core::Error::BadInput(format!(
+            "tokens must be [batch, seq], got shape {shape:?}"
+        ))));
+    };
+    let ids = ro
+        .as_slice()?
+        .iter()
+        .map(|&v| {
+            u32::try_from(v).map_err(|_| {
+                to_py(neuroshard_core::Error::BadInput(format!(
+                    "token id {v} is not a valid id"
+                )))
+            })
+        })
+        .collect::<PyResult<Vec<u32>>>()?;
+    ShardInput::tokens_from_slice(&ids, batch, seq).map_err(to_py)
 }
 
 /// One contiguous slice `[start, end)` of a model.
@@ -81,7 +108,8 @@ impl ShardEngineHandle {
     /// Runs the slice: `tokens` (integers `[batch, seq]`, first slice) or `hidden` (floats
     /// `[batch, seq, hidden]`); returns hidden states or, on the last slice, logits for every
     /// position, as a float32 array.
-    #[pyo3(signature = (tokens=None, hidden=None, session=None, position=0))]
+    /// With `adapter`, runs with that LoRA adapter ([`ShardEngine::create_adapter`]).
+    #[pyo3(signature = (tokens=None, hidden=None, session=None, position=0, adapter=None))]
     fn forward<'py>(
         &self,
         py: Python<'py>,
@@ -89,32 +117,11 @@ impl ShardEngineHandle {
         hidden: Option<Bound<'py, PyAny>>,
         session: Option<u64>,
         position: usize,
+        adapter: Option<String>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let np = py.import("numpy")?;
         let input = match (tokens, hidden) {
-            (Some(t), None) => {
-                let arr = np.call_method1("ascontiguousarray", (t, "int64"))?;
-                let arr = arr.cast_into::<PyArrayDyn<i64>>()?;
-                let ro = arr.readonly();
-                let shape = ro.shape().to_vec();
-                let [batch, seq] = shape[..] else {
-                    return Err(to_py(neuroshard_core::Error::BadInput(format!(
-                        "tokens must be [batch, seq], got shape {shape:?}"
-                    ))));
-                };
-                let ids = ro
-                    .as_slice()?
-                    .iter()
-                    .map(|&v| {
-                        u32::try_from(v).map_err(|_| {
-                            to_py(neuroshard_core::Error::BadInput(format!(
-                                "token id {v} is not a valid id"
-                            )))
-                        })
-                    })
-                    .collect::<PyResult<Vec<u32>>>()?;
-                ShardInput::tokens_from_slice(&ids, batch, seq).map_err(to_py)?
-            }
+            (Some(t), None) => tokens_input(&np, t)?,
             (None, Some(h)) => {
                 let arr = np.call_method1("ascontiguousarray", (h, "float32"))?;
                 let arr = arr.cast_into::<PyArrayDyn<f32>>()?;
@@ -134,6 +141,7 @@ impl ShardEngineHandle {
             }
         };
         let mut req = ForwardRequest::new(input);
+        req.adapter = adapter;
         if let Some(id) = session {
             req = req.session(id, position);
         } else {
@@ -161,6 +169,95 @@ impl ShardEngineHandle {
         d.set_item("sessions_open", s.sessions_open)?;
         d.set_item("kv_cache_bytes", s.kv_cache_bytes)?;
         Ok(d)
+    }
+
+    /// Creates the LoRA adapter `name` on the matrices whose module name ends with one of
+    /// `targets` (`A` seeded by `seed`, `B` zero: outputs are unchanged until it trains).
+    #[pyo3(signature = (name, rank=8, alpha=16.0, targets=vec!["q_proj".to_string(), "v_proj".to_string()], seed=0))]
+    fn create_adapter(
+        &self,
+        name: &str,
+        rank: usize,
+        alpha: f32,
+        targets: Vec<String>,
+        seed: u64,
+    ) -> PyResult<()> {
+        let config = LoraConfig {
+            rank,
+            alpha,
+            targets,
+            seed,
+        };
+        self.engine
+            .create_adapter(name, config)
+            .map(|_| ())
+            .map_err(to_py)
+    }
+
+    /// The names of this engine's adapters, sorted.
+    fn adapters(&self) -> Vec<String> {
+        self.engine.adapter_names()
+    }
+
+    /// One training step of adapter `name` on `tokens` (integers `[batch, seq]`), for an
+    /// engine holding the whole model: next-token loss, gradients, one AdamW step. Returns
+    /// the loss before the step.
+    #[pyo3(signature = (name, tokens, lr=1e-3, weight_decay=0.01))]
+    fn train_adapter<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        tokens: Bound<'py, PyAny>,
+        lr: f64,
+        weight_decay: f64,
+    ) -> PyResult<f32> {
+        let np = py.import("numpy")?;
+        let ShardInput::Tokens(ids) = tokens_input(&np, tokens)? else {
+            return Err(to_py(neuroshard_core::Error::Internal(
+                "token input expected".into(),
+            )));
+        };
+        let cfg = AdamWConfig {
+            lr,
+            weight_decay,
+            ..AdamWConfig::default()
+        };
+        let engine = self.engine.clone();
+        let name = name.to_string();
+        py.detach(move || engine.train_adapter_step(&name, &ids, &cfg))
+            .map_err(to_py)
+    }
+
+    /// Adapter `name`'s version: `adapter`, `steps`, `state` (hex blake3 of its factors),
+    /// `start`, `end`.
+    fn adapter_version<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
+        let v = self.engine.adapter_version(name).map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("adapter", &v.adapter)?;
+        d.set_item("steps", v.steps)?;
+        let state: String = v.state.iter().map(|b| format!("{b:02x}")).collect();
+        d.set_item("state", state)?;
+        d.set_item("start", v.layers.start)?;
+        d.set_item("end", v.layers.end)?;
+        Ok(d)
+    }
+
+    /// Saves adapter `name` and its optimizer state into directory `dir`.
+    fn save_adapter(&self, py: Python<'_>, name: &str, dir: std::path::PathBuf) -> PyResult<()> {
+        let engine = self.engine.clone();
+        let name = name.to_string();
+        py.detach(move || engine.save_adapter(&name, &dir))
+            .map(|_| ())
+            .map_err(to_py)
+    }
+
+    /// Loads adapter `name` from a checkpoint in `dir` (made for this model and slice).
+    fn load_adapter(&self, py: Python<'_>, name: &str, dir: std::path::PathBuf) -> PyResult<()> {
+        let engine = self.engine.clone();
+        let name = name.to_string();
+        py.detach(move || engine.load_adapter(&name, &dir))
+            .map(|_| ())
+            .map_err(to_py)
     }
 
     fn __repr__(&self) -> String {

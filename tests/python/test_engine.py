@@ -127,3 +127,31 @@ def test_tokenizer_round_trip_and_chat_template(smollm2_reference: dict) -> None
     assert "Hi" in text and text != "Hi"
     assert tok.eos_token_ids and tok.vocab_size > 1000
     assert os.environ.get("RAYON_NUM_THREADS") == str(neuroshard.THREADS)
+
+
+def test_a_lora_adapter_trains_saves_and_loads(tmp_path) -> None:
+    ref = reference()
+    ids = ref["input_ids"][:1]
+    engine = neuroshard.ShardEngine(TINY, 0, 4)
+    base = engine.forward(tokens=ids)
+    engine.create_adapter("notes", rank=4, targets=["q_proj", "v_proj", "down_proj"])
+    assert engine.adapters() == ["notes"]
+    # A fresh adapter changes nothing.
+    assert np.array_equal(engine.forward(tokens=ids, adapter="notes"), base)
+    losses = [engine.train_adapter("notes", ids, lr=1e-2) for _ in range(5)]
+    assert losses[-1] < 0.9 * losses[0], losses
+    version = engine.adapter_version("notes")
+    assert version["steps"] == 5 and len(version["state"]) == 64
+    # The base weights are untouched; the adapter's outputs moved.
+    assert np.array_equal(engine.forward(tokens=ids), base)
+    tuned = engine.forward(tokens=ids, adapter="notes")
+    assert not np.array_equal(tuned, base)
+    engine.save_adapter("notes", tmp_path)
+    restored = neuroshard.ShardEngine(TINY, 0, 4)
+    restored.load_adapter("notes", tmp_path)
+    assert restored.adapter_version("notes") == version
+    assert np.array_equal(restored.forward(tokens=ids, adapter="notes"), tuned)
+    with pytest.raises(neuroshard.BadInputError):
+        engine.forward(tokens=ids, adapter="missing")
+    with pytest.raises(neuroshard.TrainingError):
+        neuroshard.ShardEngine(TINY, 0, 2).train_adapter("x", ids)

@@ -137,6 +137,37 @@ impl ShardEngine {
         }
     }
 
+    /// One training step of adapter `name` on text `ids` (`[batch, seq]`) for an engine that
+    /// holds the whole model: the next-token loss, its gradients, one AdamW step. Returns the
+    /// loss before the step. Learning from a conversation in one process is one call of this
+    /// per micro-batch (the swarm relays the same steps hop by hop).
+    pub fn train_adapter_step(
+        &self,
+        name: &str,
+        ids: &Tensor,
+        cfg: &super::AdamWConfig,
+    ) -> Result<f32> {
+        if !(self.is_first() && self.is_last()) {
+            return Err(Error::Training(format!(
+                "a one-call training step needs the whole model; this engine holds layers {:?}",
+                self.version().layers
+            )));
+        }
+        /// The micro-batch id of a one-call step (never left pending: backward takes it).
+        const ONE_CALL: u64 = u64::MAX;
+        self.train_forward_adapter(ONE_CALL, crate::ShardInput::Tokens(ids.clone()), name)?;
+        let out = self.backward(ONE_CALL, super::OutputGrad::CausalLmLabels(ids.clone()));
+        let loss = match out {
+            Ok(out) => out.loss,
+            Err(e) => {
+                self.zero_grad()?;
+                return Err(e);
+            }
+        };
+        self.step(cfg)?;
+        loss.ok_or_else(|| Error::Internal("the last layer computed no loss".into()))
+    }
+
     /// The current version of adapter `name`.
     pub fn adapter_version(&self, name: &str) -> Result<AdapterVersion> {
         let adapter = self
