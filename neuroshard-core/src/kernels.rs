@@ -443,16 +443,22 @@ fn dot_rows_inputs(
     }
 }
 
+/// A 4-bit block's offset (Q4_1's stored minimum, or `-8 d` for Q4_0) and its 16 bytes of
+/// packed values (low nibbles: values 0..16, high nibbles: 16..32); `d` is its scale.
+fn four_bit_parts(format: BlockFormat, d: f32, blk: &[u8]) -> (f32, &[u8]) {
+    if format == BlockFormat::Q4_1 {
+        (f16::from_le_bytes([blk[2], blk[3]]).to_f32(), &blk[4..20])
+    } else {
+        (-8.0 * d, &blk[2..18])
+    }
+}
+
 /// The 32 values of one block (`blk`: the block's bytes) into `out`.
 fn dequantize_block(format: BlockFormat, blk: &[u8], out: &mut [f32]) {
     let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
     match format {
         BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-            let (m, qs) = if format == BlockFormat::Q4_1 {
-                (f16::from_le_bytes([blk[2], blk[3]]).to_f32(), &blk[4..20])
-            } else {
-                (-8.0 * d, &blk[2..18])
-            };
+            let (m, qs) = four_bit_parts(format, d, blk);
             for j in 0..16 {
                 out[j] = (qs[j] & 0x0F) as f32 * d + m;
                 out[j + 16] = (qs[j] >> 4) as f32 * d + m;
@@ -475,11 +481,7 @@ pub(crate) fn scalar_dot(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32
         let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
         match format {
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                let (m, qs) = if format == BlockFormat::Q4_1 {
-                    (f16::from_le_bytes([blk[2], blk[3]]).to_f32(), &blk[4..20])
-                } else {
-                    (-8.0 * d, &blk[2..18])
-                };
+                let (m, qs) = four_bit_parts(format, d, blk);
                 let mut s = 0f32;
                 for j in 0..16 {
                     s += (qs[j] & 0x0F) as f32 * xb[j] + (qs[j] >> 4) as f32 * xb[j + 16];
@@ -1108,12 +1110,12 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
     /// Deterministic pseudo-random values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -1125,15 +1127,20 @@ mod tests {
             .collect()
     }
 
+    /// A `[rows, cols]` matrix of [`values`] quantised to `dtype`, and its dequantised copy.
+    fn quantised(dtype: GgmlDType, rows: usize, cols: usize) -> (QTensor, Tensor) {
+        let w = Tensor::from_vec(values(rows * cols, rows as u64), (rows, cols), &Device::Cpu)
+            .expect("w");
+        let q = QTensor::quantize(&w, dtype).expect("quantize");
+        let dense = q.dequantize(&Device::Cpu).expect("dequantize");
+        (q, dense)
+    }
+
     #[test]
     fn every_path_matches_dequantise_then_dot() {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (rows, cols, m) in [(1, 32, 1), (37, 96, 1), (130, 576, 3), (19, 1536, 2)] {
-                let w =
-                    Tensor::from_vec(values(rows * cols, rows as u64), (rows, cols), &Device::Cpu)
-                        .expect("w");
-                let q = QTensor::quantize(&w, dtype).expect("quantize");
-                let dense = q.dequantize(&Device::Cpu).expect("dequantize");
+                let (q, dense) = quantised(dtype, rows, cols);
                 let x = values(m * cols, 99);
                 let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).expect("x");
                 let want: Vec<f32> = xt
@@ -1181,11 +1188,7 @@ mod tests {
     fn transposed_product_over_blocks_matches_the_dequantised_matrix() {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (rows, cols, m) in [(1, 32, 1), (37, 96, 1), (130, 576, 3), (19, 1536, 5)] {
-                let w =
-                    Tensor::from_vec(values(rows * cols, rows as u64), (rows, cols), &Device::Cpu)
-                        .expect("w");
-                let q = QTensor::quantize(&w, dtype).expect("quantize");
-                let dense = q.dequantize(&Device::Cpu).expect("dequantize");
+                let (q, dense) = quantised(dtype, rows, cols);
                 let dy = values(m * rows, 7 + m as u64);
                 let dyt = Tensor::from_vec(dy.clone(), (m, rows), &Device::Cpu).expect("dy");
                 let want: Vec<f32> = dyt

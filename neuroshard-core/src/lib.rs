@@ -53,6 +53,7 @@ mod protocol;
 pub mod runtime;
 #[cfg(feature = "server")]
 mod server;
+mod splitmix;
 mod swarm;
 mod swarm_session;
 pub mod wire;

@@ -73,21 +73,17 @@ impl std::str::FromStr for Behaviour {
 }
 
 /// A seeded Gaussian source (splitmix64 + Box-Muller): no dependency, reproducible.
-pub struct Gaussian(u64);
+pub struct Gaussian(crate::splitmix::SplitMix64);
 
 impl Gaussian {
     /// A source seeded with `seed`.
     pub fn new(seed: u64) -> Self {
-        Gaussian(seed)
+        Gaussian(crate::splitmix::SplitMix64::new(seed))
     }
 
+    /// Uniform in (0, 1): never 0, so its logarithm is finite.
     fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        ((self.0.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
     /// One standard normal value.

@@ -96,9 +96,9 @@ impl LoraAdapter {
             }
             let (inputs, outputs) = linear.in_out();
             let bound = 1.0 / (inputs as f32).sqrt();
-            let mut rng = SplitMix::new(config.seed ^ fnv1a(weight.as_bytes()));
+            let mut rng = crate::splitmix::SplitMix64::new(config.seed ^ fnv1a(weight.as_bytes()));
             let a: Vec<f32> = (0..config.rank * inputs)
-                .map(|_| (rng.unit() * 2.0 - 1.0) * bound)
+                .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound)
                 .collect();
             let a = Tensor::from_vec(a, (config.rank, inputs), &Device::Cpu)?;
             let b = Tensor::zeros(
@@ -214,23 +214,4 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x100000001b3)
     })
-}
-
-/// splitmix64: a small seeded generator (no dependency, the same numbers everywhere).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn new(seed: u64) -> Self {
-        SplitMix(seed)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
-    }
 }

@@ -69,20 +69,9 @@ impl CustomOp1 for QuantLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::values;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Var};
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
         let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();

@@ -22,21 +22,17 @@ fn load(layers: std::ops::Range<usize>, mode: ComputeMode) -> ShardEngine {
     .expect("load SmolLM2")
 }
 
-/// Deterministic values in [-scale, scale).
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
 fn prompt_ids() -> Vec<u32> {
     smollm2_prompt_and_greedy().0
+}
+
+/// The prompt's hidden states after layers `0..end` (the input of a later slice).
+fn hidden_after(end: usize, ids: &[u32]) -> Tensor {
+    load(0..end, ComputeMode::Exact)
+        .forward(ForwardRequest::new(tokens(ids)))
+        .expect("the first layers")
+        .tensor()
+        .clone()
 }
 
 fn tokens(ids: &[u32]) -> ShardInput {
@@ -46,13 +42,8 @@ fn tokens(ids: &[u32]) -> ShardInput {
 #[test]
 fn a_fresh_adapter_leaves_the_logits_unchanged_and_names_are_checked() {
     let engine = load(26..30, ComputeMode::Exact);
-    let first = load(0..26, ComputeMode::Exact);
     let ids = prompt_ids();
-    let hidden = first
-        .forward(ForwardRequest::new(tokens(&ids)))
-        .expect("layers 0..26")
-        .tensor()
-        .clone();
+    let hidden = hidden_after(26, &ids);
     let base = engine
         .forward(ForwardRequest::new(ShardInput::Hidden(hidden.clone())))
         .expect("base");
@@ -89,11 +80,7 @@ fn a_fresh_adapter_leaves_the_logits_unchanged_and_names_are_checked() {
 #[test]
 fn adapter_gradients_on_the_quantised_base_equal_those_on_the_f32_base() {
     let ids = prompt_ids();
-    let hidden = load(0..12, ComputeMode::Exact)
-        .forward(ForwardRequest::new(tokens(&ids)))
-        .expect("layers 0..12")
-        .tensor()
-        .clone();
+    let hidden = hidden_after(12, &ids);
     let config = LoraConfig {
         rank: 4,
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
@@ -107,7 +94,7 @@ fn adapter_gradients_on_the_quantised_base_equal_those_on_the_f32_base() {
         for (i, (name, t)) in adapter.tensors().into_iter().enumerate() {
             if name.contains("lora_B") {
                 let v = Tensor::from_vec(
-                    values(t.elem_count(), i as u64, 0.05),
+                    pseudo_random(t.elem_count(), i as u64, 0.05),
                     t.shape(),
                     &Device::Cpu,
                 )
@@ -119,7 +106,7 @@ fn adapter_gradients_on_the_quantised_base_equal_those_on_the_f32_base() {
             .train_forward_adapter(1, ShardInput::Hidden(hidden.clone()), "t")
             .expect("train forward");
         let g = Tensor::from_vec(
-            values(out.tensor().elem_count(), 77, 1.0),
+            pseudo_random(out.tensor().elem_count(), 77, 1.0),
             out.tensor().shape(),
             &Device::Cpu,
         )
@@ -157,11 +144,7 @@ fn adapter_gradients_on_the_quantised_base_equal_those_on_the_f32_base() {
 #[test]
 fn a_few_adapter_steps_lower_the_loss_and_leave_the_base_alone() {
     let ids = prompt_ids();
-    let hidden = load(0..26, ComputeMode::Exact)
-        .forward(ForwardRequest::new(tokens(&ids)))
-        .expect("layers 0..26")
-        .tensor()
-        .clone();
+    let hidden = hidden_after(26, &ids);
     let engine = load(26..30, ComputeMode::Exact);
     engine
         .create_adapter("learn", LoraConfig::default())
@@ -214,11 +197,7 @@ fn a_few_adapter_steps_lower_the_loss_and_leave_the_base_alone() {
 #[test]
 fn an_adapter_checkpoint_restores_its_version_and_training_goes_on_identically() {
     let ids = prompt_ids();
-    let hidden = load(0..28, ComputeMode::Exact)
-        .forward(ForwardRequest::new(tokens(&ids)))
-        .expect("layers 0..28")
-        .tensor()
-        .clone();
+    let hidden = hidden_after(28, &ids);
     let labels = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).expect("labels");
     let cfg = AdamWConfig {
         lr: 1e-2,

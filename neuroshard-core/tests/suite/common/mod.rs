@@ -191,3 +191,16 @@ pub const EIGHT_PROMPTS: [&str; 8] = [
     "The best way to learn a language is",
     "Water boils at",
 ];
+
+/// Deterministic pseudo-random values in [-scale, scale) (an LCG: the same numbers everywhere).
+pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
