@@ -8,11 +8,12 @@
 mod adapters;
 mod optimizer;
 mod sessions;
+mod staged;
 mod training;
 
-pub use adapters::AdapterVersion;
 pub use optimizer::AdamWConfig;
 pub use sessions::SessionId;
+pub use staged::TrainedVersion;
 pub use training::{causal_lm_loss, BackwardOutput, OutputGrad};
 
 use crate::error::{Error, Result};

@@ -66,8 +66,8 @@ pub use chat::{ChatReply, ChatSession};
 pub use client::{Client, RemoteSession};
 pub use consensus::Consensus;
 pub use engine::{
-    causal_lm_loss, AdamWConfig, AdapterVersion, BackwardOutput, EngineOptions, EngineStats,
-    ForwardRequest, OutputGrad, SessionId, ShardEngine, WeightVersion, DEFAULT_PREFILL_CHUNK,
+    causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest,
+    OutputGrad, SessionId, ShardEngine, TrainedVersion, WeightVersion, DEFAULT_PREFILL_CHUNK,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{

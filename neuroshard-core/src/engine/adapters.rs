@@ -6,6 +6,7 @@
 //! without its JSON is an unfinished one and is never read.
 
 use super::optimizer::AdamW;
+use super::staged::{state_hash, TrainedVersion};
 use super::ShardEngine;
 use crate::error::{Error, Result};
 use crate::model::lora::{LoraAdapter, LoraConfig};
@@ -14,23 +15,6 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// What an adapter's weights are at one moment: the base model, the slice, the adapter, a
-/// hash of its trainable state and its step count. Replicas compare these before they vote
-/// on each other (the same version computes the same function).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AdapterVersion {
-    /// The base model's id as its 32 bytes (never changes with training).
-    pub model_hash: [u8; 32],
-    /// The slice the adapter covers.
-    pub layers: Range<usize>,
-    /// The adapter's name.
-    pub adapter: String,
-    /// blake3 over every factor (name, shape, little-endian f32 values), in name order.
-    pub state: [u8; 32],
-    /// Optimizer steps applied.
-    pub steps: u64,
-}
 
 /// The JSON beside a checkpoint's tensors.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -43,23 +27,6 @@ struct CheckpointMeta {
     state: String,
     model_hash: String,
     layers: Range<usize>,
-}
-
-/// blake3 over an adapter's factors.
-fn state_hash(adapter: &LoraAdapter) -> Result<[u8; 32]> {
-    let mut h = blake3::Hasher::new_derive_key("neuroshard adapter state v1");
-    for (name, t) in adapter.tensors() {
-        h.update(&(name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
-        for d in t.dims() {
-            h.update(&(*d as u64).to_le_bytes());
-        }
-        let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
-        for v in values {
-            h.update(&v.to_le_bytes());
-        }
-    }
-    Ok(*h.finalize().as_bytes())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -169,23 +136,14 @@ impl ShardEngine {
     }
 
     /// The current version of adapter `name`.
-    pub fn adapter_version(&self, name: &str) -> Result<AdapterVersion> {
-        let adapter = self
-            .adapter(name)
-            .ok_or_else(|| Error::BadInput(format!("no adapter `{name}` on this slice")))?;
-        Ok(AdapterVersion {
-            model_hash: self.version().model_hash,
-            layers: self.version().layers,
-            adapter: name.to_string(),
-            state: state_hash(&adapter)?,
-            steps: adapter.steps(),
-        })
+    pub fn adapter_version(&self, name: &str) -> Result<TrainedVersion> {
+        self.trained_version(Some(name))
     }
 
     /// Saves adapter `name` with its optimizer state into `dir` (created if missing); returns
     /// the version saved. Gradients being accumulated are not part of a checkpoint: save
     /// after a step.
-    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<AdapterVersion> {
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<TrainedVersion> {
         let adapter = self
             .adapter(name)
             .ok_or_else(|| Error::BadInput(format!("no adapter `{name}` on this slice")))?;
@@ -229,7 +187,7 @@ impl ShardEngine {
     /// optimizer state included, so training goes on where it stopped). Refused when the
     /// checkpoint was made for another base model or slice, or when its tensors do not hash
     /// to the state its JSON names (a torn or altered checkpoint).
-    pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<AdapterVersion> {
+    pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<TrainedVersion> {
         let (tensors_path, optim_path, meta_path) = checkpoint_paths(dir, name)?;
         let body = std::fs::read(&meta_path)
             .map_err(|e| Error::Training(format!("cannot read {}: {e}", meta_path.display())))?;
@@ -266,7 +224,8 @@ impl ShardEngine {
             adapter.set_tensor(n, t)?;
         }
         adapter.set_steps(meta.steps);
-        if hex(&state_hash(&adapter)?) != meta.state {
+        let tensors = adapter.tensors();
+        if hex(&state_hash(tensors.iter().map(|(n, t)| (n.as_str(), t)))?) != meta.state {
             return Err(Error::Training(format!(
                 "adapter `{name}`: the tensors in {} do not hash to the saved state",
                 tensors_path.display()

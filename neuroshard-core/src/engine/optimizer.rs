@@ -2,7 +2,7 @@
 //! shard's parameters from gradients the engine accumulated.
 
 use crate::error::Result;
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use std::collections::HashMap;
 
 /// AdamW hyper-parameters (PyTorch defaults).
@@ -40,15 +40,17 @@ pub(crate) struct AdamW {
 }
 
 impl AdamW {
-    /// One update of `var` with gradient `grad` (call [`AdamW::begin_step`] once per step first).
-    pub(crate) fn update(
-        &mut self,
+    /// The AdamW update of parameter `name` (value `current`, gradient `grad`) at step `t`
+    /// (1-based), computed without changing anything: the new value and the new moments.
+    pub(crate) fn compute(
+        &self,
         name: &str,
-        var: &Var,
+        current: &Tensor,
         grad: &Tensor,
         cfg: &AdamWConfig,
-    ) -> Result<()> {
-        let t = self.steps as i32;
+        t: u64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let t = t as i32;
         let (m, v) = match self.moments.get(name) {
             Some((m, v)) => (m.clone(), v.clone()),
             None => (grad.zeros_like()?, grad.zeros_like()?),
@@ -58,15 +60,14 @@ impl AdamW {
         let m_hat = (&m / (1.0 - cfg.beta1.powi(t)))?;
         let v_hat = (&v / (1.0 - cfg.beta2.powi(t)))?;
         // PyTorch: p *= 1 - lr * wd; p -= lr * m_hat / (sqrt(v_hat) + eps)
-        let decayed = (var.as_tensor() * (1.0 - cfg.lr * cfg.weight_decay))?;
+        let decayed = (current * (1.0 - cfg.lr * cfg.weight_decay))?;
         let update = ((m_hat / (v_hat.sqrt()? + cfg.eps)?)? * cfg.lr)?;
-        var.set(&(decayed - update)?)?;
-        self.moments.insert(name.to_string(), (m, v));
-        Ok(())
+        Ok(((decayed - update)?, m, v))
     }
 
-    pub(crate) fn begin_step(&mut self) {
-        self.steps += 1;
+    /// Installs the moments of `name` that [`AdamW::compute`] returned (a committed step).
+    pub(crate) fn install(&mut self, name: &str, m: Tensor, v: Tensor) {
+        self.moments.insert(name.to_string(), (m, v));
     }
 
     /// The moments as tensors named `<param>.m` and `<param>.v` (a checkpoint).

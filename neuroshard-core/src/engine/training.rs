@@ -14,7 +14,6 @@ use crate::model::lora::LoraAdapter;
 use crate::model::shard::{ShardInput, ShardOutput};
 use candle_core::{DType, Tensor, Var, D};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Where the gradient of a shard's output comes from.
@@ -50,13 +49,15 @@ struct Pending {
 pub(crate) struct TrainState {
     pending: HashMap<u64, Pending>,
     /// Accumulated gradients by name: the slice's parameter names, or an adapter's PEFT names.
-    grads: HashMap<String, Tensor>,
+    pub(super) grads: HashMap<String, Tensor>,
     /// What the accumulation trains: `Some(name)` for an adapter, `None` for the slice's own
     /// weights. One target per accumulation, so a step never mixes them.
-    target: Option<Option<String>>,
-    optimizer: AdamW,
+    pub(super) target: Option<Option<String>>,
+    pub(super) optimizer: AdamW,
     /// One optimizer per adapter: two adapters never share moments or step counts.
     pub(super) adapter_optimizers: HashMap<String, AdamW>,
+    /// The update computed by a prepare, waiting for its commit or abort.
+    pub(super) prepared: Option<super::staged::PreparedStep>,
 }
 
 /// Mean next-token cross-entropy with labels shifted by one (Hugging Face convention).
@@ -251,7 +252,7 @@ impl ShardEngine {
     }
 
     /// The adapter the current accumulation trains, if any.
-    fn training_adapter(&self, state: &TrainState) -> Result<Option<Arc<LoraAdapter>>> {
+    pub(super) fn training_adapter(&self, state: &TrainState) -> Result<Option<Arc<LoraAdapter>>> {
         match &state.target {
             Some(Some(name)) => self.adapter_for(Some(name)),
             _ => Ok(None),
@@ -289,38 +290,22 @@ impl ShardEngine {
     }
 
     /// Applies one AdamW step with the accumulated gradients, clears them, and bumps the
-    /// weight version.
+    /// weight version: [`ShardEngine::prepare_step`] and [`ShardEngine::commit_prepared`] in
+    /// one call (a swarm runs the two phases apart).
     pub fn step(&self, cfg: &AdamWConfig) -> Result<WeightVersion> {
-        let mut state = self.train_state()?;
-        if state.grads.is_empty() {
-            return Err(Error::Training(
-                "no gradients accumulated; run backward first".into(),
-            ));
-        }
-        let grads = std::mem::take(&mut state.grads);
-        if let Some(adapter) = self.training_adapter(&state)? {
-            let optimizer = state
-                .adapter_optimizers
-                .entry(adapter.name().to_string())
-                .or_default();
-            optimizer.begin_step();
-            for (name, var) in adapter.vars() {
-                if let Some(g) = grads.get(&name) {
-                    optimizer.update(&name, var, g, cfg)?;
-                }
-            }
-            adapter.stepped();
-            return Ok(self.version());
-        }
-        state.optimizer.begin_step();
-        for p in self.model.params() {
-            if let (Some(var), Some(g)) = (&p.var, grads.get(&p.name)) {
-                state.optimizer.update(&p.name, var, g, cfg)?;
-            }
-        }
-        drop(state);
-        self.updates.fetch_add(1, Ordering::SeqCst);
+        let prepared = self.prepare_step(cfg)?;
+        self.commit_prepared(&prepared.state)?;
         Ok(self.version())
+    }
+
+    /// Multiplies every accumulated gradient by `factor` (the mean over `M` micro-batches is
+    /// the sum of their gradients times `1 / M`).
+    pub fn scale_gradients(&self, factor: f64) -> Result<()> {
+        let mut state = self.train_state()?;
+        for g in state.grads.values_mut() {
+            *g = (&*g * factor)?;
+        }
+        Ok(())
     }
 }
 

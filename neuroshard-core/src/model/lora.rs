@@ -128,6 +128,47 @@ impl LoraAdapter {
         })
     }
 
+    /// A new adapter with this one's name and config, holding `values` (by PEFT name, every
+    /// tensor of this adapter) in fresh variables, after `steps` steps. A commit installs it
+    /// beside the old one, so work already running with the old one keeps its version.
+    pub(crate) fn with_values(
+        &self,
+        values: &std::collections::HashMap<String, Tensor>,
+        steps: u64,
+    ) -> Result<LoraAdapter> {
+        let mut pairs = BTreeMap::new();
+        for (weight, pair) in &self.pairs {
+            let module = weight.strip_suffix(".weight").unwrap_or(weight);
+            let fresh = |factor: &str, old: &Var| -> Result<Var> {
+                let name = format!("{module}.{factor}.weight");
+                let value = values.get(&name).ok_or_else(|| {
+                    Error::Training(format!("the new state of {} lacks `{name}`", self.name))
+                })?;
+                if value.dims() != old.dims() {
+                    return Err(Error::Training(format!(
+                        "`{name}` is {:?}, the new value {:?}",
+                        old.dims(),
+                        value.dims()
+                    )));
+                }
+                Ok(Var::from_tensor(&value.to_dtype(candle_core::DType::F32)?)?)
+            };
+            pairs.insert(
+                weight.clone(),
+                LoraPair {
+                    a: fresh("lora_A", &pair.a)?,
+                    b: fresh("lora_B", &pair.b)?,
+                },
+            );
+        }
+        Ok(LoraAdapter {
+            name: self.name.clone(),
+            config: self.config.clone(),
+            pairs,
+            steps: AtomicU64::new(steps),
+        })
+    }
+
     /// Optimizer steps applied so far.
     pub fn steps(&self) -> u64 {
         self.steps.load(Ordering::SeqCst)
@@ -136,11 +177,6 @@ impl LoraAdapter {
     /// Sets the step count (an adapter loaded from a checkpoint).
     pub(crate) fn set_steps(&self, steps: u64) {
         self.steps.store(steps, Ordering::SeqCst);
-    }
-
-    /// Counts one applied optimizer step.
-    pub(crate) fn stepped(&self) {
-        self.steps.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The adapter's name.
