@@ -120,6 +120,16 @@ impl Client {
         self.inner.endpoint.id()
     }
 
+    /// The endpoint (a trainer dials its own protocol on it).
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// The client's key (a trainer signs its commits with it).
+    pub(crate) fn key(&self) -> &SecretKey {
+        &self.inner.key
+    }
+
     /// Signs and sends a session-open to every hop of `route`; fails (naming the hop) if any
     /// hop refuses, closing the session on the hops that accepted.
     pub async fn open_session(

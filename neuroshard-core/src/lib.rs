@@ -56,6 +56,7 @@ mod server;
 mod splitmix;
 mod swarm;
 mod swarm_session;
+pub mod train;
 pub mod wire;
 
 #[cfg(feature = "internals")]
@@ -100,6 +101,7 @@ pub use swarm_session::{
     encode_prompt, resolve_peers, Conversation, LogitsSession, OnText, PreparedGeneration,
     SwarmGeneration, SwarmOptions, SwarmSession, TextRequest,
 };
+pub use train::{StepReport, TrainOptions, TrainTarget, Trainer};
 pub use wire::Codec;
 
 /// This library's version (the crate version).

@@ -156,6 +156,8 @@ struct Inner {
     sessions: Mutex<HashMap<u64, Arc<HopSession>>>,
     conns: Connections,
     counters: NodeCounters,
+    /// The training protocol's side of this node.
+    train: Arc<crate::train::hop::TrainService>,
     /// The swarm as gossip has shown it (this node's own announcement included).
     peers: Mutex<PeerSet>,
     /// Addresses learned from announcements, for gossip and for dialing by id.
@@ -269,6 +271,8 @@ pub struct NodeOptions {
     /// holding a thread. Each uses every compute thread, so more only split the cores; decode
     /// steps run in the decode batch beside them.
     pub compute_slots: usize,
+    /// Who may train this node, and where it keeps its training checkpoints.
+    pub train: crate::train::TrainPolicy,
 }
 
 impl Default for NodeOptions {
@@ -286,6 +290,7 @@ impl Default for NodeOptions {
             memory_budget: None,
             limits: PeerLimits::default(),
             compute_slots: 2,
+            train: crate::train::TrainPolicy::default(),
         }
     }
 }
@@ -486,7 +491,11 @@ impl Node {
             lookup.add_endpoint_info(addr.clone());
         }
         let mut endpoint_options = options.endpoint.clone();
-        endpoint_options.alpns = vec![INFER_ALPN.to_vec(), iroh_gossip::ALPN.to_vec()];
+        endpoint_options.alpns = vec![
+            INFER_ALPN.to_vec(),
+            iroh_gossip::ALPN.to_vec(),
+            crate::train::TRAIN_ALPN.to_vec(),
+        ];
         endpoint_options.lookup = Some(lookup.clone());
         let gate = ConnectionGate::new(options.limits);
         endpoint_options.gate = Some(gate.clone());
@@ -495,7 +504,21 @@ impl Node {
         let endpoint = bind(key, &endpoint_options).await?;
         let address_line = crate::net::endpoint::serve_address_line(&endpoint).await;
         let model_id = model_id(&engine);
+        let train = crate::train::hop::TrainService::new(
+            engine.clone(),
+            endpoint.clone(),
+            model_id.clone(),
+            options.train.clone(),
+            options.read_deadline,
+        );
+        let restored = train
+            .restore()
+            .map_err(|e| NetError::Io(format!("restoring training checkpoints: {e}")))?;
+        if !restored.is_empty() {
+            tracing::info!("restored adapters {restored:?} from the checkpoint directory");
+        }
         let inner = Arc::new(Inner {
+            train: train.clone(),
             peers: Mutex::new(PeerSet::new(model_id.clone())),
             model_id,
             batcher: batcher::DecodeBatcher::spawn(engine.clone()),
@@ -540,6 +563,10 @@ impl Node {
             .incoming_filter(inner.gate.incoming_filter())
             .accept(INFER_ALPN, InferProtocol(inner.clone()))
             .accept(iroh_gossip::ALPN, gossip.clone())
+            .accept(
+                crate::train::TRAIN_ALPN,
+                crate::train::hop::TrainProtocol(train),
+            )
             .spawn();
         let topic = TopicId::from_bytes(*blake3::hash(inner.model_id.as_bytes()).as_bytes());
         let bootstrap = options.bootstrap.iter().map(|a| a.id).collect();
@@ -980,6 +1007,11 @@ impl Inner {
             sent_state_bytes,
             decode_batches: engine.decode_batches,
             batched_steps: engine.batched_steps,
+            train_forwards: self.train.counters.forwards.load(Ordering::Relaxed),
+            train_backwards: self.train.counters.backwards.load(Ordering::Relaxed),
+            train_commits: self.train.counters.commits.load(Ordering::Relaxed),
+            train_aborts: self.train.counters.aborts.load(Ordering::Relaxed),
+            train_jobs: self.train.jobs_open() as u64,
             ..counted
         }
     }

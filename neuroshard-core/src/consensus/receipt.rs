@@ -165,7 +165,11 @@ pub struct SignedReceipt {
     pub signature: Vec<u8>,
 }
 
-fn verify_signed(node: &NodeId, body: &[u8], signature: &[u8]) -> Result<(), ReceiptError> {
+pub(crate) fn verify_signed(
+    node: &NodeId,
+    body: &[u8],
+    signature: &[u8],
+) -> Result<(), ReceiptError> {
     let bad = || ReceiptError::BadSignature(node.fmt_short().to_string());
     let sig: [u8; 64] = signature.try_into().map_err(|_| bad())?;
     node.verify(body, &iroh::Signature::from_bytes(&sig))
@@ -173,7 +177,7 @@ fn verify_signed(node: &NodeId, body: &[u8], signature: &[u8]) -> Result<(), Rec
 }
 
 /// `value`'s postcard encoding and `key`'s signature over it.
-fn sign_body(value: &impl Serialize, key: &iroh::SecretKey) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn sign_body(value: &impl Serialize, key: &iroh::SecretKey) -> (Vec<u8>, Vec<u8>) {
     let body = postcard::to_allocvec(value).unwrap_or_default();
     let signature = key.sign(&body).to_bytes().to_vec();
     (body, signature)

@@ -98,14 +98,20 @@ impl ShardEngine {
     /// kept until [`ShardEngine::backward`] is called with the same id. Trains the slice's own
     /// weights, which must be f32 (`--mode f32`).
     pub fn train_forward(&self, batch: u64, input: ShardInput) -> Result<ShardOutput> {
-        if let Some(p) = self.model.params().into_iter().find(|p| p.var.is_none()) {
-            return Err(Error::Training(format!(
+        self.check_full_training()?;
+        self.train_forward_with(batch, input, None)
+    }
+
+    /// Whether the slice's own weights can train: every parameter held as f32.
+    pub(crate) fn check_full_training(&self) -> Result<()> {
+        match self.model.params().into_iter().find(|p| p.var.is_none()) {
+            Some(p) => Err(Error::Training(format!(
                 "parameter `{}` is held quantised ({:?} mode); training the weights needs f32: \
                  load the shard with --mode f32, or train a LoRA adapter on it",
                 p.name, self.options.mode
-            )));
+            ))),
+            None => Ok(()),
         }
-        self.train_forward_with(batch, input, None)
     }
 
     /// Forward for training micro-batch `batch` of the LoRA adapter `adapter`: the base
@@ -296,6 +302,13 @@ impl ShardEngine {
         let prepared = self.prepare_step(cfg)?;
         self.commit_prepared(&prepared.state)?;
         Ok(self.version())
+    }
+
+    /// The tied embedding's name when this slice holds one end of it only (the embedding on
+    /// a first slice, the LM head on a last one): its gradient here is half of the total, and
+    /// the swarm adds the other end's half before a step.
+    pub fn tied_half(&self) -> Option<String> {
+        self.model.tied_half().map(str::to_string)
     }
 
     /// Multiplies every accumulated gradient by `factor` (the mean over `M` micro-batches is

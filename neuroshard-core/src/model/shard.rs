@@ -157,6 +157,9 @@ pub(crate) struct ShardModel {
     rope: Option<Rope>,
     /// Products of this many rows or more take the dense path ([`crate::model::layers::project`]).
     dense_from: usize,
+    /// The embedding's name when the model ties it to the LM head: a slice holding one end
+    /// only has half of that matrix's gradient (the swarm adds the halves).
+    tied: Option<String>,
 }
 
 impl ShardModel {
@@ -187,6 +190,7 @@ impl ShardModel {
         };
         let first = layers.start == 0;
         let last = layers.end == cfg.num_layers;
+        let tied = cfg.tie_word_embeddings || !file.contains("lm_head.weight");
         let embed = if first {
             Some(Embeddings {
                 tokens: Param::load(file, embed_name, &[cfg.vocab_size, h], mode)?,
@@ -217,7 +221,6 @@ impl ShardModel {
                     FinalNorm::Layer(layer_norm(file, norm_name, h, cfg.norm_eps, mode)?)
                 }
             };
-            let tied = cfg.tie_word_embeddings || !file.contains("lm_head.weight");
             let weight = match (&embed, tied) {
                 // Same variable on a shard holding both ends: gradients add up by themselves.
                 (Some(e), true) => e.tokens.clone(),
@@ -252,6 +255,7 @@ impl ShardModel {
             head,
             rope,
             dense_from: crate::model::layers::DENSE_GEMM_ROWS,
+            tied: tied.then(|| embed_name.to_string()),
         })
     }
 
@@ -267,7 +271,6 @@ impl ShardModel {
         }
     }
 
-    /// Every parameter once (a tied head shared with the embedding is listed once).
     /// The projections of the slice's blocks (what LoRA adapters attach to; the LM head is
     /// left out).
     pub(crate) fn linears(&self) -> Vec<&Linear> {
@@ -280,6 +283,15 @@ impl ShardModel {
             .collect()
     }
 
+    /// The tied embedding's name when this slice holds exactly one end of it (the embedding
+    /// on the first slice, the LM head on the last): its gradient here is half of the total.
+    pub(crate) fn tied_half(&self) -> Option<&str> {
+        let first = self.embed.is_some();
+        let last = self.head.is_some();
+        (first != last).then_some(self.tied.as_deref()).flatten()
+    }
+
+    /// Every parameter once (a tied head shared with the embedding is listed once).
     pub(crate) fn params(&self) -> Vec<&Param> {
         let mut out: Vec<&Param> = Vec::new();
         if let Some(e) = &self.embed {

@@ -5,7 +5,7 @@
 //! stream is dropped, taking data still in flight with it (a lost token under concurrent first
 //! steps). For the same reason a live connection in the table is never replaced.
 
-use super::proto::dial;
+use super::proto::{dial_alpn, INFER_ALPN};
 use super::{lock, NetError, NodeId};
 use iroh::endpoint::Connection;
 use iroh::Endpoint;
@@ -13,13 +13,31 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Live connections by peer, dialed at most once at a time per peer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Connections {
     live: Mutex<HashMap<NodeId, Connection>>,
     dialing: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The protocol its connections speak.
+    alpn: &'static [u8],
+}
+
+impl Default for Connections {
+    /// Connections of the inference protocol.
+    fn default() -> Self {
+        Connections::for_alpn(INFER_ALPN)
+    }
 }
 
 impl Connections {
+    /// An empty table of connections speaking `alpn`.
+    pub(crate) fn for_alpn(alpn: &'static [u8]) -> Self {
+        Connections {
+            live: Mutex::default(),
+            dialing: Mutex::default(),
+            alpn,
+        }
+    }
+
     /// The live connection to `node`, if any.
     pub(crate) fn get(&self, node: &NodeId) -> Option<Connection> {
         lock(&self.live)
@@ -44,7 +62,7 @@ impl Connections {
         if let Some(c) = self.get(&node) {
             return Ok((c, false));
         }
-        let conn = dial(endpoint, node, addrs).await?;
+        let conn = dial_alpn(endpoint, node, addrs, self.alpn).await?;
         lock(&self.live).insert(node, conn.clone());
         Ok((conn, true))
     }

@@ -137,6 +137,16 @@ pub struct NodeStats {
     /// Evidence against nodes this node verified and applied: found in its own votes, sent
     /// by clients, or delivered by gossip.
     pub proofs_taken: u64,
+    /// Training micro-batches this node ran forward.
+    pub train_forwards: u64,
+    /// Training micro-batches this node ran backward.
+    pub train_backwards: u64,
+    /// Training steps committed here.
+    pub train_commits: u64,
+    /// Training steps aborted here.
+    pub train_aborts: u64,
+    /// Training jobs holding a lease here now.
+    pub train_jobs: u64,
 }
 
 /// One hop of a session's route, as the client planned it.
@@ -493,16 +503,17 @@ impl Message {
     }
 }
 
-/// Dials `node` at `addrs` for the inference protocol, giving up after [`DIAL_TIMEOUT`].
-pub(crate) async fn dial(
+/// Dials `node` at `addrs` for protocol `alpn`, giving up after [`DIAL_TIMEOUT`].
+pub(crate) async fn dial_alpn(
     endpoint: &iroh::Endpoint,
     node: NodeId,
     addrs: &[SocketAddr],
+    alpn: &[u8],
 ) -> Result<iroh::endpoint::Connection, NetError> {
     let addr = addrs
         .iter()
         .fold(iroh::EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
-    tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect(addr, INFER_ALPN))
+    tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect(addr, alpn))
         .await
         .map_err(|_| NetError::Timeout {
             what: format!("dialing {}", node.fmt_short()),
@@ -512,14 +523,14 @@ pub(crate) async fn dial(
 }
 
 /// Sends `msg` (and `frame` after it, when given) on a new uni stream of `conn`.
-pub(crate) async fn send_uni(
+pub(crate) async fn send_uni<T: Serialize>(
     conn: &iroh::endpoint::Connection,
-    msg: &Message,
+    msg: &T,
     frame: Option<&[u8]>,
 ) -> Result<(), NetError> {
     let io = |e: String| NetError::Io(e);
     let mut send = conn.open_uni().await.map_err(|e| io(e.to_string()))?;
-    write_message(&mut send, msg).await?;
+    write_postcard(&mut send, msg).await?;
     if let Some(frame) = frame {
         send.write_all(frame).await.map_err(|e| io(e.to_string()))?;
     }
@@ -546,15 +557,7 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
     w: &mut W,
     msg: &Message,
 ) -> Result<(), NetError> {
-    let body = postcard::to_allocvec(msg).map_err(|e| NetError::Malformed(e.to_string()))?;
-    let len =
-        u32::try_from(body.len()).map_err(|_| NetError::Malformed("message too large".into()))?;
-    w.write_all(&len.to_le_bytes())
-        .await
-        .map_err(|e| NetError::Io(e.to_string()))?;
-    w.write_all(&body)
-        .await
-        .map_err(|e| NetError::Io(e.to_string()))
+    write_postcard(w, msg).await
 }
 
 /// Reads a length-prefixed message (at most [`MAX_CONTROL`] bytes).
@@ -567,6 +570,31 @@ pub(crate) async fn read_message_limited<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Message, NetError> {
+    read_postcard(r, max).await
+}
+
+/// Writes any control value as a little-endian `u32` length and its postcard bytes (the
+/// framing of every protocol's control messages).
+pub(crate) async fn write_postcard<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), NetError> {
+    let body = postcard::to_allocvec(msg).map_err(|e| NetError::Malformed(e.to_string()))?;
+    let len =
+        u32::try_from(body.len()).map_err(|_| NetError::Malformed("message too large".into()))?;
+    w.write_all(&len.to_le_bytes())
+        .await
+        .map_err(|e| NetError::Io(e.to_string()))?;
+    w.write_all(&body)
+        .await
+        .map_err(|e| NetError::Io(e.to_string()))
+}
+
+/// Reads what [`write_postcard`] wrote, at most `max` bytes (checked before allocating).
+pub(crate) async fn read_postcard<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
+    r: &mut R,
+    max: usize,
+) -> Result<T, NetError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)
         .await

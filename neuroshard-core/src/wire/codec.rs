@@ -20,7 +20,7 @@ use half::{bf16, f16};
 pub const BLOCK: usize = 32;
 
 /// How a payload is encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum Codec {
     /// Raw IEEE binary32.

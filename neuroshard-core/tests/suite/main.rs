@@ -27,6 +27,7 @@ mod swarm_inprocess;
 mod swarm_processes;
 #[cfg(feature = "internals")]
 mod swarm_robustness;
+mod swarm_training;
 mod tiny_fixtures;
 mod tokenizer_and_memory;
 #[cfg(feature = "internals")]

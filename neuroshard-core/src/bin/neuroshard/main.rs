@@ -14,6 +14,7 @@ mod peers;
 mod serve;
 mod shard_info;
 mod swarm;
+mod train;
 
 use clap::{Parser, Subcommand};
 use neuroshard_core::runtime::{self, RuntimeConfig};
@@ -66,6 +67,11 @@ enum Command {
     /// Chat in the terminal over a swarm (or one started in this process): multi-turn with
     /// the model's chat template; /reset, /system TEXT, /quit; Ctrl-C stops an answer.
     Chat(chat::ChatArgs),
+    /// Train the swarm on a text: a LoRA adapter (default) or the full slices, relayed hop
+    /// by hop with two-phase commits. Every hop must allow this trainer (`node --trainer`).
+    Train(train::TrainArgs),
+    /// Print the identity of a key file (created if missing): pass it to `node --trainer`.
+    Id(train::IdArgs),
 }
 
 /// Logs to stderr: NeuroShard's events at `level`, every other crate's errors only (iroh is
@@ -108,6 +114,8 @@ fn main() -> ExitCode {
         Command::Node(args) => node::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Id(args) => train::run_id(args),
         Command::ModelId(args) => model_id::run(args),
         Command::Peers(args) => peers::run(args),
         Command::ShardInfo(args) => shard_info::run(args),

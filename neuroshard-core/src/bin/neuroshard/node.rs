@@ -105,6 +105,14 @@ pub(crate) struct NodeArgs {
     /// A node id this node trusts from the start in the votes it runs (repeatable).
     #[arg(long = "trust")]
     trust: Vec<neuroshard_core::net::NodeId>,
+    /// A trainer identity allowed to train this node (repeatable; `neuroshard id --key-file K`
+    /// prints one). Without it the node refuses every training job.
+    #[arg(long = "trainer")]
+    trainers: Vec<neuroshard_core::net::NodeId>,
+    /// Directory of training checkpoints: committed adapters are saved there after every
+    /// step, and loaded from there at start (a restart goes on from the last commit).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// The node's reputation table (the votes it ran as a receiver), loaded at start and
     /// saved every 30 s and on stop. Default: next to the key file.
     #[arg(long)]
@@ -193,6 +201,10 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
                 ..EndpointOptions::default()
             },
             bootstrap,
+            train: neuroshard_core::train::TrainPolicy {
+                trainers: args.trainers.clone(),
+                checkpoint: args.checkpoint.clone(),
+            },
             ..NodeOptions::default()
         });
         let node = Node::builder_for(Arc::new(engine))

@@ -1,0 +1,174 @@
+//! `neuroshard train`: teach the swarm a text (a LoRA adapter by default, or the full slices),
+//! and `neuroshard id`: the identity of a key, for `node --trainer`.
+
+use crate::common::tokio_runtime;
+use neuroshard_core::net::endpoint::{load_or_create_key, EndpointOptions};
+use neuroshard_core::train::examples_from_text;
+use neuroshard_core::{
+    resolve_peers, AdamWConfig, Client, Codec, Error, LoraConfig, SwarmOptions, SwarmSession,
+    TrainOptions, TrainTarget, Trainer,
+};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Flags of `neuroshard train`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct TrainArgs {
+    /// Nodes of the swarm to train (`<id>@<ip:port>` or `host:port`); each hop must allow
+    /// this trainer (`node --trainer ID`).
+    #[arg(long, num_args = 1.., required = true)]
+    peers: Vec<String>,
+    /// The trainer's key (created if missing); `neuroshard id --key-file K` prints its id.
+    #[arg(long)]
+    key_file: PathBuf,
+    /// Plain text to learn.
+    #[arg(long)]
+    text: PathBuf,
+    /// Every non-empty line is one example (default: the text in windows of --seq-len).
+    #[arg(long)]
+    lines: bool,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Tokens per example.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Micro-batches per step (one example each); the hops pipeline them.
+    #[arg(long, default_value_t = 4)]
+    micro_batches: usize,
+    /// The LoRA adapter to train (created on every hop if missing).
+    #[arg(long, default_value = "notes")]
+    adapter: String,
+    /// Rank of a new adapter.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// Projections a new adapter covers.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    lora_targets: Vec<String>,
+    /// Train the slices' own weights instead of an adapter (nodes run --mode f32).
+    #[arg(long)]
+    full: bool,
+    /// Codec of hidden states and gradients between hops: f32, f16, bf16, q8.
+    #[arg(long, default_value = "f32")]
+    codec: Codec,
+}
+
+pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
+    let key = load_or_create_key(&args.key_file)?;
+    let text = std::fs::read_to_string(&args.text)
+        .map_err(|e| Error::Training(format!("cannot read {}: {e}", args.text.display())))?;
+    tokio_runtime()?.block_on(async move {
+        let entries = resolve_peers(&args.peers).await?;
+        let client = Client::new(key, EndpointOptions::default()).await?;
+        let swarm = SwarmSession::connect(client.clone(), entries, SwarmOptions::default()).await?;
+        let examples = examples_from_text(swarm.tokenizer(), &text, args.seq_len, args.lines)?;
+        let target = if args.full {
+            TrainTarget::Full
+        } else {
+            TrainTarget::Adapter {
+                name: args.adapter.clone(),
+                config: LoraConfig {
+                    rank: args.lora_rank,
+                    targets: args.lora_targets.clone(),
+                    ..LoraConfig::default()
+                },
+            }
+        };
+        let options = TrainOptions {
+            target,
+            codec: args.codec,
+            adamw: AdamWConfig {
+                lr: args.lr,
+                ..AdamWConfig::default()
+            },
+        };
+        let mut trainer = Trainer::on_swarm(&swarm, options).await?;
+        let hops: Vec<String> = trainer
+            .route()
+            .iter()
+            .map(|h| {
+                format!(
+                    "{}[{}..{}]",
+                    h.node.fmt_short(),
+                    h.layers.start,
+                    h.layers.end
+                )
+            })
+            .collect();
+        eprintln!(
+            "training {} on {} examples ({} tokens) through {}; job {:016x}",
+            if args.full {
+                "the full slices".to_string()
+            } else {
+                format!("adapter `{}`", args.adapter)
+            },
+            examples.len(),
+            examples.iter().map(Vec::len).sum::<usize>(),
+            hops.join(" -> "),
+            trainer.job()
+        );
+        if trainer.resolve_in_doubt().await? {
+            eprintln!("committed the step an earlier run of this trainer left prepared");
+        }
+        let t0 = Instant::now();
+        let mut tokens = 0usize;
+        let steps = args.steps;
+        let result = trainer
+            .learn(&examples, steps, args.micro_batches, |i, report| {
+                tokens += report.tokens;
+                let rate = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                let done = (i + 1) * 30 / steps.max(1);
+                eprint!(
+                    "\r[{}{}] step {}/{steps}  loss {:.4}  {rate:.0} tok/s   ",
+                    "#".repeat(done),
+                    " ".repeat(30 - done),
+                    i + 1,
+                    report.loss
+                );
+                let _ = std::io::stderr().flush();
+            })
+            .await;
+        eprintln!();
+        let reports = match result {
+            Ok(r) => r,
+            Err(e) => {
+                client.shutdown().await;
+                return Err(e);
+            }
+        };
+        if let (Some(first), Some(last)) = (reports.first(), reports.last()) {
+            eprintln!(
+                "loss {:.4} -> {:.4} in {} steps ({:.1} s)",
+                first.loss,
+                last.loss,
+                reports.len(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        for v in trainer.versions() {
+            println!("{v}");
+        }
+        trainer.end().await?;
+        client.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Flags of `neuroshard id`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct IdArgs {
+    /// The key file (created if missing).
+    #[arg(long)]
+    key_file: PathBuf,
+}
+
+/// Prints the node id of a key (what `node --trainer` and `--trust` take).
+pub(crate) fn run_id(args: IdArgs) -> Result<(), Error> {
+    let key = load_or_create_key(&args.key_file)?;
+    println!("{}", key.public());
+    Ok(())
+}

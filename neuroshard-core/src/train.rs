@@ -1,0 +1,25 @@
+//! Training over the swarm: the model that keeps learning.
+//!
+//! A [`Trainer`] sends micro-batches of token sequences through a route of nodes. Every hop
+//! runs a tracked forward and relays its hidden states; the last hop computes the next-token
+//! loss and starts backward; the gradient of each hop's input travels back hop by hop, in wire
+//! frames of a selectable codec, and every hop accumulates its own slice's gradients (or its
+//! LoRA adapter's). Steps commit in two phases under a certificate the trainer signs, so the
+//! hops never end half-stepped. See `docs/training.md`.
+//!
+//! - `proto.rs`: the messages of `neuroshard/train/1`;
+//! - `certificate.rs`: signing and checking commit certificates;
+//! - `hop.rs`: the node's side (leases, the relay, the two phases, checkpoints);
+//! - `trainer.rs`: the trainer's side.
+
+mod certificate;
+pub(crate) mod hop;
+mod proto;
+mod trainer;
+
+pub use hop::TrainPolicy;
+pub use proto::{
+    CommitCertificate, JobSpec, Outcome, SignedCommit, TrainMessage, TrainTarget,
+    MAX_MICRO_BATCHES, MAX_MICRO_POSITIONS, TRAIN_ALPN,
+};
+pub use trainer::{examples_from_text, StepReport, TrainOptions, Trainer};
