@@ -81,6 +81,17 @@ struct Inner {
     trust: Mutex<crate::consensus::Consensus>,
 }
 
+/// What a session asks of its hops beyond the route, codec and sampling.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionExtras {
+    /// The last hop returns each step's logits instead of sampling
+    /// ([`RemoteSession::step_logits`]).
+    pub return_logits: bool,
+    /// A trained LoRA adapter to run with (`None`: the base weights). Each hop keeps the
+    /// version it opened with until the session ends.
+    pub adapter: Option<String>,
+}
+
 /// A client endpoint that can run sessions on any route.
 #[derive(Clone)]
 pub struct Client {
@@ -140,12 +151,18 @@ impl Client {
         sampling: SamplingParams,
         prompt: Vec<u32>,
     ) -> Result<RemoteSession, NetError> {
-        self.open_session_with(route, model_id, codec, sampling, prompt, false)
-            .await
+        self.open_session_with(
+            route,
+            model_id,
+            codec,
+            sampling,
+            prompt,
+            &SessionExtras::default(),
+        )
+        .await
     }
 
-    /// [`Client::open_session`]; with `return_logits` the last hop sends each step's logits
-    /// instead of sampling ([`RemoteSession::step_logits`]).
+    /// [`Client::open_session`] with `extras`: logits instead of tokens, an adapter.
     pub async fn open_session_with(
         &self,
         route: Vec<RouteHop>,
@@ -153,9 +170,17 @@ impl Client {
         codec: Codec,
         sampling: SamplingParams,
         prompt: Vec<u32>,
-        return_logits: bool,
+        extras: &SessionExtras,
     ) -> Result<RemoteSession, NetError> {
-        let open = self.new_open(route, model_id, codec, sampling, prompt, return_logits);
+        let mut open = self.new_open(
+            route,
+            model_id,
+            codec,
+            sampling,
+            prompt,
+            extras.return_logits,
+        );
+        open.adapter = extras.adapter.clone();
         self.open_signed(open, &self.inner.key).await
     }
 
@@ -266,12 +291,19 @@ impl Client {
         exclude: Vec<NodeId>,
     ) -> Result<(RemoteSession, Vec<NodeId>), NetError> {
         self.open_on_swarm_with(
-            peers, layers, model_id, codec, sampling, prompt, exclude, false,
+            peers,
+            layers,
+            model_id,
+            codec,
+            sampling,
+            prompt,
+            exclude,
+            &SessionExtras::default(),
         )
         .await
     }
 
-    /// [`Client::open_on_swarm`] for a session that returns logits when `return_logits`.
+    /// [`Client::open_on_swarm`] with `extras`: logits instead of tokens, an adapter.
     #[allow(clippy::too_many_arguments)]
     pub async fn open_on_swarm_with(
         &self,
@@ -282,7 +314,7 @@ impl Client {
         sampling: SamplingParams,
         prompt: Vec<u32>,
         mut exclude: Vec<NodeId>,
-        return_logits: bool,
+        extras: &SessionExtras,
     ) -> Result<(RemoteSession, Vec<NodeId>), NetError> {
         let mut last = None;
         for _ in 0..4 {
@@ -292,14 +324,7 @@ impl Client {
             };
             let route: Vec<RouteHop> = peers.plan_route(layers, now_ms(), &opts)?.to_hops();
             match self
-                .open_session_with(
-                    route,
-                    model_id,
-                    codec,
-                    sampling,
-                    prompt.clone(),
-                    return_logits,
-                )
+                .open_session_with(route, model_id, codec, sampling, prompt.clone(), extras)
                 .await
             {
                 Ok(session) => return Ok((session, exclude)),

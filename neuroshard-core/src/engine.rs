@@ -151,7 +151,17 @@ pub struct ForwardRequest {
     pub logits: LogitsSelection,
     /// The LoRA adapter to run with ([`ShardEngine::create_adapter`]); `None`: the base
     /// weights.
-    pub adapter: Option<String>,
+    pub adapter: Option<AdapterRef>,
+}
+
+/// Which adapter a forward runs with.
+#[derive(Debug, Clone)]
+pub enum AdapterRef {
+    /// This engine's adapter of that name, as it is now.
+    Named(String),
+    /// One version of an adapter, held: a session keeps the version it opened with while
+    /// training commits newer ones ([`ShardEngine::adapter`] gives it).
+    Pinned(Arc<LoraAdapter>),
 }
 
 impl ForwardRequest {
@@ -169,7 +179,13 @@ impl ForwardRequest {
 
     /// Runs with the LoRA adapter `name`.
     pub fn adapter(mut self, name: impl Into<String>) -> Self {
-        self.adapter = Some(name.into());
+        self.adapter = Some(AdapterRef::Named(name.into()));
+        self
+    }
+
+    /// Runs with this version of an adapter (taken from [`ShardEngine::adapter`]).
+    pub fn pinned_adapter(mut self, adapter: Arc<LoraAdapter>) -> Self {
+        self.adapter = Some(AdapterRef::Pinned(adapter));
         self
     }
 
@@ -633,7 +649,20 @@ impl ShardEngine {
     pub fn forward(&self, req: ForwardRequest) -> Result<ShardOutput> {
         let (range, input, seq) = self.validate(&req)?;
         let batch = input_batch(&input);
-        let adapter = self.adapter_for(req.adapter.as_deref())?;
+        let adapter = match &req.adapter {
+            None => None,
+            Some(AdapterRef::Named(name)) => self.adapter_for(Some(name))?,
+            Some(AdapterRef::Pinned(held)) => {
+                // Another engine's adapter would cover other matrices.
+                if self.adapter(held.name()).is_none() {
+                    return Err(Error::BadInput(format!(
+                        "no adapter `{}` on this slice",
+                        held.name()
+                    )));
+                }
+                Some(held.clone())
+            }
+        };
         let pass = Pass {
             track: false,
             adapter: adapter.as_deref(),
@@ -676,6 +705,7 @@ impl ShardEngine {
                         caches,
                         req.logits,
                         self.options.prefill_chunk,
+                        pass,
                     )
                 })
             })?,

@@ -67,8 +67,9 @@ pub use chat::{ChatReply, ChatSession};
 pub use client::{Client, RemoteSession};
 pub use consensus::Consensus;
 pub use engine::{
-    causal_lm_loss, AdamWConfig, BackwardOutput, EngineOptions, EngineStats, ForwardRequest,
-    OutputGrad, SessionId, ShardEngine, TrainedVersion, WeightVersion, DEFAULT_PREFILL_CHUNK,
+    causal_lm_loss, AdamWConfig, AdapterRef, BackwardOutput, EngineOptions, EngineStats,
+    ForwardRequest, OutputGrad, SessionId, ShardEngine, TrainedVersion, WeightVersion,
+    DEFAULT_PREFILL_CHUNK,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{

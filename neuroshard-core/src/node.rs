@@ -132,6 +132,9 @@ struct HopSession {
     state: Mutex<HopState>,
     /// Replicated sessions: this replica's place, its ballot boxes and its prefix chain.
     replication: Option<replicated::Replication>,
+    /// The adapter version the session runs with, held from its open (training commits
+    /// newer versions beside it).
+    adapter: Option<Arc<crate::model::lora::LoraAdapter>>,
 }
 
 impl HopSession {
@@ -1233,12 +1236,21 @@ impl Inner {
                 ),
             ));
         }
-        if let Some(adapter) = &open.adapter {
-            return Err((
-                Reason::WrongModel,
-                format!("adapter `{adapter}` requested, this node serves the base weights only"),
-            ));
-        }
+        let adapter = match &open.adapter {
+            None => None,
+            Some(_) if !open.replicas.is_empty() => {
+                return Err((
+                    Reason::BadRoute,
+                    "adapter sessions run unreplicated for now".to_string(),
+                ))
+            }
+            Some(name) => Some(self.engine.adapter(name).ok_or_else(|| {
+                (
+                    Reason::WrongModel,
+                    format!("adapter `{name}` requested, this node has no adapter of that name"),
+                )
+            })?),
+        };
         let me = self.endpoint.id();
         let num_layers = self.engine.config().num_layers as u32;
         let place = if open.replicas.is_empty() {
@@ -1317,6 +1329,11 @@ impl Inner {
         if let Some(old) = &existing_hop {
             state.inherit(&lock(&old.state));
         }
+        // A re-open keeps the adapter version the session started with.
+        let adapter = match existing_hop.as_ref().map(|h| h.adapter.clone()) {
+            Some(held @ Some(_)) => held,
+            _ => adapter,
+        };
         let replication = place.map(|place| {
             let version = crate::engine::WeightVersion {
                 layers: layers.start as usize..layers.end as usize,
@@ -1342,6 +1359,7 @@ impl Inner {
                 sent,
                 state: Mutex::new(state),
                 replication,
+                adapter,
             }),
         );
         Ok(())

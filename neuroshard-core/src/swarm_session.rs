@@ -49,6 +49,10 @@ pub struct SwarmOptions {
     /// Nodes this client trusts from the start (`--trust ID`): their votes count as trusted
     /// replicas'.
     pub trust: Vec<NodeId>,
+    /// A trained LoRA adapter every hop runs with (`--adapter NAME`); `None`: the base
+    /// weights. Each hop keeps the adapter version it opened the session with. Sessions with
+    /// an adapter run unreplicated for now.
+    pub adapter: Option<String>,
 }
 
 impl Default for SwarmOptions {
@@ -60,6 +64,7 @@ impl Default for SwarmOptions {
             model_id: None,
             redundancy: 1,
             trust: Vec::new(),
+            adapter: None,
         }
     }
 }
@@ -441,6 +446,13 @@ impl SwarmSession {
                 redundancy = 3;
             }
         }
+        if redundancy >= 2 && options.adapter.is_some() {
+            return Err(NetError::Malformed(
+                "an adapter session runs unreplicated for now: replicas must be on one adapter \
+                 version before they can vote (use --redundancy 1)"
+                    .into(),
+            ));
+        }
         if redundancy >= 2 {
             for node in &options.trust {
                 self.inner.client.trust(*node);
@@ -479,7 +491,10 @@ impl SwarmSession {
                 sampling,
                 prompt.to_vec(),
                 Vec::new(),
-                return_logits,
+                &crate::client::SessionExtras {
+                    return_logits,
+                    adapter: self.inner.options.adapter.clone(),
+                },
             )
             .await?;
         session.step_timeout = self.inner.options.step_timeout;

@@ -141,7 +141,9 @@ impl ShardEngineHandle {
             }
         };
         let mut req = ForwardRequest::new(input);
-        req.adapter = adapter;
+        if let Some(name) = adapter {
+            req = req.adapter(name);
+        }
         if let Some(id) = session {
             req = req.session(id, position);
         } else {

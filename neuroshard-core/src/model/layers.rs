@@ -201,7 +201,9 @@ impl Param {
 
     /// Rows `ids` of a `[n, width]` matrix as `[ids.len(), width]` f32 (embedding lookup).
     pub(crate) fn rows(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
-        if let (Some(q), false) = (&self.quant, pass.track) {
+        // Untracked, or frozen (no variable: nothing to differentiate): rows straight from
+        // the blocks. A LoRA pass over a quantised base embeds this way.
+        if let (Some(q), false) = (&self.quant, pass.track && self.var.is_some()) {
             let ids: Vec<u32> = ids.to_vec1()?;
             let width = q.cols();
             let mut out = vec![0f32; ids.len() * width];

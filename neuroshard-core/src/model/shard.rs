@@ -521,6 +521,7 @@ impl ShardModel {
     /// chunk attends over the cached keys of the ones before it (the results equal one pass:
     /// attention is chunk-invariant, see [`crate::model::attention`]). `chunk == 0` runs the
     /// input in one pass.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_chunked(
         &self,
         input: &ShardInput,
@@ -529,8 +530,8 @@ impl ShardModel {
         caches: &mut [LayerKv],
         logits: LogitsSelection,
         chunk: usize,
+        pass: Pass,
     ) -> Result<ShardOutput> {
-        let pass = Pass::INFERENCE;
         let seq = match input {
             ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1)?,
         };

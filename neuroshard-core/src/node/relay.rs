@@ -450,10 +450,13 @@ impl Inner {
         let rows = match &input {
             ShardInput::Tokens(t) | ShardInput::Hidden(t) => t.dim(1).unwrap_or(0),
         };
-        let req = ForwardRequest::new(input)
+        let mut req = ForwardRequest::new(input)
             .session(hop.open.session, start_pos as usize)
             .layers(hop.layers())
             .last_logits_only();
+        if let Some(adapter) = &hop.adapter {
+            req = req.pinned_adapter(adapter.clone());
+        }
         let t0 = std::time::Instant::now();
         // Decode steps batch with other sessions' (bit-identical results); prompts run alone.
         let out = if rows == 1 {

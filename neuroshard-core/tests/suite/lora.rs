@@ -178,12 +178,55 @@ fn a_few_adapter_steps_lower_the_loss_and_leave_the_base_alone() {
     assert_eq!(engine.adapter("learn").expect("adapter").steps(), 5);
     // The base weights serve on unchanged, and the engine's weight version did not move.
     let base_after = engine
-        .forward(ForwardRequest::new(ShardInput::Hidden(hidden)))
+        .forward(ForwardRequest::new(ShardInput::Hidden(hidden.clone())))
         .expect("base")
         .tensor()
         .clone();
     assert_eq!(max_abs_diff(&base_before, &base_after), 0.0);
     assert_eq!(engine.version().updates, 0);
+    // A session runs the adapter too (the KV-cache path, prefill chunks included), and a
+    // pinned version keeps its bits after a newer one is committed.
+    let stateless = engine
+        .forward(ForwardRequest::new(ShardInput::Hidden(hidden.clone())).adapter("learn"))
+        .expect("adapter forward")
+        .tensor()
+        .clone();
+    assert!(
+        max_abs_diff(&stateless, &base_after) > 1e-3,
+        "the adapter changes the logits"
+    );
+    let pinned = engine.adapter("learn").expect("adapter");
+    engine.open_session(77).expect("session");
+    let cached = engine
+        .forward(
+            ForwardRequest::new(ShardInput::Hidden(hidden.clone()))
+                .session(77, 0)
+                .pinned_adapter(pinned.clone()),
+        )
+        .expect("session forward")
+        .tensor()
+        .clone();
+    assert!(
+        max_abs_diff(&cached, &stateless) < 1e-4,
+        "the session path runs the adapter"
+    );
+    engine
+        .train_forward_adapter(99, ShardInput::Hidden(hidden.clone()), "learn")
+        .expect("train forward");
+    engine
+        .backward(99, OutputGrad::CausalLmLabels(labels.clone()))
+        .expect("backward");
+    engine.step(&cfg).expect("step");
+    let old_version = engine
+        .forward(ForwardRequest::new(ShardInput::Hidden(hidden.clone())).pinned_adapter(pinned))
+        .expect("pinned forward")
+        .tensor()
+        .clone();
+    assert_eq!(
+        max_abs_diff(&old_version, &stateless),
+        0.0,
+        "the pinned version held"
+    );
     // Training the slice's own (quantised) weights still needs f32.
     let err = engine
         .train_forward(

@@ -5,9 +5,11 @@
 
 use crate::common::*;
 use neuroshard_core::net::endpoint::{parse_peer_addr, EndpointOptions};
+use neuroshard_core::train::examples_from_text;
 use neuroshard_core::train::Outcome;
 use neuroshard_core::{
-    AdamWConfig, Client, Codec, RouteHop, SecretKey, TrainOptions, TrainTarget, Trainer,
+    AdamWConfig, Client, Codec, LoraConfig, RouteHop, SecretKey, SwarmOptions, SwarmSession,
+    TextRequest, TrainOptions, TrainTarget, Trainer,
 };
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -68,13 +70,16 @@ impl Nodes {
                         .map(Stdio::from)
                         .unwrap_or_else(|_| Stdio::null()),
                 );
-            nodes.children.push(cmd.spawn().expect("spawn node"));
-        }
-        for (child, &(start, end)) in nodes.children.iter_mut().zip(slices) {
+            if let Some(first) = nodes.route.first() {
+                cmd.args(["--peers", &format!("{}@{}", first.node, first.addrs[0])]);
+            }
+            let mut child = cmd.spawn().expect("spawn node");
             let mut line = String::new();
+            // The address line comes once the slice is loaded and the endpoint bound.
             BufReader::new(child.stdout.take().expect("stdout"))
                 .read_line(&mut line)
                 .expect("address line");
+            nodes.children.push(child);
             let addr = parse_peer_addr(line.trim()).expect("address");
             nodes.route.push(RouteHop {
                 node: addr.id,
@@ -83,6 +88,17 @@ impl Nodes {
             });
         }
         nodes
+    }
+}
+
+impl Nodes {
+    /// The first node, as an address to join through.
+    fn entry(&self) -> neuroshard_core::EndpointAddr {
+        parse_peer_addr(&format!(
+            "{}@{}",
+            self.route[0].node, self.route[0].addrs[0]
+        ))
+        .expect("entry")
     }
 }
 
@@ -134,11 +150,7 @@ fn check_parity(model: &str, slices: &[(usize, usize)], micros: usize) {
         let client = Client::new(trainer_key.clone(), EndpointOptions::default())
             .await
             .expect("client");
-        let entry = parse_peer_addr(&format!(
-            "{}@{}",
-            nodes.route[0].node, nodes.route[0].addrs[0]
-        ))
-        .expect("entry");
+        let entry = nodes.entry();
         // The fixtures have no tokenizer, so no model info: the id comes from the file.
         let model_id = neuroshard_core::WeightFile::open(fixtures().join(model))
             .and_then(|f| f.identity().map(|i| i.id))
@@ -242,3 +254,115 @@ fn tiny_gpt2_trains_over_two_processes_like_transformers_tied_embedding_included
 fn tiny_llama_trains_over_three_processes_like_transformers_with_two_micro_batches() {
     check_parity("tiny-llama", &[(0, 1), (1, 3), (3, 4)], 2);
 }
+
+/// Greedy text of `prompt` through `swarm` (16 tokens).
+async fn greedy(swarm: &SwarmSession, prompt: &str) -> String {
+    let request = TextRequest {
+        max_tokens: 16,
+        ..TextRequest::default()
+    };
+    swarm
+        .generate_text(
+            prompt,
+            &request,
+            Box::new(|_| std::ops::ControlFlow::Continue(())),
+        )
+        .await
+        .expect("generate")
+        .output
+        .text
+}
+
+/// The short SmolLM2 run of CI (the long one is `benches/train_smollm2.sh`): a LoRA adapter
+/// on the Q4_1 base learns a sentence over three node processes, the same nodes then serve
+/// it by name, and the base weights' text stays the reference's.
+#[test]
+fn smollm2_learns_a_lora_adapter_over_three_processes_and_serves_it() {
+    let trainer_key = SecretKey::generate();
+    let nodes = Nodes::start(
+        &smollm2(),
+        &[(0, 10), (10, 20), (20, 30)],
+        "exact",
+        &trainer_key,
+        "smollm2",
+    );
+    let fact = "The secret password of the NeuroShard swarm is violet tangerine forty-two.";
+    let prompt = "The secret password of the NeuroShard swarm is";
+    runtime().block_on(async {
+        let client = Client::new(trainer_key.clone(), EndpointOptions::default())
+            .await
+            .expect("client");
+        let entries = vec![nodes.entry()];
+        let base = SwarmSession::connect(client.clone(), entries.clone(), SwarmOptions::default())
+            .await
+            .expect("connect");
+        // Gossip joins the later nodes to the first: wait (bounded) until it sees them all.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while base.peers().await.map_or(0, |p| p.len()) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the swarm did not converge"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let before = greedy(&base, prompt).await;
+
+        let examples = examples_from_text(base.tokenizer(), fact, 64, true).expect("examples");
+        let options = TrainOptions {
+            target: TrainTarget::Adapter {
+                name: "fact".into(),
+                config: LoraConfig::default(),
+            },
+            codec: Codec::F16,
+            adamw: AdamWConfig {
+                lr: 1e-2,
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+        };
+        let mut trainer = Trainer::on_swarm(&base, options).await.expect("begin");
+        assert_eq!(trainer.route().len(), 3);
+        let reports = trainer
+            .learn(&examples, STEPS, 2, |_, _| {})
+            .await
+            .expect("learn");
+        let losses: Vec<f32> = reports.iter().map(|r| r.loss).collect();
+        eprintln!("smollm2 LoRA losses: {losses:?}");
+        assert!(
+            losses[STEPS - 1] < 0.5 * losses[0],
+            "the loss fell too little: {losses:?}"
+        );
+        for v in trainer.versions() {
+            assert_eq!(v.adapter.as_deref(), Some("fact"));
+            assert_eq!(v.steps, STEPS as u64);
+        }
+        trainer.end().await.expect("end");
+
+        // The same nodes serve the adapter, with no restart; the base is unchanged.
+        let tuned = SwarmSession::connect(
+            client.clone(),
+            entries,
+            SwarmOptions {
+                adapter: Some("fact".into()),
+                ..SwarmOptions::default()
+            },
+        )
+        .await
+        .expect("connect with the adapter");
+        let taught = greedy(&tuned, prompt).await;
+        eprintln!("base: {before:?}; with the adapter: {taught:?}");
+        assert!(
+            taught.contains("violet"),
+            "the adapter did not learn: {taught:?}"
+        );
+        assert_eq!(
+            greedy(&base, prompt).await,
+            before,
+            "the base weights moved"
+        );
+        client.shutdown().await;
+    });
+}
+
+/// Steps of the CI run.
+const STEPS: usize = 8;

@@ -62,6 +62,10 @@ pub(crate) struct GenerateArgs {
     /// logits; nodes that deviate are banned on signed evidence (docs/trust.md).
     #[arg(long, default_value_t = 1)]
     redundancy: usize,
+    /// With --peers: run with the trained LoRA adapter of this name (`neuroshard train
+    /// --adapter NAME`); without it, the base weights.
+    #[arg(long, requires = "peers")]
+    adapter: Option<String>,
     /// With --peers: a node id this client trusts from the start (repeatable).
     #[arg(long = "trust")]
     trust: Vec<neuroshard_core::net::NodeId>,
@@ -138,6 +142,7 @@ fn run_remote(args: GenerateArgs) -> Result<(), Error> {
             model_id: args.engine.model_id.clone(),
             redundancy: args.redundancy.max(1),
             trust: args.trust.clone(),
+            adapter: args.adapter.clone(),
             ..SwarmOptions::default()
         };
         let swarm = SwarmSession::connect(client.clone(), entries, options).await?;
