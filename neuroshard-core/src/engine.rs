@@ -5,7 +5,7 @@
 //! from one engine. Everything a caller can get wrong (layer range, input kind, width, dtype,
 //! position, session) is checked before any state changes and reported as a typed [`Error`].
 
-mod adapters;
+pub(crate) mod adapters;
 mod optimizer;
 mod sessions;
 mod staged;

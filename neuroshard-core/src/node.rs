@@ -571,6 +571,13 @@ impl Node {
                 crate::train::hop::TrainProtocol(train),
             )
             .spawn();
+        // A step prepared before a crash and not decided: ask the route's other hops.
+        tokio::spawn(
+            inner
+                .train
+                .clone()
+                .resolve_from_peers(Duration::from_secs(30)),
+        );
         let topic = TopicId::from_bytes(*blake3::hash(inner.model_id.as_bytes()).as_bytes());
         let bootstrap = options.bootstrap.iter().map(|a| a.id).collect();
         let (sender, mut receiver) = gossip

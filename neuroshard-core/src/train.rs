@@ -13,6 +13,7 @@
 //! - `trainer.rs`: the trainer's side.
 
 mod certificate;
+mod durable;
 pub(crate) mod hop;
 mod proto;
 mod trainer;

@@ -34,7 +34,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename (never a torn file).
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension("tmp");
     write(&tmp)?;
     std::fs::rename(&tmp, path)

@@ -210,6 +210,72 @@ impl ShardEngine {
         Ok(self.train_state()?.prepared.take().map(|p| p.version))
     }
 
+    /// The prepared step as tensors (`value.<name>`, `m.<name>`, `v.<name>`) and its
+    /// version, for a durable copy: a node that restarts in doubt can still commit it.
+    pub(crate) fn export_prepared(
+        &self,
+    ) -> Result<Option<(HashMap<String, Tensor>, TrainedVersion)>> {
+        let state = self.train_state()?;
+        let Some(p) = &state.prepared else {
+            return Ok(None);
+        };
+        let mut out = HashMap::with_capacity(p.values.len() + 2 * p.moments.len());
+        for (name, t) in &p.values {
+            out.insert(format!("value.{name}"), t.clone());
+        }
+        for (name, m, v) in &p.moments {
+            out.insert(format!("m.{name}"), m.clone());
+            out.insert(format!("v.{name}"), v.clone());
+        }
+        Ok(Some((out, p.version.clone())))
+    }
+
+    /// Takes back a step [`ShardEngine::export_prepared`] wrote, when it is for this slice's
+    /// current state of its target and its values hash to the version's state.
+    pub(crate) fn import_prepared(
+        &self,
+        mut tensors: HashMap<String, Tensor>,
+        version: TrainedVersion,
+    ) -> Result<()> {
+        let current = self.trained_version(version.adapter.as_deref())?;
+        if version.steps != current.steps + 1
+            || version.layers != current.layers
+            || version.model_hash != current.model_hash
+        {
+            return Err(Error::Training(format!(
+                "the prepared step {version} does not follow the current {current}"
+            )));
+        }
+        let held = self.adapter_for(version.adapter.as_deref())?;
+        let mut values = Vec::new();
+        let mut moments = Vec::new();
+        for (name, _) in self.trainable_tensors(held.as_deref()) {
+            let value = tensors
+                .remove(&format!("value.{name}"))
+                .ok_or_else(|| Error::Training(format!("the prepared step lacks `{name}`")))?;
+            if let (Some(m), Some(v)) = (
+                tensors.remove(&format!("m.{name}")),
+                tensors.remove(&format!("v.{name}")),
+            ) {
+                moments.push((name.clone(), m, v));
+            }
+            values.push((name, value));
+        }
+        if state_hash(values.iter().map(|(n, t)| (n.as_str(), t)))? != version.state {
+            return Err(Error::Training(
+                "the prepared step's tensors do not hash to its version".into(),
+            ));
+        }
+        let mut state = self.train_state()?;
+        state.target = Some(version.adapter.clone());
+        state.prepared = Some(PreparedStep {
+            values,
+            moments,
+            version,
+        });
+        Ok(())
+    }
+
     /// Installs a computed step: the new tensors, the optimizer's moments and step count.
     fn install(&self, state: &mut TrainState, prepared: PreparedStep) -> Result<TrainedVersion> {
         let PreparedStep {

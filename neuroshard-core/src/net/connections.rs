@@ -19,6 +19,8 @@ pub(crate) struct Connections {
     dialing: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     /// The protocol its connections speak.
     alpn: &'static [u8],
+    /// Connections replaced by [`Connections::drop_node`], held until they end by themselves.
+    retired: Mutex<Vec<Connection>>,
 }
 
 impl Default for Connections {
@@ -35,6 +37,7 @@ impl Connections {
             live: Mutex::default(),
             dialing: Mutex::default(),
             alpn,
+            retired: Mutex::default(),
         }
     }
 
@@ -67,12 +70,44 @@ impl Connections {
         Ok((conn, true))
     }
 
+    /// [`Connections::get_or_dial`], trying up to three times: iroh keeps sending to a peer's
+    /// last good path for about 6.5 s after it restarts under the same identity (iroh issue
+    /// 3602), longer than one dial waits.
+    pub(crate) async fn get_or_dial_patiently(
+        &self,
+        endpoint: &Endpoint,
+        node: NodeId,
+        addrs: &[std::net::SocketAddr],
+    ) -> Result<(Connection, bool), NetError> {
+        let mut last = None;
+        for _ in 0..3 {
+            match self.get_or_dial(endpoint, node, addrs).await {
+                Ok(c) => return Ok(c),
+                Err(e @ NetError::Timeout { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| NetError::Io("dialing failed".into())))
+    }
+
     /// Records a connection `node` dialed to us, unless a live one is already kept (the table
     /// may be that one's only holder; this one is held by its serving loop either way).
     pub(crate) fn adopt(&self, node: NodeId, conn: &Connection) {
         let mut live = lock(&self.live);
         if live.get(&node).is_none_or(|c| c.close_reason().is_some()) {
             live.insert(node, conn.clone());
+        }
+    }
+
+    /// Stops using the connection kept for `node`, if any: the next send dials afresh (the
+    /// node may have restarted while the old connection still looks alive). The old one is
+    /// kept, not closed, until it ends by itself: closing a connection to a dead peer stalls
+    /// new dials to its identity in iroh for a long time (seen with SIGKILLed nodes).
+    pub(crate) fn drop_node(&self, node: &NodeId) {
+        if let Some(old) = lock(&self.live).remove(node) {
+            let mut retired = lock(&self.retired);
+            retired.retain(|c| c.close_reason().is_none());
+            retired.push(old);
         }
     }
 

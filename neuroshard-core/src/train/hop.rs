@@ -12,6 +12,7 @@
 //! copies get bit-identical updates. Steps then commit in two phases (`engine/staged.rs`,
 //! `certificate.rs`).
 
+use super::durable::{self, PreparedRecord};
 use super::proto::{
     JobSpec, Outcome, SignedCommit, TrainMessage, TrainTarget, MAX_MICRO_BATCHES,
     MAX_MICRO_POSITIONS, MAX_TIED_FRAME, TRAIN_ALPN,
@@ -182,6 +183,8 @@ pub(crate) struct TrainService {
     leases: Mutex<HashMap<Option<String>, u64>>,
     /// Decided steps, by (job, step count after the step).
     outcomes: Mutex<HashMap<(u64, u64), Outcome>>,
+    /// A prepared step found on disk at start, whose outcome this node does not know yet.
+    in_doubt: Mutex<Option<PreparedRecord>>,
     read_deadline: Duration,
     pub(crate) counters: TrainCounters,
 }
@@ -219,13 +222,15 @@ impl TrainService {
             jobs: Mutex::default(),
             leases: Mutex::default(),
             outcomes: Mutex::default(),
+            in_doubt: Mutex::default(),
             read_deadline,
             counters: TrainCounters::default(),
         })
     }
 
     /// Loads the adapters checkpointed in the policy's directory (a restart goes on from the
-    /// last committed step). Returns their names.
+    /// last committed step), the decisions it knew, and a prepared step left in doubt.
+    /// Returns the adapters' names.
     pub(crate) fn restore(&self) -> crate::Result<Vec<String>> {
         let Some(dir) = &self.policy.checkpoint else {
             return Ok(Vec::new());
@@ -249,7 +254,157 @@ impl TrainService {
             }
         }
         names.sort();
+        lock(&self.outcomes).extend(durable::load_decisions(dir)?);
+        if let Some((record, tensors)) = durable::load_prepared(dir)? {
+            let key = (record.job, record.version.steps);
+            let decided = matches!(
+                lock(&self.outcomes).get(&key),
+                Some(Outcome::Committed(_) | Outcome::Aborted)
+            );
+            if decided {
+                // Decided before the crash, the files not yet cleared.
+                durable::clear_prepared(dir);
+            } else {
+                match self.engine.import_prepared(tensors, record.version.clone()) {
+                    Ok(()) => {
+                        tracing::warn!(
+                            "restarted in doubt: step {} was prepared and not decided; asking \
+                             the route's other hops",
+                            record.version
+                        );
+                        lock(&self.outcomes).insert(key, Outcome::InDoubt);
+                        *lock(&self.in_doubt) = Some(record);
+                    }
+                    // The checkpoint moved past it: it was committed and saved.
+                    Err(e) => {
+                        tracing::info!("dropped a stale prepared step: {e}");
+                        durable::clear_prepared(dir);
+                    }
+                }
+            }
+        }
         Ok(names)
+    }
+
+    /// Asks the other hops of an in-doubt step's route for its outcome, until one knows it or
+    /// `patience` passes: a certificate commits it; an abort, or a hop that never prepared it
+    /// (which then never will), aborts it. While every hop is in doubt too, the trainer
+    /// decides ([`super::Trainer::resolve_in_doubt`]).
+    pub(crate) async fn resolve_from_peers(self: Arc<Self>, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let Some(record) = lock(&self.in_doubt).clone() else {
+                return;
+            };
+            let me = self.endpoint.id();
+            let ask = TrainMessage::GetOutcome {
+                job: record.job,
+                step: record.version.steps,
+            };
+            let others: Vec<_> = record.route.iter().filter(|h| h.node != me).collect();
+            let mut in_doubt = 0;
+            for hop in &others {
+                let reply = tokio::time::timeout(Duration::from_secs(3), async {
+                    let (conn, _) = self
+                        .conns
+                        .get_or_dial_patiently(&self.endpoint, hop.node, &hop.addrs)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    request(&conn, &ask).await
+                })
+                .await;
+                let decided = match reply {
+                    Ok(Ok(TrainMessage::Outcome(Outcome::Committed(signed)))) => {
+                        self.commit_in_doubt(&record, signed)
+                    }
+                    Ok(Ok(TrainMessage::Outcome(Outcome::Aborted | Outcome::Unknown))) => {
+                        self.abort_in_doubt(&record)
+                    }
+                    Ok(Ok(TrainMessage::Outcome(Outcome::InDoubt))) => {
+                        in_doubt += 1;
+                        continue;
+                    }
+                    _ => continue,
+                };
+                match decided {
+                    Ok(what) => tracing::info!("in-doubt step {}: {what}", record.version),
+                    Err(e) => tracing::warn!("in-doubt step {}: {e}", record.version),
+                }
+                return;
+            }
+            if in_doubt == others.len() || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Commits the in-doubt step on a certificate a peer showed.
+    fn commit_in_doubt(
+        &self,
+        record: &PreparedRecord,
+        signed: SignedCommit,
+    ) -> Result<String, String> {
+        let cert = signed.verify(&record.trainer).map_err(|e| e.to_string())?;
+        if cert.version_of(&self.endpoint.id()) != Some(&record.version) {
+            return Err("the certificate names another version for this node".into());
+        }
+        let key = (cert.job, record.version.steps);
+        let version = self.finish_commit(record.version.adapter.as_deref(), key, signed)?;
+        Ok(format!("committed {version} on a peer's certificate"))
+    }
+
+    /// Aborts the in-doubt step.
+    fn abort_in_doubt(&self, record: &PreparedRecord) -> Result<String, String> {
+        self.finish_abort((record.job, record.version.steps))?;
+        Ok("aborted: the route's other hops did not commit it".into())
+    }
+
+    /// Installs the prepared step under certificate `signed`, saves the checkpoint and the
+    /// decision, and forgets the prepared files.
+    fn finish_commit(
+        &self,
+        adapter: Option<&str>,
+        key: (u64, u64),
+        signed: SignedCommit,
+    ) -> Result<crate::engine::TrainedVersion, String> {
+        let prepared = self
+            .engine
+            .prepared_version()
+            .map_err(|e| e.to_string())?
+            .ok_or("no prepared step to commit")?;
+        let version = self
+            .engine
+            .commit_prepared(&prepared.state)
+            .map_err(|e| e.to_string())?;
+        let outcome = Outcome::Committed(signed);
+        lock(&self.outcomes).insert(key, outcome.clone());
+        *lock(&self.in_doubt) = None;
+        self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        if let Some(dir) = &self.policy.checkpoint {
+            if let Some(name) = adapter {
+                self.engine
+                    .save_adapter(name, dir)
+                    .map_err(|e| format!("committed {version}, but saving it failed: {e}"))?;
+            }
+            durable::save_decision(dir, key, &outcome).map_err(|e| e.to_string())?;
+            durable::clear_prepared(dir);
+        }
+        Ok(version)
+    }
+
+    /// Drops the prepared step and the gradients, and records the abort of `key`.
+    fn finish_abort(&self, key: (u64, u64)) -> Result<(), String> {
+        self.engine.abort_prepared().map_err(|e| e.to_string())?;
+        self.engine.zero_grad().map_err(|e| e.to_string())?;
+        lock(&self.outcomes).insert(key, Outcome::Aborted);
+        *lock(&self.in_doubt) = None;
+        self.counters.aborts.fetch_add(1, Ordering::Relaxed);
+        if let Some(dir) = &self.policy.checkpoint {
+            durable::clear_prepared(dir);
+            durable::save_decision(dir, key, &Outcome::Aborted).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn job(&self, job: u64) -> Result<Arc<Job>, String> {
@@ -348,7 +503,7 @@ impl TrainService {
 
     async fn handle_request(self: &Arc<Self>, remote: NodeId, msg: TrainMessage) -> TrainMessage {
         let result = match msg {
-            TrainMessage::Begin(spec) => self.begin(remote, spec),
+            TrainMessage::Begin(spec) => self.begin(remote, spec).await,
             TrainMessage::Sync { job, step } => self.sync(remote, job, step).await,
             TrainMessage::Prepare { job, step } => self.prepare(remote, job, step).await,
             TrainMessage::Commit(signed) => self.commit(remote, signed).await,
@@ -371,7 +526,11 @@ impl TrainService {
         Ok(j)
     }
 
-    fn begin(&self, remote: NodeId, spec: JobSpec) -> Result<TrainMessage, String> {
+    async fn begin(
+        self: &Arc<Self>,
+        remote: NodeId,
+        spec: JobSpec,
+    ) -> Result<TrainMessage, String> {
         if !self.policy.trainers.contains(&remote) {
             return Err(format!(
                 "trainer {} is not allowed here: start the node with --trainer {remote} to allow it",
@@ -411,6 +570,7 @@ impl TrainService {
             ));
         }
         let target = spec.target.adapter().map(str::to_string);
+        let spec_route = spec.route.clone();
         match &spec.target {
             TrainTarget::Full => self
                 .engine
@@ -428,6 +588,13 @@ impl TrainService {
                     self.engine
                         .create_adapter(name, config.clone())
                         .map_err(|e| e.to_string())?;
+                    // Step 0 on disk too: a step prepared before the first commit can then
+                    // be taken back after a restart.
+                    if let Some(dir) = &self.policy.checkpoint {
+                        self.engine
+                            .save_adapter(name, dir)
+                            .map_err(|e| e.to_string())?;
+                    }
                 }
             },
         }
@@ -465,8 +632,19 @@ impl TrainService {
                 }),
             );
         }
-        // Whatever an earlier job left pending is dropped; a prepared step stays (in doubt).
+        // A route member may have restarted at another address while its old connection
+        // still looks alive: dial afresh.
+        for hop in &spec_route {
+            self.conns.drop_node(&hop.node);
+        }
+        // Whatever an earlier job left pending is dropped; a prepared step stays (in doubt),
+        // unless the route's other hops know its outcome.
         self.engine.zero_grad().map_err(|e| e.to_string())?;
+        if lock(&self.in_doubt).is_some() {
+            self.clone()
+                .resolve_from_peers(Duration::from_secs(5))
+                .await;
+        }
         Ok(TrainMessage::Begun {
             version: self
                 .engine
@@ -489,6 +667,19 @@ impl TrainService {
     async fn prepare(&self, remote: NodeId, job: u64, step: u64) -> Result<TrainMessage, String> {
         let j = self.trainer_job(remote, job)?;
         j.wait_for(step, |p| p.complete).await?;
+        let next = self
+            .engine
+            .trained_version(j.spec.target.adapter())
+            .map_err(|e| e.to_string())?
+            .steps
+            + 1;
+        if let Some(o @ (Outcome::Aborted | Outcome::Committed(_))) =
+            lock(&self.outcomes).get(&(job, next))
+        {
+            return Err(format!(
+                "step {next} of job {job} was decided already ({o:?})"
+            ));
+        }
         let engine = self.engine.clone();
         let adamw = j.spec.adamw;
         let _compute = j.compute.lock().await;
@@ -496,6 +687,26 @@ impl TrainService {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        if let Some(dir) = &self.policy.checkpoint {
+            let saved = self
+                .engine
+                .export_prepared()
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    let (tensors, _) = p.ok_or("the prepared step vanished")?;
+                    let record = PreparedRecord {
+                        job,
+                        trainer: j.trainer,
+                        route: j.spec.route.clone(),
+                        version: version.clone(),
+                    };
+                    durable::save_prepared(dir, &record, &tensors).map_err(|e| e.to_string())
+                });
+            if let Err(e) = saved {
+                let _ = self.engine.abort_prepared();
+                return Err(format!("could not keep the prepared step: {e}"));
+            }
+        }
         lock(&self.outcomes).insert((job, version.steps), Outcome::InDoubt);
         Ok(TrainMessage::Prepared(version))
     }
@@ -523,44 +734,33 @@ impl TrainService {
                 prepared.map_or("nothing".to_string(), |p| p.to_string())
             ));
         }
-        let version = self
-            .engine
-            .commit_prepared(&named.state)
-            .map_err(|e| e.to_string())?;
-        lock(&self.outcomes).insert((cert.job, version.steps), Outcome::Committed(signed));
-        self.counters.commits.fetch_add(1, Ordering::Relaxed);
-        self.save_checkpoint(&j)
-            .map_err(|e| format!("committed {version}, but {e}"))?;
+        let version =
+            self.finish_commit(j.spec.target.adapter(), (cert.job, named.steps), signed)?;
         Ok(TrainMessage::Committed(version))
-    }
-
-    /// Saves the committed target into the checkpoint directory, if there is one.
-    fn save_checkpoint(&self, job: &Job) -> crate::Result<()> {
-        let Some(dir) = &self.policy.checkpoint else {
-            return Ok(());
-        };
-        match job.spec.target.adapter() {
-            Some(name) => self.engine.save_adapter(name, dir).map(|_| ()),
-            None => Ok(()),
-        }
     }
 
     fn abort(&self, remote: NodeId, job: u64, step: u64) -> Result<TrainMessage, String> {
         let j = self.trainer_job(remote, job)?;
-        if let Some(v) = self.engine.abort_prepared().map_err(|e| e.to_string())? {
-            lock(&self.outcomes).insert((job, v.steps), Outcome::Aborted);
+        let next = self
+            .engine
+            .prepared_version()
+            .map_err(|e| e.to_string())?
+            .map(|v| v.steps);
+        match next {
+            Some(steps) => self.finish_abort((job, steps))?,
+            None => self.engine.zero_grad().map_err(|e| e.to_string())?,
         }
-        self.engine.zero_grad().map_err(|e| e.to_string())?;
         j.fail(step, format!("step {step} was aborted"));
-        self.counters.aborts.fetch_add(1, Ordering::Relaxed);
         Ok(TrainMessage::Ok)
     }
 
+    /// What this hop knows of step count `step` of `job`. A step it never prepared is
+    /// marked aborted here, so it never prepares it later: the asker may abort on this answer.
     fn outcome(&self, job: u64, step: u64) -> Outcome {
-        if let Some(o) = lock(&self.outcomes).get(&(job, step)) {
-            return o.clone();
-        }
-        Outcome::Unknown
+        lock(&self.outcomes)
+            .entry((job, step))
+            .or_insert(Outcome::Aborted)
+            .clone()
     }
 
     fn end(&self, remote: NodeId, job: u64) -> Result<TrainMessage, String> {
@@ -955,7 +1155,7 @@ impl TrainService {
             // dialed connection needs no serving loop.
             let (conn, _) = self
                 .conns
-                .get_or_dial(&self.endpoint, hop.node, &hop.addrs)
+                .get_or_dial_patiently(&self.endpoint, hop.node, &hop.addrs)
                 .await
                 .map_err(|e| e.to_string())?;
             send_uni(&conn, &msg, frame.as_deref())
@@ -972,6 +1172,18 @@ impl TrainService {
     pub(crate) fn jobs_open(&self) -> usize {
         lock(&self.jobs).len()
     }
+}
+
+/// One request on a new bi stream of `conn`, one reply.
+async fn request(conn: &Connection, msg: &TrainMessage) -> Result<TrainMessage, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_postcard(&mut send, msg)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    read_postcard(&mut recv, MAX_CONTROL)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Reads one frame of at most `max` bytes as a tensor.

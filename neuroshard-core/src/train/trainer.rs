@@ -26,6 +26,9 @@ pub struct TrainOptions {
     pub codec: Codec,
     /// The optimizer.
     pub adamw: AdamWConfig,
+    /// Longest one step's forward and backward may take before the trainer aborts it (a
+    /// hop died or stalled).
+    pub step_timeout: std::time::Duration,
 }
 
 impl Default for TrainOptions {
@@ -37,6 +40,7 @@ impl Default for TrainOptions {
             },
             codec: Codec::F32,
             adamw: AdamWConfig::default(),
+            step_timeout: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -64,6 +68,8 @@ pub struct Trainer {
     versions: Vec<TrainedVersion>,
     /// Versions left prepared by an earlier job, as the hops reported them at the start.
     in_doubt: Vec<Option<TrainedVersion>>,
+    /// Longest a step's forward and backward may take before the trainer aborts it.
+    step_timeout: std::time::Duration,
 }
 
 /// A hop's refusal as an error.
@@ -111,6 +117,7 @@ impl Trainer {
             step: 0,
             versions: Vec::new(),
             in_doubt: Vec::new(),
+            step_timeout: options.step_timeout,
         };
         let begin = TrainMessage::Begin(trainer.spec.clone());
         let replies = trainer.on_every_hop(&begin).await;
@@ -248,7 +255,21 @@ impl Trainer {
         let mut pending = futures_unordered(self, &sync);
         let mut loss_sum = 0.0;
         let mut losses = 0;
-        while let Some((i, reply)) = n0_future::StreamExt::next(&mut pending).await {
+        let deadline = tokio::time::Instant::now() + self.step_timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, n0_future::StreamExt::next(&mut pending));
+            let (i, reply) = match next.await {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(_) => {
+                    drop(pending);
+                    self.abort_step().await;
+                    return Err(Error::Net(NetError::Timeout {
+                        what: format!("step {step}'s gradients"),
+                        ms: self.step_timeout.as_millis() as u64,
+                    }));
+                }
+            };
             let hop = &self.spec.route[i];
             match reply {
                 Ok(TrainMessage::Accumulated {
@@ -318,18 +339,26 @@ impl Trainer {
     /// the trainer signs one certificate with all of them and sends it to every hop. If a
     /// prepare fails the step is aborted everywhere. Returns the new versions.
     pub async fn commit_step(&mut self) -> Result<Vec<TrainedVersion>> {
+        let prepared = self.prepare_step().await?;
+        self.commit_prepared(prepared).await
+    }
+
+    /// Phase one alone: every hop computes and keeps its update and reports the version it
+    /// would make; a failure aborts the step everywhere. Then [`Trainer::commit_prepared`].
+    pub async fn prepare_step(&mut self) -> Result<Vec<(NodeId, TrainedVersion)>> {
         let prepare = TrainMessage::Prepare {
             job: self.spec.job,
             step: self.step,
         };
         let replies = self.on_every_hop(&prepare).await;
         let mut prepared = Vec::with_capacity(replies.len());
-        for (hop, reply) in self.spec.route.clone().iter().zip(replies) {
+        for (hop, reply) in self.spec.route.iter().zip(replies) {
             match reply {
                 Ok(TrainMessage::Prepared(v)) => prepared.push((hop.node, v)),
                 Ok(other) => {
+                    let err = refused(hop, "prepare", other);
                     self.abort_step().await;
-                    return Err(refused(hop, "prepare", other));
+                    return Err(err);
                 }
                 Err(e) => {
                     self.abort_step().await;
@@ -337,11 +366,13 @@ impl Trainer {
                 }
             }
         }
-        self.commit(prepared).await
+        Ok(prepared)
     }
 
-    /// Signs and sends the certificate for `prepared`.
-    async fn commit(
+    /// Phase two: signs the certificate naming every hop's prepared version and sends it to
+    /// every hop. The decision stands once signed: a hop that misses it (it crashed) takes
+    /// it from a peer when it restarts, so an error here names hops that will catch up.
+    pub async fn commit_prepared(
         &mut self,
         prepared: Vec<(NodeId, TrainedVersion)>,
     ) -> Result<Vec<TrainedVersion>> {
@@ -358,8 +389,6 @@ impl Trainer {
         for (hop, reply) in self.spec.route.iter().zip(replies) {
             match reply {
                 Ok(TrainMessage::Committed(v)) => versions.push(v),
-                // The decision stands: a hop that missed it takes the certificate from a peer
-                // or from the trainer's retry.
                 Ok(other) => failed = failed.or(Some(refused(hop, "commit", other))),
                 Err(e) => failed = failed.or(Some(e)),
             }
@@ -371,9 +400,11 @@ impl Trainer {
         Ok(versions)
     }
 
-    /// Commits the versions every hop reported in doubt at the start (an earlier job of this
-    /// trainer prepared them and stopped before its certificate), when all hops hold one;
-    /// otherwise aborts them. Returns whether they were committed.
+    /// Decides a step an earlier job of this trainer prepared and left undecided (it
+    /// stopped after the prepares): when every hop holds it in doubt, none can have aborted
+    /// it, so it is committed; the hops then serve it. Where only some hops are in doubt,
+    /// their peers decide it for them when they begin ([`Trainer::begin`] reports what is
+    /// left), and this is an error. Returns whether a step was committed.
     pub async fn resolve_in_doubt(&mut self) -> Result<bool> {
         if self.in_doubt.iter().all(Option::is_none) {
             return Ok(false);
@@ -385,17 +416,16 @@ impl Trainer {
             .zip(&self.in_doubt)
             .map(|(hop, v)| v.clone().map(|v| (hop.node, v)))
             .collect();
+        let Some(prepared) = all else {
+            return Err(Error::Training(format!(
+                "only some hops hold a prepared step in doubt ({:?}); their peers did not \
+                 know its outcome: begin again once every hop of that step is reachable",
+                self.in_doubt
+            )));
+        };
         self.in_doubt = vec![None; self.spec.route.len()];
-        match all {
-            Some(prepared) => {
-                self.commit(prepared).await?;
-                Ok(true)
-            }
-            None => {
-                self.abort_step().await;
-                Ok(false)
-            }
-        }
+        self.commit_prepared(prepared).await?;
+        Ok(true)
     }
 
     /// Aborts the current step on every hop (its gradients and any prepared update).
@@ -442,7 +472,7 @@ impl Trainer {
     async fn connection(&self, hop: &RouteHop) -> Result<iroh::endpoint::Connection> {
         let (conn, _) = self
             .conns
-            .get_or_dial(self.client.endpoint(), hop.node, &hop.addrs)
+            .get_or_dial_patiently(self.client.endpoint(), hop.node, &hop.addrs)
             .await?;
         Ok(conn)
     }

@@ -85,6 +85,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
                 lr: args.lr,
                 ..AdamWConfig::default()
             },
+            ..TrainOptions::default()
         };
         let mut trainer = Trainer::on_swarm(&swarm, options).await?;
         let hops: Vec<String> = trainer
