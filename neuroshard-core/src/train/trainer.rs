@@ -176,6 +176,24 @@ impl Trainer {
         Ok(reports)
     }
 
+    /// The mean next-token loss over `examples` (one per micro-batch, `micro_batches` per
+    /// pass), with no update: each pass's gradients are dropped (a held-back perplexity is
+    /// `exp` of it).
+    pub async fn evaluate(&mut self, examples: &[Vec<u32>], micro_batches: usize) -> Result<f32> {
+        if examples.is_empty() {
+            return Err(Error::Training("nothing to evaluate".into()));
+        }
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for chunk in examples.chunks(micro_batches.max(1)) {
+            let batch: Vec<Vec<Vec<u32>>> = chunk.iter().map(|e| vec![e.clone()]).collect();
+            let (loss, _) = self.accumulate(&batch).await?;
+            self.abort_step().await;
+            sum += loss as f64 * chunk.len() as f64;
+            count += chunk.len();
+        }
+        Ok((sum / count as f64) as f32)
+    }
+
     /// The job's id.
     pub fn job(&self) -> u64 {
         self.spec.job

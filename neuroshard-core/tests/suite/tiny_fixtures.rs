@@ -4,7 +4,7 @@
 use crate::common::*;
 use candle_core::{Device, Tensor};
 use neuroshard_core::{
-    AdamWConfig, ComputeMode, EngineOptions, OutputGrad, ShardEngine, ShardInput, ShardOutput,
+    ComputeMode, EngineOptions, OutputGrad, ShardEngine, ShardInput, ShardOutput,
 };
 use std::collections::HashMap;
 
@@ -57,15 +57,7 @@ fn check_model(model: &str) {
     let ids = tensors["input_ids"].clone();
     let (batch, seq) = ids.dims2().expect("ids");
     let ref_logits = &tensors["logits"];
-    let adamw = &reference["adamw"];
-    let betas = adamw["betas"].as_array().expect("betas");
-    let cfg = AdamWConfig {
-        lr: adamw["lr"].as_f64().expect("lr"),
-        beta1: betas[0].as_f64().expect("b1"),
-        beta2: betas[1].as_f64().expect("b2"),
-        eps: adamw["eps"].as_f64().expect("eps"),
-        weight_decay: adamw["weight_decay"].as_f64().expect("wd"),
-    };
+    let cfg = reference_adamw(model);
 
     for cuts in SPLITS {
         let what = format!("{model} split {cuts:?}");
@@ -105,16 +97,7 @@ fn check_model(model: &str) {
             (loss - ref_loss).abs() < 1e-4,
             "{what}: loss {loss} vs {ref_loss}"
         );
-        let ref_grads: Vec<_> = tensors.keys().filter(|k| k.starts_with("grad.")).collect();
-        assert_eq!(grads.len(), ref_grads.len(), "{what}: gradient count");
-        for key in ref_grads {
-            let name = &key["grad.".len()..];
-            let g = grads
-                .get(name)
-                .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
-            let err = rel_error(g, &tensors[key]);
-            assert!(err < 1e-3, "{what}: gradient {name} relative error {err}");
-        }
+        assert_reference_gradients(&what, &tensors, grads.len(), |n| grads.get(n).cloned());
 
         // One AdamW step: every copy of a tied matrix gets the summed gradient first.
         for shard in &chain {

@@ -55,6 +55,13 @@ pub(crate) struct TrainArgs {
     /// Codec of hidden states and gradients between hops: f32, f16, bf16, q8.
     #[arg(long, default_value = "f32")]
     codec: Codec,
+    /// Held-back text: its mean loss (and perplexity) is measured before and after training,
+    /// without updating anything. Cut like --text.
+    #[arg(long)]
+    eval_text: Option<PathBuf>,
+    /// Write the run (losses per step, held-back losses, tokens/s, versions) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
@@ -115,6 +122,25 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
         if trainer.resolve_in_doubt().await? {
             eprintln!("committed the step an earlier run of this trainer left prepared");
         }
+        let held_back = match &args.eval_text {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::Training(format!("cannot read {}: {e}", path.display())))?;
+                examples_from_text(swarm.tokenizer(), &text, args.seq_len, args.lines)?
+            }
+            None => Vec::new(),
+        };
+        let eval_before = if held_back.is_empty() {
+            None
+        } else {
+            let loss = trainer.evaluate(&held_back, args.micro_batches).await?;
+            eprintln!(
+                "held-back loss before: {loss:.4} (perplexity {:.2}) on {} examples",
+                loss.exp(),
+                held_back.len()
+            );
+            Some(loss)
+        };
         let t0 = Instant::now();
         let mut tokens = 0usize;
         let steps = args.steps;
@@ -134,6 +160,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
             })
             .await;
         eprintln!();
+        let train_secs = t0.elapsed().as_secs_f64();
         let reports = match result {
             Ok(r) => r,
             Err(e) => {
@@ -147,11 +174,40 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
                 first.loss,
                 last.loss,
                 reports.len(),
-                t0.elapsed().as_secs_f64()
+                train_secs
             );
         }
+        let eval_after = if held_back.is_empty() {
+            None
+        } else {
+            let loss = trainer.evaluate(&held_back, args.micro_batches).await?;
+            eprintln!(
+                "held-back loss after: {loss:.4} (perplexity {:.2})",
+                loss.exp()
+            );
+            Some(loss)
+        };
         for v in trainer.versions() {
             println!("{v}");
+        }
+        if let Some(path) = &args.json {
+            let report = serde_json::json!({
+                "steps": reports.len(),
+                "micro_batches": args.micro_batches,
+                "seq_len": args.seq_len,
+                "examples": examples.len(),
+                "losses": reports.iter().map(|r| r.loss).collect::<Vec<_>>(),
+                "tokens": tokens,
+                "seconds": train_secs,
+                "tokens_per_s": tokens as f64 / train_secs.max(1e-9),
+                "eval_loss_before": eval_before,
+                "eval_loss_after": eval_after,
+                "codec": format!("{:?}", args.codec),
+                "target": if args.full { "full".to_string() } else { args.adapter.clone() },
+                "versions": trainer.versions().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            });
+            std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default())
+                .map_err(|e| Error::Training(format!("cannot write {}: {e}", path.display())))?;
         }
         trainer.end().await?;
         client.shutdown().await;

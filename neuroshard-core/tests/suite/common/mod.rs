@@ -204,3 +204,35 @@ pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The AdamW settings the fixture's reference step used.
+pub fn reference_adamw(model: &str) -> neuroshard_core::AdamWConfig {
+    let reference = reference_json(model);
+    let adamw = &reference["adamw"];
+    let betas = adamw["betas"].as_array().expect("betas");
+    neuroshard_core::AdamWConfig {
+        lr: adamw["lr"].as_f64().expect("lr"),
+        beta1: betas[0].as_f64().expect("b1"),
+        beta2: betas[1].as_f64().expect("b2"),
+        eps: adamw["eps"].as_f64().expect("eps"),
+        weight_decay: adamw["weight_decay"].as_f64().expect("wd"),
+    }
+}
+
+/// Asserts that the gradients (`count` of them, looked up by parameter name) are the
+/// fixture's `grad.<name>` tensors, each to 1e-3 relative error.
+pub fn assert_reference_gradients(
+    what: &str,
+    tensors: &HashMap<String, Tensor>,
+    count: usize,
+    grad: impl Fn(&str) -> Option<Tensor>,
+) {
+    let ref_grads: Vec<_> = tensors.keys().filter(|k| k.starts_with("grad.")).collect();
+    assert_eq!(count, ref_grads.len(), "{what}: gradient count");
+    for key in ref_grads {
+        let name = &key["grad.".len()..];
+        let g = grad(name).unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+        let err = rel_error(&g, &tensors[key]);
+        assert!(err < 1e-3, "{what}: gradient {name} relative error {err}");
+    }
+}
