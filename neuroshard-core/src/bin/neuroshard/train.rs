@@ -1,7 +1,7 @@
 //! `neuroshard train`: teach the swarm a text (a LoRA adapter by default, or the full slices),
 //! and `neuroshard id`: the identity of a key, for `node --trainer`.
 
-use crate::common::tokio_runtime;
+use crate::common::{route_line, tokio_runtime};
 use neuroshard_core::net::endpoint::{load_or_create_key, EndpointOptions};
 use neuroshard_core::train::examples_from_text;
 use neuroshard_core::{
@@ -95,18 +95,6 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
             ..TrainOptions::default()
         };
         let mut trainer = Trainer::on_swarm(&swarm, options).await?;
-        let hops: Vec<String> = trainer
-            .route()
-            .iter()
-            .map(|h| {
-                format!(
-                    "{}[{}..{}]",
-                    h.node.fmt_short(),
-                    h.layers.start,
-                    h.layers.end
-                )
-            })
-            .collect();
         eprintln!(
             "training {} on {} examples ({} tokens) through {}; job {:016x}",
             if args.full {
@@ -116,7 +104,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
             },
             examples.len(),
             examples.iter().map(Vec::len).sum::<usize>(),
-            hops.join(" -> "),
+            route_line(trainer.route()),
             trainer.job()
         );
         if trainer.resolve_in_doubt().await? {
