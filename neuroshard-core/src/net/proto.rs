@@ -538,18 +538,28 @@ pub(crate) async fn send_uni<T: Serialize>(
 }
 
 /// One request on a new bi stream of `conn`; the reply may be at most `limit` bytes.
-pub(crate) async fn request_on(
+///
+/// When the stream fails because the peer closed the connection, the error carries the
+/// peer's close reason (a refusal says why) rather than quinn's bare "connection lost",
+/// which is what a write racing the close reports.
+pub(crate) async fn request_on<Req: Serialize, Reply: serde::de::DeserializeOwned>(
     conn: &iroh::endpoint::Connection,
-    msg: &Message,
+    msg: &Req,
     limit: usize,
-) -> Result<Message, NetError> {
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| NetError::Io(e.to_string()))?;
-    write_message(&mut send, msg).await?;
-    send.finish().map_err(|e| NetError::Io(e.to_string()))?;
-    read_message_limited(&mut recv, limit).await
+) -> Result<Reply, NetError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        write_postcard(&mut send, msg).await?;
+        send.finish().map_err(|e| NetError::Io(e.to_string()))?;
+        read_postcard(&mut recv, limit).await
+    };
+    exchange.await.map_err(|e| match (&e, conn.close_reason()) {
+        (NetError::Io(_), Some(reason)) => NetError::Io(reason.to_string()),
+        _ => e,
+    })
 }
 
 /// Writes a length-prefixed message.

@@ -19,7 +19,7 @@ use super::proto::{
 };
 use crate::engine::{OutputGrad, ShardEngine};
 use crate::net::connections::Connections;
-use crate::net::proto::{read_postcard, send_uni, write_postcard, MAX_CONTROL};
+use crate::net::proto::{read_postcard, request_on, send_uni, write_postcard, MAX_CONTROL};
 use crate::net::{lock, NodeId};
 use crate::wire::{encode_frame, read_frame, FrameMeta, DEFAULT_MAX_FRAME};
 use crate::ShardInput;
@@ -1176,12 +1176,7 @@ impl TrainService {
 
 /// One request on a new bi stream of `conn`, one reply.
 async fn request(conn: &Connection, msg: &TrainMessage) -> Result<TrainMessage, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    write_postcard(&mut send, msg)
-        .await
-        .map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    read_postcard(&mut recv, MAX_CONTROL)
+    request_on(conn, msg, MAX_CONTROL)
         .await
         .map_err(|e| e.to_string())
 }

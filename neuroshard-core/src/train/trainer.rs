@@ -10,7 +10,7 @@ use super::proto::{
 use crate::engine::{AdamWConfig, TrainedVersion};
 use crate::error::{Error, Result};
 use crate::net::connections::Connections;
-use crate::net::proto::{read_postcard, send_uni, write_postcard, MAX_CONTROL};
+use crate::net::proto::{read_postcard, request_on, send_uni, write_postcard, MAX_CONTROL};
 use crate::net::{NetError, NodeId, RouteHop};
 use crate::wire::{read_frame, Codec};
 use crate::Client;
@@ -498,13 +498,7 @@ impl Trainer {
     /// One request to `hop`, one reply.
     async fn request(&self, hop: &RouteHop, msg: &TrainMessage) -> Result<TrainMessage> {
         let conn = self.connection(hop).await?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| NetError::Io(e.to_string()))?;
-        write_postcard(&mut send, msg).await?;
-        send.finish().map_err(|e| NetError::Io(e.to_string()))?;
-        Ok(read_postcard(&mut recv, MAX_CONTROL).await?)
+        Ok(request_on(&conn, msg, MAX_CONTROL).await?)
     }
 
     /// `msg` to every hop at once; the replies in route order.
