@@ -258,6 +258,142 @@ impl Client {
     }
 }
 
+/// A training job over a swarm, blocking (see [`crate::Trainer`]): connect with the trainer's
+/// key, learn texts or conversations, evaluate held-back text, end. Every hop must allow the
+/// key's id (`node --trainer ID`).
+#[derive(Debug)]
+pub struct Trainer {
+    trainer: Option<crate::Trainer>,
+    session: SwarmSession,
+}
+
+impl Trainer {
+    /// Connects through the first of `peers` that answers, with `key` as the trainer's
+    /// identity, and begins a job on a route that covers the model. A step an earlier run of
+    /// this key left prepared on every hop is committed first.
+    pub fn connect(
+        peers: &[String],
+        key: crate::SecretKey,
+        options: crate::TrainOptions,
+    ) -> Result<Trainer> {
+        let (trainer, session) = block_on(async {
+            let entries = crate::resolve_peers(peers).await?;
+            let client =
+                crate::Client::new(key, crate::net::endpoint::EndpointOptions::default()).await?;
+            let session =
+                SwarmSession::connect(client.clone(), entries, SwarmOptions::default()).await?;
+            let begun = async {
+                let mut trainer = crate::Trainer::on_swarm(&session, options).await?;
+                trainer.resolve_in_doubt().await?;
+                Ok::<_, Error>(trainer)
+            };
+            match begun.await {
+                Ok(trainer) => Ok((trainer, session)),
+                Err(e) => {
+                    client.shutdown().await;
+                    Err(e)
+                }
+            }
+        })??;
+        Ok(Trainer {
+            trainer: Some(trainer),
+            session,
+        })
+    }
+
+    fn job(&mut self) -> Result<&mut crate::Trainer> {
+        self.trainer
+            .as_mut()
+            .ok_or_else(|| Error::Training("this trainer has ended its job".into()))
+    }
+
+    /// The trainer's node id (what nodes allow with `--trainer`).
+    pub fn id(&self) -> crate::net::NodeId {
+        self.session.client().id()
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        self.session.tokenizer()
+    }
+
+    /// The route the job trains, first hop first.
+    pub fn route(&self) -> Vec<crate::net::RouteHop> {
+        self.trainer
+            .as_ref()
+            .map(|t| t.route().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Every hop's current version, first hop first.
+    pub fn versions(&self) -> Vec<crate::engine::TrainedVersion> {
+        self.trainer
+            .as_ref()
+            .map(|t| t.versions().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Learns `text` (see [`crate::Trainer::learn_text`]); `on_step` sees each step's report
+    /// and may stop training after it.
+    pub fn learn_text(
+        &mut self,
+        text: &str,
+        how: &crate::LearnOptions,
+        on_step: impl FnMut(usize, &crate::StepReport) -> ControlFlow<()>,
+    ) -> Result<Vec<crate::StepReport>> {
+        let tokenizer = self.session.tokenizer().clone();
+        let trainer = self.job()?;
+        block_on(trainer.learn_text(&tokenizer, text, how, on_step))?
+    }
+
+    /// Learns a conversation (see [`crate::Trainer::learn_conversation`]).
+    pub fn learn_conversation(
+        &mut self,
+        messages: &[crate::ChatMessage],
+        how: &crate::LearnOptions,
+        on_step: impl FnMut(usize, &crate::StepReport) -> ControlFlow<()>,
+    ) -> Result<Vec<crate::StepReport>> {
+        let tokenizer = self.session.tokenizer().clone();
+        let trainer = self.job()?;
+        block_on(trainer.learn_conversation(&tokenizer, messages, how, on_step))?
+    }
+
+    /// The mean next-token loss of `text`, cut as `how` says, with no update (a held-back
+    /// perplexity is its `exp`).
+    pub fn evaluate_text(&mut self, text: &str, how: &crate::LearnOptions) -> Result<f32> {
+        let examples = crate::train::examples_from_text(
+            self.session.tokenizer(),
+            text,
+            how.seq_len,
+            how.lines,
+        )?;
+        let trainer = self.job()?;
+        block_on(trainer.evaluate(&examples, how.micro_batches))?
+    }
+
+    /// Ends the job (the hops release its lease) and closes the endpoint. Ending twice is
+    /// fine.
+    pub fn close(&mut self) -> Result<()> {
+        let Some(trainer) = self.trainer.take() else {
+            return Ok(());
+        };
+        let client = self.session.client().clone();
+        block_on(async move {
+            let ended = trainer.end().await;
+            client.shutdown().await;
+            ended
+        })?
+    }
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        if self.trainer.is_some() && tokio::runtime::Handle::try_current().is_err() {
+            let _ = self.close();
+        }
+    }
+}
+
 /// What a [`TextStream`] delivers.
 #[derive(Debug)]
 pub enum StreamEvent {

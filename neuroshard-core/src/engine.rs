@@ -6,6 +6,7 @@
 //! position, session) is checked before any state changes and reported as a typed [`Error`].
 
 pub(crate) mod adapters;
+mod checkpoint;
 mod optimizer;
 mod sessions;
 mod staged;

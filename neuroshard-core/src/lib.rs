@@ -102,7 +102,7 @@ pub use swarm_session::{
     encode_prompt, resolve_peers, Conversation, LogitsSession, OnText, PreparedGeneration,
     SwarmGeneration, SwarmOptions, SwarmSession, TextRequest,
 };
-pub use train::{StepReport, TrainOptions, TrainTarget, Trainer};
+pub use train::{LearnOptions, StepReport, TrainOptions, TrainTarget, Trainer};
 pub use wire::Codec;
 
 /// This library's version (the crate version).

@@ -410,6 +410,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Who may train this node, and where it keeps training checkpoints (`--trainer`,
+    /// `--checkpoint`).
+    pub fn train(mut self, policy: crate::train::TrainPolicy) -> Self {
+        self.options.train = policy;
+        self
+    }
+
     /// Every other setting at once (announce period and TTL, capacity, endpoint).
     pub fn options(mut self, options: NodeOptions) -> Self {
         self.options = options;

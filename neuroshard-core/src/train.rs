@@ -10,17 +10,20 @@
 //! - `proto.rs`: the messages of `neuroshard/train/1`;
 //! - `certificate.rs`: signing and checking commit certificates;
 //! - `hop.rs`: the node's side (leases, the relay, the two phases, checkpoints);
-//! - `trainer.rs`: the trainer's side.
+//! - `trainer.rs`: the trainer's side;
+//! - `examples.rs`: text and conversations cut into training sequences.
 
 mod certificate;
 mod durable;
+mod examples;
 pub(crate) mod hop;
 mod proto;
 mod trainer;
 
+pub use examples::{examples_from_conversation, examples_from_text, LearnOptions};
 pub use hop::TrainPolicy;
 pub use proto::{
     CommitCertificate, JobSpec, Outcome, SignedCommit, TrainMessage, TrainTarget,
     MAX_MICRO_BATCHES, MAX_MICRO_POSITIONS, TRAIN_ALPN,
 };
-pub use trainer::{examples_from_text, StepReport, TrainOptions, Trainer};
+pub use trainer::{StepReport, TrainOptions, Trainer};

@@ -97,13 +97,14 @@ fn text_request(
 #[pymethods]
 impl ClientHandle {
     #[new]
-    #[pyo3(signature = (peers, step_timeout_ms=30_000, redundancy=1, trust=None))]
+    #[pyo3(signature = (peers, step_timeout_ms=30_000, redundancy=1, trust=None, adapter=None))]
     fn new(
         py: Python<'_>,
         peers: Vec<String>,
         step_timeout_ms: u64,
         redundancy: usize,
         trust: Option<Vec<String>>,
+        adapter: Option<String>,
     ) -> PyResult<Self> {
         let trust = trust
             .unwrap_or_default()
@@ -118,6 +119,7 @@ impl ClientHandle {
             step_timeout: Duration::from_millis(step_timeout_ms),
             redundancy: redundancy.max(1),
             trust,
+            adapter,
             ..SwarmOptions::default()
         };
         let client = py

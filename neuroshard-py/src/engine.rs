@@ -234,14 +234,7 @@ impl ShardEngineHandle {
     /// `start`, `end`.
     fn adapter_version<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
         let v = self.engine.adapter_version(name).map_err(to_py)?;
-        let d = PyDict::new(py);
-        d.set_item("adapter", &v.adapter)?;
-        d.set_item("steps", v.steps)?;
-        let state: String = v.state.iter().map(|b| format!("{b:02x}")).collect();
-        d.set_item("state", state)?;
-        d.set_item("start", v.layers.start)?;
-        d.set_item("end", v.layers.end)?;
-        Ok(d)
+        version_dict(py, &v)
     }
 
     /// Saves adapter `name` and its optimizer state into directory `dir`.
@@ -275,4 +268,20 @@ impl ShardEngineHandle {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ShardEngineHandle>()
+}
+
+/// A trained version as a dict: `adapter` (None: the slice's own weights), `steps`, `state`
+/// (hex blake3 of the trainable tensors), `start`, `end`.
+pub(crate) fn version_dict<'py>(
+    py: Python<'py>,
+    v: &neuroshard_core::TrainedVersion,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("adapter", &v.adapter)?;
+    d.set_item("steps", v.steps)?;
+    let state: String = v.state.iter().map(|b| format!("{b:02x}")).collect();
+    d.set_item("state", state)?;
+    d.set_item("start", v.layers.start)?;
+    d.set_item("end", v.layers.end)?;
+    Ok(d)
 }

@@ -8,6 +8,7 @@ mod engine;
 mod errors;
 mod nodes;
 mod tokenizer;
+mod train;
 mod trust;
 
 use pyo3::prelude::*;
@@ -41,5 +42,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     client::register(m)?;
     tokenizer::register(m)?;
     trust::register(m)?;
+    train::register(m)?;
     Ok(())
 }

@@ -16,7 +16,8 @@ pub(crate) struct NodeHandle {
 #[pymethods]
 impl NodeHandle {
     #[new]
-    #[pyo3(signature = (model, start, end, port=0, peers=Vec::new(), mode="exact"))]
+    #[pyo3(signature = (model, start, end, port=0, peers=Vec::new(), mode="exact", trainers=Vec::new(), checkpoint=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model: std::path::PathBuf,
@@ -25,8 +26,22 @@ impl NodeHandle {
         port: u16,
         peers: Vec<String>,
         mode: &str,
+        trainers: Vec<String>,
+        checkpoint: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let mode = parse_mode(mode)?;
+        let trainers = trainers
+            .iter()
+            .map(|s| {
+                s.parse::<neuroshard_core::net::NodeId>().map_err(|e| {
+                    pyo3::exceptions::PyValueError::new_err(format!("`{s}` is not a node id: {e}"))
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let policy = neuroshard_core::train::TrainPolicy {
+            trainers,
+            checkpoint,
+        };
         let node = py
             .detach(|| {
                 let bootstrap = if peers.is_empty() {
@@ -38,7 +53,8 @@ impl NodeHandle {
                     .layers(start..end)
                     .mode(mode)
                     .port(port)
-                    .peers(bootstrap);
+                    .peers(bootstrap)
+                    .train(policy);
                 blocking::Node::start(builder)
             })
             .map_err(to_py)?;

@@ -1,7 +1,7 @@
 """Type stubs of the native extension (checked against the built module by mypy.stubtest)."""
 
 from types import TracebackType
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import os
 
 import numpy as np
@@ -60,6 +60,9 @@ __all__ = [
     "TextStream",
     "InferenceSession",
     "Tokenizer",
+    "Trainer",
+    "StepReport",
+    "key_id",
 ]
 
 def _init_runtime(threads: Optional[int] = None) -> int: ...
@@ -155,6 +158,8 @@ class Node:
         port: int = 0,
         peers: Sequence[str] = ...,
         mode: str = "exact",
+        trainers: Sequence[str] = ...,
+        checkpoint: Optional[_Path] = None,
     ) -> "Node": ...
     @property
     def address(self) -> str: ...
@@ -215,6 +220,7 @@ class Client:
         step_timeout_ms: int = 30000,
         redundancy: int = 1,
         trust: Optional[Sequence[str]] = None,
+        adapter: Optional[str] = None,
     ) -> "Client": ...
     def trust_table(self) -> List[Dict[str, Any]]: ...
     def load_reputation(self, path: _Path) -> None: ...
@@ -309,3 +315,55 @@ class ReceiptChain:
         output: bytes,
         weight: bytes,
     ) -> bytes: ...
+
+def key_id(key_file: _Path) -> str: ...
+@final
+class StepReport:
+    @property
+    def loss(self) -> float: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+
+@disjoint_base
+class Trainer:
+    def __new__(
+        cls,
+        peers: Sequence[str],
+        key_file: _Path,
+        adapter: str = "notes",
+        lora_rank: int = 8,
+        lora_targets: Optional[Sequence[str]] = None,
+        full: bool = False,
+        lr: float = 0.001,
+        codec: str = "f32",
+        step_timeout_ms: int = 120000,
+    ) -> "Trainer": ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def versions(self) -> List[Dict[str, Any]]: ...
+    def learn(
+        self,
+        text: str,
+        steps: int = 20,
+        micro_batches: int = 4,
+        seq_len: int = 128,
+        lines: bool = False,
+        on_step: Optional[Callable[[int, StepReport], object]] = None,
+    ) -> List[StepReport]: ...
+    def learn_conversation(
+        self,
+        messages: Sequence[Union[Dict[str, str], Tuple[str, str]]],
+        steps: int = 20,
+        micro_batches: int = 4,
+        seq_len: int = 128,
+        on_step: Optional[Callable[[int, StepReport], object]] = None,
+    ) -> List[StepReport]: ...
+    def evaluate(
+        self, text: str, seq_len: int = 128, lines: bool = False, micro_batches: int = 4
+    ) -> float: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> "Trainer": ...
+    def __exit__(self, *_args: object) -> bool: ...

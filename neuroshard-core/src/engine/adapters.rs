@@ -1,10 +1,11 @@
 //! LoRA adapters of one engine: creation, lookup, versions and checkpoints.
 //!
-//! A checkpoint of adapter `NAME` is three files in one directory: `NAME.lora.safetensors`
-//! (the factors, PEFT names), `NAME.optim.safetensors` (AdamW's moments) and `NAME.lora.json`
-//! (config, steps, the state hash, the base model and slice), written last, so a checkpoint
-//! without its JSON is an unfinished one and is never read.
+//! A checkpoint of adapter `NAME` is three files in one directory: `NAME.lora.STEPS.safetensors`
+//! (the factors, PEFT names), `NAME.lora.STEPS.optim.safetensors` (AdamW's moments) and
+//! `NAME.lora.json` (config, steps, the state hash, the base model and slice, the two file
+//! names), written last, so a checkpoint is switched in one rename (see `checkpoint.rs`).
 
+use super::checkpoint::{write_checkpoint, CheckpointFiles};
 use super::optimizer::AdamW;
 use super::staged::{state_hash, TrainedVersion};
 use super::ShardEngine;
@@ -27,6 +28,10 @@ struct CheckpointMeta {
     state: String,
     model_hash: String,
     layers: Range<usize>,
+    /// The data files (absent in checkpoints written before they carried the step: then
+    /// `NAME.lora.safetensors` and `NAME.optim.safetensors`).
+    #[serde(default)]
+    files: Option<CheckpointFiles>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -41,19 +46,15 @@ pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<
         .map_err(|e| Error::Training(format!("cannot write {}: {e}", path.display())))
 }
 
-/// The three files of adapter `name`'s checkpoint in `dir`.
-fn checkpoint_paths(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+/// The JSON of adapter `name`'s checkpoint in `dir`.
+fn checkpoint_meta_path(dir: &Path, name: &str) -> Result<PathBuf> {
     // The name becomes a file name: no separators, no dots at the start.
     if name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(Error::Training(format!(
             "adapter name `{name}` cannot name a checkpoint file"
         )));
     }
-    Ok((
-        dir.join(format!("{name}.lora.safetensors")),
-        dir.join(format!("{name}.optim.safetensors")),
-        dir.join(format!("{name}.lora.json")),
-    ))
+    Ok(dir.join(format!("{name}.lora.json")))
 }
 
 impl ShardEngine {
@@ -147,14 +148,9 @@ impl ShardEngine {
         let adapter = self
             .adapter(name)
             .ok_or_else(|| Error::BadInput(format!("no adapter `{name}` on this slice")))?;
-        let (tensors_path, optim_path, meta_path) = checkpoint_paths(dir, name)?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Training(format!("cannot create {}: {e}", dir.display())))?;
+        let meta_path = checkpoint_meta_path(dir, name)?;
         let version = self.adapter_version(name)?;
         let tensors: HashMap<String, Tensor> = adapter.tensors().into_iter().collect();
-        write_atomically(&tensors_path, |p| {
-            Ok(candle_core::safetensors::save(&tensors, p)?)
-        })?;
         let (moments, optimizer_steps) = {
             let state = self.train_state()?;
             match state.adapter_optimizers.get(name) {
@@ -162,24 +158,28 @@ impl ShardEngine {
                 None => (HashMap::new(), 0),
             }
         };
-        write_atomically(&optim_path, |p| {
-            Ok(candle_core::safetensors::save(&moments, p)?)
-        })?;
-        let meta = CheckpointMeta {
-            format: 1,
-            adapter: name.to_string(),
-            config: adapter.config().clone(),
-            steps: version.steps,
-            optimizer_steps,
-            state: hex(&version.state),
-            model_hash: hex(&version.model_hash),
-            layers: version.layers.clone(),
-        };
-        let body = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Training(e.to_string()))?;
-        write_atomically(&meta_path, |p| {
-            std::fs::write(p, &body)
-                .map_err(|e| Error::Training(format!("cannot write {}: {e}", p.display())))
-        })?;
+        write_checkpoint(
+            dir,
+            &format!("{name}.lora"),
+            version.steps,
+            &tensors,
+            &moments,
+            &meta_path,
+            |files| {
+                let meta = CheckpointMeta {
+                    format: 1,
+                    adapter: name.to_string(),
+                    config: adapter.config().clone(),
+                    steps: version.steps,
+                    optimizer_steps,
+                    state: hex(&version.state),
+                    model_hash: hex(&version.model_hash),
+                    layers: version.layers.clone(),
+                    files: Some(files),
+                };
+                serde_json::to_vec_pretty(&meta).map_err(|e| Error::Training(e.to_string()))
+            },
+        )?;
         Ok(version)
     }
 
@@ -188,7 +188,7 @@ impl ShardEngine {
     /// checkpoint was made for another base model or slice, or when its tensors do not hash
     /// to the state its JSON names (a torn or altered checkpoint).
     pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<TrainedVersion> {
-        let (tensors_path, optim_path, meta_path) = checkpoint_paths(dir, name)?;
+        let meta_path = checkpoint_meta_path(dir, name)?;
         let body = std::fs::read(&meta_path)
             .map_err(|e| Error::Training(format!("cannot read {}: {e}", meta_path.display())))?;
         let meta: CheckpointMeta = serde_json::from_slice(&body)
@@ -210,6 +210,11 @@ impl ShardEngine {
                 hex(&ours.model_hash)
             )));
         }
+        let files = meta.files.clone().unwrap_or_else(|| CheckpointFiles {
+            tensors: format!("{name}.lora.safetensors"),
+            optimizer: format!("{name}.optim.safetensors"),
+        });
+        let (tensors_path, optim_path) = (dir.join(&files.tensors), dir.join(&files.optimizer));
         let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)?;
         let adapter = LoraAdapter::new(name, meta.config.clone(), self.model.linears())?;
         let expected: Vec<String> = adapter.tensors().into_iter().map(|(n, _)| n).collect();

@@ -228,7 +228,7 @@ impl TrainService {
         })
     }
 
-    /// Loads the adapters checkpointed in the policy's directory (a restart goes on from the
+    /// Loads the slice and the adapters checkpointed in the policy's directory (a restart goes on from the
     /// last committed step), the decisions it knew, and a prepared step left in doubt.
     /// Returns the adapters' names.
     pub(crate) fn restore(&self) -> crate::Result<Vec<String>> {
@@ -246,6 +246,10 @@ impl TrainService {
                 )))
             }
         };
+        if ShardEngine::has_slice_checkpoint(dir) {
+            let version = self.engine.load_slice(dir)?;
+            tracing::info!("restored the slice's trained weights {version} from the checkpoint");
+        }
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().to_string();
             if let Some(name) = file.strip_suffix(".lora.json") {
@@ -382,11 +386,11 @@ impl TrainService {
         *lock(&self.in_doubt) = None;
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         if let Some(dir) = &self.policy.checkpoint {
-            if let Some(name) = adapter {
-                self.engine
-                    .save_adapter(name, dir)
-                    .map_err(|e| format!("committed {version}, but saving it failed: {e}"))?;
-            }
+            let saved = match adapter {
+                Some(name) => self.engine.save_adapter(name, dir),
+                None => self.engine.save_slice(dir),
+            };
+            saved.map_err(|e| format!("committed {version}, but saving it failed: {e}"))?;
             durable::save_decision(dir, key, &outcome).map_err(|e| e.to_string())?;
             durable::clear_prepared(dir);
         }

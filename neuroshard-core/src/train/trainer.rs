@@ -4,6 +4,7 @@
 //! reports the version it would make; the trainer signs one certificate naming all of them and
 //! sends it to every hop. A failure before the certificate aborts the step everywhere.
 
+use super::examples::{examples_from_conversation, examples_from_text, LearnOptions};
 use super::proto::{
     CommitCertificate, JobSpec, Outcome, SignedCommit, TrainMessage, TrainTarget, TRAIN_ALPN,
 };
@@ -16,6 +17,7 @@ use crate::wire::{read_frame, Codec};
 use crate::Client;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 
 /// How a [`Trainer`] trains.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,14 +151,15 @@ impl Trainer {
 
     /// Teaches `examples` (token id sequences, each at least 2 long) for `steps` steps of
     /// `micro_batches` micro-batches of one sequence each, cycling through the examples;
-    /// `on_step` sees every step's report. Learning from a conversation is this call on its
-    /// turns ([`examples_from_text`]).
+    /// `on_step` sees every step's report, and [`ControlFlow::Break`] from it stops after that
+    /// step (the reports so far are returned). [`Trainer::learn_text`] and
+    /// [`Trainer::learn_conversation`] cut a text or a chat into examples first.
     pub async fn learn(
         &mut self,
         examples: &[Vec<u32>],
         steps: usize,
         micro_batches: usize,
-        mut on_step: impl FnMut(usize, &StepReport),
+        mut on_step: impl FnMut(usize, &StepReport) -> ControlFlow<()>,
     ) -> Result<Vec<StepReport>> {
         if examples.is_empty() || examples.iter().any(|e| e.len() < 2) {
             return Err(Error::Training(
@@ -170,10 +173,41 @@ impl Trainer {
                 .map(|m| vec![examples[(step * micro_batches + m) % examples.len()].clone()])
                 .collect();
             let report = self.step(&batch).await?;
-            on_step(step, &report);
+            let flow = on_step(step, &report);
             reports.push(report);
+            if flow.is_break() {
+                break;
+            }
         }
         Ok(reports)
+    }
+
+    /// Learns `text`, cut as `how` says ([`examples_from_text`]), for `how.steps` steps.
+    pub async fn learn_text(
+        &mut self,
+        tokenizer: &crate::Tokenizer,
+        text: &str,
+        how: &LearnOptions,
+        on_step: impl FnMut(usize, &StepReport) -> ControlFlow<()>,
+    ) -> Result<Vec<StepReport>> {
+        let examples = examples_from_text(tokenizer, text, how.seq_len, how.lines)?;
+        self.learn(&examples, how.steps, how.micro_batches, on_step)
+            .await
+    }
+
+    /// Learns a conversation in one call: the messages rendered with the model's chat
+    /// template ([`examples_from_conversation`]), for `how.steps` steps (`how.lines` is not
+    /// used: a conversation is cut in windows of `how.seq_len`).
+    pub async fn learn_conversation(
+        &mut self,
+        tokenizer: &crate::Tokenizer,
+        messages: &[crate::ChatMessage],
+        how: &LearnOptions,
+        on_step: impl FnMut(usize, &StepReport) -> ControlFlow<()>,
+    ) -> Result<Vec<StepReport>> {
+        let examples = examples_from_conversation(tokenizer, messages, how.seq_len)?;
+        self.learn(&examples, how.steps, how.micro_batches, on_step)
+            .await
     }
 
     /// The mean next-token loss over `examples` (one per micro-batch, `micro_batches` per
@@ -506,40 +540,6 @@ impl Trainer {
         let requests = self.spec.route.iter().map(|hop| self.request(hop, msg));
         n0_future::join_all(requests).await
     }
-}
-
-/// Training examples from plain text: with `lines`, every non-empty line is one example
-/// (cut to `seq_len` tokens); otherwise the whole text's tokens in windows of `seq_len`
-/// (the last, shorter one kept when it has 2 tokens or more).
-pub fn examples_from_text(
-    tokenizer: &crate::Tokenizer,
-    text: &str,
-    seq_len: usize,
-    lines: bool,
-) -> Result<Vec<Vec<u32>>> {
-    if seq_len < 2 {
-        return Err(Error::Training(format!(
-            "sequences of {seq_len} tokens cannot train"
-        )));
-    }
-    let mut out = Vec::new();
-    if lines {
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let mut ids = tokenizer.encode(line)?;
-            ids.truncate(seq_len);
-            if ids.len() >= 2 {
-                out.push(ids);
-            }
-        }
-    } else {
-        let ids = tokenizer.encode(text)?;
-        out.extend(
-            ids.chunks(seq_len)
-                .filter(|c| c.len() >= 2)
-                .map(<[u32]>::to_vec),
-        );
-    }
-    Ok(out)
 }
 
 /// `msg` to every hop of `trainer`'s route, as a stream of (hop index, reply) in order of

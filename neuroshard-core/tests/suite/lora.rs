@@ -289,7 +289,7 @@ fn an_adapter_checkpoint_restores_its_version_and_training_goes_on_identically()
     let other = load(26..28, ComputeMode::Exact);
     let err = other.load_adapter("ckpt", &dir).unwrap_err();
     assert!(err.to_string().contains("saved for layers"), "{err}");
-    let tensors_path = dir.join("ckpt.lora.safetensors");
+    let tensors_path = dir.join(format!("ckpt.lora.{}.safetensors", saved.steps));
     let mut tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu).expect("read");
     let name = tensors
         .keys()

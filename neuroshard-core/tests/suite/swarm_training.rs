@@ -379,7 +379,9 @@ fn smollm2_learns_a_lora_adapter_over_three_processes_and_serves_it() {
         let mut trainer = Trainer::on_swarm(&base, options).await.expect("begin");
         assert_eq!(trainer.route().len(), 3);
         let reports = trainer
-            .learn(&examples, STEPS, 2, |_, _| {})
+            .learn(&examples, STEPS, 2, |_, _| {
+                std::ops::ControlFlow::Continue(())
+            })
             .await
             .expect("learn");
         let losses: Vec<f32> = reports.iter().map(|r| r.loss).collect();

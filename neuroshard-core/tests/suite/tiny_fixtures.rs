@@ -183,3 +183,74 @@ fn fast_mode_agrees_with_the_reference_on_tiny_models() {
             .is_err());
     }
 }
+
+/// Full training's checkpoint: a restarted slice loads the trained weights and the optimizer's
+/// moments, so the next step is bit-identical; another slice's checkpoint and altered tensors
+/// are refused, and the weights stay untouched when they are.
+#[test]
+fn a_slice_checkpoint_restores_full_training_and_refuses_tampering() {
+    let model = fixtures().join("tiny-llama");
+    let tensors = reference_tensors("tiny-llama");
+    let ids = tensors["input_ids"].clone();
+    let cfg = reference_adamw("tiny-llama");
+    let root = std::env::temp_dir().join(format!("neuroshard-slice-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let dirs: Vec<_> = (0..2).map(|i| root.join(format!("hop{i}"))).collect();
+    let step = |chain: &[ShardEngine], batch: u64| {
+        train_pass(chain, &ids, batch);
+        for shard in chain {
+            shard.step(&cfg).expect("step");
+        }
+    };
+    let first = load_chain(&model, 4, &[2], &exact());
+    step(&first, 1);
+    step(&first, 2);
+    let saved: Vec<_> = first
+        .iter()
+        .zip(&dirs)
+        .map(|(s, d)| s.save_slice(d).expect("save"))
+        .collect();
+    assert!(saved.iter().all(|v| v.steps == 2 && v.adapter.is_none()));
+    // A restarted chain: the same versions and logits, and the next step is bit-identical.
+    let second = load_chain(&model, 4, &[2], &exact());
+    for ((shard, dir), version) in second.iter().zip(&dirs).zip(&saved) {
+        assert_ne!(&shard.trained_version(None).expect("v"), version);
+        assert_eq!(&shard.load_slice(dir).expect("load"), version);
+    }
+    let logits = |chain: &[ShardEngine]| run_chain(chain, &ids, |r| r);
+    assert_eq!(max_abs_diff(&logits(&first), &logits(&second)), 0.0);
+    step(&first, 3);
+    step(&second, 3);
+    for (a, b) in first.iter().zip(&second) {
+        assert_eq!(
+            a.trained_version(None).expect("v"),
+            b.trained_version(None).expect("v"),
+            "the moments came back too"
+        );
+    }
+    // Saving at a later step leaves that step's files only.
+    first[0].save_slice(&dirs[0]).expect("save again");
+    let files: Vec<_> = std::fs::read_dir(&dirs[0])
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(files.len(), 2, "older steps' files are removed: {files:?}");
+
+    // Another slice's checkpoint, and altered tensors, are refused; nothing changes.
+    let fresh = load_chain(&model, 4, &[2], &exact());
+    let before = fresh[1].trained_version(None).expect("v");
+    let err = fresh[1].load_slice(&dirs[0]).unwrap_err();
+    assert!(err.to_string().contains("is of layers"), "{err}");
+    let path = dirs[1].join(format!("slice.{}.safetensors", saved[1].steps));
+    let mut held = candle_core::safetensors::load(&path, &Device::Cpu).expect("read");
+    let name = held.keys().next().cloned().expect("a tensor");
+    let altered = (held[&name].clone() * 1.001).expect("scale");
+    held.insert(name, altered);
+    candle_core::safetensors::save(&held, &path).expect("write");
+    let err = fresh[1].load_slice(&dirs[1]).unwrap_err();
+    assert!(err.to_string().contains("do not hash"), "{err}");
+    assert_eq!(fresh[1].trained_version(None).expect("v"), before);
+    let _ = std::fs::remove_dir_all(&root);
+}

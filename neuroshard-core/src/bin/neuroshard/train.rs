@@ -3,10 +3,10 @@
 
 use crate::common::{route_line, tokio_runtime};
 use neuroshard_core::net::endpoint::{load_or_create_key, EndpointOptions};
-use neuroshard_core::train::examples_from_text;
+use neuroshard_core::train::{examples_from_conversation, examples_from_text};
 use neuroshard_core::{
-    resolve_peers, AdamWConfig, Client, Codec, Error, LoraConfig, SwarmOptions, SwarmSession,
-    TrainOptions, TrainTarget, Trainer,
+    resolve_peers, AdamWConfig, ChatMessage, Client, Codec, Error, LoraConfig, SwarmOptions,
+    SwarmSession, TrainOptions, TrainTarget, Trainer,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,8 +23,16 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     key_file: PathBuf,
     /// Plain text to learn.
+    #[arg(
+        long,
+        required_unless_present = "conversation",
+        conflicts_with = "conversation"
+    )]
+    text: Option<PathBuf>,
+    /// A conversation to learn instead: a JSON list of `{"role": ..., "content": ...}`
+    /// messages, rendered with the model's chat template and cut like --text.
     #[arg(long)]
-    text: PathBuf,
+    conversation: Option<PathBuf>,
     /// Every non-empty line is one example (default: the text in windows of --seq-len).
     #[arg(long)]
     lines: bool,
@@ -64,15 +72,47 @@ pub(crate) struct TrainArgs {
     json: Option<PathBuf>,
 }
 
+/// What `neuroshard train` learns.
+enum Source {
+    Text(String),
+    Conversation(Vec<ChatMessage>),
+}
+
 pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
     let key = load_or_create_key(&args.key_file)?;
-    let text = std::fs::read_to_string(&args.text)
-        .map_err(|e| Error::Training(format!("cannot read {}: {e}", args.text.display())))?;
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path)
+            .map_err(|e| Error::Training(format!("cannot read {}: {e}", path.display())))
+    };
+    let source = match (&args.text, &args.conversation) {
+        (Some(path), _) => Source::Text(read(path)?),
+        (None, Some(path)) => {
+            let messages: Vec<ChatMessage> = serde_json::from_str(&read(path)?).map_err(|e| {
+                Error::Training(format!(
+                    "{}: not a JSON list of {{\"role\", \"content\"}} messages: {e}",
+                    path.display()
+                ))
+            })?;
+            Source::Conversation(messages)
+        }
+        (None, None) => {
+            return Err(Error::Training(
+                "give --text FILE or --conversation FILE".into(),
+            ))
+        }
+    };
     tokio_runtime()?.block_on(async move {
         let entries = resolve_peers(&args.peers).await?;
         let client = Client::new(key, EndpointOptions::default()).await?;
         let swarm = SwarmSession::connect(client.clone(), entries, SwarmOptions::default()).await?;
-        let examples = examples_from_text(swarm.tokenizer(), &text, args.seq_len, args.lines)?;
+        let examples = match &source {
+            Source::Text(text) => {
+                examples_from_text(swarm.tokenizer(), text, args.seq_len, args.lines)?
+            }
+            Source::Conversation(messages) => {
+                examples_from_conversation(swarm.tokenizer(), messages, args.seq_len)?
+            }
+        };
         let target = if args.full {
             TrainTarget::Full
         } else {
@@ -145,6 +185,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
                     report.loss
                 );
                 let _ = std::io::stderr().flush();
+                std::ops::ControlFlow::Continue(())
             })
             .await;
         eprintln!();
