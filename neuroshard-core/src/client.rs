@@ -320,6 +320,7 @@ impl Client {
         for _ in 0..4 {
             let opts = RouteOptions {
                 exclude: exclude.clone(),
+                adapter: extras.adapter.clone(),
                 ..RouteOptions::default()
             };
             let route: Vec<RouteHop> = peers.plan_route(layers, now_ms(), &opts)?.to_hops();

@@ -233,6 +233,9 @@ pub struct ShardEngine {
     training: Mutex<training::TrainState>,
     /// LoRA adapters over this slice, by name.
     adapters: std::sync::RwLock<std::collections::HashMap<String, Arc<LoraAdapter>>>,
+    /// Versions computed for announcements, by target, valid while its step count holds
+    /// (hashing a whole f32 slice on every announcement would cost a second each time).
+    version_cache: Mutex<std::collections::HashMap<Option<String>, staged::TrainedVersion>>,
 }
 
 impl std::fmt::Debug for ShardEngine {
@@ -322,6 +325,7 @@ impl ShardEngine {
             updates: AtomicU64::new(0),
             training: Mutex::new(training::TrainState::default()),
             adapters: Default::default(),
+            version_cache: Mutex::default(),
         })
     }
 

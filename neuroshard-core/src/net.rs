@@ -28,7 +28,10 @@ pub(crate) mod recovery;
 pub mod refusal;
 pub mod route;
 
-pub use announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
+pub use announce::{
+    announced_versions, AnnouncedVersion, Announcement, SignedAnnouncement, MAX_ANNOUNCED_VERSIONS,
+    PROTOCOL_VERSION,
+};
 pub use peers::{PeerEntry, PeerInfo, PeerSet, TrackRecord};
 pub use proto::{ModelInfo, NodeStats, RouteHop, INFER_ALPN, MAX_STEP_POSITIONS, PEERS_PAGE};
 pub use refusal::{Reason, REASON_CODES_VERSION};

@@ -25,7 +25,9 @@ use crate::engine::ShardEngine;
 use crate::net::admission::{
     check_replicas, check_route, OpenReplayGuard, Refusal, DEFAULT_OPEN_WINDOW_MS,
 };
-use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
+use crate::net::announce::{
+    announced_versions, Announcement, SignedAnnouncement, PROTOCOL_VERSION,
+};
 use crate::net::connections::Connections;
 use crate::net::endpoint::{bind, EndpointOptions};
 use crate::net::gossip::{self, GossipItem};
@@ -645,7 +647,11 @@ impl Node {
                 if !known.is_empty() && sender.join_peers(known).await.is_err() {
                     break;
                 }
-                tokio::time::sleep(options.announce_every).await;
+                // The period, or at once when a trained version changed.
+                tokio::select! {
+                    _ = tokio::time::sleep(options.announce_every) => {}
+                    _ = announcer.train.versions_changed.notified() => {}
+                }
             }
         });
         // Verify what gossip delivers into the PeerSet; invalid announcements are dropped.
@@ -804,7 +810,7 @@ impl Inner {
             protocol_version: PROTOCOL_VERSION,
             node: self.endpoint.id(),
             model_id: self.model_id.clone(),
-            weight_updates: self.engine.version().updates,
+            versions: announced_versions(&self.engine),
             layers: layers.start as u32..layers.end as u32,
             capacity: options.capacity,
             load: lock(&self.sessions).len() as u32,

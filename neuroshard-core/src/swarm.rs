@@ -9,7 +9,9 @@ use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig, GenerationOutput};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::WeightFile;
-use crate::net::announce::{Announcement, SignedAnnouncement, PROTOCOL_VERSION};
+use crate::net::announce::{
+    announced_versions, Announcement, SignedAnnouncement, PROTOCOL_VERSION,
+};
 use crate::net::endpoint::EndpointOptions;
 use crate::net::now_ms;
 use crate::net::peers::PeerSet;
@@ -147,7 +149,7 @@ impl LocalSwarm {
                     protocol_version: PROTOCOL_VERSION,
                     node: n.id(),
                     model_id: self.model_id.clone(),
-                    weight_updates: n.engine().version().updates,
+                    versions: announced_versions(n.engine()),
                     layers: layers.start as u32..layers.end as u32,
                     capacity: 64,
                     load: stats.sessions_open as u32,

@@ -430,28 +430,25 @@ impl SwarmSession {
         // range) from its first position, so trusted nodes stay checked; where 3 replicas
         // of each range do not exist, it runs as planned.
         let mut redundancy = options.redundancy;
+        let for_adapter = RouteOptions {
+            adapter: options.adapter.clone(),
+            ..RouteOptions::default()
+        };
         if redundancy < 2 {
-            let plain = peers.plan_route(self.layers(), now_ms(), &RouteOptions::default());
+            let plain = peers.plan_route(self.layers(), now_ms(), &for_adapter);
             let nodes: Vec<NodeId> = plain
                 .map(|r| r.hops.iter().map(|h| h.node).collect())
                 .unwrap_or_default();
             // The draw first: the replicated plan is only worth making for a session drawn.
             let checkable = || {
                 peers
-                    .plan_replicated(self.layers(), 3, now_ms(), &RouteOptions::default())
+                    .plan_replicated(self.layers(), 3, now_ms(), &for_adapter)
                     .is_ok()
             };
             if self.inner.client.spot_check_due(&nodes) && checkable() {
                 tracing::info!("spot check: this session runs on 3 replicas per range");
                 redundancy = 3;
             }
-        }
-        if redundancy >= 2 && options.adapter.is_some() {
-            return Err(NetError::Malformed(
-                "an adapter session runs unreplicated for now: replicas must be on one adapter \
-                 version before they can vote (use --redundancy 1)"
-                    .into(),
-            ));
         }
         if redundancy >= 2 {
             for node in &options.trust {
@@ -473,7 +470,10 @@ impl SwarmSession {
                     sampling,
                     prompt.to_vec(),
                     redundancy,
-                    return_logits,
+                    &crate::client::SessionExtras {
+                        return_logits,
+                        adapter: options.adapter.clone(),
+                    },
                     audit,
                 )
                 .await?;
@@ -511,6 +511,7 @@ impl SwarmSession {
             let peers = replan_handle.block_on(me.peer_set(failed))?;
             let opts = RouteOptions {
                 exclude: failed.to_vec(),
+                adapter: me.inner.options.adapter.clone(),
                 ..RouteOptions::default()
             };
             Ok(peers.plan_route(me.layers(), now_ms(), &opts)?.to_hops())

@@ -213,7 +213,7 @@ mod control {
             protocol_version: neuroshard_core::net::PROTOCOL_VERSION,
             node: key.public(),
             model_id: "ab".repeat(32),
-            weight_updates: 0,
+            versions: Vec::new(),
             layers: 0..30,
             capacity: 64,
             load: 1,

@@ -3,7 +3,7 @@
 //! the token itself, and checks every piece of evidence the receivers report before its
 //! reputation table acts on it. See `node/replicated.rs` for the nodes' side.
 
-use super::{Client, FromHop, Inbound, RemoteSession, StepResult};
+use super::{Client, FromHop, Inbound, RemoteSession, SessionExtras, StepResult};
 use crate::consensus::reputation::StandingRow;
 use crate::consensus::{Evidence, FrameDtype, ReputationPolicy, SignedBallot, VoteOutcome};
 use crate::model::sampling::{sample, SamplingParams};
@@ -203,7 +203,10 @@ impl Client {
             sampling,
             prompt,
             k,
-            return_logits,
+            &SessionExtras {
+                return_logits,
+                adapter: None,
+            },
             false,
         )
         .await
@@ -243,13 +246,18 @@ impl Client {
             sampling,
             prompt,
             k,
-            return_logits,
+            &SessionExtras {
+                return_logits,
+                adapter: None,
+            },
             true,
         )
         .await
     }
 
-    /// [`Client::open_replicated`] (`audit` false) or [`Client::open_audited`] (true).
+    /// [`Client::open_replicated`] (`audit` false) or [`Client::open_audited`] (true), with
+    /// `extras`: logits, and an adapter whose replicas vote only with replicas on their own
+    /// version of it (the plan groups them by announced version).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn open_replicated_with(
         &self,
@@ -260,7 +268,7 @@ impl Client {
         sampling: SamplingParams,
         prompt: Vec<u32>,
         k: usize,
-        return_logits: bool,
+        extras: &SessionExtras,
         audit: bool,
     ) -> Result<RemoteSession, NetError> {
         if !(matches!(codec, Codec::F16 | Codec::F32)) {
@@ -276,6 +284,7 @@ impl Client {
             .collect();
         let opts = RouteOptions {
             exclude: banned,
+            adapter: extras.adapter.clone(),
             ..RouteOptions::default()
         };
         let plan = peers.plan_replicated(layers, k, now, &opts)?;
@@ -321,7 +330,15 @@ impl Client {
             replicas.push(chosen);
             referees.push(referee);
         }
-        let mut open = self.new_open(route, model_id, codec, sampling, prompt, return_logits);
+        let mut open = self.new_open(
+            route,
+            model_id,
+            codec,
+            sampling,
+            prompt,
+            extras.return_logits,
+        );
+        open.adapter = extras.adapter.clone();
         open.replicas = replicas;
         if referees.iter().any(Option::is_some) {
             open.referees = referees;
@@ -515,9 +532,13 @@ impl RemoteSession {
         context.extend_from_slice(tokens);
         let codec =
             Codec::from_u8(self.open.codec).map_err(|e| NetError::Malformed(e.to_string()))?;
+        let extras = SessionExtras {
+            return_logits: self.open.return_logits,
+            adapter: self.open.adapter.clone(),
+        };
         let audited = self
             .client
-            .open_audited(
+            .open_replicated_with(
                 &plan.peers,
                 plan.layers,
                 &self.open.model_id,
@@ -525,7 +546,8 @@ impl RemoteSession {
                 self.open.sampling,
                 self.open.prompt.clone(),
                 plan.k,
-                self.open.return_logits,
+                &extras,
+                true,
             )
             .await;
         let mut audited = match audited {

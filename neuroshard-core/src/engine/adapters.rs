@@ -75,6 +75,8 @@ impl ShardEngine {
             return Err(Error::Training(format!("adapter `{name}` exists already")));
         }
         adapters.insert(name.to_string(), adapter.clone());
+        drop(adapters);
+        self.forget_versions();
         Ok(adapter)
     }
 
@@ -250,6 +252,7 @@ impl ShardEngine {
             }
             adapters.insert(name.to_string(), adapter);
         }
+        self.forget_versions();
         self.train_state()?
             .adapter_optimizers
             .insert(name.to_string(), optimizer);

@@ -224,6 +224,7 @@ impl ShardEngine {
         }
         state.optimizer = optimizer;
         self.updates.store(meta.steps, Ordering::SeqCst);
+        self.forget_versions();
         drop(state);
         self.trained_version(None)
     }

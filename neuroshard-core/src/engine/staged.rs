@@ -119,6 +119,51 @@ impl ShardEngine {
         })
     }
 
+    /// The versions this slice serves: its own weights first, then every adapter by name.
+    /// Cached per target while its step count holds (a commit, a checkpoint load or a new
+    /// adapter clears the cache).
+    pub fn served_versions(&self) -> Result<Vec<TrainedVersion>> {
+        let mut targets = vec![None];
+        targets.extend(self.adapter_names().into_iter().map(Some));
+        let mut out = Vec::with_capacity(targets.len());
+        for target in targets {
+            let steps = match &target {
+                Some(name) => match self.adapter(name) {
+                    Some(a) => a.steps(),
+                    None => continue,
+                },
+                None => self.updates.load(Ordering::SeqCst),
+            };
+            let cached = self
+                .version_cache
+                .lock()
+                .map_err(Error::poisoned("version cache"))?
+                .get(&target)
+                .filter(|v| v.steps == steps)
+                .cloned();
+            let version = match cached {
+                Some(v) => v,
+                None => {
+                    let v = self.trained_version(target.as_deref())?;
+                    self.version_cache
+                        .lock()
+                        .map_err(Error::poisoned("version cache"))?
+                        .insert(target, v.clone());
+                    v
+                }
+            };
+            out.push(version);
+        }
+        Ok(out)
+    }
+
+    /// Forgets the cached versions (the weights or an adapter changed).
+    pub(crate) fn forget_versions(&self) {
+        if let Ok(mut cache) = self.version_cache.lock() {
+            cache.clear();
+        }
+    }
+
     /// Phase one of a step: computes the AdamW update of the accumulated gradients (clearing
     /// them) without changing any weight, and returns the version committing it would make.
     /// One prepared step at a time: commit or abort it before the next.
@@ -278,6 +323,7 @@ impl ShardEngine {
 
     /// Installs a computed step: the new tensors, the optimizer's moments and step count.
     fn install(&self, state: &mut TrainState, prepared: PreparedStep) -> Result<TrainedVersion> {
+        self.forget_versions();
         let PreparedStep {
             values,
             moments,

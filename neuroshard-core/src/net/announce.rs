@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 
 /// Version of the NeuroShard protocols this build speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// A node's self-description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,8 +20,9 @@ pub struct Announcement {
     pub node: NodeId,
     /// Model identity (hex of the model hash): nodes of other models are ignored.
     pub model_id: String,
-    /// Update counter of the node's weights (0 = base weights).
-    pub weight_updates: u64,
+    /// What the node's trainable weights are: the slice's own weights first (`adapter`
+    /// `None`), then each LoRA adapter it serves, by name. At most [`MAX_ANNOUNCED_VERSIONS`].
+    pub versions: Vec<AnnouncedVersion>,
     /// Layers the node holds.
     pub layers: Range<u32>,
     /// Sessions the node accepts at once.
@@ -37,6 +38,60 @@ pub struct Announcement {
     pub timestamp_ms: u64,
     /// When peers should forget the node unless it re-announces (ms since the Unix epoch).
     pub expires_ms: u64,
+}
+
+/// Most versions one announcement may carry (the base weights and the adapters).
+pub const MAX_ANNOUNCED_VERSIONS: usize = 64;
+
+/// One trained version a node serves: the base weights or one adapter (the model and slice
+/// are the announcement's). Routes for an adapter use only nodes that announce it, and the
+/// replicas of one range that vote together announce the same version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AnnouncedVersion {
+    /// The adapter's name; `None` for the slice's own weights.
+    pub adapter: Option<String>,
+    /// Optimizer steps applied.
+    pub steps: u64,
+    /// blake3 of the trainable state (see [`crate::TrainedVersion`]).
+    pub state: [u8; 32],
+}
+
+impl From<&crate::TrainedVersion> for AnnouncedVersion {
+    fn from(v: &crate::TrainedVersion) -> Self {
+        AnnouncedVersion {
+            adapter: v.adapter.clone(),
+            steps: v.steps,
+            state: v.state,
+        }
+    }
+}
+
+impl Announcement {
+    /// The version of `adapter` (`None`: the base weights) this node serves, if any.
+    pub fn version_of(&self, adapter: Option<&str>) -> Option<&AnnouncedVersion> {
+        self.versions
+            .iter()
+            .find(|v| v.adapter.as_deref() == adapter)
+    }
+
+    /// What replicas must share to vote together on sessions of `adapter`: its steps and
+    /// state. Untrained base weights (0 steps) all count as one version, whatever their
+    /// compute mode (an f32 slice and a quantised one hash different tensors but are the same
+    /// model, and the tolerant vote is calibrated for that). `None` when the node does not
+    /// serve `adapter`.
+    pub fn vote_key(&self, adapter: Option<&str>) -> Option<(u64, [u8; 32])> {
+        let v = match self.version_of(adapter) {
+            Some(v) => v,
+            // Nodes that announce no base version (none do today) serve untrained weights.
+            None if adapter.is_none() => return Some((0, [0; 32])),
+            None => return None,
+        };
+        Some(if adapter.is_none() && v.steps == 0 {
+            (0, [0; 32])
+        } else {
+            (v.steps, v.state)
+        })
+    }
 }
 
 /// An announcement with its signature, as sent on the wire.
@@ -85,5 +140,22 @@ impl SignedAnnouncement {
     /// Decodes from the wire.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, NetError> {
         postcard::from_bytes(bytes).map_err(|e| NetError::Malformed(e.to_string()))
+    }
+}
+
+/// What `engine` announces: its served versions, at most [`MAX_ANNOUNCED_VERSIONS`] (the base
+/// weights first). A version that cannot be computed is left out and logged: the node then
+/// serves no routes for it.
+pub fn announced_versions(engine: &crate::ShardEngine) -> Vec<AnnouncedVersion> {
+    match engine.served_versions() {
+        Ok(versions) => versions
+            .iter()
+            .take(MAX_ANNOUNCED_VERSIONS)
+            .map(AnnouncedVersion::from)
+            .collect(),
+        Err(e) => {
+            tracing::warn!("cannot compute the versions to announce: {e}");
+            Vec::new()
+        }
     }
 }

@@ -92,7 +92,7 @@ mod tests {
             protocol_version: crate::net::PROTOCOL_VERSION,
             node: key.public(),
             model_id: "m".into(),
-            weight_updates: 0,
+            versions: Vec::new(),
             layers: 0..1,
             capacity: 1,
             load: 0,

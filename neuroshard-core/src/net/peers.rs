@@ -204,6 +204,22 @@ impl PeerSet {
                 ours: PROTOCOL_VERSION,
             });
         }
+        if ann.versions.len() > super::announce::MAX_ANNOUNCED_VERSIONS
+            || ann.versions.iter().any(|v| {
+                v.adapter
+                    .as_ref()
+                    .is_some_and(|n| n.is_empty() || n.len() > 128)
+            })
+        {
+            return Err(NetError::Refused {
+                node: short(),
+                why: format!(
+                    "{} announced versions (at most {} with names of 1..=128 bytes)",
+                    ann.versions.len(),
+                    super::announce::MAX_ANNOUNCED_VERSIONS
+                ),
+            });
+        }
         if ann.model_id != self.model_id {
             return Err(NetError::WrongModel {
                 node: short(),

@@ -65,6 +65,10 @@ pub struct RouteOptions {
     pub default_latency_ms: f64,
     /// Compute time per layer of an idle node (ms).
     pub per_layer_ms: f64,
+    /// The adapter sessions on this route run with: only nodes that announce it are used,
+    /// and the replicas of a range that vote together announce the same version of it.
+    /// `None`: the base weights (replicas then share the base weights' version).
+    pub adapter: Option<String>,
 }
 
 impl Default for RouteOptions {
@@ -73,6 +77,7 @@ impl Default for RouteOptions {
             exclude: Vec::new(),
             default_latency_ms: 2.0,
             per_layer_ms: 0.4,
+            adapter: None,
         }
     }
 }
@@ -102,7 +107,11 @@ impl PeerSet {
     ) -> Vec<(&'a NodeId, &'a PeerEntry)> {
         let mut v: Vec<_> = self
             .iter()
-            .filter(|(id, e)| e.usable(now_ms) && !opts.exclude.contains(id))
+            .filter(|(id, e)| {
+                e.usable(now_ms)
+                    && !opts.exclude.contains(id)
+                    && e.announcement.vote_key(opts.adapter.as_deref()).is_some()
+            })
             .collect();
         // Deterministic order: equal-cost plans always pick the same nodes.
         v.sort_by_key(|(id, _)| *id.as_bytes());
@@ -206,6 +215,7 @@ impl PeerSet {
     ) -> Result<Vec<ReplicatedRange>, NetError> {
         let k = k.max(1);
         let nodes = self.candidates(now_ms, opts);
+        let adapter = opts.adapter.as_deref();
         let mut bounds: Vec<usize> = vec![0, layers];
         for (_, e) in &nodes {
             let r = &e.announcement.layers;
@@ -229,7 +239,7 @@ impl PeerSet {
                 .map(|(i, (_, e))| (hop_cost(e, b - a, opts), i))
                 .collect();
             v.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-            v
+            same_version(v, |i| nodes[i].1.announcement.vote_key(adapter))
         };
         // best[j] = (cost, previous boundary index) of the cheapest way to reach bounds[j].
         let mut best: Vec<Option<(f64, usize)>> = vec![None; bounds.len()];
@@ -296,4 +306,33 @@ impl PeerSet {
             .map(|(id, _)| *id)
             .collect()
     }
+}
+
+/// The holders (cost, index; cheapest first) that announce the version most of them share;
+/// between versions held by equally many, the one of the cheapest holder. Replicas vote only
+/// with replicas on their own version: others compute another function, honestly.
+fn same_version<K: PartialEq>(
+    holders: Vec<(f64, usize)>,
+    key: impl Fn(usize) -> Option<K>,
+) -> Vec<(f64, usize)> {
+    let keys: Vec<Option<K>> = holders.iter().map(|(_, i)| key(*i)).collect();
+    let mut best: Option<(usize, usize)> = None; // (count, index of its first holder)
+    for (j, k) in keys.iter().enumerate() {
+        if keys[..j].contains(k) {
+            continue;
+        }
+        let count = keys.iter().filter(|other| *other == k).count();
+        if best.is_none_or(|(c, _)| count > c) {
+            best = Some((count, j));
+        }
+    }
+    let Some((_, first)) = best else {
+        return holders;
+    };
+    holders
+        .into_iter()
+        .zip(&keys)
+        .filter(|(_, k)| **k == keys[first])
+        .map(|(h, _)| h)
+        .collect()
 }

@@ -187,6 +187,9 @@ pub(crate) struct TrainService {
     in_doubt: Mutex<Option<PreparedRecord>>,
     read_deadline: Duration,
     pub(crate) counters: TrainCounters,
+    /// Woken when a served version changes (a commit, a new adapter): the node announces at
+    /// once, so routes for an adapter see it without waiting for the next period.
+    pub(crate) versions_changed: tokio::sync::Notify,
 }
 
 /// The micro-batch's id in the engine's pending forwards.
@@ -225,6 +228,7 @@ impl TrainService {
             in_doubt: Mutex::default(),
             read_deadline,
             counters: TrainCounters::default(),
+            versions_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -385,6 +389,7 @@ impl TrainService {
         lock(&self.outcomes).insert(key, outcome.clone());
         *lock(&self.in_doubt) = None;
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        self.versions_changed.notify_one();
         if let Some(dir) = &self.policy.checkpoint {
             let saved = match adapter {
                 Some(name) => self.engine.save_adapter(name, dir),
@@ -592,6 +597,7 @@ impl TrainService {
                     self.engine
                         .create_adapter(name, config.clone())
                         .map_err(|e| e.to_string())?;
+                    self.versions_changed.notify_one();
                     // Step 0 on disk too: a step prepared before the first commit can then
                     // be taken back after a restart.
                     if let Some(dir) = &self.policy.checkpoint {

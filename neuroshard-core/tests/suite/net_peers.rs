@@ -1,6 +1,7 @@
 //! PeerSet and route planning with a simulated clock: signed announcements accepted, forged,
 //! expired, replayed, future-dated and foreign ones refused; expiry; routes over disjoint,
-//! overlapping and replicated slices; banned/overloaded/excluded nodes skipped.
+//! overlapping and replicated slices; banned/overloaded/excluded nodes skipped; routes for an
+//! adapter over the nodes that announce it, replicas on one version.
 
 use neuroshard_core::net::{
     Announcement, NetError, PeerSet, RouteOptions, SignedAnnouncement, PROTOCOL_VERSION,
@@ -18,7 +19,7 @@ fn announce(k: &iroh::SecretKey, layers: std::ops::Range<u32>, ts: u64) -> Annou
         protocol_version: PROTOCOL_VERSION,
         node: k.public(),
         model_id: MODEL.into(),
-        weight_updates: 0,
+        versions: Vec::new(),
         layers,
         capacity: 8,
         load: 0,
@@ -400,4 +401,107 @@ fn replicated_plans_use_ranges_that_k_nodes_hold() {
     let err = peers.plan_replicated(30, 3, T0, &opts).unwrap_err();
     assert!(matches!(err, NetError::NoRoute { .. }), "{err}");
     assert!(peers.plan_replicated(30, 2, T0, &opts).is_ok());
+}
+
+/// Announced versions steer routes (issue 16): an adapter's routes use only nodes that
+/// announce it, its replicas vote only with replicas on the same version of it, untrained
+/// base weights are one version whatever their hash, trained ones are not, and an
+/// announcement with too many versions is refused.
+#[test]
+fn routes_for_an_adapter_use_its_holders_and_replicas_on_one_version() {
+    use neuroshard_core::net::{AnnouncedVersion, MAX_ANNOUNCED_VERSIONS};
+    let version = |adapter: Option<&str>, steps: u64, state: u8| AnnouncedVersion {
+        adapter: adapter.map(str::to_string),
+        steps,
+        state: [state; 32],
+    };
+    let mut peers = PeerSet::new(MODEL);
+    // 0..15: nodes 1 and 2 hold "notes" at step 5, node 3 at step 4, node 4 not at all;
+    // 15..30: nodes 5 and 6 hold it at step 5, node 7 does not. Base weights: untrained
+    // everywhere, with different state hashes (f32 and quantised slices).
+    let slices: [(u8, std::ops::Range<u32>, Option<(u64, u8)>); 7] = [
+        (1, 0..15, Some((5, 0xa1))),
+        (2, 0..15, Some((5, 0xa1))),
+        (3, 0..15, Some((4, 0xa0))),
+        (4, 0..15, None),
+        (5, 15..30, Some((5, 0xb1))),
+        (6, 15..30, Some((5, 0xb1))),
+        (7, 15..30, None),
+    ];
+    for (seed, layers, notes) in slices.clone() {
+        let mut a = announce(&key(seed), layers, T0);
+        a.versions.push(version(None, 0, seed));
+        if let Some((steps, state)) = notes {
+            a.versions.push(version(Some("notes"), steps, state));
+        }
+        let s = SignedAnnouncement::sign(&a, &key(seed)).expect("sign");
+        peers.insert(&s, T0).expect("insert");
+    }
+    let seed_of = |node: &iroh::PublicKey| -> u8 {
+        (1..=7).find(|s| key(*s).public() == *node).expect("known")
+    };
+    let for_notes = RouteOptions {
+        adapter: Some("notes".into()),
+        ..RouteOptions::default()
+    };
+    // Unreplicated: every hop announces the adapter.
+    let route = peers.plan_route(30, T0, &for_notes).expect("route");
+    assert!(route
+        .hops
+        .iter()
+        .all(|h| ![4, 7].contains(&seed_of(&h.node))));
+    // Replicated: the holders offered per range share one version (node 3 is a step behind).
+    let plan = peers.plan_replicated(30, 2, T0, &for_notes).expect("plan");
+    let holders: Vec<Vec<u8>> = plan
+        .iter()
+        .map(|r| {
+            let mut s: Vec<u8> = r.hops.iter().map(|h| seed_of(&h.node)).collect();
+            s.sort();
+            s
+        })
+        .collect();
+    assert_eq!(holders, vec![vec![1, 2], vec![5, 6]]);
+    // Three replicas on one version of the adapter do not exist.
+    assert!(peers.plan_replicated(30, 3, T0, &for_notes).is_err());
+    // The base weights: untrained everywhere, so every node is a replica of its range.
+    let base = peers
+        .plan_replicated(30, 3, T0, &RouteOptions::default())
+        .expect("base plan");
+    assert_eq!(base[0].hops.len(), 4);
+    assert_eq!(base[1].hops.len(), 3);
+    // An adapter nobody serves has no route.
+    let unknown = RouteOptions {
+        adapter: Some("nobody".into()),
+        ..RouteOptions::default()
+    };
+    assert!(matches!(
+        peers.plan_route(30, T0, &unknown),
+        Err(NetError::NoRoute { .. })
+    ));
+    // Base weights trained on one node (full training) split it from the others.
+    let mut trained = announce(&key(4), 0..15, T0 + 1);
+    trained.versions.push(version(None, 3, 0x44));
+    peers
+        .insert(
+            &SignedAnnouncement::sign(&trained, &key(4)).expect("sign"),
+            T0,
+        )
+        .expect("insert");
+    let base = peers
+        .plan_replicated(30, 3, T0, &RouteOptions::default())
+        .expect("base plan");
+    assert!(base[0].hops.iter().all(|h| seed_of(&h.node) != 4));
+
+    // Too many versions in one announcement are refused.
+    let mut flood = announce(&key(9), 0..30, T0);
+    flood.versions = (0..=MAX_ANNOUNCED_VERSIONS as u64)
+        .map(|i| version(Some(&format!("a{i}")), i, 0))
+        .collect();
+    let err = peers
+        .insert(
+            &SignedAnnouncement::sign(&flood, &key(9)).expect("sign"),
+            T0,
+        )
+        .unwrap_err();
+    assert!(matches!(err, NetError::Refused { .. }), "{err}");
 }

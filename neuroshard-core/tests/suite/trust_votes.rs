@@ -285,7 +285,7 @@ impl Replicas {
                 protocol_version: neuroshard_core::net::PROTOCOL_VERSION,
                 node: n.id(),
                 model_id: self.model_id.clone(),
-                weight_updates: 0,
+                versions: Vec::new(),
                 layers: layers.start as u32..layers.end as u32,
                 capacity: 64,
                 load: 0,
