@@ -419,7 +419,9 @@ fn routes_for_an_adapter_use_its_holders_and_replicas_on_one_version() {
     // 0..15: nodes 1 and 2 hold "notes" at step 5, node 3 at step 4, node 4 not at all;
     // 15..30: nodes 5 and 6 hold it at step 5, node 7 does not. Base weights: untrained
     // everywhere, with different state hashes (f32 and quantised slices).
-    let slices: [(u8, std::ops::Range<u32>, Option<(u64, u8)>); 7] = [
+    /// (node seed, layers, the adapter's (steps, state byte) if it holds it)
+    type Slice = (u8, std::ops::Range<u32>, Option<(u64, u8)>);
+    let slices: [Slice; 7] = [
         (1, 0..15, Some((5, 0xa1))),
         (2, 0..15, Some((5, 0xa1))),
         (3, 0..15, Some((4, 0xa0))),
