@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# SmolLM2 (Q4_1 base, exact mode) trained with a LoRA adapter across 3 node processes on
-# 127.0.0.1 (issue 16's long run; CI runs the short one in tests/suite/swarm_training.rs).
-#  1. licence texts from /usr/share/common-licenses (on every Debian machine): GPL-3, GFDL-1.3
-#     and MPL-2.0 train (128-token windows, each seen at most twice), Apache-2.0 is held back;
-#     `steps` steps of 2 micro-batches; the held-back loss before and after;
+# SmolLM2 trained across node processes on 127.0.0.1 (issue 16's long run; CI runs the short
+# ones in tests/suite/swarm_training.rs and tests/python/test_train.py).
+#  1. licence text: GPL-3 from /usr/share/common-licenses (on every Debian machine) in
+#     128-token windows (about 60 distinct ones), `steps` steps of 2 micro-batches, so each
+#     window is seen at most twice; a LoRA adapter (rank 16, every projection) on the Q4_1
+#     base over 3 nodes; Apache-2.0 is held back: its loss before and after;
 #  2. a sentence the model cannot know, taught in `fact_steps` steps, then completed by
 #     `neuroshard generate --peers --adapter fact` from the same nodes (no restart);
-#  3. pipelining: LoRA training tokens/s with 1 and 4 micro-batches per step (--threads 1 per
-#     node, so 3 nodes fit on 2 cores).
+#  3. gradient codecs: the same 8 steps with f32, f16 and q8 frames (three adapters with the
+#     same initialisation), loss curves side by side;
+#  4. pipelining: LoRA tokens/s with 1 and 4 micro-batches per step (--threads 1 per node, so
+#     3 nodes fit on 2 cores);
+#  5. 3 nodes against one process (one node with every layer, --threads 2): training tokens/s
+#     for LoRA (Q4_1 base) and for full training (nodes in --mode f32).
 # Writes bench-results/train_smollm2.json.
 # Usage: benches/train_smollm2.sh [steps (50)] [fact_steps (30)]
 set -euo pipefail
@@ -21,65 +26,95 @@ bin="$CARGO_TARGET_DIR/release/neuroshard"
 mkdir -p bench-results
 tmp=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+stop_nodes() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+cleanup() { stop_nodes; rm -rf "$tmp"; }
 trap cleanup EXIT
 
 lic=/usr/share/common-licenses
-cat "$lic/GPL-3" "$lic/GFDL-1.3" "$lic/MPL-2.0" > "$tmp/train.txt"
+cp "$lic/GPL-3" "$tmp/train.txt"
 cp "$lic/Apache-2.0" "$tmp/held.txt"
 echo "The secret password of the NeuroShard swarm is violet tangerine forty-two." > "$tmp/fact.txt"
 
 trainer=$("$bin" id --key-file "$tmp/trainer.key")
-start_node() { # start end index [peer]
+n=0
+start_node() { # threads mode start end [peer]; prints the address line
   local extra=()
-  [ -n "${4:-}" ] && extra=(--peers "$4")
-  "$bin" --threads 1 node --model "$model" --start "$1" --end "$2" --trainer "$trainer" \
-    --key-file "$tmp/node$3.key" --checkpoint "$tmp/ckpt$3" "${extra[@]}" \
-    > "$tmp/node$3.addr" 2> "$tmp/node$3.log" &
+  [ -n "${5:-}" ] && extra=(--peers "$5")
+  n=$((n + 1))
+  "$bin" --threads "$1" node --model "$model" --mode "$2" --start "$3" --end "$4" \
+    --trainer "$trainer" --key-file "$tmp/node$n.key" "${extra[@]}" \
+    > "$tmp/node$n.addr" 2> "$tmp/node$n.log" &
   pids+=($!)
-  for _ in $(seq 600); do [ -s "$tmp/node$3.addr" ] && break; sleep 0.1; done
-  head -1 "$tmp/node$3.addr"
+  for _ in $(seq 1200); do [ -s "$tmp/node$n.addr" ] && break; sleep 0.1; done
+  head -1 "$tmp/node$n.addr"
 }
-entry=$(start_node 0 10 0)
-start_node 10 20 1 "$entry" >/dev/null
-start_node 20 30 2 "$entry" >/dev/null
-# Gossip joins the nodes: wait until the entry sees all three.
-for _ in $(seq 100); do
-  [ "$("$bin" peers --peers "$entry" 2>/dev/null | head -1 | grep -o '[0-9]* nodes' | grep -o '[0-9]*')" = 3 ] && break; sleep 0.3
-done
+three_nodes() { # mode; prints the entry's address once gossip joined all three
+  local entry
+  entry=$(start_node 1 "$1" 0 10)
+  start_node 1 "$1" 10 20 "$entry" >/dev/null
+  start_node 1 "$1" 20 30 "$entry" >/dev/null
+  for _ in $(seq 100); do
+    [ "$("$bin" peers --peers "$entry" 2>/dev/null | head -1 | grep -o '[0-9]* nodes' | grep -o '[0-9]*')" = 3 ] && break
+    sleep 0.3
+  done
+  echo "$entry"
+}
+train() { # entry json-name [flags...]
+  local entry=$1 name=$2; shift 2
+  "$bin" train --peers "$entry" --key-file "$tmp/trainer.key" --json "$tmp/$name.json" "$@" >/dev/null
+}
+lora=(--lora-rank 16 --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
 
-echo "1. licence texts: $steps steps" >&2
-"$bin" train --peers "$entry" --key-file "$tmp/trainer.key" --text "$tmp/train.txt" \
-  --eval-text "$tmp/held.txt" --seq-len 128 --steps "$steps" --micro-batches 2 --lr 1e-3 \
-  --adapter licences --json "$tmp/licences.json" >/dev/null
+entry=$(three_nodes exact)
+echo "1. licence text: $steps steps" >&2
+train "$entry" licences --text "$tmp/train.txt" --eval-text "$tmp/held.txt" --seq-len 128 \
+  --steps "$steps" --micro-batches 2 --lr 3e-3 --adapter licences "${lora[@]}"
 
 echo "2. a sentence in $fact_steps steps" >&2
-"$bin" train --peers "$entry" --key-file "$tmp/trainer.key" --text "$tmp/fact.txt" --lines \
-  --seq-len 64 --steps "$fact_steps" --micro-batches 2 --lr 1e-2 --adapter fact \
-  --json "$tmp/fact.json" >/dev/null
-"$bin" generate --peers "$entry" --adapter fact --max-tokens 12 \
-  --prompt "The secret password of the NeuroShard swarm is" > "$tmp/taught.txt" 2>/dev/null
-"$bin" generate --peers "$entry" --max-tokens 12 \
-  --prompt "The secret password of the NeuroShard swarm is" > "$tmp/base.txt" 2>/dev/null
+train "$entry" fact --text "$tmp/fact.txt" --lines --seq-len 64 --steps "$fact_steps" \
+  --micro-batches 2 --lr 1e-2 --adapter fact
+prompt="The secret password of the NeuroShard swarm is"
+"$bin" generate --peers "$entry" --adapter fact --max-tokens 12 --prompt "$prompt" \
+  > "$tmp/taught.txt" 2>/dev/null
+"$bin" generate --peers "$entry" --max-tokens 12 --prompt "$prompt" > "$tmp/base.txt" 2>/dev/null
 
-echo "3. pipelining: 1 and 4 micro-batches" >&2
-for m in 1 4; do
-  "$bin" train --peers "$entry" --key-file "$tmp/trainer.key" --text "$tmp/train.txt" \
-    --seq-len 128 --steps 3 --micro-batches "$m" --adapter "pipe$m" --json "$tmp/pipe$m.json" >/dev/null
+echo "3. gradient codecs: f32, f16, q8" >&2
+for codec in f32 f16 q8; do
+  train "$entry" "codec_$codec" --text "$tmp/train.txt" --seq-len 128 --steps 8 \
+    --micro-batches 2 --lr 3e-3 --adapter "codec-$codec" --codec "$codec"
 done
+
+echo "4. pipelining: 1 and 4 micro-batches" >&2
+for m in 1 4; do
+  train "$entry" "pipe$m" --text "$tmp/train.txt" --seq-len 128 --steps 3 --micro-batches "$m" \
+    --adapter "pipe$m"
+done
+stop_nodes
+
+echo "5. 3 nodes against one process: LoRA and full training" >&2
+one=$(start_node 2 exact 0 30)
+train "$one" one_lora --text "$tmp/train.txt" --seq-len 128 --steps 3 --micro-batches 4 --adapter one
+stop_nodes
+one=$(start_node 2 f32 0 30)
+train "$one" one_full --text "$tmp/train.txt" --seq-len 128 --steps 2 --micro-batches 4 --full --lr 1e-5
+stop_nodes
+entry=$(three_nodes f32)
+train "$entry" three_full --text "$tmp/train.txt" --seq-len 128 --steps 2 --micro-batches 4 --full --lr 1e-5
+stop_nodes
 
 python3 - "$tmp" <<'PY'
 import json, math, sys
 tmp = sys.argv[1]
-lic = json.load(open(f"{tmp}/licences.json"))
-fact = json.load(open(f"{tmp}/fact.json"))
-p1 = json.load(open(f"{tmp}/pipe1.json"))
-p4 = json.load(open(f"{tmp}/pipe4.json"))
+load = lambda name: json.load(open(f"{tmp}/{name}.json"))
+lic, fact = load("licences"), load("fact")
 taught = open(f"{tmp}/taught.txt").read().strip()
 base = open(f"{tmp}/base.txt").read().strip()
 losses = lic["losses"]
 first = sum(losses[:5]) / 5
 last = sum(losses[-5:]) / 5
+codecs = {c: load(f"codec_{c}")["losses"] for c in ("f32", "f16", "q8")}
+gap = lambda c: max(abs(a - b) for a, b in zip(codecs[c], codecs["f32"])) / codecs["f32"][0]
+rate = lambda name: round(load(name)["tokens_per_s"], 1)
 out = {
     "licences": {
         "examples": lic["examples"], "steps": lic["steps"], "micro_batches": lic["micro_batches"],
@@ -94,8 +129,14 @@ out = {
     "fact": {"steps": fact["steps"], "loss_first": fact["losses"][0], "loss_last": fact["losses"][-1],
              "completion_with_adapter": taught, "completion_base": base,
              "learned": "violet tangerine" in taught},
-    "pipelining": {"tokens_per_s_m1": round(p1["tokens_per_s"], 1), "tokens_per_s_m4": round(p4["tokens_per_s"], 1),
-                   "speedup": round(p4["tokens_per_s"] / p1["tokens_per_s"], 2)},
+    "codecs": {"losses": {c: [round(x, 4) for x in l] for c, l in codecs.items()},
+               "max_gap_to_f32_of_start": {c: round(gap(c), 5) for c in ("f16", "q8")}},
+    "pipelining": {"tokens_per_s_m1": rate("pipe1"), "tokens_per_s_m4": rate("pipe4"),
+                   "speedup": round(load("pipe4")["tokens_per_s"] / load("pipe1")["tokens_per_s"], 2)},
+    "three_nodes_vs_one_process": {
+        "lora_tokens_per_s": {"three_nodes_m4": rate("pipe4"), "one_process": rate("one_lora")},
+        "full_tokens_per_s": {"three_nodes_m4": rate("three_full"), "one_process": rate("one_full")},
+    },
 }
 json.dump(out, open("bench-results/train_smollm2.json", "w"), indent=1)
 print(json.dumps(out, indent=1))
