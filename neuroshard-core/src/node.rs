@@ -1015,6 +1015,7 @@ impl Inner {
             (sessions.len() as u64, sent as u64)
         };
         let mut counted = self.counters.snapshot();
+        let pending = self.engine.pending_train_bytes().unwrap_or_default();
         // Connections the endpoint hook refused never reached the protocol: count them here.
         let refused_connections = self.gate.refused();
         if refused_connections > 0 {
@@ -1035,6 +1036,8 @@ impl Inner {
             train_commits: self.train.counters.commits.load(Ordering::Relaxed),
             train_aborts: self.train.counters.aborts.load(Ordering::Relaxed),
             train_jobs: self.train.jobs_open() as u64,
+            train_pending_bytes: pending.0,
+            train_peak_bytes: pending.1,
             ..counted
         }
     }

@@ -21,7 +21,7 @@ mod proto;
 mod trainer;
 
 pub use examples::{examples_from_conversation, examples_from_text, LearnOptions};
-pub use hop::TrainPolicy;
+pub use hop::{TrainPolicy, DEFAULT_TRAIN_MEMORY};
 pub use proto::{
     CommitCertificate, JobSpec, Outcome, SignedCommit, TrainMessage, TrainTarget,
     MAX_MICRO_BATCHES, MAX_MICRO_POSITIONS, TRAIN_ALPN,

@@ -41,6 +41,7 @@ impl NodeHandle {
         let policy = neuroshard_core::train::TrainPolicy {
             trainers,
             checkpoint,
+            memory_budget: None,
         };
         let node = py
             .detach(|| {

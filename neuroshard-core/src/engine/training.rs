@@ -42,6 +42,8 @@ struct Pending {
     output: Tensor,
     /// The adapter this micro-batch trains (`None`: the slice's own weights).
     adapter: Option<Arc<LoraAdapter>>,
+    /// What its graph holds, estimated ([`ShardEngine::train_activation_bytes`]).
+    bytes: u64,
 }
 
 /// Per-engine training state.
@@ -58,6 +60,8 @@ pub(crate) struct TrainState {
     pub(super) adapter_optimizers: HashMap<String, AdamW>,
     /// The update computed by a prepare, waiting for its commit or abort.
     pub(super) prepared: Option<super::staged::PreparedStep>,
+    /// The most [`ShardEngine::pending_train_bytes`] has been.
+    peak_pending_bytes: u64,
 }
 
 /// Mean next-token cross-entropy with labels shifted by one (Hugging Face convention).
@@ -92,6 +96,35 @@ impl ShardEngine {
         self.training
             .lock()
             .map_err(Error::poisoned("training state"))
+    }
+
+    /// Estimated bytes a tracked forward of `batch` sequences of `seq` positions keeps on this
+    /// slice until its backward: per layer and position, about 16 hidden-size and 4
+    /// intermediate-size f32 activations (norms, projections, residuals, the MLP's gates),
+    /// plus the attention scores and probabilities (`2 · heads · seq` per position). The LM
+    /// head's logits on the last slice come on top. An estimate, for budgets and stats: the
+    /// graph itself is candle's.
+    pub fn train_activation_bytes(&self, batch: usize, seq: usize) -> u64 {
+        let c = &self.model.config;
+        let positions = (batch * seq) as u64;
+        let per_position = 16 * c.hidden_size as u64
+            + 4 * c.intermediate_size as u64
+            + 2 * (c.num_heads * seq) as u64;
+        let layers = self.layers().len() as u64;
+        let logits = if self.is_last() {
+            2 * c.vocab_size as u64
+        } else {
+            0
+        };
+        4 * positions * (layers * per_position + logits)
+    }
+
+    /// Estimated bytes the forwards waiting for their backward hold now, and the most they
+    /// have held.
+    pub fn pending_train_bytes(&self) -> Result<(u64, u64)> {
+        let state = self.train_state()?;
+        let held = state.pending.values().map(|p| p.bytes).sum();
+        Ok((held, state.peak_pending_bytes))
     }
 
     /// Forward for training micro-batch `batch` (positions from 0, no KV cache); the graph is
@@ -175,14 +208,19 @@ impl ShardEngine {
             ShardOutput::Hidden(t) => ShardOutput::Hidden(t.detach()),
             ShardOutput::Logits(t) => ShardOutput::Logits(t.detach()),
         };
-        self.train_state()?.pending.insert(
+        let bytes = self.train_activation_bytes(batch_size, seq);
+        let mut state = self.train_state()?;
+        state.pending.insert(
             batch,
             Pending {
                 input: input_var,
                 output: output.tensor().clone(),
                 adapter,
+                bytes,
             },
         );
+        let held: u64 = state.pending.values().map(|p| p.bytes).sum();
+        state.peak_pending_bytes = state.peak_pending_bytes.max(held);
         Ok(detached)
     }
 

@@ -1,4 +1,4 @@
-//! Messages of the inference protocol (`neuroshard/infer/7`), postcard-encoded.
+//! Messages of the inference protocol (`neuroshard/infer/8`), postcard-encoded.
 //!
 //! Control requests (open, close) use a bi-directional stream: one request, one reply. The data
 //! plane uses one uni-directional stream per message: `Step` (client to first hop), `Hidden`
@@ -16,7 +16,7 @@ use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN of the inference protocol.
-pub const INFER_ALPN: &[u8] = b"neuroshard/infer/7";
+pub const INFER_ALPN: &[u8] = b"neuroshard/infer/8";
 /// Largest control message accepted (the prompt travels in `SessionOpen`).
 pub(crate) const MAX_CONTROL: usize = 1 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
@@ -147,6 +147,11 @@ pub struct NodeStats {
     pub train_aborts: u64,
     /// Training jobs holding a lease here now.
     pub train_jobs: u64,
+    /// Estimated bytes the graphs of training micro-batches waiting for their backward hold
+    /// now (bounded by the node's training memory budget).
+    pub train_pending_bytes: u64,
+    /// The most `train_pending_bytes` has been.
+    pub train_peak_bytes: u64,
 }
 
 /// One hop of a session's route, as the client planned it.

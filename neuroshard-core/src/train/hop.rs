@@ -56,7 +56,14 @@ pub struct TrainPolicy {
     /// Directory of committed checkpoints (`--checkpoint DIR`): adapters and the slice are
     /// saved there after every commit, and loaded from there at start.
     pub checkpoint: Option<PathBuf>,
+    /// Bytes the graphs of micro-batches waiting for their backward may hold here, estimated
+    /// ([`ShardEngine::train_activation_bytes`]); a micro-batch that would pass it is refused
+    /// before it runs, and the step aborts. `None`: [`DEFAULT_TRAIN_MEMORY`].
+    pub memory_budget: Option<u64>,
 }
+
+/// Default training memory budget of a hop: 4 GiB of pending activations.
+pub const DEFAULT_TRAIN_MEMORY: u64 = 4 << 30;
 
 /// Where one step stands on this hop.
 #[derive(Debug, Default)]
@@ -993,6 +1000,20 @@ impl TrainService {
         let last = j.is_last();
         let id = micro_id(step, micro);
         let guard = j.compute.lock().await;
+        // Micro-batches wait here for their backward: bound what their graphs hold.
+        let budget = self.policy.memory_budget.unwrap_or(DEFAULT_TRAIN_MEMORY);
+        let needed = self.engine.train_activation_bytes(batch_n, seq);
+        let (held, _) = self
+            .engine
+            .pending_train_bytes()
+            .map_err(|e| e.to_string())?;
+        if held + needed > budget {
+            return Err(format!(
+                "training memory: micro-batch {micro} ({batch_n} x {seq} positions) needs about \
+                 {needed} bytes with {held} held, over this node's budget of {budget} \
+                 (--train-memory-mib); use shorter sequences or fewer micro-batches"
+            ));
+        }
         let out = tokio::task::spawn_blocking(move || -> crate::Result<Forwarded> {
             let out = match &adapter {
                 Some(name) => engine.train_forward_adapter(id, input, name)?,

@@ -4,7 +4,7 @@
 //! phases under the trainer's certificate; a node refuses trainers it does not allow;
 //! SmolLM2 learns a LoRA adapter that the same nodes then serve; crashes in either phase
 //! leave every node on one version; f16 and q8 gradient frames keep the loss curve near the
-//! f32 one.
+//! f32 one; training memory per node is bounded and reported.
 
 use crate::common::*;
 use neuroshard_core::net::endpoint::{parse_peer_addr, EndpointOptions};
@@ -27,6 +27,8 @@ struct Nodes {
     trainer: String,
     /// Each node keeps training checkpoints in its own directory.
     checkpoints: bool,
+    /// More flags for every node.
+    extra_args: Vec<String>,
     children: Vec<Option<Child>>,
     route: Vec<RouteHop>,
 }
@@ -64,6 +66,19 @@ impl Nodes {
         tag: &str,
         checkpoints: bool,
     ) -> Nodes {
+        Nodes::start_with_args(model, slices, mode, trainer, tag, checkpoints, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_with_args(
+        model: &Path,
+        slices: &[(usize, usize)],
+        mode: &str,
+        trainer: &SecretKey,
+        tag: &str,
+        checkpoints: bool,
+        extra_args: &[&str],
+    ) -> Nodes {
         let dir =
             std::env::temp_dir().join(format!("neuroshard-train-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
@@ -74,6 +89,7 @@ impl Nodes {
             mode: mode.to_string(),
             trainer: trainer.public().to_string(),
             checkpoints,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             children: Vec::new(),
             route: Vec::new(),
         };
@@ -106,6 +122,7 @@ impl Nodes {
                     .map(Stdio::from)
                     .unwrap_or_else(|_| Stdio::null()),
             );
+        cmd.args(&self.extra_args);
         if self.checkpoints {
             cmd.arg("--checkpoint")
                 .arg(self.dir.join(format!("ckpt{i}")));
@@ -389,6 +406,65 @@ fn gradient_codecs_keep_the_loss_curve_within_bounds() {
         );
         assert!(curve[STEPS - 1] < 0.5 * curve[0], "{codec:?} did not learn");
     }
+}
+
+/// Training memory is bounded and accounted: with a 1 MiB budget per node, a micro-batch whose
+/// graphs would pass it is refused before it runs (the step aborts, the weights stay), shorter
+/// ones train, and the nodes report what the pending graphs held at most.
+#[test]
+fn a_micro_batch_over_the_training_memory_budget_is_refused() {
+    let trainer_key = SecretKey::generate();
+    let nodes = Nodes::start_with_args(
+        &fixtures().join("tiny-llama"),
+        &[(0, 2), (2, 4)],
+        "f32",
+        &trainer_key,
+        "memory",
+        false,
+        &["--train-memory-mib", "1"],
+    );
+    let model_id = neuroshard_core::WeightFile::open(fixtures().join("tiny-llama"))
+        .and_then(|f| f.identity().map(|i| i.id))
+        .expect("model id");
+    let ids = |len: usize| -> Vec<Vec<u32>> { vec![(0..len as u32).map(|i| i % 250).collect()] };
+    runtime().block_on(async {
+        let client = Client::new(trainer_key.clone(), EndpointOptions::default())
+            .await
+            .expect("client");
+        let options = TrainOptions {
+            target: TrainTarget::Full,
+            ..TrainOptions::default()
+        };
+        let mut trainer = Trainer::begin(client.clone(), &model_id, nodes.route.clone(), options)
+            .await
+            .expect("begin");
+        let before = trainer.versions().to_vec();
+        // About 1.9 MB of activations on the first hop: over its 1 MiB.
+        let err = trainer
+            .accumulate(&[ids(100)])
+            .await
+            .expect_err("over the budget");
+        assert!(err.to_string().contains("training memory"), "{err}");
+        // Two micro-batches of 16 positions fit (about 0.2 MB each), and the step commits.
+        let report = trainer
+            .step(&[ids(16), ids(16)])
+            .await
+            .expect("a small step");
+        assert_eq!(report.versions[0].steps, before[0].steps + 1);
+        for hop in &nodes.route {
+            let addr = parse_peer_addr(&format!("{}@{}", hop.node, hop.addrs[0])).expect("addr");
+            let stats = client.fetch_stats(&addr).await.expect("stats");
+            assert_eq!(stats.train_pending_bytes, 0, "every backward ran");
+            assert!(
+                stats.train_peak_bytes > 0 && stats.train_peak_bytes <= 1 << 20,
+                "peak {} within the budget",
+                stats.train_peak_bytes
+            );
+            assert_eq!(stats.train_commits, 1);
+        }
+        trainer.end().await.expect("end");
+        client.shutdown().await;
+    });
 }
 
 /// Greedy text of `prompt` through `swarm` (16 tokens).

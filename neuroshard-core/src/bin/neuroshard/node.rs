@@ -109,10 +109,15 @@ pub(crate) struct NodeArgs {
     /// prints one). Without it the node refuses every training job.
     #[arg(long = "trainer")]
     trainers: Vec<neuroshard_core::net::NodeId>,
-    /// Directory of training checkpoints: committed adapters are saved there after every
-    /// step, and loaded from there at start (a restart goes on from the last commit).
+    /// Directory of training checkpoints: committed adapters (and the slice's own weights,
+    /// when they train) are saved there after every step, and loaded from there at start (a
+    /// restart goes on from the last commit).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Most memory (MiB) the graphs of training micro-batches waiting for their backward may
+    /// hold here (estimated); a larger micro-batch is refused and its step aborted.
+    #[arg(long, default_value_t = neuroshard_core::train::DEFAULT_TRAIN_MEMORY >> 20)]
+    train_memory_mib: u64,
     /// The node's reputation table (the votes it ran as a receiver), loaded at start and
     /// saved every 30 s and on stop. Default: next to the key file.
     #[arg(long)]
@@ -204,6 +209,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<(), Error> {
             train: neuroshard_core::train::TrainPolicy {
                 trainers: args.trainers.clone(),
                 checkpoint: args.checkpoint.clone(),
+                memory_budget: Some(args.train_memory_mib << 20),
             },
             ..NodeOptions::default()
         });
