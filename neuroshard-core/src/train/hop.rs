@@ -192,6 +192,9 @@ pub(crate) struct TrainService {
     outcomes: Mutex<HashMap<(u64, u64), Outcome>>,
     /// A prepared step found on disk at start, whose outcome this node does not know yet.
     in_doubt: Mutex<Option<PreparedRecord>>,
+    /// Held while the in-doubt step is being resolved: the start-up task and a `Begin` may
+    /// both try, and only one may decide (the other then finds nothing in doubt).
+    resolving: tokio::sync::Mutex<()>,
     read_deadline: Duration,
     pub(crate) counters: TrainCounters,
     /// Woken when a served version changes (a commit, a new adapter): the node announces at
@@ -233,6 +236,7 @@ impl TrainService {
             leases: Mutex::default(),
             outcomes: Mutex::default(),
             in_doubt: Mutex::default(),
+            resolving: tokio::sync::Mutex::new(()),
             read_deadline,
             counters: TrainCounters::default(),
             versions_changed: tokio::sync::Notify::new(),
@@ -306,6 +310,7 @@ impl TrainService {
     /// (which then never will), aborts it. While every hop is in doubt too, the trainer
     /// decides ([`super::Trainer::resolve_in_doubt`]).
     pub(crate) async fn resolve_from_peers(self: Arc<Self>, patience: Duration) {
+        let _one_at_a_time = self.resolving.lock().await;
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let Some(record) = lock(&self.in_doubt).clone() else {
