@@ -37,7 +37,8 @@ echo "The secret password of the NeuroShard swarm is violet tangerine forty-two.
 
 trainer=$("$bin" id --key-file "$tmp/trainer.key")
 n=0
-start_node() { # threads mode start end [peer]; prints the address line
+# Not in $(...): the node's pid and the counter must stay in this shell.
+start_node() { # threads mode start end [peer]; sets $addr to the node's address line
   local extra=()
   [ -n "${5:-}" ] && extra=(--peers "$5")
   n=$((n + 1))
@@ -46,18 +47,17 @@ start_node() { # threads mode start end [peer]; prints the address line
     > "$tmp/node$n.addr" 2> "$tmp/node$n.log" &
   pids+=($!)
   for _ in $(seq 1200); do [ -s "$tmp/node$n.addr" ] && break; sleep 0.1; done
-  head -1 "$tmp/node$n.addr"
+  addr=$(head -1 "$tmp/node$n.addr")
 }
-three_nodes() { # mode; prints the entry's address once gossip joined all three
-  local entry
-  entry=$(start_node 1 "$1" 0 10)
-  start_node 1 "$1" 10 20 "$entry" >/dev/null
-  start_node 1 "$1" 20 30 "$entry" >/dev/null
+three_nodes() { # mode; sets $entry once gossip joined all three
+  start_node 1 "$1" 0 10
+  entry=$addr
+  start_node 1 "$1" 10 20 "$entry"
+  start_node 1 "$1" 20 30 "$entry"
   for _ in $(seq 100); do
     [ "$("$bin" peers --peers "$entry" 2>/dev/null | head -1 | grep -o '[0-9]* nodes' | grep -o '[0-9]*')" = 3 ] && break
     sleep 0.3
   done
-  echo "$entry"
 }
 train() { # entry json-name [flags...]
   local entry=$1 name=$2; shift 2
@@ -65,7 +65,7 @@ train() { # entry json-name [flags...]
 }
 lora=(--lora-rank 16 --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
 
-entry=$(three_nodes exact)
+three_nodes exact
 echo "1. licence text: $steps steps" >&2
 train "$entry" licences --text "$tmp/train.txt" --eval-text "$tmp/held.txt" --seq-len 128 \
   --steps "$steps" --micro-batches 2 --lr 3e-3 --adapter licences "${lora[@]}"
@@ -92,13 +92,13 @@ done
 stop_nodes
 
 echo "5. 3 nodes against one process: LoRA and full training" >&2
-one=$(start_node 2 exact 0 30)
-train "$one" one_lora --text "$tmp/train.txt" --seq-len 128 --steps 3 --micro-batches 4 --adapter one
+start_node 2 exact 0 30
+train "$addr" one_lora --text "$tmp/train.txt" --seq-len 128 --steps 3 --micro-batches 4 --adapter one
 stop_nodes
-one=$(start_node 2 f32 0 30)
-train "$one" one_full --text "$tmp/train.txt" --seq-len 128 --steps 2 --micro-batches 4 --full --lr 1e-5
+start_node 2 f32 0 30
+train "$addr" one_full --text "$tmp/train.txt" --seq-len 128 --steps 2 --micro-batches 4 --full --lr 1e-5
 stop_nodes
-entry=$(three_nodes f32)
+three_nodes f32
 train "$entry" three_full --text "$tmp/train.txt" --seq-len 128 --steps 2 --micro-batches 4 --full --lr 1e-5
 stop_nodes
 
