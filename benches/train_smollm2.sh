@@ -27,7 +27,7 @@ mkdir -p bench-results
 tmp=$(mktemp -d)
 pids=()
 stop_nodes() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
-cleanup() { stop_nodes; rm -rf "$tmp"; }
+cleanup() { stop_nodes; mkdir -p bench-results/train_logs; cp "$tmp"/node*.log bench-results/train_logs/ 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 
 lic=/usr/share/common-licenses

@@ -19,8 +19,6 @@ pub(crate) struct Connections {
     dialing: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     /// The protocol its connections speak.
     alpn: &'static [u8],
-    /// Connections replaced by [`Connections::drop_node`], held until they end by themselves.
-    retired: Mutex<Vec<Connection>>,
 }
 
 impl Default for Connections {
@@ -37,7 +35,6 @@ impl Connections {
             live: Mutex::default(),
             dialing: Mutex::default(),
             alpn,
-            retired: Mutex::default(),
         }
     }
 
@@ -96,18 +93,6 @@ impl Connections {
         let mut live = lock(&self.live);
         if live.get(&node).is_none_or(|c| c.close_reason().is_some()) {
             live.insert(node, conn.clone());
-        }
-    }
-
-    /// Stops using the connection kept for `node`, if any: the next send dials afresh (the
-    /// node may have restarted while the old connection still looks alive). The old one is
-    /// kept, not closed, until it ends by itself: closing a connection to a dead peer stalls
-    /// new dials to its identity in iroh for a long time (seen with SIGKILLed nodes).
-    pub(crate) fn drop_node(&self, node: &NodeId) {
-        if let Some(old) = lock(&self.live).remove(node) {
-            let mut retired = lock(&self.retired);
-            retired.retain(|c| c.close_reason().is_none());
-            retired.push(old);
         }
     }
 

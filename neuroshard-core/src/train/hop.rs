@@ -591,7 +591,6 @@ impl TrainService {
             ));
         }
         let target = spec.target.adapter().map(str::to_string);
-        let spec_route = spec.route.clone();
         match &spec.target {
             TrainTarget::Full => self
                 .engine
@@ -654,11 +653,9 @@ impl TrainService {
                 }),
             );
         }
-        // A route member may have restarted at another address while its old connection
-        // still looks alive: dial afresh.
-        for hop in &spec_route {
-            self.conns.drop_node(&hop.node);
-        }
+        // Connections to the route's hops are kept across jobs: a closed one is never reused
+        // (`Connections::get`), and retiring live ones at every job would pile them up until
+        // the peer's per-peer connection cap refuses the next dial (a relay then stalls).
         // Whatever an earlier job left pending is dropped; a prepared step stays (in doubt),
         // unless the route's other hops know its outcome.
         self.engine.zero_grad().map_err(|e| e.to_string())?;
