@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # SmolLM2 trained across node processes on 127.0.0.1 (issue 16's long run; CI runs the short
 # ones in tests/suite/swarm_training.rs and tests/python/test_train.py).
-#  1. licence text: GPL-3 from /usr/share/common-licenses (on every Debian machine) in
-#     128-token windows (about 60 distinct ones), `steps` steps of 2 micro-batches, so each
-#     window is seen at most twice; a LoRA adapter (rank 16, every projection) on the Q4_1
-#     base over 3 nodes; Apache-2.0 is held back: its loss before and after;
+#  1. licence text: GPL-3 from /usr/share/common-licenses (on every Debian machine), every 7th
+#     paragraph held back, the rest in 128-token windows (about 51 distinct ones); `steps`
+#     steps of 2 micro-batches, so each window is seen at most twice; a LoRA adapter (rank 16,
+#     every projection) on the Q4_1 base over 3 nodes; the held-back loss before and after
+#     (with Apache-2.0 held back instead, this setting overfits the GPL's style: perplexity
+#     29.44 -> 31.75);
 #  2. a sentence the model cannot know, taught in `fact_steps` steps, then completed by
 #     `neuroshard generate --peers --adapter fact` from the same nodes (no restart);
 #  3. gradient codecs: the same 8 steps with f32, f16 and q8 frames (three adapters with the
@@ -31,8 +33,14 @@ cleanup() { stop_nodes; mkdir -p bench-results/train_logs; cp "$tmp"/node*.log b
 trap cleanup EXIT
 
 lic=/usr/share/common-licenses
-cp "$lic/GPL-3" "$tmp/train.txt"
-cp "$lic/Apache-2.0" "$tmp/held.txt"
+# GPL-3 split by paragraph: every 7th is held back (the same style of text, never trained on),
+# the rest trains (about 51 windows of 128 tokens).
+python3 - "$lic/GPL-3" "$tmp/train.txt" "$tmp/held.txt" <<'PY'
+import sys
+paragraphs = [p for p in open(sys.argv[1]).read().split("\n\n") if p.strip()]
+open(sys.argv[2], "w").write("\n\n".join(p for i, p in enumerate(paragraphs) if i % 7 != 6))
+open(sys.argv[3], "w").write("\n\n".join(p for i, p in enumerate(paragraphs) if i % 7 == 6))
+PY
 echo "The secret password of the NeuroShard swarm is violet tangerine forty-two." > "$tmp/fact.txt"
 
 trainer=$("$bin" id --key-file "$tmp/trainer.key")
