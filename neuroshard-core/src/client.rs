@@ -172,19 +172,12 @@ impl Client {
         prompt: Vec<u32>,
         extras: &SessionExtras,
     ) -> Result<RemoteSession, NetError> {
-        let mut open = self.new_open(
-            route,
-            model_id,
-            codec,
-            sampling,
-            prompt,
-            extras.return_logits,
-        );
-        open.adapter = extras.adapter.clone();
+        let open = self.new_open(route, model_id, codec, sampling, prompt, extras);
         self.open_signed(open, &self.inner.key).await
     }
 
-    /// A fresh session-open of this client (new session id, nonce and time) on `route`.
+    /// A fresh session-open of this client (new session id, nonce and time) on `route`, with
+    /// `extras` (logits, adapter).
     fn new_open(
         &self,
         route: Vec<RouteHop>,
@@ -192,7 +185,7 @@ impl Client {
         codec: Codec,
         sampling: SamplingParams,
         prompt: Vec<u32>,
-        return_logits: bool,
+        extras: &SessionExtras,
     ) -> SessionOpen {
         SessionOpen {
             session: random_u64(),
@@ -205,8 +198,8 @@ impl Client {
             timestamp_ms: now_ms(),
             nonce: random_u64(),
             handover: None,
-            return_logits,
-            adapter: None,
+            return_logits: extras.return_logits,
+            adapter: extras.adapter.clone(),
             replicas: Vec::new(),
             referees: Vec::new(),
         }

@@ -330,15 +330,7 @@ impl Client {
             replicas.push(chosen);
             referees.push(referee);
         }
-        let mut open = self.new_open(
-            route,
-            model_id,
-            codec,
-            sampling,
-            prompt,
-            extras.return_logits,
-        );
-        open.adapter = extras.adapter.clone();
+        let mut open = self.new_open(route, model_id, codec, sampling, prompt, extras);
         open.replicas = replicas;
         if referees.iter().any(Option::is_some) {
             open.referees = referees;

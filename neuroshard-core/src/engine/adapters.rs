@@ -34,7 +34,8 @@ struct CheckpointMeta {
     files: Option<CheckpointFiles>,
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (hashes in checkpoint JSON).
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -151,7 +152,7 @@ impl ShardEngine {
             .adapter(name)
             .ok_or_else(|| Error::BadInput(format!("no adapter `{name}` on this slice")))?;
         let meta_path = checkpoint_meta_path(dir, name)?;
-        let version = self.adapter_version(name)?;
+        let version = self.current_version(Some(name))?;
         let tensors: HashMap<String, Tensor> = adapter.tensors().into_iter().collect();
         let (moments, optimizer_steps) = {
             let state = self.train_state()?;

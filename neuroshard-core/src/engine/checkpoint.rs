@@ -9,7 +9,7 @@
 //! `--checkpoint DIR` loads it over the weights it read from the model file, so full training
 //! goes on from the last committed step.
 
-use super::adapters::write_atomically;
+use super::adapters::{hex, write_atomically};
 use super::optimizer::AdamW;
 use super::staged::{state_hash, TrainedVersion};
 use super::ShardEngine;
@@ -99,10 +99,6 @@ struct SliceMeta {
     layers: Range<usize>,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn slice_meta_path(dir: &Path) -> PathBuf {
     dir.join(format!("{SLICE_STEM}.json"))
 }
@@ -112,7 +108,7 @@ impl ShardEngine {
     /// training; the engine must run in f32). Returns the version saved.
     pub fn save_slice(&self, dir: &Path) -> Result<TrainedVersion> {
         self.check_full_training()?;
-        let version = self.trained_version(None)?;
+        let version = self.current_version(None)?;
         let tensors: HashMap<String, Tensor> = self.trainable_tensors(None).into_iter().collect();
         let (moments, optimizer_steps) = {
             let state = self.train_state()?;
@@ -202,7 +198,8 @@ impl ShardEngine {
                 current.len()
             )));
         }
-        if hex(&state_hash(values.iter().map(|(n, t)| (n.as_str(), t)))?) != meta.state {
+        let state = state_hash(values.iter().map(|(n, t)| (n.as_str(), t)))?;
+        if hex(&state) != meta.state {
             return Err(Error::Training(format!(
                 "the tensors in {} do not hash to the saved state",
                 tensors_path.display()
@@ -211,21 +208,20 @@ impl ShardEngine {
         let moments =
             candle_core::safetensors::load(dir.join(&meta.files.optimizer), &Device::Cpu)?;
         let optimizer = AdamW::import(moments, meta.optimizer_steps)?;
-        let mut state = self.train_state()?;
-        let params = self.model.params();
-        for (name, value) in &values {
-            if let Some(var) = params
-                .iter()
-                .find(|p| &p.name == name)
-                .and_then(|p| p.var.as_ref())
-            {
-                var.set(value)?;
-            }
-        }
-        state.optimizer = optimizer;
+        let mut train = self.train_state()?;
+        self.set_own_weights(&values)?;
+        train.optimizer = optimizer;
         self.updates.store(meta.steps, Ordering::SeqCst);
+        drop(train);
+        let version = TrainedVersion {
+            model_hash: ours.model_hash,
+            layers: ours.layers,
+            adapter: None,
+            state,
+            steps: meta.steps,
+        };
         self.forget_versions();
-        drop(state);
-        self.trained_version(None)
+        self.remember_version(&version);
+        Ok(version)
     }
 }

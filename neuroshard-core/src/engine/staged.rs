@@ -119,42 +119,63 @@ impl ShardEngine {
         })
     }
 
-    /// The versions this slice serves: its own weights first, then every adapter by name.
-    /// Cached per target while its step count holds (a commit, a checkpoint load or a new
-    /// adapter clears the cache).
+    /// The versions this slice serves: its own weights first, then every adapter by name
+    /// ([`ShardEngine::current_version`] each).
     pub fn served_versions(&self) -> Result<Vec<TrainedVersion>> {
         let mut targets = vec![None];
         targets.extend(self.adapter_names().into_iter().map(Some));
-        let mut out = Vec::with_capacity(targets.len());
-        for target in targets {
-            let steps = match &target {
-                Some(name) => match self.adapter(name) {
-                    Some(a) => a.steps(),
-                    None => continue,
-                },
-                None => self.updates.load(Ordering::SeqCst),
-            };
-            let cached = self
-                .version_cache
-                .lock()
-                .map_err(Error::poisoned("version cache"))?
-                .get(&target)
-                .filter(|v| v.steps == steps)
-                .cloned();
-            let version = match cached {
-                Some(v) => v,
-                None => {
-                    let v = self.trained_version(target.as_deref())?;
-                    self.version_cache
-                        .lock()
-                        .map_err(Error::poisoned("version cache"))?
-                        .insert(target, v.clone());
-                    v
-                }
-            };
-            out.push(version);
+        targets
+            .iter()
+            .map(|t| self.current_version(t.as_deref()))
+            .collect()
+    }
+
+    /// The version of `target` (`None`: the slice's own weights), from a cache valid while
+    /// its step count holds: hashing a whole f32 slice costs about a second, and announcements,
+    /// checkpoints and commits all ask for it. A commit fills the cache with the version it
+    /// installs; a checkpoint load or a new adapter clears it.
+    pub(crate) fn current_version(&self, target: Option<&str>) -> Result<TrainedVersion> {
+        let steps = match target {
+            Some(_) => self.adapter_for(target)?.map_or(0, |a| a.steps()),
+            None => self.updates.load(Ordering::SeqCst),
+        };
+        let key = target.map(str::to_string);
+        let cached = self
+            .version_cache
+            .lock()
+            .map_err(Error::poisoned("version cache"))?
+            .get(&key)
+            .filter(|v| v.steps == steps)
+            .cloned();
+        if let Some(v) = cached {
+            return Ok(v);
         }
-        Ok(out)
+        let v = self.trained_version(target)?;
+        self.remember_version(&v);
+        Ok(v)
+    }
+
+    /// Keeps `version` as the cached version of its target.
+    pub(super) fn remember_version(&self, version: &TrainedVersion) {
+        if let Ok(mut cache) = self.version_cache.lock() {
+            cache.insert(version.adapter.clone(), version.clone());
+        }
+    }
+
+    /// Sets the slice's own f32 weights named in `values` (names without a variable are left
+    /// alone: a quantised parameter never trains).
+    pub(super) fn set_own_weights(&self, values: &[(String, Tensor)]) -> Result<()> {
+        let params = self.model.params();
+        for (name, value) in values {
+            if let Some(var) = params
+                .iter()
+                .find(|p| &p.name == name)
+                .and_then(|p| p.var.as_ref())
+            {
+                var.set(value)?;
+            }
+        }
+        Ok(())
     }
 
     /// Forgets the cached versions (the weights or an adapter changed).
@@ -343,16 +364,7 @@ impl ShardEngine {
                 state.adapter_optimizers.entry(name.clone()).or_default()
             }
             None => {
-                let params = self.model.params();
-                for (name, value) in &values {
-                    if let Some(var) = params
-                        .iter()
-                        .find(|p| &p.name == name)
-                        .and_then(|p| p.var.as_ref())
-                    {
-                        var.set(value)?;
-                    }
-                }
+                self.set_own_weights(&values)?;
                 self.updates.store(version.steps, Ordering::SeqCst);
                 &mut state.optimizer
             }
@@ -361,6 +373,8 @@ impl ShardEngine {
             optimizer.install(&name, m, v);
         }
         optimizer.steps += 1;
+        // The prepared values hash to `version.state`: no need to hash them again.
+        self.remember_version(&version);
         Ok(version)
     }
 }

@@ -40,17 +40,16 @@ pub fn examples_from_text(
     lines: bool,
 ) -> Result<Vec<Vec<u32>>> {
     check_seq_len(seq_len)?;
+    if !lines {
+        return Ok(windows(&tokenizer.encode(text)?, seq_len));
+    }
     let mut out = Vec::new();
-    if lines {
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let mut ids = tokenizer.encode(line)?;
-            ids.truncate(seq_len);
-            if ids.len() >= 2 {
-                out.push(ids);
-            }
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let mut ids = tokenizer.encode(line)?;
+        ids.truncate(seq_len);
+        if ids.len() >= 2 {
+            out.push(ids);
         }
-    } else {
-        out.extend(windows(tokenizer.encode(text)?, seq_len));
     }
     Ok(out)
 }
@@ -77,7 +76,7 @@ pub fn examples_from_conversation(
             .map(|m| format!("{}: {}\n", m.role, m.content))
             .collect(),
     };
-    let examples: Vec<_> = windows(tokenizer.encode(&text)?, seq_len).collect();
+    let examples = windows(&tokenizer.encode(&text)?, seq_len);
     if examples.is_empty() {
         return Err(Error::Training(
             "the conversation is shorter than 2 tokens".into(),
@@ -96,11 +95,9 @@ fn check_seq_len(seq_len: usize) -> Result<()> {
 }
 
 /// `ids` in windows of `seq_len`, the last shorter one kept when it has 2 tokens or more.
-fn windows(ids: Vec<u32>, seq_len: usize) -> impl Iterator<Item = Vec<u32>> {
-    let chunks: Vec<Vec<u32>> = ids
-        .chunks(seq_len)
+fn windows(ids: &[u32], seq_len: usize) -> Vec<Vec<u32>> {
+    ids.chunks(seq_len)
         .filter(|c| c.len() >= 2)
         .map(<[u32]>::to_vec)
-        .collect();
-    chunks.into_iter()
+        .collect()
 }

@@ -78,12 +78,32 @@ enum Source {
     Conversation(Vec<ChatMessage>),
 }
 
+fn read(path: &PathBuf) -> Result<String, Error> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::Training(format!("cannot read {}: {e}", path.display())))
+}
+
+/// The held-back loss (`None` without held-back text), printed with its perplexity.
+async fn held_back_loss(
+    trainer: &mut Trainer,
+    held_back: &[Vec<u32>],
+    micro_batches: usize,
+    when: &str,
+) -> Result<Option<f32>, Error> {
+    if held_back.is_empty() {
+        return Ok(None);
+    }
+    let loss = trainer.evaluate(held_back, micro_batches).await?;
+    eprintln!(
+        "held-back loss {when}: {loss:.4} (perplexity {:.2}) on {} examples",
+        loss.exp(),
+        held_back.len()
+    );
+    Ok(Some(loss))
+}
+
 pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
     let key = load_or_create_key(&args.key_file)?;
-    let read = |path: &PathBuf| {
-        std::fs::read_to_string(path)
-            .map_err(|e| Error::Training(format!("cannot read {}: {e}", path.display())))
-    };
     let source = match (&args.text, &args.conversation) {
         (Some(path), _) => Source::Text(read(path)?),
         (None, Some(path)) => {
@@ -152,23 +172,12 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
         }
         let held_back = match &args.eval_text {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| Error::Training(format!("cannot read {}: {e}", path.display())))?;
-                examples_from_text(swarm.tokenizer(), &text, args.seq_len, args.lines)?
+                examples_from_text(swarm.tokenizer(), &read(path)?, args.seq_len, args.lines)?
             }
             None => Vec::new(),
         };
-        let eval_before = if held_back.is_empty() {
-            None
-        } else {
-            let loss = trainer.evaluate(&held_back, args.micro_batches).await?;
-            eprintln!(
-                "held-back loss before: {loss:.4} (perplexity {:.2}) on {} examples",
-                loss.exp(),
-                held_back.len()
-            );
-            Some(loss)
-        };
+        let eval_before =
+            held_back_loss(&mut trainer, &held_back, args.micro_batches, "before").await?;
         let t0 = Instant::now();
         let mut tokens = 0usize;
         let steps = args.steps;
@@ -206,16 +215,8 @@ pub(crate) fn run(args: TrainArgs) -> Result<(), Error> {
                 train_secs
             );
         }
-        let eval_after = if held_back.is_empty() {
-            None
-        } else {
-            let loss = trainer.evaluate(&held_back, args.micro_batches).await?;
-            eprintln!(
-                "held-back loss after: {loss:.4} (perplexity {:.2})",
-                loss.exp()
-            );
-            Some(loss)
-        };
+        let eval_after =
+            held_back_loss(&mut trainer, &held_back, args.micro_batches, "after").await?;
         for v in trainer.versions() {
             println!("{v}");
         }
