@@ -120,7 +120,7 @@ impl ShardEngine {
     }
 
     /// The versions this slice serves: its own weights first, then every adapter by name
-    /// ([`ShardEngine::current_version`] each).
+    /// (each one hashed at most once per step count, then cached).
     pub fn served_versions(&self) -> Result<Vec<TrainedVersion>> {
         let mut targets = vec![None];
         targets.extend(self.adapter_names().into_iter().map(Some));
