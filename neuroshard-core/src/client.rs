@@ -487,7 +487,7 @@ impl Client {
             .request_addr(node, &Message::GetStats, MAX_CONTROL)
             .await?
         {
-            Message::Stats(stats) => Ok(stats),
+            Message::Stats(stats) => Ok(*stats),
             other => Err(NetError::Malformed(format!(
                 "expected stats, got {other:?}"
             ))),

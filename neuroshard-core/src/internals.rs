@@ -7,3 +7,4 @@ pub use crate::net::proto::{
     read_message, write_message, Message, SessionOpen, SignedOpen, INFER_ALPN,
 };
 pub use crate::node::misbehaviour::Misbehaviour;
+pub use crate::train::sync::{adapters_to_sync, SyncPlan};

@@ -640,6 +640,15 @@ impl Node {
                         }
                     }
                 }
+                // A replica behind a same-layers peer on an adapter fetches its state.
+                let plans = crate::train::sync::adapters_to_sync(
+                    &announcer.endpoint.id(),
+                    &lock(&announcer.peers),
+                    now_ms(),
+                );
+                if !plans.is_empty() {
+                    tokio::spawn(announcer.train.clone().sync_adapters(plans));
+                }
                 // Too few neighbours, or silence (dead neighbours are reported late): rejoin
                 // through recently seen peers so the view does not decay into a partition.
                 let quiet_ms = 3 * options.announce_every.as_millis() as u64;
@@ -1038,6 +1047,8 @@ impl Inner {
             train_jobs: self.train.jobs_open() as u64,
             train_pending_bytes: pending.0,
             train_peak_bytes: pending.1,
+            adapter_syncs: self.train.counters.syncs.load(Ordering::Relaxed),
+            adapter_sync_failures: self.train.counters.sync_failures.load(Ordering::Relaxed),
             ..counted
         }
     }
@@ -1144,7 +1155,7 @@ impl Inner {
                     ),
                 }
             }
-            Message::GetStats => Message::Stats(self.stats()),
+            Message::GetStats => Message::Stats(Box::new(self.stats())),
             Message::GetManifest => match self.engine.weight_file().known_manifest() {
                 Ok(Some(manifest)) => Message::Manifest((*manifest).clone()),
                 Ok(None) => self.error_msg(0, Reason::Compute, "no manifest in use".into()),

@@ -11,6 +11,7 @@
 //! - `certificate.rs`: signing and checking commit certificates;
 //! - `hop.rs`: the node's side (leases, the relay, the two phases, checkpoints);
 //! - `trainer.rs`: the trainer's side;
+//! - `sync.rs`: replicas fetching an adapter's newer certified state from a peer;
 //! - `examples.rs`: text and conversations cut into training sequences.
 
 mod certificate;
@@ -18,6 +19,7 @@ mod durable;
 mod examples;
 pub(crate) mod hop;
 mod proto;
+pub(crate) mod sync;
 mod trainer;
 
 pub use examples::{examples_from_conversation, examples_from_text, LearnOptions};

@@ -219,44 +219,107 @@ impl ShardEngine {
         });
         let (tensors_path, optim_path) = (dir.join(&files.tensors), dir.join(&files.optimizer));
         let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)?;
-        let adapter = LoraAdapter::new(name, meta.config.clone(), self.model.linears())?;
-        let expected: Vec<String> = adapter.tensors().into_iter().map(|(n, _)| n).collect();
-        if expected.len() != tensors.len() || expected.iter().any(|n| !tensors.contains_key(n)) {
-            return Err(Error::Training(format!(
-                "{} does not hold the {} tensors adapter `{name}` has on this slice",
-                tensors_path.display(),
-                expected.len()
-            )));
-        }
-        for (n, t) in &tensors {
-            adapter.set_tensor(n, t)?;
-        }
-        adapter.set_steps(meta.steps);
-        let tensors = adapter.tensors();
-        if hex(&state_hash(tensors.iter().map(|(n, t)| (n.as_str(), t)))?) != meta.state {
-            return Err(Error::Training(format!(
-                "adapter `{name}`: the tensors in {} do not hash to the saved state",
-                tensors_path.display()
-            )));
-        }
         let moments = if optim_path.exists() {
             candle_core::safetensors::load(&optim_path, &Device::Cpu)?
         } else {
             HashMap::new()
         };
         let optimizer = AdamW::import(moments, meta.optimizer_steps)?;
-        let adapter = Arc::new(adapter);
+        let state = hex_state(&meta.state).ok_or_else(|| {
+            Error::Training(format!("{}: the state is not a hash", meta_path.display()))
+        })?;
+        let adopted = AdoptedAdapter {
+            name,
+            config: meta.config.clone(),
+            steps: meta.steps,
+            state,
+            source: &tensors_path.display().to_string(),
+        };
+        self.adopt_adapter(adopted, &tensors, Some(optimizer), false)
+    }
+
+    /// Makes `tensors` (by PEFT name: every tensor the adapter has on this slice) the adapter
+    /// `adopted` describes, with `optimizer` (`None`: a fresh one), when they hash to its
+    /// state: from a checkpoint,
+    /// or from a peer that trained it ([`crate::train`]'s adapter sync). With `replace`, an
+    /// adapter of that name gives way (sessions running with it keep it until they close);
+    /// otherwise one is an error.
+    pub(crate) fn adopt_adapter(
+        &self,
+        adopted: AdoptedAdapter<'_>,
+        tensors: &HashMap<String, Tensor>,
+        optimizer: Option<AdamW>,
+        replace: bool,
+    ) -> Result<TrainedVersion> {
+        let AdoptedAdapter {
+            name,
+            config,
+            steps,
+            state,
+            source,
+        } = adopted;
+        let adapter = LoraAdapter::new(name, config, self.model.linears())?;
+        let expected: Vec<String> = adapter.tensors().into_iter().map(|(n, _)| n).collect();
+        if expected.len() != tensors.len() || expected.iter().any(|n| !tensors.contains_key(n)) {
+            return Err(Error::Training(format!(
+                "{source} does not hold the {} tensors adapter `{name}` has on this slice",
+                expected.len()
+            )));
+        }
+        for (n, t) in tensors {
+            adapter.set_tensor(n, t)?;
+        }
+        adapter.set_steps(steps);
+        let held = adapter.tensors();
+        if state_hash(held.iter().map(|(n, t)| (n.as_str(), t)))? != state {
+            return Err(Error::Training(format!(
+                "adapter `{name}`: the tensors from {source} do not hash to the state named \
+                 for them"
+            )));
+        }
         {
             let mut adapters = self.adapters.write().map_err(Error::poisoned("adapters"))?;
-            if adapters.contains_key(name) {
+            if !replace && adapters.contains_key(name) {
                 return Err(Error::Training(format!("adapter `{name}` exists already")));
             }
-            adapters.insert(name.to_string(), adapter);
+            adapters.insert(name.to_string(), Arc::new(adapter));
         }
-        self.forget_versions();
         self.train_state()?
             .adapter_optimizers
-            .insert(name.to_string(), optimizer);
-        self.adapter_version(name)
+            .insert(name.to_string(), optimizer.unwrap_or_default());
+        let base = self.version();
+        let version = TrainedVersion {
+            model_hash: base.model_hash,
+            layers: base.layers,
+            adapter: Some(name.to_string()),
+            state,
+            steps,
+        };
+        self.forget_versions();
+        self.remember_version(&version);
+        Ok(version)
     }
+}
+
+/// What [`ShardEngine::adopt_adapter`] installs besides the tensors.
+pub(crate) struct AdoptedAdapter<'a> {
+    /// The adapter's name.
+    pub(crate) name: &'a str,
+    /// Its shape.
+    pub(crate) config: LoraConfig,
+    /// Its step count.
+    pub(crate) steps: u64,
+    /// The hash its tensors must have.
+    pub(crate) state: [u8; 32],
+    /// Where the tensors come from, for errors.
+    pub(crate) source: &'a str,
+}
+
+/// The 32 bytes of a hex hash, if it is one.
+fn hex_state(text: &str) -> Option<[u8; 32]> {
+    let bytes: Vec<u8> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    bytes.try_into().ok()
 }

@@ -152,6 +152,11 @@ pub struct NodeStats {
     pub train_pending_bytes: u64,
     /// The most `train_pending_bytes` has been.
     pub train_peak_bytes: u64,
+    /// Adapters this node fetched from a same-layers peer that held a newer certified state.
+    pub adapter_syncs: u64,
+    /// Adapter fetches that failed or were refused (a certificate no allowed trainer signed,
+    /// tensors that do not hash to it, a peer gone).
+    pub adapter_sync_failures: u64,
 }
 
 /// One hop of a session's route, as the client planned it.
@@ -410,7 +415,7 @@ pub enum Message {
     /// Request (bi stream): the node's counters (replied with `Stats`).
     GetStats,
     /// Reply: what the node did so far.
-    Stats(NodeStats),
+    Stats(Box<NodeStats>),
     /// Last hop to client (uni stream), for sessions opened with `return_logits`: the logits
     /// predicting `position`; an f32 wire frame `[1, 1, vocab]` follows.
     Logits {

@@ -113,6 +113,16 @@ impl PeerSet {
                     && e.announcement.vote_key(opts.adapter.as_deref()).is_some()
             })
             .collect();
+        if let Some(adapter) = opts.adapter.as_deref() {
+            // Against every live announcement: a replica behind a busy, excluded or banned
+            // node is still behind it.
+            let live: Vec<&PeerEntry> = self
+                .iter()
+                .map(|(_, e)| e)
+                .filter(|e| e.announcement.expires_ms > now_ms)
+                .collect();
+            v.retain(|(_, e)| !is_behind(e, &live, adapter));
+        }
         // Deterministic order: equal-cost plans always pick the same nodes.
         v.sort_by_key(|(id, _)| *id.as_bytes());
         v
@@ -306,6 +316,23 @@ impl PeerSet {
             .map(|(id, _)| *id)
             .collect()
     }
+}
+
+/// Whether `node` is behind on `adapter`: some live node whose layers overlap its own
+/// announces more steps of it. Such a replica leaves the adapter's routes until it has synced
+/// the newer state (`train/sync.rs`), so a route's hops come from the newest training of
+/// their layers.
+fn is_behind(node: &PeerEntry, live: &[&PeerEntry], adapter: &str) -> bool {
+    let steps = |e: &PeerEntry| {
+        e.announcement
+            .version_of(Some(adapter))
+            .map_or(0, |v| v.steps)
+    };
+    let layers = &node.announcement.layers;
+    live.iter().any(|o| {
+        let other = &o.announcement.layers;
+        layers.start < other.end && other.start < layers.end && steps(o) > steps(node)
+    })
 }
 
 /// The holders (cost, index; cheapest first) that announce the version most of them share;

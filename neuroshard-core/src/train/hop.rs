@@ -36,6 +36,10 @@ use std::time::Duration;
 /// Longest a hop waits for a step's gradients to complete (a `Sync`), or for the other half
 /// of a tied gradient: the trainer gives up earlier on any error it hears of.
 const STEP_DEADLINE: Duration = Duration::from_secs(600);
+/// What a node that is neither an allowed trainer nor a hop of a job's route hears.
+const NOT_KNOWN: &str = "not a trainer or a training peer of this node";
+/// Adapter states a node sends at once (`GetAdapter`, open to any node of the swarm).
+const ADAPTER_SENDS: usize = 2;
 /// Streams one peer may have open on this protocol at once.
 const MAX_STREAMS_PER_CONNECTION: usize = 64;
 
@@ -46,6 +50,8 @@ pub(crate) struct TrainCounters {
     pub(crate) backwards: AtomicU64,
     pub(crate) commits: AtomicU64,
     pub(crate) aborts: AtomicU64,
+    pub(crate) syncs: AtomicU64,
+    pub(crate) sync_failures: AtomicU64,
 }
 
 /// How a node trains: who may train it and where it keeps checkpoints.
@@ -180,16 +186,16 @@ impl Job {
 /// The training service of one node.
 #[derive(Debug)]
 pub(crate) struct TrainService {
-    engine: Arc<ShardEngine>,
-    endpoint: Endpoint,
+    pub(super) engine: Arc<ShardEngine>,
+    pub(super) endpoint: Endpoint,
     model_id: String,
-    policy: TrainPolicy,
-    conns: Connections,
+    pub(super) policy: TrainPolicy,
+    pub(super) conns: Connections,
     jobs: Mutex<HashMap<u64, Arc<Job>>>,
     /// The job holding each target's lease (`None`: the slice's own weights).
-    leases: Mutex<HashMap<Option<String>, u64>>,
+    pub(super) leases: Mutex<HashMap<Option<String>, u64>>,
     /// Decided steps, by (job, step count after the step).
-    outcomes: Mutex<HashMap<(u64, u64), Outcome>>,
+    pub(super) outcomes: Mutex<HashMap<(u64, u64), Outcome>>,
     /// A prepared step found on disk at start, whose outcome this node does not know yet.
     in_doubt: Mutex<Option<PreparedRecord>>,
     /// Held while the in-doubt step is being resolved: the start-up task and a `Begin` may
@@ -200,6 +206,12 @@ pub(crate) struct TrainService {
     /// Woken when a served version changes (a commit, a new adapter): the node announces at
     /// once, so routes for an adapter see it without waiting for the next period.
     pub(crate) versions_changed: tokio::sync::Notify,
+    /// Bounds the adapter states sent at once.
+    adapter_sends: tokio::sync::Semaphore,
+    /// Adapter fetches that failed, not tried again (a peer that cannot prove its state).
+    pub(super) failed_syncs: Mutex<HashMap<super::sync::SyncPlan, u32>>,
+    /// Held while syncing adapters: one sync pass at a time.
+    pub(super) syncing: tokio::sync::Mutex<()>,
 }
 
 /// The micro-batch's id in the engine's pending forwards.
@@ -240,6 +252,9 @@ impl TrainService {
             read_deadline,
             counters: TrainCounters::default(),
             versions_changed: tokio::sync::Notify::new(),
+            adapter_sends: tokio::sync::Semaphore::new(ADAPTER_SENDS),
+            failed_syncs: Mutex::default(),
+            syncing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -446,13 +461,6 @@ impl TrainService {
 
     async fn serve_connection(self: Arc<Self>, conn: Connection) {
         let remote = conn.remote_id();
-        if !self.knows(&remote) {
-            conn.close(
-                1u32.into(),
-                b"not a trainer or a training peer of this node",
-            );
-            return;
-        }
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS_PER_CONNECTION));
         loop {
             tokio::select! {
@@ -468,6 +476,10 @@ impl TrainService {
                     Err(_) => break,
                 },
                 uni = conn.accept_uni() => match uni {
+                    // Data streams only from trainers and the routes' hops.
+                    Ok(mut recv) if !self.knows(&remote) => {
+                        let _ = recv.stop(1u32.into());
+                    }
                     Ok(recv) => {
                         let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
                         let me = self.clone();
@@ -482,7 +494,7 @@ impl TrainService {
         }
     }
 
-    fn error(&self, message: impl Into<String>) -> TrainMessage {
+    pub(super) fn error(&self, message: impl Into<String>) -> TrainMessage {
         TrainMessage::Error {
             hop: self.endpoint.id(),
             message: message.into(),
@@ -501,6 +513,27 @@ impl TrainService {
         )
         .await;
         let reply = match request {
+            // Any node of the swarm may ask what became of a step, or for an adapter's state
+            // (a replica syncing it); the rest is for trainers and the routes' hops.
+            Ok(Ok(msg))
+                if !matches!(
+                    msg,
+                    TrainMessage::GetOutcome { .. } | TrainMessage::GetAdapter { .. }
+                ) && !self.knows(&remote) =>
+            {
+                self.error(NOT_KNOWN)
+            }
+            Ok(Ok(TrainMessage::GetAdapter { name })) => {
+                match self.adapter_sends.try_acquire() {
+                    Ok(_permit) => self.send_adapter(&name, &mut send).await,
+                    Err(_) => {
+                        let busy = self.error("busy sending adapters; ask again later");
+                        let _ = write_postcard(&mut send, &busy).await;
+                    }
+                }
+                let _ = send.finish();
+                return;
+            }
             Ok(Ok(TrainMessage::GetGradients { job })) => {
                 // The only reply with frames after it.
                 self.send_gradients(remote, job, &mut send).await;
@@ -623,6 +656,14 @@ impl TrainService {
             let mut leases = lock(&self.leases);
             let mut jobs = lock(&self.jobs);
             if let Some(held) = leases.get(&target).copied() {
+                if held == super::sync::SYNC_LEASE {
+                    return Err(format!(
+                        "{} is being synced from a peer; begin again in a moment",
+                        target
+                            .as_deref()
+                            .map_or("the slice".to_string(), |a| format!("adapter `{a}`"))
+                    ));
+                }
                 match jobs.get(&held) {
                     Some(old) if old.trainer != remote => {
                         return Err(format!(
@@ -813,25 +854,7 @@ impl TrainService {
         {
             return;
         }
-        for (_, g) in grads {
-            let Ok(frame) = encode_frame(
-                &g,
-                crate::Codec::F32,
-                FrameMeta {
-                    session: job,
-                    position: 0,
-                },
-                false,
-            ) else {
-                return;
-            };
-            if tokio::io::AsyncWriteExt::write_all(send, &frame)
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
+        write_f32_frames(send, job, grads).await;
     }
 
     /// Serves one data stream: a forward, backward or tied-gradient message and its frame.
@@ -1212,6 +1235,34 @@ async fn request(conn: &Connection, msg: &TrainMessage) -> Result<TrainMessage, 
     request_on(conn, msg, MAX_CONTROL)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Writes `tensors` as exact f32 frames, in order (after a reply that names them); stops at
+/// the first failure (the reader then misses frames and reports it).
+pub(super) async fn write_f32_frames(
+    send: &mut SendStream,
+    job: u64,
+    tensors: Vec<(String, Tensor)>,
+) {
+    for (_, t) in tensors {
+        let Ok(frame) = encode_frame(
+            &t,
+            crate::Codec::F32,
+            FrameMeta {
+                session: job,
+                position: 0,
+            },
+            false,
+        ) else {
+            return;
+        };
+        if tokio::io::AsyncWriteExt::write_all(send, &frame)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 /// Reads one frame of at most `max` bytes as a tensor.

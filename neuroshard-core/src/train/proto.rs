@@ -2,8 +2,9 @@
 //! length prefix as the inference protocol's.
 //!
 //! Control requests (begin, sync, prepare, commit, abort, outcome, end) go from the trainer to
-//! each hop on a bi-directional stream: one request, one reply. The data plane is one
-//! uni-directional stream per message, followed by a wire frame where it carries a tensor:
+//! each hop, and `GetOutcome` and `GetAdapter` from node to node, on a bi-directional stream:
+//! one request, one reply. The data plane is one uni-directional stream per message, followed
+//! by a wire frame where it carries a tensor:
 //! `Tokens` (trainer to the first hop), `Hidden` (hop to the next hop, forward), `Grad` (hop to
 //! the previous hop, backward), `TiedGrad` (between the first and the last hop: the halves of
 //! a tied embedding's gradient).
@@ -228,6 +229,22 @@ pub enum TrainMessage {
         /// Why.
         message: String,
     },
+    /// Any node to a hop: the current state of adapter `name`, to sync a replica of the same
+    /// layers. Reply: `AdapterState`, with one f32 frame per name after it.
+    GetAdapter {
+        /// The adapter.
+        name: String,
+    },
+    /// An adapter's state: the certificate of the commit that made it, its shape, and the
+    /// names of the tensor frames that follow (hash order).
+    AdapterState {
+        /// A certificate naming this state for some hop of the same layers.
+        certificate: SignedCommit,
+        /// The adapter's shape.
+        config: LoraConfig,
+        /// The frames' names.
+        names: Vec<String>,
+    },
 }
 
 impl TrainMessage {
@@ -254,6 +271,8 @@ impl TrainMessage {
             TrainMessage::End { .. } => "end",
             TrainMessage::Ok => "ok",
             TrainMessage::Error { .. } => "error",
+            TrainMessage::GetAdapter { .. } => "get-adapter",
+            TrainMessage::AdapterState { .. } => "adapter-state",
         }
     }
 }

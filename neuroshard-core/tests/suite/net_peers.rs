@@ -452,6 +452,39 @@ fn routes_for_an_adapter_use_its_holders_and_replicas_on_one_version() {
         .hops
         .iter()
         .all(|h| ![4, 7].contains(&seed_of(&h.node))));
+    // A replica a step behind (node 3) leaves the adapter's routes until it syncs, even when
+    // the nodes ahead of it are excluded (it would mix two trainings in one route).
+    let without_newest = RouteOptions {
+        exclude: [1, 2].iter().map(|s| key(*s).public()).collect(),
+        ..for_notes.clone()
+    };
+    assert!(peers.plan_route(30, T0, &without_newest).is_err());
+    // Who syncs what from whom: the replicas of 0..15 behind or without "notes" fetch step 5
+    // from a same-layers holder; the holders and the nodes of the other range's holders
+    // fetch nothing from the wrong layers.
+    use neuroshard_core::internals::adapters_to_sync;
+    let plans = |seed: u8| {
+        adapters_to_sync(&key(seed).public(), &peers, T0)
+            .into_iter()
+            .map(|p| (p.adapter, seed_of(&p.peer), p.steps))
+            .collect::<Vec<_>>()
+    };
+    for behind in [3, 4] {
+        let got = plans(behind);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].0 == "notes" && [1, 2].contains(&got[0].1) && got[0].2 == 5,
+            "{got:?}"
+        );
+    }
+    let got = plans(7);
+    assert!(
+        got.len() == 1 && [5, 6].contains(&got[0].1) && got[0].2 == 5,
+        "{got:?}"
+    );
+    for ahead in [1, 2, 5, 6] {
+        assert!(plans(ahead).is_empty(), "node {ahead}: {:?}", plans(ahead));
+    }
     // Replicated: the holders offered per range share one version (node 3 is a step behind).
     let plan = peers.plan_replicated(30, 2, T0, &for_notes).expect("plan");
     let holders: Vec<Vec<u8>> = plan

@@ -31,6 +31,8 @@ struct Nodes {
     extra_args: Vec<String>,
     children: Vec<Option<Child>>,
     route: Vec<RouteHop>,
+    /// The address line of a node of another group that the first node joins.
+    join: Option<String>,
 }
 
 impl Drop for Nodes {
@@ -79,11 +81,8 @@ impl Nodes {
         checkpoints: bool,
         extra_args: &[&str],
     ) -> Nodes {
-        let dir =
-            std::env::temp_dir().join(format!("neuroshard-train-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut nodes = Nodes {
-            dir,
+        Nodes::launch(Nodes {
+            dir: Nodes::dir(tag),
             model: model.to_path_buf(),
             slices: slices.to_vec(),
             mode: mode.to_string(),
@@ -92,8 +91,21 @@ impl Nodes {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             children: Vec::new(),
             route: Vec::new(),
-        };
-        for i in 0..slices.len() {
+            join: None,
+        })
+    }
+
+    /// The test's directory for group `tag` (keys, logs, checkpoints).
+    fn dir(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("neuroshard-train-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    /// Starts every node of `nodes` (described, none running yet).
+    fn launch(mut nodes: Nodes) -> Nodes {
+        for i in 0..nodes.slices.len() {
             let (child, hop) = nodes.spawn(i);
             nodes.children.push(Some(child));
             nodes.route.push(hop);
@@ -127,8 +139,9 @@ impl Nodes {
             cmd.arg("--checkpoint")
                 .arg(self.dir.join(format!("ckpt{i}")));
         }
-        if let Some(first) = self.route.first().filter(|_| i > 0) {
-            cmd.args(["--peers", &format!("{}@{}", first.node, first.addrs[0])]);
+        let first = self.route.first().filter(|_| i > 0);
+        if let Some(peer) = first.map(address_line).or(self.join.clone()) {
+            cmd.args(["--peers", &peer]);
         }
         let mut child = cmd.spawn().expect("spawn node");
         let mut line = String::new();
@@ -171,14 +184,42 @@ impl Nodes {
     }
 }
 
+/// `<id>@<ip:port>` of a hop.
+fn address_line(hop: &RouteHop) -> String {
+    format!("{}@{}", hop.node, hop.addrs[0])
+}
+
 impl Nodes {
     /// The first node, as an address to join through.
     fn entry(&self) -> neuroshard_core::EndpointAddr {
-        parse_peer_addr(&format!(
-            "{}@{}",
-            self.route[0].node, self.route[0].addrs[0]
-        ))
-        .expect("entry")
+        parse_peer_addr(&address_line(&self.route[0])).expect("entry")
+    }
+
+    /// Node `i`'s address.
+    fn addr(&self, i: usize) -> neuroshard_core::EndpointAddr {
+        parse_peer_addr(&address_line(&self.route[i])).expect("address")
+    }
+
+    /// Like [`Nodes::start`], the first node joining `entry` (a node of another group).
+    fn start_joining(
+        model: &Path,
+        slices: &[(usize, usize)],
+        trainer: &SecretKey,
+        tag: &str,
+        entry: &Nodes,
+    ) -> Nodes {
+        Nodes::launch(Nodes {
+            dir: Nodes::dir(tag),
+            model: model.to_path_buf(),
+            slices: slices.to_vec(),
+            mode: "exact".into(),
+            trainer: trainer.public().to_string(),
+            checkpoints: false,
+            extra_args: Vec::new(),
+            children: Vec::new(),
+            route: Vec::new(),
+            join: Some(address_line(&entry.route[0])),
+        })
     }
 }
 
@@ -728,6 +769,126 @@ fn killed_hops_and_a_killed_trainer_leave_every_node_on_one_version() {
         let v4 = trainer.commit_step().await.expect("step 4");
         assert!(v4.iter().all(|v| v.steps == 4), "{v4:?}");
         trainer.end().await.expect("end");
+        client.shutdown().await;
+    });
+}
+
+/// A replica of a trained range that the training route did not use fetches the adapter from
+/// its same-layers peer (tiny-llama, 4 node processes): it ends on the trained state (the
+/// same hash, announced), and a route through it runs the adapter. A replica that does not
+/// allow the adapter's trainer refuses the state and never announces the adapter.
+#[test]
+fn a_replica_left_out_of_training_syncs_the_adapter_from_a_peer() {
+    let model = "tiny-llama";
+    let trainer_key = SecretKey::generate();
+    // Nodes 0 and 1 train; node 2 is node 0's replica; node 3 is one that allows another
+    // trainer only.
+    let nodes = Nodes::start(
+        &fixtures().join(model),
+        &[(0, 2), (2, 4), (0, 2)],
+        "exact",
+        &trainer_key,
+        "sync",
+    );
+    let stranger = Nodes::start_joining(
+        &fixtures().join(model),
+        &[(0, 2)],
+        &SecretKey::generate(),
+        "sync-stranger",
+        &nodes,
+    );
+    let model_id = neuroshard_core::WeightFile::open(fixtures().join(model))
+        .and_then(|f| f.identity().map(|i| i.id))
+        .expect("model id");
+    let ids: Vec<Vec<u32>> = reference_tensors(model)["input_ids"]
+        .to_dtype(candle_core::DType::U32)
+        .and_then(|t| t.to_vec2())
+        .expect("ids");
+    let batches: Vec<Vec<Vec<u32>>> = ids.iter().map(|s| vec![s.clone()]).collect();
+    let options = TrainOptions {
+        target: TrainTarget::Adapter {
+            name: "notes".into(),
+            config: LoraConfig {
+                rank: 4,
+                ..LoraConfig::default()
+            },
+        },
+        codec: Codec::F32,
+        adamw: AdamWConfig {
+            lr: 1e-2,
+            ..AdamWConfig::default()
+        },
+        ..TrainOptions::default()
+    };
+    runtime().block_on(async {
+        let client = Client::new(trainer_key.clone(), EndpointOptions::default())
+            .await
+            .expect("client");
+        let entry = nodes.entry();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let wait = |what: &str| {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+        };
+        while client
+            .fetch_peers(&entry, &model_id)
+            .await
+            .map_or(0, |p| p.len())
+            < 4
+        {
+            wait("the swarm did not converge");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let route = nodes.route[..2].to_vec();
+        let mut trainer = Trainer::begin(client.clone(), &model_id, route, options.clone())
+            .await
+            .expect("begin");
+        for _ in 0..3 {
+            trainer.accumulate(&batches).await.expect("accumulate");
+            trainer.commit_step().await.expect("step");
+        }
+        let trained = trainer.versions()[0].clone();
+        assert_eq!(trained.steps, 3);
+        trainer.end().await.expect("end");
+
+        // The replica syncs; the stranger's replica tries and refuses.
+        let (replica, other) = (nodes.addr(2), stranger.addr(0));
+        loop {
+            let synced = client.fetch_stats(&replica).await.expect("stats");
+            let refused = client.fetch_stats(&other).await.expect("stats");
+            assert_eq!(refused.adapter_syncs, 0, "{refused:?}");
+            if synced.adapter_syncs >= 1 && refused.adapter_sync_failures >= 1 {
+                break;
+            }
+            wait("no sync happened");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        // The replica announces the trained state; the stranger's node no adapter.
+        let announced = |peers: &neuroshard_core::PeerSet, node: &neuroshard_core::NodeId| {
+            peers
+                .iter()
+                .find(|(id, _)| *id == node)
+                .and_then(|(_, e)| e.announcement.version_of(Some("notes")).cloned())
+        };
+        loop {
+            let peers = client.fetch_peers(&entry, &model_id).await.expect("peers");
+            assert!(announced(&peers, &other.id).is_none());
+            // It may have synced an earlier step first, while training went on.
+            if let Some(v) = announced(&peers, &replica.id).filter(|v| v.steps == trained.steps) {
+                assert_eq!(v.state, trained.state);
+                break;
+            }
+            wait("the synced state was not announced");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        // A route through the replica runs the trained adapter: the same version as the hop
+        // that trained it.
+        let through_replica = vec![nodes.route[2].clone(), nodes.route[1].clone()];
+        let check = Trainer::begin(client.clone(), &model_id, through_replica, options)
+            .await
+            .expect("begin through the replica");
+        assert_eq!(check.versions()[0].state, trained.state);
+        assert_eq!(check.versions()[0].steps, trained.steps);
+        check.end().await.expect("end");
         client.shutdown().await;
     });
 }
