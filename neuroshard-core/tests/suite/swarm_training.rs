@@ -620,6 +620,35 @@ fn smollm2_learns_a_lora_adapter_over_three_processes_and_serves_it() {
     });
 }
 
+/// What the adapter tests train: `model`'s id, its reference sequences (one micro-batch
+/// each), and options for a rank-4 adapter `adapter` with f32 frames and lr 1e-2.
+fn tiny_adapter_job(model: &str, adapter: &str) -> (String, Vec<Vec<Vec<u32>>>, TrainOptions) {
+    let model_id = neuroshard_core::WeightFile::open(fixtures().join(model))
+        .and_then(|f| f.identity().map(|i| i.id))
+        .expect("model id");
+    let ids: Vec<Vec<u32>> = reference_tensors(model)["input_ids"]
+        .to_dtype(candle_core::DType::U32)
+        .and_then(|t| t.to_vec2())
+        .expect("ids");
+    let batches = ids.iter().map(|s| vec![s.clone()]).collect();
+    let options = TrainOptions {
+        target: TrainTarget::Adapter {
+            name: adapter.into(),
+            config: LoraConfig {
+                rank: 4,
+                ..LoraConfig::default()
+            },
+        },
+        codec: Codec::F32,
+        adamw: AdamWConfig {
+            lr: 1e-2,
+            ..AdamWConfig::default()
+        },
+        ..TrainOptions::default()
+    };
+    (model_id, batches, options)
+}
+
 /// Steps of the CI run.
 const STEPS: usize = 8;
 
@@ -640,29 +669,7 @@ fn killed_hops_and_a_killed_trainer_leave_every_node_on_one_version() {
         "faults",
         true,
     );
-    let model_id = neuroshard_core::WeightFile::open(fixtures().join(model))
-        .and_then(|f| f.identity().map(|i| i.id))
-        .expect("model id");
-    let ids: Vec<Vec<u32>> = reference_tensors(model)["input_ids"]
-        .to_dtype(candle_core::DType::U32)
-        .and_then(|t| t.to_vec2())
-        .expect("ids");
-    let batches: Vec<Vec<Vec<u32>>> = ids.iter().map(|s| vec![s.clone()]).collect();
-    let options = TrainOptions {
-        target: TrainTarget::Adapter {
-            name: "faults".into(),
-            config: LoraConfig {
-                rank: 4,
-                ..LoraConfig::default()
-            },
-        },
-        codec: Codec::F32,
-        adamw: AdamWConfig {
-            lr: 1e-2,
-            ..AdamWConfig::default()
-        },
-        ..TrainOptions::default()
-    };
+    let (model_id, batches, options) = tiny_adapter_job(model, "faults");
     let rt = runtime();
     rt.block_on(async {
         // A fresh client endpoint (same trainer key) after restarts: an endpoint that talked
@@ -797,29 +804,7 @@ fn a_replica_left_out_of_training_syncs_the_adapter_from_a_peer() {
         "sync-stranger",
         &nodes,
     );
-    let model_id = neuroshard_core::WeightFile::open(fixtures().join(model))
-        .and_then(|f| f.identity().map(|i| i.id))
-        .expect("model id");
-    let ids: Vec<Vec<u32>> = reference_tensors(model)["input_ids"]
-        .to_dtype(candle_core::DType::U32)
-        .and_then(|t| t.to_vec2())
-        .expect("ids");
-    let batches: Vec<Vec<Vec<u32>>> = ids.iter().map(|s| vec![s.clone()]).collect();
-    let options = TrainOptions {
-        target: TrainTarget::Adapter {
-            name: "notes".into(),
-            config: LoraConfig {
-                rank: 4,
-                ..LoraConfig::default()
-            },
-        },
-        codec: Codec::F32,
-        adamw: AdamWConfig {
-            lr: 1e-2,
-            ..AdamWConfig::default()
-        },
-        ..TrainOptions::default()
-    };
+    let (model_id, batches, options) = tiny_adapter_job(model, "notes");
     runtime().block_on(async {
         let client = Client::new(trainer_key.clone(), EndpointOptions::default())
             .await
