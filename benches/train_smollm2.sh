@@ -12,7 +12,7 @@
 #  3. gradient codecs: the same 8 steps with f32, f16 and q8 frames (three adapters with the
 #     same initialisation), loss curves side by side;
 #  4. pipelining: LoRA tokens/s with 1 and 4 micro-batches per step (--threads 1 per node, so
-#     3 nodes fit on 2 cores), on the even split (10/10/10 layers) and on one balanced for
+#     3 nodes fit on 2 cores; 6 steps each), on the even split (10/10/10 layers) and on one balanced for
 #     the work (12/12/6: the last hop also runs the 49,152 x 576 output head and the loss,
 #     forward and backward, about as much as 8 layers);
 #  5. 3 nodes against one process (one node with every layer, --threads 2): training tokens/s
@@ -81,7 +81,7 @@ lora=(--lora-rank 16 --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_pro
 
 pipelining() { # json-name suffix: 1 and 4 micro-batches on the running nodes
   for m in 1 4; do
-    train "$entry" "pipe$m$1" --text "$tmp/train.txt" --seq-len 128 --steps 3 --micro-batches "$m" \
+    train "$entry" "pipe$m$1" --text "$tmp/train.txt" --seq-len 128 --steps 6 --micro-batches "$m" \
       --adapter "pipe$m$1"
   done
 }
