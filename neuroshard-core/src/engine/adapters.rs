@@ -10,6 +10,7 @@ use super::optimizer::AdamW;
 use super::staged::{state_hash, TrainedVersion};
 use super::ShardEngine;
 use crate::error::{Error, Result};
+use crate::model::identity::{hex, parse_hex};
 use crate::model::lora::{LoraAdapter, LoraConfig};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -32,11 +33,6 @@ struct CheckpointMeta {
     /// `NAME.lora.safetensors` and `NAME.optim.safetensors`).
     #[serde(default)]
     files: Option<CheckpointFiles>,
-}
-
-/// Lower-case hex of `bytes` (hashes in checkpoint JSON).
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename (never a torn file).
@@ -225,7 +221,7 @@ impl ShardEngine {
             HashMap::new()
         };
         let optimizer = AdamW::import(moments, meta.optimizer_steps)?;
-        let state = hex_state(&meta.state).ok_or_else(|| {
+        let state = parse_hex(&meta.state).ok_or_else(|| {
             Error::Training(format!("{}: the state is not a hash", meta_path.display()))
         })?;
         let adopted = AdoptedAdapter {
@@ -313,13 +309,4 @@ pub(crate) struct AdoptedAdapter<'a> {
     pub(crate) state: [u8; 32],
     /// Where the tensors come from, for errors.
     pub(crate) source: &'a str,
-}
-
-/// The 32 bytes of a hex hash, if it is one.
-fn hex_state(text: &str) -> Option<[u8; 32]> {
-    let bytes: Vec<u8> = (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect::<Option<_>>()?;
-    bytes.try_into().ok()
 }

@@ -9,11 +9,12 @@
 //! `--checkpoint DIR` loads it over the weights it read from the model file, so full training
 //! goes on from the last committed step.
 
-use super::adapters::{hex, write_atomically};
+use super::adapters::write_atomically;
 use super::optimizer::AdamW;
 use super::staged::{state_hash, TrainedVersion};
 use super::ShardEngine;
 use crate::error::{Error, Result};
+use crate::model::identity::hex;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;

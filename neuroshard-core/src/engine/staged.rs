@@ -10,6 +10,7 @@
 use super::training::TrainState;
 use super::ShardEngine;
 use crate::error::{Error, Result};
+use crate::model::identity::hex;
 use crate::model::lora::LoraAdapter;
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -38,7 +39,6 @@ pub struct TrainedVersion {
 
 impl std::fmt::Display for TrainedVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
         write!(
             f,
             "{}/{}..{}/{}@{}#{}",

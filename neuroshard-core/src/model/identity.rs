@@ -36,9 +36,9 @@ pub(crate) const MODEL_ID_HEX_LEN: usize = 64;
 /// Largest manifest file read from disk (a model with 100,000 tensors stays far below).
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
-/// Lowercase hex of a digest.
-pub(crate) fn hex(digest: &Digest) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex of a digest (or of any bytes: a digest's prefix in a short label).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Parses 64 hex digits into a digest.

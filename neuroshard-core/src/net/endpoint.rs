@@ -236,7 +236,7 @@ pub fn format_peer_addr(addr: &EndpointAddr) -> String {
 pub fn load_or_create_key(path: &Path) -> Result<SecretKey, NetError> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            let bytes = decode_hex32(text.trim()).ok_or_else(|| {
+            let bytes = crate::model::identity::parse_hex(text.trim()).ok_or_else(|| {
                 NetError::Malformed(format!("{} is not a 64-hex-digit node key", path.display()))
             })?;
             Ok(SecretKey::from_bytes(&bytes))
@@ -268,16 +268,4 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     let mut f = options.open(path)?;
     f.write_all(text.as_bytes())?;
     f.write_all(b"\n")
-}
-
-fn decode_hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-        let hex = std::str::from_utf8(chunk).ok()?;
-        out[i] = u8::from_str_radix(hex, 16).ok()?;
-    }
-    Some(out)
 }
