@@ -72,8 +72,6 @@ impl ShardEngine {
             return Err(Error::Training(format!("adapter `{name}` exists already")));
         }
         adapters.insert(name.to_string(), adapter.clone());
-        drop(adapters);
-        self.forget_versions();
         Ok(adapter)
     }
 
@@ -283,17 +281,7 @@ impl ShardEngine {
         self.train_state()?
             .adapter_optimizers
             .insert(name.to_string(), optimizer.unwrap_or_default());
-        let base = self.version();
-        let version = TrainedVersion {
-            model_hash: base.model_hash,
-            layers: base.layers,
-            adapter: Some(name.to_string()),
-            state,
-            steps,
-        };
-        self.forget_versions();
-        self.remember_version(&version);
-        Ok(version)
+        Ok(self.remember_installed(Some(name), state, steps))
     }
 }
 

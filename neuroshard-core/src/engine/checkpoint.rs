@@ -214,15 +214,6 @@ impl ShardEngine {
         train.optimizer = optimizer;
         self.updates.store(meta.steps, Ordering::SeqCst);
         drop(train);
-        let version = TrainedVersion {
-            model_hash: ours.model_hash,
-            layers: ours.layers,
-            adapter: None,
-            state,
-            steps: meta.steps,
-        };
-        self.forget_versions();
-        self.remember_version(&version);
-        Ok(version)
+        Ok(self.remember_installed(None, state, meta.steps))
     }
 }

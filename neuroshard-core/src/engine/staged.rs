@@ -132,8 +132,10 @@ impl ShardEngine {
 
     /// The version of `target` (`None`: the slice's own weights), from a cache valid while
     /// its step count holds: hashing a whole f32 slice costs about a second, and announcements,
-    /// checkpoints and commits all ask for it. A commit fills the cache with the version it
-    /// installs; a checkpoint load or a new adapter clears it.
+    /// checkpoints and commits all ask for it. Whatever installs a new state (a commit, a
+    /// checkpoint load, an adopted adapter) replaces its target's entry with the version it
+    /// installs, and leaves the other targets' entries alone: an adapter's commit does not
+    /// make the next announcement hash the whole slice again.
     pub(crate) fn current_version(&self, target: Option<&str>) -> Result<TrainedVersion> {
         let steps = match target {
             Some(_) => self.adapter_for(target)?.map_or(0, |a| a.steps()),
@@ -178,11 +180,25 @@ impl ShardEngine {
         Ok(())
     }
 
-    /// Forgets the cached versions (the weights or an adapter changed).
-    pub(crate) fn forget_versions(&self) {
-        if let Ok(mut cache) = self.version_cache.lock() {
-            cache.clear();
-        }
+    /// The version of `target` (`None`: the slice's own weights) that now holds `state`
+    /// after `steps` steps, remembered as its current one: for callers that just installed
+    /// that state and checked its hash (a checkpoint load, an adopted adapter).
+    pub(super) fn remember_installed(
+        &self,
+        target: Option<&str>,
+        state: [u8; 32],
+        steps: u64,
+    ) -> TrainedVersion {
+        let base = self.version();
+        let version = TrainedVersion {
+            model_hash: base.model_hash,
+            layers: base.layers,
+            adapter: target.map(str::to_string),
+            state,
+            steps,
+        };
+        self.remember_version(&version);
+        version
     }
 
     /// Phase one of a step: computes the AdamW update of the accumulated gradients (clearing
@@ -344,7 +360,6 @@ impl ShardEngine {
 
     /// Installs a computed step: the new tensors, the optimizer's moments and step count.
     fn install(&self, state: &mut TrainState, prepared: PreparedStep) -> Result<TrainedVersion> {
-        self.forget_versions();
         let PreparedStep {
             values,
             moments,
