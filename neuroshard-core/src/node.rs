@@ -640,14 +640,17 @@ impl Node {
                         }
                     }
                 }
-                // A replica behind a same-layers peer on an adapter fetches its state.
-                let plans = crate::train::sync::adapters_to_sync(
-                    &announcer.endpoint.id(),
-                    &lock(&announcer.peers),
-                    now_ms(),
-                );
-                if !plans.is_empty() {
-                    tokio::spawn(announcer.train.clone().sync_adapters(plans));
+                // A replica behind a same-layers peer on an adapter fetches its state (only a
+                // node that allows some trainer can adopt one).
+                if announcer.train.allows_trainers() {
+                    let plans = crate::train::sync::adapters_to_sync(
+                        &announcer.endpoint.id(),
+                        &lock(&announcer.peers),
+                        now_ms(),
+                    );
+                    if !plans.is_empty() {
+                        tokio::spawn(announcer.train.clone().sync_adapters(plans));
+                    }
                 }
                 // Too few neighbours, or silence (dead neighbours are reported late): rejoin
                 // through recently seen peers so the view does not decay into a partition.

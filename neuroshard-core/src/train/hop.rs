@@ -450,6 +450,12 @@ impl TrainService {
             .ok_or_else(|| format!("no training job {job} on this node"))
     }
 
+    /// Whether this node allows any trainer (only then can it train, or adopt a synced
+    /// adapter: only a trainer it allows can certify one).
+    pub(crate) fn allows_trainers(&self) -> bool {
+        !self.policy.trainers.is_empty()
+    }
+
     /// Whether `remote` may open streams here: an allowed trainer, or a member of a job's
     /// route.
     fn knows(&self, remote: &NodeId) -> bool {
@@ -659,18 +665,14 @@ impl TrainService {
                 if held == super::sync::SYNC_LEASE {
                     return Err(format!(
                         "{} is being synced from a peer; begin again in a moment",
-                        target
-                            .as_deref()
-                            .map_or("the slice".to_string(), |a| format!("adapter `{a}`"))
+                        target_label(&target)
                     ));
                 }
                 match jobs.get(&held) {
                     Some(old) if old.trainer != remote => {
                         return Err(format!(
                             "{} is being trained by {} (job {held}); one trainer at a time",
-                            target
-                                .as_deref()
-                                .map_or("the slice".to_string(), |a| format!("adapter `{a}`")),
+                            target_label(&target),
                             old.trainer.fmt_short()
                         ))
                     }
@@ -1265,8 +1267,15 @@ pub(super) async fn write_f32_frames(
     }
 }
 
+/// A training target in messages: `adapter `NAME`` or `the slice`.
+fn target_label(target: &Option<String>) -> String {
+    target
+        .as_deref()
+        .map_or("the slice".to_string(), |a| format!("adapter `{a}`"))
+}
+
 /// Reads one frame of at most `max` bytes as a tensor.
-async fn read_tensor(recv: &mut RecvStream, max: usize) -> Result<Tensor, String> {
+pub(super) async fn read_tensor(recv: &mut RecvStream, max: usize) -> Result<Tensor, String> {
     let frame = read_frame(recv, max).await.map_err(|e| e.to_string())?;
     frame.as_frame().to_tensor().map_err(|e| e.to_string())
 }

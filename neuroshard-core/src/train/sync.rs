@@ -16,14 +16,14 @@
 
 #![cfg_attr(not(feature = "internals"), allow(unreachable_pub))]
 
-use super::hop::TrainService;
+use super::hop::{read_tensor, TrainService};
 use super::proto::{CommitCertificate, Outcome, SignedCommit, TrainMessage};
 use crate::engine::adapters::AdoptedAdapter;
 use crate::engine::TrainedVersion;
 use crate::net::peers::PeerSet;
 use crate::net::proto::{read_postcard, write_postcard, MAX_CONTROL};
 use crate::net::{lock, NodeId};
-use crate::wire::{read_frame, DEFAULT_MAX_FRAME};
+use crate::wire::DEFAULT_MAX_FRAME;
 use iroh::endpoint::SendStream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -95,12 +95,10 @@ const SYNC_TRIES: u32 = 3;
 
 impl TrainService {
     /// Fetches what `plans` names, one at a time (one pass at a time per node), skipping
-    /// plans that failed [`SYNC_TRIES`] times. Does nothing on a node that allows no trainer:
-    /// only a trainer it allows can certify what it adopts.
+    /// plans that failed [`SYNC_TRIES`] times. For nodes that allow some trainer
+    /// ([`TrainService::allows_trainers`]): only a trainer it allows can certify what it
+    /// adopts.
     pub(crate) async fn sync_adapters(self: std::sync::Arc<Self>, plans: Vec<SyncPlan>) {
-        if self.policy.trainers.is_empty() {
-            return;
-        }
         let Ok(_one_pass) = self.syncing.try_lock() else {
             return;
         };
@@ -243,7 +241,7 @@ impl TrainService {
             TrainMessage::Error { message, .. } => return Err(message),
             other => return Err(format!("unexpected reply `{}`", other.kind())),
         };
-        let version = self.certified_state(&signed, name)?;
+        let (job, version) = self.certified_state(&signed, name)?;
         let ours = self.engine.adapter(name).map(|a| a.steps());
         if ours.is_some_and(|s| s >= version.steps) {
             return Err(format!(
@@ -259,10 +257,7 @@ impl TrainService {
         }
         let mut tensors = HashMap::with_capacity(names.len());
         for n in names {
-            let frame = read_frame(&mut recv, DEFAULT_MAX_FRAME)
-                .await
-                .map_err(|e| e.to_string())?;
-            let t = frame.as_frame().to_tensor().map_err(|e| e.to_string())?;
+            let t = read_tensor(&mut recv, DEFAULT_MAX_FRAME).await?;
             if tensors.insert(n.clone(), t).is_some() {
                 return Err(format!("tensor `{n}` sent twice"));
             }
@@ -279,9 +274,7 @@ impl TrainService {
             .engine
             .adopt_adapter(adopted, &tensors, None, true)
             .map_err(|e| e.to_string())?;
-        let cert: CommitCertificate =
-            postcard::from_bytes(&signed.body).map_err(|e| e.to_string())?;
-        let key = (cert.job, version.steps);
+        let key = (job, version.steps);
         let outcome = Outcome::Committed(signed);
         lock(&self.outcomes).insert(key, outcome.clone());
         self.versions_changed.notify_one();
@@ -294,9 +287,13 @@ impl TrainService {
         Ok(installed)
     }
 
-    /// The state of adapter `name` on this node's layers that `signed` certifies, when a
-    /// trainer this node allows signed it.
-    fn certified_state(&self, signed: &SignedCommit, name: &str) -> Result<TrainedVersion, String> {
+    /// The job and the state of adapter `name` on this node's layers that `signed`
+    /// certifies, when a trainer this node allows signed it.
+    fn certified_state(
+        &self,
+        signed: &SignedCommit,
+        name: &str,
+    ) -> Result<(u64, TrainedVersion), String> {
         if !self.policy.trainers.contains(&signed.trainer) {
             return Err(format!(
                 "the adapter's certificate is signed by {}, not a trainer of this node",
@@ -313,6 +310,7 @@ impl TrainService {
                     && v.layers == own.layers
                     && v.model_hash == own.model_hash
             })
+            .map(|v| (cert.job, v))
             .ok_or_else(|| {
                 format!("the certificate names no state of adapter `{name}` for these layers")
             })
