@@ -64,6 +64,13 @@ pub(crate) struct TrainState {
     peak_pending_bytes: u64,
 }
 
+impl TrainState {
+    /// Estimated bytes the pending forwards' graphs hold.
+    fn pending_bytes(&self) -> u64 {
+        self.pending.values().map(|p| p.bytes).sum()
+    }
+}
+
 /// Mean next-token cross-entropy with labels shifted by one (Hugging Face convention).
 pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, seq, vocab) = logits.dims3()?;
@@ -123,7 +130,7 @@ impl ShardEngine {
     /// have held.
     pub fn pending_train_bytes(&self) -> Result<(u64, u64)> {
         let state = self.train_state()?;
-        let held = state.pending.values().map(|p| p.bytes).sum();
+        let held = state.pending_bytes();
         Ok((held, state.peak_pending_bytes))
     }
 
@@ -219,7 +226,7 @@ impl ShardEngine {
                 bytes,
             },
         );
-        let held: u64 = state.pending.values().map(|p| p.bytes).sum();
+        let held = state.pending_bytes();
         state.peak_pending_bytes = state.peak_pending_bytes.max(held);
         Ok(detached)
     }
