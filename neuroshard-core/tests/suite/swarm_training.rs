@@ -57,42 +57,30 @@ impl Nodes {
         trainer: &SecretKey,
         tag: &str,
     ) -> Nodes {
-        Nodes::start_with(model, slices, mode, trainer, tag, false)
+        Nodes::new(model, slices, mode, trainer, tag).launch()
     }
 
-    fn start_with(
+    /// The same, described but not started (set `checkpoints`, `extra_args` or `join`, then
+    /// [`Nodes::launch`]).
+    fn new(
         model: &Path,
         slices: &[(usize, usize)],
         mode: &str,
         trainer: &SecretKey,
         tag: &str,
-        checkpoints: bool,
     ) -> Nodes {
-        Nodes::start_with_args(model, slices, mode, trainer, tag, checkpoints, &[])
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start_with_args(
-        model: &Path,
-        slices: &[(usize, usize)],
-        mode: &str,
-        trainer: &SecretKey,
-        tag: &str,
-        checkpoints: bool,
-        extra_args: &[&str],
-    ) -> Nodes {
-        Nodes::launch(Nodes {
+        Nodes {
             dir: Nodes::dir(tag),
             model: model.to_path_buf(),
             slices: slices.to_vec(),
             mode: mode.to_string(),
             trainer: trainer.public().to_string(),
-            checkpoints,
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            checkpoints: false,
+            extra_args: Vec::new(),
             children: Vec::new(),
             route: Vec::new(),
             join: None,
-        })
+        }
     }
 
     /// The test's directory for group `tag` (keys, logs, checkpoints).
@@ -103,14 +91,14 @@ impl Nodes {
         dir
     }
 
-    /// Starts every node of `nodes` (described, none running yet).
-    fn launch(mut nodes: Nodes) -> Nodes {
-        for i in 0..nodes.slices.len() {
-            let (child, hop) = nodes.spawn(i);
-            nodes.children.push(Some(child));
-            nodes.route.push(hop);
+    /// Starts every node described (none running yet).
+    fn launch(mut self) -> Nodes {
+        for i in 0..self.slices.len() {
+            let (child, hop) = self.spawn(i);
+            self.children.push(Some(child));
+            self.route.push(hop);
         }
-        nodes
+        self
     }
 
     /// Starts node `i` (its key and checkpoint directory survive restarts; a restart binds
@@ -198,28 +186,6 @@ impl Nodes {
     /// Node `i`'s address.
     fn addr(&self, i: usize) -> neuroshard_core::EndpointAddr {
         parse_peer_addr(&address_line(&self.route[i])).expect("address")
-    }
-
-    /// Like [`Nodes::start`], the first node joining `entry` (a node of another group).
-    fn start_joining(
-        model: &Path,
-        slices: &[(usize, usize)],
-        trainer: &SecretKey,
-        tag: &str,
-        entry: &Nodes,
-    ) -> Nodes {
-        Nodes::launch(Nodes {
-            dir: Nodes::dir(tag),
-            model: model.to_path_buf(),
-            slices: slices.to_vec(),
-            mode: "exact".into(),
-            trainer: trainer.public().to_string(),
-            checkpoints: false,
-            extra_args: Vec::new(),
-            children: Vec::new(),
-            route: Vec::new(),
-            join: Some(address_line(&entry.route[0])),
-        })
     }
 }
 
@@ -455,15 +421,15 @@ fn gradient_codecs_keep_the_loss_curve_within_bounds() {
 #[test]
 fn a_micro_batch_over_the_training_memory_budget_is_refused() {
     let trainer_key = SecretKey::generate();
-    let nodes = Nodes::start_with_args(
+    let mut nodes = Nodes::new(
         &fixtures().join("tiny-llama"),
         &[(0, 2), (2, 4)],
         "f32",
         &trainer_key,
         "memory",
-        false,
-        &["--train-memory-mib", "1"],
     );
+    nodes.extra_args = vec!["--train-memory-mib".into(), "1".into()];
+    let nodes = nodes.launch();
     let model_id = neuroshard_core::WeightFile::open(fixtures().join("tiny-llama"))
         .and_then(|f| f.identity().map(|i| i.id))
         .expect("model id");
@@ -661,14 +627,15 @@ const STEPS: usize = 8;
 fn killed_hops_and_a_killed_trainer_leave_every_node_on_one_version() {
     let model = "tiny-llama";
     let trainer_key = SecretKey::generate();
-    let mut nodes = Nodes::start_with(
+    let mut nodes = Nodes::new(
         &fixtures().join(model),
         &[(0, 1), (1, 3), (3, 4)],
         "exact",
         &trainer_key,
         "faults",
-        true,
     );
+    nodes.checkpoints = true;
+    let mut nodes = nodes.launch();
     let (model_id, batches, options) = tiny_adapter_job(model, "faults");
     let rt = runtime();
     rt.block_on(async {
@@ -797,13 +764,15 @@ fn a_replica_left_out_of_training_syncs_the_adapter_from_a_peer() {
         &trainer_key,
         "sync",
     );
-    let stranger = Nodes::start_joining(
+    let mut stranger = Nodes::new(
         &fixtures().join(model),
         &[(0, 2)],
+        "exact",
         &SecretKey::generate(),
         "sync-stranger",
-        &nodes,
     );
+    stranger.join = Some(address_line(&nodes.route[0]));
+    let stranger = stranger.launch();
     let (model_id, batches, options) = tiny_adapter_job(model, "notes");
     runtime().block_on(async {
         let client = Client::new(trainer_key.clone(), EndpointOptions::default())
