@@ -318,6 +318,8 @@ impl QuantMatrix {
         // Once per input row: the per-block sums the kernel reads.
         let (xsum, _) = block_sums(first.format, first.path, x);
         let xsum = &xsum;
+        let by_block = offsets_by_block(first.format, first.path, xsum, m);
+        let by_block = &by_block;
         let total: usize = parts.iter().map(|p| p.rows).sum();
         let rb = first.row_bytes();
         let threads = rayon::current_num_threads().max(1);
@@ -342,7 +344,17 @@ impl QuantMatrix {
             }
             // Every weight row against all inputs, unpacked once per group of inputs; each
             // output gets the same arithmetic as with one input (batch invariance).
-            dot_rows_inputs(first.format, first.path, rows, rb, x, xsum, m, out);
+            dot_rows_inputs(
+                first.format,
+                first.path,
+                rows,
+                rb,
+                x,
+                xsum,
+                by_block,
+                m,
+                out,
+            );
         };
         // One thread while other programs hold a core (`runtime::spread_work`).
         if crate::runtime::spread_work() {
@@ -386,6 +398,25 @@ fn block_sums(format: BlockFormat, path: KernelPath, x: &[f32]) -> (Vec<f32>, us
     (sums.collect(), 1)
 }
 
+/// The AVX2 4-bit path's offset sums regrouped by block for its tiles of several inputs:
+/// input `t`'s non-zero pair half of block `i` (`Σx` for Q4_1, `-8·Σx` for Q4_0) at
+/// `i · m + t`, so one load feeds a whole tile's offset FMA. Built once per matmul call; empty
+/// where no tile reads it (one input, Q8_0, the scalar path).
+fn offsets_by_block(format: BlockFormat, path: KernelPath, pairs: &[f32], m: usize) -> Vec<f32> {
+    if m < 2 || path != KernelPath::Avx2 || format == BlockFormat::Q8_0 {
+        return Vec::new();
+    }
+    let lane = usize::from(format == BlockFormat::Q4_1);
+    let nb = pairs.len() / (2 * m);
+    let mut by_block = vec![0f32; nb * m];
+    for (t, input) in pairs.chunks_exact(2 * nb).enumerate() {
+        for (i, pair) in input.chunks_exact(2).enumerate() {
+            by_block[i * m + t] = pair[lane];
+        }
+    }
+    by_block
+}
+
 /// `out[i]` = row `i` of `rows` (each `rb` bytes) against one input row and its block sums:
 /// one call per run of rows, so the per-call cost (dispatch, stack set-up, checks) is not paid
 /// per row.
@@ -412,9 +443,9 @@ fn dot_rows(
 
 /// `out[r · m + t]` = row `r` of `rows` against input row `t` of `x` (`m` rows): the
 /// several-input form of [`dot_rows`], bit-identical to it for every output. The vector path
-/// unpacks each weight block once for up to four inputs; the arithmetic of each (row, input)
-/// pair is the same sequence of operations as with one input, so a row's result never depends
-/// on how many rows share the call (decode batches, prefill chunks).
+/// unpacks each weight block once for up to eight inputs (four for Q8_0); the arithmetic of
+/// each (row, input) pair is the same sequence of operations as with one input, so a row's
+/// result never depends on how many rows share the call (decode batches, prefill chunks).
 #[allow(clippy::too_many_arguments)]
 fn dot_rows_inputs(
     format: BlockFormat,
@@ -423,6 +454,7 @@ fn dot_rows_inputs(
     rb: usize,
     x: &[f32],
     xsum: &[f32],
+    by_block: &[f32],
     m: usize,
     out: &mut [f32],
 ) {
@@ -431,10 +463,10 @@ fn dot_rows_inputs(
     #[cfg(target_arch = "x86_64")]
     if path == KernelPath::Avx2 {
         // SAFETY: as in `dot_rows`; the kernel asserts the lengths.
-        unsafe { avx2::dot_rows_inputs(format, rows, rb, x, xsum, m, out) };
+        unsafe { avx2::dot_rows_inputs(format, rows, rb, x, xsum, by_block, m, out) };
         return;
     }
-    let _ = path;
+    let _ = (path, by_block);
     for (row, ys) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(m)) {
         for (t, y) in ys.iter_mut().enumerate() {
             let xr = &x[t * cols..(t + 1) * cols];
@@ -775,77 +807,106 @@ mod avx2 {
         out
     }
 
-    /// One 4-bit weight row against four inputs: the same per-(row, input) operations as
-    /// [`dot2`] (so every result has its bits), with the four inputs' offset terms in one FMA:
-    /// lanes `2t, 2t+1` of `off` are exactly the two lanes [`q4_block`] keeps for input `t`,
-    /// read from `pairs4`, which holds input `t`'s pair of block `i` at `8i + 2t`. The four
-    /// inputs' `q·x` chains advance step by step together. Against four separate offset FMAs
-    /// and chains one input after the other: 12-13% faster on the 576x1536 and 1536x576 prefill
-    /// shapes (one thread; `cargo bench ... --bench kernels -- prefill`).
+    /// One 4-bit weight row against a tile of `R` inputs (4 or 8): the same per-(row, input)
+    /// operations as [`dot2`] (so every result has its bits), with the tile's offset terms
+    /// in one FMA whose lanes are the inputs: lane `t` runs exactly the chain that the offset
+    /// lane of input `t` runs in [`q4_block`] (the other lane of [`dot2`]'s pair stays +0).
+    /// `offsets` holds block `i`'s offset sums of the tile's inputs at `offsets + i·stride`
+    /// (`Σx` for Q4_1, `-8·Σx` for Q4_0: the non-zero half of each input's pair).
+    ///
+    /// Four inputs advance their `q·x` chains step by step together (12-13% faster than one
+    /// input after the other on the prefill shapes); eight go one input after the other, which
+    /// keeps the eight accumulators, the block's four unpacked vectors and the chain in the
+    /// 16 registers. A tile of eight unpacks each block once for eight inputs: decode batches
+    /// of 8, 1536x576 Q4_1, one thread, 27-28 against 24 GMAC/s for two tiles of four.
     ///
     /// # Safety
     /// `a` must point to `nb` blocks of `FORMAT` (`Q40` or `Q41`), each `x[r]` to `32·nb`
-    /// floats and `pairs4` to `8·nb`; the CPU must support avx2, fma and f16c.
+    /// floats and `offsets + i·stride` to `R` floats for every block `i`; the CPU must support
+    /// avx2, fma and f16c.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn row_inputs4<const FORMAT: u8>(
+    unsafe fn row_inputs_tile<const FORMAT: u8, const R: usize>(
         a: *const u8,
         nb: usize,
-        x: [*const f32; 4],
-        pairs4: *const f32,
-    ) -> [f32; 4] {
+        x: [*const f32; R],
+        offsets: *const f32,
+        stride: usize,
+    ) -> [f32; R] {
+        debug_assert!(R == 4 || R == 8);
         let bb = format_of(FORMAT).block_bytes();
         let min = FORMAT == Q41;
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc = [_mm256_setzero_ps(); R];
         let mut off = _mm256_setzero_ps();
         let mask = _mm256_set1_epi32(0x0F);
         // SAFETY: every block index is < nb, so all reads are inside the caller's ranges.
         unsafe {
             for i in 0..nb {
                 let blk = a.add(i * bb);
-                // [d, m] (Q4_1) or [d, 0] (Q4_0), then the same pair for each of 4 inputs.
+                // [d, m] (Q4_1) or [d, 0] (Q4_0): the offset sums meet m (Q4_1) or d (Q4_0).
                 let dm = q4_header::<FORMAT>(blk);
-                let dm4 = _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(dm)));
-                off = _mm256_fmadd_ps(dm4, _mm256_loadu_ps(pairs4.add(8 * i)), off);
+                let d = _mm256_broadcastss_ps(dm);
+                let o = if min {
+                    _mm256_broadcastss_ps(_mm_movehdup_ps(dm))
+                } else {
+                    d
+                };
+                let sums = offsets.add(i * stride);
+                let sums = if R == 8 {
+                    _mm256_loadu_ps(sums)
+                } else {
+                    _mm256_zextps128_ps256(_mm_loadu_ps(sums))
+                };
+                off = _mm256_fmadd_ps(o, sums, off);
                 let qs = blk.add(if min { 4 } else { 2 });
                 let (lo, hi) = (widen::<false>(qs), widen::<false>(qs.add(8)));
-                let mut s = [_mm256_setzero_ps(); 4];
-                for j in 0..4 {
-                    let q = _mm256_cvtepi32_ps(match j {
-                        0 => _mm256_and_si256(lo, mask),
-                        1 => _mm256_and_si256(hi, mask),
-                        2 => _mm256_srli_epi32::<4>(lo),
-                        _ => _mm256_srli_epi32::<4>(hi),
-                    });
-                    for r in 0..4 {
-                        let xv = _mm256_loadu_ps(x[r].add(i * BLOCK + 8 * j));
-                        s[r] = if j == 0 {
-                            _mm256_mul_ps(q, xv)
-                        } else {
-                            _mm256_fmadd_ps(q, xv, s[r])
-                        };
+                let q = [
+                    _mm256_cvtepi32_ps(_mm256_and_si256(lo, mask)),
+                    _mm256_cvtepi32_ps(_mm256_and_si256(hi, mask)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(lo)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(hi)),
+                ];
+                let xv = |r: usize, j: usize| _mm256_loadu_ps(x[r].add(i * BLOCK + 8 * j));
+                if R > 4 {
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let mut s = _mm256_mul_ps(q[0], xv(r, 0));
+                        s = _mm256_fmadd_ps(q[1], xv(r, 1), s);
+                        s = _mm256_fmadd_ps(q[2], xv(r, 2), s);
+                        s = _mm256_fmadd_ps(q[3], xv(r, 3), s);
+                        *acc = _mm256_fmadd_ps(d, s, *acc);
                     }
-                }
-                let d = _mm256_broadcastss_ps(dm);
-                for r in 0..4 {
-                    acc[r] = _mm256_fmadd_ps(d, s[r], acc[r]);
+                } else {
+                    let mut s = [_mm256_setzero_ps(); R];
+                    for (j, qj) in q.iter().enumerate() {
+                        for (r, s) in s.iter_mut().enumerate() {
+                            *s = if j == 0 {
+                                _mm256_mul_ps(*qj, xv(r, j))
+                            } else {
+                                _mm256_fmadd_ps(*qj, xv(r, j), *s)
+                            };
+                        }
+                    }
+                    for r in 0..R {
+                        acc[r] = _mm256_fmadd_ps(d, s[r], acc[r]);
+                    }
                 }
             }
         }
         let mut offs = [0f32; 8];
         // SAFETY: `offs` holds 8 floats.
         unsafe { _mm256_storeu_ps(offs.as_mut_ptr(), off) };
-        let mut out = [0f32; 4];
-        for r in 0..4 {
-            // As in `dot2`: the lane sum of acc, plus its two offset lanes added first.
+        let mut out = [0f32; R];
+        for r in 0..R {
+            // As in `dot2`: the lane sum of acc, plus the offset pair's two lanes (+0 and the
+            // chain) added first.
             let a = _mm_cvtss_f32(hsum2(acc[r], _mm256_setzero_ps()));
-            out[r] = a + (offs[2 * r] + offs[2 * r + 1]);
+            out[r] = a + (0.0 + offs[r]);
         }
         out
     }
 
     /// Block `i` of one Q8_0 row (at `blk`) against `R` inputs: `acc[r] += d · Σ q·x[r]`, the
-    /// inputs' `q·x` chains advancing step by step together (as in `row_inputs4`), each in
+    /// inputs' `q·x` chains advancing step by step together (as in `row_inputs_tile`), each in
     /// the order [`q8_block`] runs it.
     ///
     /// # Safety
@@ -918,11 +979,12 @@ mod avx2 {
         out
     }
 
-    /// `out[r · m + t]` = weight row `r` against input `t`: inputs in groups of four, then one
-    /// by one (see [`super::dot_rows_inputs`]).
+    /// `out[r · m + t]` = weight row `r` against input `t`: inputs in tiles of eight and four,
+    /// then one by one (see [`super::dot_rows_inputs`] and [`row_tile`]).
     ///
     /// # Safety
     /// The CPU must support avx2, fma and f16c.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows_inputs(
         format: BlockFormat,
@@ -930,6 +992,7 @@ mod avx2 {
         rb: usize,
         x: &[f32],
         xsum: &[f32],
+        by_block: &[f32],
         m: usize,
         out: &mut [f32],
     ) {
@@ -946,25 +1009,13 @@ mod avx2 {
                 && cols == nb * BLOCK
                 && rb == nb * format.block_bytes()
                 && rows.len() >= (out.len() / m) * rb
-                && xsum.len() >= m * per_input,
+                && xsum.len() >= m * per_input
+                && by_block.len() >= (per_input / 2) * m,
             "block/input length mismatch"
         );
         let (base, xp) = (rows.as_ptr(), x.as_ptr());
         // Input t's pair sums (Q4 formats; Q8_0 reads none).
         let pp = |t: usize| xsum.as_ptr().wrapping_add(t * per_input);
-        // The same sums regrouped for `row_inputs4`: inputs 4g..4g+4's pairs of block i at
-        // `grouped[g · 8nb + 8i + 2k ..]`, so one load feeds the four inputs' offset FMA.
-        let groups = if per_input == 0 { 0 } else { m / 4 };
-        let mut grouped = vec![0f32; groups * 8 * nb];
-        for (g, dst) in grouped.chunks_exact_mut(8 * nb).enumerate() {
-            for k in 0..4 {
-                let src = &xsum[(4 * g + k) * per_input..][..per_input];
-                for i in 0..nb {
-                    dst[8 * i + 2 * k..][..2].copy_from_slice(&src[2 * i..2 * i + 2]);
-                }
-            }
-        }
-        let p4 = |t: usize| grouped.as_ptr().wrapping_add((t / 4) * 8 * nb);
         // Inputs in tiles that stay in cache while every weight row passes over them (the
         // rows of one task stay in cache too): without tiling, each row would stream all
         // inputs from memory again.
@@ -973,7 +1024,21 @@ mod avx2 {
             for (i, ys) in out.chunks_exact_mut(m).enumerate() {
                 // SAFETY: row i < out.len() / m is inside `rows`, inputs t < m inside `x` and
                 // `xsum` (asserted).
-                unsafe { row_tile(format, base.add(i * rb), nb, xp, cols, &pp, &p4, t0, t1, ys) };
+                unsafe {
+                    row_tile(
+                        format,
+                        base.add(i * rb),
+                        nb,
+                        xp,
+                        cols,
+                        &pp,
+                        by_block,
+                        m,
+                        t0,
+                        t1,
+                        ys,
+                    )
+                };
             }
         }
     }
@@ -981,11 +1046,13 @@ mod avx2 {
     /// Inputs per cache tile of [`dot_rows_inputs`] (16 rows of 576-1536 floats: 37-98 KB).
     const INPUT_TILE: usize = 16;
 
-    /// One weight row against inputs `t0..t1`: groups of four, then one by one.
+    /// One weight row against inputs `t0..t1`: 4-bit rows in tiles of eight, then of four,
+    /// then one by one; Q8_0 rows in groups of four, then one by one.
     ///
     /// # Safety
     /// `a` points to one row of `nb` blocks; inputs `t0..t1` (`cols` floats each from `xp`,
-    /// pair sums from `pp(t)`) are readable; `ys.len() > t1 - 1`; avx2, fma and f16c.
+    /// pair sums from `pp(t)`, offset sums of block `i` at `by_block[i·m + t]`) are readable;
+    /// `ys.len() >= t1`; avx2, fma and f16c.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -996,35 +1063,47 @@ mod avx2 {
         xp: *const f32,
         cols: usize,
         pp: &impl Fn(usize) -> *const f32,
-        p4: &impl Fn(usize) -> *const f32,
+        by_block: &[f32],
+        m: usize,
         t0: usize,
         t1: usize,
         ys: &mut [f32],
     ) {
+        let inputs = |t: usize| xp.wrapping_add(t * cols);
+        let offsets = |t: usize| by_block.as_ptr().wrapping_add(t);
         // SAFETY: the caller's guarantees cover every row, input and output index used.
         unsafe {
-            {
-                let mut t = t0;
-                while t + 4 <= t1 {
-                    let xs = [0, 1, 2, 3].map(|k| xp.add((t + k) * cols));
+            let mut t = t0;
+            if format != BlockFormat::Q8_0 {
+                while t + 8 <= t1 {
+                    let xs = std::array::from_fn(|k| inputs(t + k));
                     let got = match format {
-                        BlockFormat::Q4_0 => row_inputs4::<Q40>(a, nb, xs, p4(t)),
-                        BlockFormat::Q4_1 => row_inputs4::<Q41>(a, nb, xs, p4(t)),
-                        BlockFormat::Q8_0 => row_inputs_q8::<4>(a, nb, xs),
+                        BlockFormat::Q4_0 => row_inputs_tile::<Q40, 8>(a, nb, xs, offsets(t), m),
+                        _ => row_inputs_tile::<Q41, 8>(a, nb, xs, offsets(t), m),
                     };
-                    ys[t..t + 4].copy_from_slice(&got);
-                    t += 4;
+                    ys[t..t + 8].copy_from_slice(&got);
+                    t += 8;
                 }
-                while t < t1 {
-                    let xs = [xp.add(t * cols)];
-                    let [y] = match format {
-                        BlockFormat::Q4_0 => row_inputs::<Q40, 1>(a, nb, xs, [pp(t)]),
-                        BlockFormat::Q4_1 => row_inputs::<Q41, 1>(a, nb, xs, [pp(t)]),
-                        BlockFormat::Q8_0 => row_inputs_q8::<1>(a, nb, xs),
-                    };
-                    ys[t] = y;
-                    t += 1;
-                }
+            }
+            while t + 4 <= t1 {
+                let xs = std::array::from_fn(|k| inputs(t + k));
+                let got = match format {
+                    BlockFormat::Q4_0 => row_inputs_tile::<Q40, 4>(a, nb, xs, offsets(t), m),
+                    BlockFormat::Q4_1 => row_inputs_tile::<Q41, 4>(a, nb, xs, offsets(t), m),
+                    BlockFormat::Q8_0 => row_inputs_q8::<4>(a, nb, xs),
+                };
+                ys[t..t + 4].copy_from_slice(&got);
+                t += 4;
+            }
+            while t < t1 {
+                let xs = [inputs(t)];
+                let [y] = match format {
+                    BlockFormat::Q4_0 => row_inputs::<Q40, 1>(a, nb, xs, [pp(t)]),
+                    BlockFormat::Q4_1 => row_inputs::<Q41, 1>(a, nb, xs, [pp(t)]),
+                    BlockFormat::Q8_0 => row_inputs_q8::<1>(a, nb, xs),
+                };
+                ys[t] = y;
+                t += 1;
             }
         }
     }
@@ -1268,7 +1347,8 @@ pub(crate) mod tests {
     #[test]
     fn every_input_row_has_the_bits_it_has_alone() {
         // Batch invariance: a matmul over m inputs gives each input exactly the bits of a
-        // one-input matmul, for m around the four-input groups and the old dense threshold.
+        // one-input matmul, for m around the tiles of eight and four inputs (and their
+        // remainders of one to three) and the dense threshold of prefill.
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (rows, cols) = (37, 96);
             let w =
@@ -1284,7 +1364,7 @@ pub(crate) mod tests {
                     .expect("supported")
                     .with_path(path)
                     .expect("path");
-                for m in [2, 3, 4, 5, 8, 15, 16, 17] {
+                for m in [2, 3, 4, 5, 7, 8, 9, 11, 12, 13, 15, 16, 17, 20, 31] {
                     let x = values(m * cols, 40 + m as u64);
                     let together = qm.matmul(&x, m).expect("matmul");
                     for t in 0..m {
