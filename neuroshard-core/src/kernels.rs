@@ -817,8 +817,11 @@ mod avx2 {
     /// Four inputs advance their `q·x` chains step by step together (12-13% faster than one
     /// input after the other on the prefill shapes); eight go one input after the other, which
     /// keeps the eight accumulators, the block's four unpacked vectors and the chain in the
-    /// 16 registers. A tile of eight unpacks each block once for eight inputs: decode batches
-    /// of 8, 1536x576 Q4_1, one thread, 27-28 against 24 GMAC/s for two tiles of four.
+    /// 16 registers. A tile of eight unpacks each block once for eight inputs: 8 decode
+    /// sessions on SmolLM2 Q4_1, engine alone, 2 threads, +14% against two tiles of four
+    /// (4 alternating pairs of `bench-sessions --engine-too`). The one-thread criterion group
+    /// `batch/Q4_1` does not show it: pool dispatch and the output transposition take about a
+    /// third of that bench's time.
     ///
     /// # Safety
     /// `a` must point to `nb` blocks of `FORMAT` (`Q40` or `Q41`), each `x[r]` to `32·nb`
