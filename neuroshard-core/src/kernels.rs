@@ -326,24 +326,34 @@ impl QuantMatrix {
         // Enough rows per task to amortise scheduling, enough tasks to balance the cores; even,
         // because the kernel takes rows in pairs.
         let chunk = (total / (threads * 4)).clamp(8, 256) & !1;
-        // Each part's output is written in place by tasks over disjoint row ranges; with
-        // several input rows it is computed transposed ([rows, m]) and turned around after.
+        // Each part's output, `[m, rows]`, is written in place by tasks over disjoint row
+        // ranges: task c gets rows `c·chunk..` of every input's output row. With several
+        // inputs the kernel's result is `[rows, m]`, turned around by the task itself (on its
+        // core, not in a serial pass after the parallel one).
         let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.rows * m]).collect();
-        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = Vec::new();
         for (p, out) in outs.iter_mut().enumerate() {
-            for (c, range) in out.chunks_mut(chunk * m).enumerate() {
-                tasks.push((p, c * chunk, range));
+            let rows = parts[p].rows;
+            let mut per_input: Vec<_> = out
+                .chunks_mut(rows.max(1))
+                .map(|o| o.chunks_mut(chunk))
+                .collect();
+            for c in 0..rows.div_ceil(chunk) {
+                let slices: Vec<&mut [f32]> =
+                    per_input.iter_mut().filter_map(|o| o.next()).collect();
+                tasks.push((p, c * chunk, slices));
             }
         }
-        let task = |(p, first_row, out): (usize, usize, &mut [f32])| {
-            let n = out.len() / m;
+        let task = |(p, first_row, mut outs): (usize, usize, Vec<&mut [f32]>)| {
+            let n = outs.first().map_or(0, |o| o.len());
             let rows = &parts[p].data[first_row * rb..(first_row + n) * rb];
-            if m == 1 {
+            if let [out] = outs.as_mut_slice() {
                 dot_rows(first.format, first.path, rows, rb, x, xsum, out);
                 return;
             }
             // Every weight row against all inputs, unpacked once per group of inputs; each
             // output gets the same arithmetic as with one input (batch invariance).
+            let mut by_row = vec![0f32; n * m];
             dot_rows_inputs(
                 first.format,
                 first.path,
@@ -353,25 +363,19 @@ impl QuantMatrix {
                 xsum,
                 by_block,
                 m,
-                out,
+                &mut by_row,
             );
+            for (r, ys) in by_row.chunks_exact(m).enumerate() {
+                for (out, &y) in outs.iter_mut().zip(ys) {
+                    out[r] = y;
+                }
+            }
         };
         // One thread while other programs hold a core (`runtime::spread_work`).
         if crate::runtime::spread_work() {
             tasks.into_par_iter().for_each(task);
         } else {
             tasks.into_iter().for_each(task);
-        }
-        if m > 1 {
-            for (out, part) in outs.iter_mut().zip(parts) {
-                let mut turned = vec![0f32; m * part.rows];
-                for r in 0..part.rows {
-                    for t in 0..m {
-                        turned[t * part.rows + r] = out[r * m + t];
-                    }
-                }
-                *out = turned;
-            }
         }
         Ok(outs)
     }
@@ -443,7 +447,7 @@ fn dot_rows(
 
 /// `out[r · m + t]` = row `r` of `rows` against input row `t` of `x` (`m` rows): the
 /// several-input form of [`dot_rows`], bit-identical to it for every output. The vector path
-/// unpacks each weight block once for up to eight inputs (four for Q8_0); the arithmetic of
+/// unpacks each weight block once for up to eight inputs; the arithmetic of
 /// each (row, input) pair is the same sequence of operations as with one input, so a row's
 /// result never depends on how many rows share the call (decode batches, prefill chunks).
 #[allow(clippy::too_many_arguments)]
@@ -982,6 +986,70 @@ mod avx2 {
         out
     }
 
+    /// One Q8_0 weight row against a tile of `R` inputs, each chain as [`dot1_q8`] runs it,
+    /// every block unpacked once for the whole tile: the even blocks first (the chains
+    /// `dot1_q8` keeps in its first accumulator), then the odd ones, so that only one set of
+    /// `R` accumulators is live at a time. With both sets live, as in [`row_inputs_q8`],
+    /// eight inputs would need more than the 16 vector registers.
+    ///
+    /// # Safety
+    /// `a` must point to `nb` blocks, each `x[r]` to `32·nb` floats; avx2, fma and f16c.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_inputs_q8_tile<const R: usize>(
+        a: *const u8,
+        nb: usize,
+        x: [*const f32; R],
+    ) -> [f32; R] {
+        // SAFETY: the caller's guarantees cover both passes.
+        let (even, odd) = unsafe { (q8_pass(a, nb, &x, 0), q8_pass(a, nb, &x, 1)) };
+        let mut out = [0f32; R];
+        for r in 0..R {
+            let s = hsum2(_mm256_add_ps(even[r], odd[r]), _mm256_setzero_ps());
+            out[r] = _mm_cvtss_f32(s);
+        }
+        out
+    }
+
+    /// Blocks `first, first + 2, ...` of one Q8_0 row against `R` inputs: per block, the four
+    /// unpacked weight vectors and the scale stay in registers while each input's `q·x` chain
+    /// runs in [`q8_block`]'s order, then `acc[r] += d · s`.
+    ///
+    /// # Safety
+    /// As [`row_inputs_q8_tile`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_pass<const R: usize>(
+        a: *const u8,
+        nb: usize,
+        x: &[*const f32; R],
+        first: usize,
+    ) -> [__m256; R] {
+        const BB: usize = BlockFormat::Q8_0.block_bytes();
+        let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY: every block index is < nb.
+        unsafe {
+            let mut i = first;
+            while i < nb {
+                let blk = a.add(i * BB);
+                let bits = std::ptr::read_unaligned(blk as *const u16) as i32;
+                let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+                let q: [__m256; 4] =
+                    std::array::from_fn(|j| _mm256_cvtepi32_ps(widen::<true>(blk.add(2 + 8 * j))));
+                for r in 0..R {
+                    let xr = x[r].add(i * BLOCK);
+                    let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xr));
+                    s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xr.add(8)), s);
+                    s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xr.add(16)), s);
+                    s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xr.add(24)), s);
+                    acc[r] = _mm256_fmadd_ps(d, s, acc[r]);
+                }
+                i += 2;
+            }
+        }
+        acc
+    }
+
     /// `out[r · m + t]` = weight row `r` against input `t`: inputs in tiles of eight and four,
     /// then one by one (see [`super::dot_rows_inputs`] and [`row_tile`]).
     ///
@@ -1050,7 +1118,8 @@ mod avx2 {
     const INPUT_TILE: usize = 16;
 
     /// One weight row against inputs `t0..t1`: 4-bit rows in tiles of eight, then of four,
-    /// then one by one; Q8_0 rows in groups of four, then one by one.
+    /// then one by one; Q8_0 rows in tiles of eight (even blocks, then odd), groups of
+    /// four, then one by one.
     ///
     /// # Safety
     /// `a` points to one row of `nb` blocks; inputs `t0..t1` (`cols` floats each from `xp`,
@@ -1077,7 +1146,13 @@ mod avx2 {
         // SAFETY: the caller's guarantees cover every row, input and output index used.
         unsafe {
             let mut t = t0;
-            if format != BlockFormat::Q8_0 {
+            if format == BlockFormat::Q8_0 {
+                while t + 8 <= t1 {
+                    let xs = std::array::from_fn(|k| inputs(t + k));
+                    ys[t..t + 8].copy_from_slice(&row_inputs_q8_tile::<8>(a, nb, xs));
+                    t += 8;
+                }
+            } else {
                 while t + 8 <= t1 {
                     let xs = std::array::from_fn(|k| inputs(t + k));
                     let got = match format {
@@ -1351,9 +1426,12 @@ pub(crate) mod tests {
     fn every_input_row_has_the_bits_it_has_alone() {
         // Batch invariance: a matmul over m inputs gives each input exactly the bits of a
         // one-input matmul, for m around the tiles of eight and four inputs (and their
-        // remainders of one to three) and the dense threshold of prefill.
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (rows, cols) = (37, 96);
+        // remainders of one to three) and the dense threshold of prefill. Rows split into
+        // several tasks with a short last one; an odd and an even block count per row (Q8_0's
+        // tiles take the even blocks, then the odd ones).
+        for ((rows, cols), dtype) in [(37, 96), (20, 128)].into_iter().flat_map(|shape| {
+            [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].map(|d| (shape, d))
+        }) {
             let w =
                 Tensor::from_vec(values(rows * cols, 5), (rows, cols), &Device::Cpu).expect("w");
             let q = QTensor::quantize(&w, dtype).expect("quantize");
