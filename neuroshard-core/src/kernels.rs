@@ -978,6 +978,14 @@ mod avx2 {
                 q8_block_inputs(a.add(i * BB), &x, i, &mut even);
             }
         }
+        q8_results(&even, &odd)
+    }
+
+    /// Each input's Q8_0 result from its even-block and odd-block accumulators, formed as
+    /// [`dot1_q8`] forms it.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q8_results<const R: usize>(even: &[__m256; R], odd: &[__m256; R]) -> [f32; R] {
         let mut out = [0f32; R];
         for r in 0..R {
             let s = hsum2(_mm256_add_ps(even[r], odd[r]), _mm256_setzero_ps());
@@ -1003,12 +1011,7 @@ mod avx2 {
     ) -> [f32; R] {
         // SAFETY: the caller's guarantees cover both passes.
         let (even, odd) = unsafe { (q8_pass(a, nb, &x, 0), q8_pass(a, nb, &x, 1)) };
-        let mut out = [0f32; R];
-        for r in 0..R {
-            let s = hsum2(_mm256_add_ps(even[r], odd[r]), _mm256_setzero_ps());
-            out[r] = _mm_cvtss_f32(s);
-        }
-        out
+        q8_results(&even, &odd)
     }
 
     /// Blocks `first, first + 2, ...` of one Q8_0 row against `R` inputs: per block, the four
